@@ -1,0 +1,7 @@
+"""kdprobe: train and probe image-classifier checkpoints (KD, pruning, augmentation)."""
+__version__ = "0.1.0"
+
+from kdprobe.errors import KdprobeError
+from kdprobe.models import create_model, list_models
+
+__all__ = ["KdprobeError", "create_model", "list_models", "__version__"]

@@ -1,0 +1,250 @@
+"""Datasets by name, held as uint8 tensors so a whole split can live on the training device.
+
+Names:
+  digits            scikit-learn's 8x8 digits (1 channel, 10 classes), a fixed seeded split;
+                    ships inside scikit-learn, so it works offline everywhere.
+  cifar10/cifar100  torchvision's binary format under --data-dir (--download if online).
+  imagefolder:PATH  PATH/train/<class>/* and PATH/test/<class>/*; PATH may also be a .tar.gz
+                    holding such a folder (extracted once into the cache). Decoded tensors are
+                    cached, so 60,000 JPEGs are decoded once, not on every run.
+Images are uint8 (N, C, H, W); `normalize` turns a batch into the float model input.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdprobe.errors import KdprobeError
+from kdprobe.io import atomic_path
+
+# Per-channel statistics of the training sets (fractions of 255), the values the reference
+# codebases normalize with (RepDistiller for CIFAR-100, the CutMix/pruning code for CIFAR-10).
+_CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+}
+DIGITS_TEST_FRACTION = 0.2  # 360 of 1797 images held out
+DIGITS_SPLIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class TensorData:
+    """A dataset as tensors: uint8 images (N, C, H, W), int64 labels, and how to normalize."""
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train_x.shape[1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.train_x.shape[2]), int(self.train_x.shape[3])
+
+    def split(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels) of 'train' or 'test'."""
+        if which not in ("train", "test"):
+            raise KdprobeError(f"expected split 'train' or 'test', got {which!r}")
+        return (self.train_x, self.train_y) if which == "train" else (self.test_x, self.test_y)
+
+    def to(self, device: torch.device | str) -> "TensorData":
+        """The same data on another device (one copy; batches are then indexed there)."""
+        return replace(self, **{k: getattr(self, k).to(device) for k in ("train_x", "train_y", "test_x", "test_y")})
+
+    def subset(self, n_train: int | None = None, n_test: int | None = None, seed: int = 0) -> "TensorData":
+        """A seeded random subset (for quick runs); None keeps a split whole."""
+        g = torch.Generator().manual_seed(seed)
+        out = {}
+        for split, n in (("train", n_train), ("test", n_test)):
+            x, y = self.split(split)
+            if n is not None and n < len(y):
+                idx = torch.randperm(len(y), generator=g)[:n].sort().values.to(y.device)
+                x, y = x[idx], y[idx]
+            out[f"{split}_x"], out[f"{split}_y"] = x, y
+        return replace(self, **out)
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float32 standardized per channel."""
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    return (x.float().div_(255.0) - m) / s
+
+
+def dataset_names() -> list[str]:
+    """Names `load_dataset` understands."""
+    return ["digits", "cifar10", "cifar100", "imagefolder:PATH"]
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = False) -> TensorData:
+    """Load a dataset by name (see module docstring) as CPU tensors."""
+    if name == "digits":
+        return _digits()
+    if name in _CIFAR_STATS:
+        return _cifar(name, data_dir, download)
+    if name.startswith("imagefolder:"):
+        return _imagefolder(name.split(":", 1)[1])
+    raise KdprobeError(f"unknown dataset {name!r}; expected one of {', '.join(dataset_names())}")
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images, as fractions of 255 (one channel at a time: bounded memory)."""
+    mean, std = [], []
+    for c in range(x.shape[1]):
+        v = x[:, c].to(torch.float64) / 255.0
+        mean.append(round(float(v.mean()), 6))
+        std.append(round(float(v.std()), 6))
+    return tuple(mean), tuple(std)
+
+
+def _digits() -> TensorData:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    # 0..16 intensities -> 0..255 so every dataset shares one uint8 convention
+    images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    labels = d.target.astype(np.int64)
+    perm = np.random.RandomState(DIGITS_SPLIT_SEED).permutation(len(labels))
+    n_test = int(round(len(labels) * DIGITS_TEST_FRACTION))
+    test, train = perm[:n_test], np.sort(perm[n_test:])
+    test = np.sort(test)
+    tx = torch.from_numpy(images[train])
+    mean, std = _channel_stats(tx)
+    return TensorData(
+        "digits", tx, torch.from_numpy(labels[train]), torch.from_numpy(images[test]),
+        torch.from_numpy(labels[test]), tuple(str(i) for i in range(10)), mean, std,
+    )
+
+
+def _cifar(name: str, data_dir, download: bool) -> TensorData:
+    import torchvision
+
+    if data_dir is None:
+        raise KdprobeError(f"dataset {name} needs --data-dir (a folder holding torchvision's {name} files; add --download if online)")
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        tr = cls(str(data_dir), train=True, download=download)
+        te = cls(str(data_dir), train=False, download=download)
+    except RuntimeError as e:
+        raise KdprobeError(f"{name} not found under {data_dir} ({e}); pass --download to fetch it, or point --data-dir at it") from None
+
+    def conv(ds):
+        x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+        return x, torch.as_tensor(ds.targets, dtype=torch.int64)
+
+    (trx, try_), (tex, tey) = conv(tr), conv(te)
+    mean, std = _CIFAR_STATS[name]
+    return TensorData(name, trx, try_, tex, tey, tuple(tr.classes), mean, std)
+
+
+def cache_dir() -> Path:
+    """Where decoded datasets and extracted archives are kept ($KDPROBE_CACHE or ~/.cache/kdprobe)."""
+    return Path(os.environ.get("KDPROBE_CACHE", Path.home() / ".cache" / "kdprobe"))
+
+
+_IMAGE_EXT = {".jpg", ".jpeg", ".png"}
+
+
+def _extract_archive(archive: Path) -> Path:
+    st = archive.stat()
+    key = hashlib.sha256(f"{archive.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    dest = cache_dir() / "extracted" / key
+    if not (dest / ".complete").exists():
+        tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tf:
+            tf.extractall(tmp, filter="data")  # 'data' filter: no absolute paths, links or devices
+        (tmp / ".complete").touch()
+        if dest.exists():
+            import shutil
+
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    roots = [p for p in dest.iterdir() if p.is_dir()]
+    if (dest / "train").is_dir():
+        return dest
+    if len(roots) == 1 and (roots[0] / "train").is_dir():
+        return roots[0]
+    raise KdprobeError(f"{archive} does not hold a train/ and test/ image folder; expected ROOT/train/<class>/*.jpg")
+
+
+def _list_split(root: Path, split: str, classes: list[str] | None) -> tuple[list[str], list[Path], list[int]]:
+    d = root / split
+    if not d.is_dir():
+        raise KdprobeError(f"image folder {root} has no {split}/ subfolder; expected {root}/{split}/<class>/<image>")
+    found = sorted(p.name for p in d.iterdir() if p.is_dir())
+    classes = classes or found
+    if found != classes:
+        raise KdprobeError(f"{d} has classes {found}, but train/ has {classes}; both splits need the same class folders")
+    files, labels = [], []
+    for i, c in enumerate(classes):
+        fs = sorted(p for p in (d / c).iterdir() if p.suffix.lower() in _IMAGE_EXT)
+        files += fs
+        labels += [i] * len(fs)
+    if not files:
+        raise KdprobeError(f"no .jpg/.png images under {d}")
+    return classes, files, labels
+
+
+def _decode(files: list[Path]) -> torch.Tensor:
+    """Decode images with Pillow into one uint8 (N, C, H, W) tensor; all must share a size."""
+    from PIL import Image, UnidentifiedImageError
+
+    out, shape = None, None
+    for i, f in enumerate(files):
+        try:
+            with Image.open(f) as im:
+                a = np.asarray(im.convert("L") if im.mode in ("L", "I", "1") else im.convert("RGB"))
+        except (OSError, UnidentifiedImageError) as e:
+            raise KdprobeError(f"cannot decode image {f}: {e}") from None
+        a = a[:, :, None] if a.ndim == 2 else a
+        if out is None:
+            shape = a.shape
+            out = torch.empty((len(files), a.shape[2], a.shape[0], a.shape[1]), dtype=torch.uint8)
+        elif a.shape != shape:
+            raise KdprobeError(f"image {f} is {a.shape[1]}x{a.shape[0]}x{a.shape[2]} but earlier images are "
+                               f"{shape[1]}x{shape[0]}x{shape[2]}; resize the folder to one size first")
+        out[i] = torch.as_tensor(np.array(a)).permute(2, 0, 1)  # copy: PIL buffers are read-only
+    return out
+
+
+def _imagefolder(path: str) -> TensorData:
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise KdprobeError(f"image folder {root} does not exist; expected PATH/train/<class>/ and PATH/test/<class>/ (or a .tar.gz of them)")
+    if root.is_file():
+        root = _extract_archive(root)
+    classes, trf, trl = _list_split(root, "train", None)
+    _, tef, tel = _list_split(root, "test", classes)
+    # Cache key: every file's name, size and mtime, so any change re-decodes.
+    h = hashlib.sha256(str(root.resolve()).encode())
+    for f in trf + tef:
+        st = f.stat()
+        h.update(f"{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    cache = cache_dir() / "imagefolder" / f"{h.hexdigest()[:20]}.pt"
+    if cache.exists():
+        blob = torch.load(cache, weights_only=True)
+    else:
+        blob = {"train_x": _decode(trf), "train_y": torch.tensor(trl), "test_x": _decode(tef), "test_y": torch.tensor(tel)}
+        blob["mean"], blob["std"] = _channel_stats(blob["train_x"])
+        with atomic_path(cache) as tmp:
+            torch.save(blob, tmp)
+    mean, std = tuple(blob["mean"]), tuple(blob["std"])
+    return TensorData(f"imagefolder:{path}", blob["train_x"], blob["train_y"], blob["test_x"], blob["test_y"], tuple(classes), mean, std)

@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from kdprobe.data import load_dataset, normalize
+from kdprobe.errors import KdprobeError
+
+
+def test_digits_split_is_fixed_and_disjoint():
+    a, b = load_dataset("digits"), load_dataset("digits")
+    assert a.train_x.dtype == torch.uint8 and a.train_x.shape[1:] == (1, 8, 8)
+    assert len(a.train_y) + len(a.test_y) == 1797 and len(a.test_y) == 359
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+    assert a.num_classes == 10 and a.train_x.max() == 255
+    # no test image is also a train image with the same label (the split is by index)
+    from sklearn.datasets import load_digits
+    assert len(load_digits().target) == 1797
+
+
+def test_normalize_matches_manual_formula():
+    x = torch.tensor([[[[0, 255], [51, 102]]]], dtype=torch.uint8)
+    out = normalize(x, (0.2,), (0.5,))
+    expect = (x.double() / 255 - 0.2) / 0.5
+    assert torch.allclose(out.double(), expect, atol=1e-6)
+
+
+def test_imagefolder_reads_and_caches(tiny_imagefolder, monkeypatch):
+    d = load_dataset(f"imagefolder:{tiny_imagefolder}")
+    assert d.classes == ("cat", "dog", "emu")
+    assert d.train_x.shape == (18, 3, 8, 8) and d.test_x.shape == (6, 3, 8, 8)
+    assert d.train_y.tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    import numpy as np
+    from PIL import Image
+    first = torch.as_tensor(np.array(Image.open(tiny_imagefolder / "train" / "cat" / "0.png"))).permute(2, 0, 1)
+    assert torch.equal(d.train_x[0], first)
+    # the second load comes from the cache: decoding is not called again
+    import kdprobe.data as kd
+    monkeypatch.setattr(kd, "_decode", lambda files: (_ for _ in ()).throw(AssertionError("decoded again")))
+    d2 = load_dataset(f"imagefolder:{tiny_imagefolder}")
+    assert torch.equal(d2.train_x, d.train_x)
+
+
+def test_imagefolder_tarball(tiny_imagefolder, tmp_path):
+    import tarfile
+    arc = tmp_path / "f.tar.gz"
+    with tarfile.open(arc, "w:gz") as tf:
+        tf.add(tiny_imagefolder, arcname="folder")
+    d = load_dataset(f"imagefolder:{arc}")
+    assert d.train_x.shape == (18, 3, 8, 8)
+
+
+def test_bad_dataset_names_are_clear(tmp_path):
+    with pytest.raises(KdprobeError, match="unknown dataset"):
+        load_dataset("mnist")
+    with pytest.raises(KdprobeError, match="does not exist"):
+        load_dataset(f"imagefolder:{tmp_path / 'nope'}")
+    with pytest.raises(KdprobeError, match="--data-dir"):
+        load_dataset("cifar10")
+    with pytest.raises(KdprobeError, match="not found"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_cifar10_binary_format(tmp_path):
+    """torchvision's CIFAR-10 layout, built by hand (tiny), loads as uint8 NCHW."""
+    import pickle, hashlib
+    import numpy as np
+    import torchvision
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    rng = np.random.RandomState(0)
+    data = rng.randint(0, 256, (4, 3072), dtype=np.uint8)
+    files = {}
+    for name, _ in torchvision.datasets.CIFAR10.train_list + torchvision.datasets.CIFAR10.test_list:
+        with open(base / name, "wb") as f:
+            pickle.dump({"data": data, "labels": [0, 1, 2, 3]}, f)
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    # torchvision checks md5 sums; patch the expected ones to our files
+    cls = torchvision.datasets.CIFAR10
+    md5 = lambda p: hashlib.md5(open(p, "rb").read()).hexdigest()
+    orig = (cls.train_list, cls.test_list, cls.meta)
+    try:
+        cls.train_list = [[n, md5(base / n)] for n, _ in orig[0]]
+        cls.test_list = [[n, md5(base / n)] for n, _ in orig[1]]
+        cls.meta = dict(orig[2], md5=md5(base / "batches.meta"))
+        d = load_dataset("cifar10", tmp_path)
+    finally:
+        cls.train_list, cls.test_list, cls.meta = orig
+    assert d.train_x.shape == (20, 3, 32, 32) and d.test_x.shape == (4, 3, 32, 32)
+    assert torch.equal(d.train_x[0], torch.from_numpy(data[0].reshape(3, 32, 32)))
+    assert d.mean[0] == pytest.approx(0.4914)

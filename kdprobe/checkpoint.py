@@ -13,6 +13,7 @@ pruning), with `module.` / `_orig_mod.` prefixes stripped.
 from __future__ import annotations
 
 import inspect
+import io
 import pickle
 import platform
 import zipfile
@@ -53,8 +54,25 @@ def library_versions() -> dict:
 
     import kdprobe
 
-    return {"kdprobe": kdprobe.__version__, "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "python": platform.python_version()}
+    return {"kdprobe": kdprobe.__version__, "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__), "python": platform.python_version()}
+
+
+def plain(obj):
+    """Reduce metadata to the types weights_only=True accepts (str subclasses, numpy scalars, paths -> plain)."""
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, torch.Tensor) or obj is None or type(obj) in (bool, int, float, str):
+        return obj
+    if isinstance(obj, str):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / 0-d scalars
+        return obj.item()
+    if isinstance(obj, (int, float)):
+        return int(obj) if isinstance(obj, int) else float(obj)
+    return str(obj)
 
 
 def save_checkpoint(path, model: nn.Module, meta: dict, extra: dict | None = None) -> Path:
@@ -63,11 +81,15 @@ def save_checkpoint(path, model: nn.Module, meta: dict, extra: dict | None = Non
     if arch is None:
         raise KdprobeError("expected a model built by kdprobe.create_model (it has no .arch); build it with create_model")
     sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": arch, "state_dict": sd,
-               "meta": dict(meta, versions=meta.get("versions", library_versions())), "extra": extra or {}}
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": plain(arch), "state_dict": sd,
+               "meta": plain(dict(meta, versions=meta.get("versions", library_versions()))), "extra": plain(extra or {})}
+    # Serialize to memory first: torch.save names the zip records after the file, so saving
+    # through a temp file would make two identical checkpoints differ byte-wise.
+    buf = io.BytesIO()
+    torch.save(payload, buf)
     path = Path(path)
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        tmp.write_bytes(buf.getvalue())
     return path
 
 
@@ -81,7 +103,8 @@ def read_payload(path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        first = next((ln for ln in lines if "Unsupported" in ln or "global" in ln.lower()), lines[0] if lines else type(e).__name__)
         raise KdprobeError(
             f"refusing to load {path}: it holds Python objects that could run code on load "
             f"(weights_only=True rejected it: {first[:160]}); if you trust it, re-save its state_dict with plain torch.save"

@@ -10,6 +10,7 @@ what a checkpoint stores to rebuild it (pruned widths included).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch.nn as nn
@@ -62,9 +63,14 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwarg
     cname = canonical_name(name)
     if num_classes < 1 or in_channels < 1:
         raise KdprobeError(f"expected num_classes >= 1 and in_channels >= 1, got {num_classes}, {in_channels}")
+    factory = _FACTORIES[cname]
     try:
-        model = _FACTORIES[cname](num_classes=num_classes, in_channels=in_channels, **kwargs)
+        bound = inspect.signature(factory).bind(num_classes=num_classes, in_channels=in_channels, **kwargs)
     except TypeError as e:  # unknown keyword: say which model rejected which argument
         raise KdprobeError(f"model {cname!r} does not accept these arguments: {e}") from None
-    model.arch = {"name": cname, "kwargs": {"num_classes": num_classes, "in_channels": in_channels, **kwargs}}
+    bound.apply_defaults()
+    model = factory(*bound.args, **bound.kwargs)
+    # Record every argument, defaults included: a later change of a factory default must not
+    # silently rebuild an old checkpoint as a different network.
+    model.arch = {"name": cname, "kwargs": dict(bound.arguments)}
     return model

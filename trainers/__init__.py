@@ -1,0 +1,1 @@
+"""kdprobe trainers: the training loop and its recipes (losses, batch transforms)."""

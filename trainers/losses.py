@@ -1,0 +1,138 @@
+"""Distillation losses: label KD (Hinton 2015) and normalized feature KD with a 1x1 regressor.
+
+Both accept CutMix-style mixed targets (y_a, y_b, lam); with y_b=None or lam=1 they reduce
+to plain cross-entropy targets. Teacher outputs are detached here, so a caller that forgot
+`torch.no_grad()` still never updates the teacher.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kdprobe.errors import KdprobeError
+from trainers.augment import mixed_cross_entropy
+
+
+def label_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                  y_a: torch.Tensor, y_b: torch.Tensor | None = None, lam: float = 1.0, *,
+                  alpha: float = 0.9, temperature: float = 4.0) -> dict[str, torch.Tensor]:
+    """(1-alpha)*CE_mixed + alpha*T^2*KL(softmax(t/T) || softmax(s/T)), KL averaged over the batch.
+
+    Returns {"loss": total, "ce": CE_mixed (unweighted), "kd": T^2*KL (unweighted by alpha)}.
+    RepDistiller DistillKL: KL 'batchmean' scaled by T^2 so gradients keep their size across T.
+    """
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
+        raise KdprobeError(f"expected student and teacher logits of one shape (N, K), got "
+                           f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}; "
+                           "use a teacher with the same classes")
+    if not 0.0 <= alpha <= 1.0:
+        raise KdprobeError(f"expected alpha in [0, 1], got {alpha}; use 0.9 (paper)")
+    if not temperature > 0:
+        raise KdprobeError(f"expected temperature > 0, got {temperature}; use 4 (paper)")
+    ce = mixed_cross_entropy(student_logits, y_a, y_b, lam)
+    t = temperature
+    log_p_s = F.log_softmax(student_logits / t, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.detach() / t, dim=1)
+    # sum_k p_t (log p_t - log p_s), summed over classes and divided by N ('batchmean')
+    kd = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
+    return {"loss": (1.0 - alpha) * ce + alpha * kd, "ce": ce, "kd": kd}
+
+
+def check_shapes(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> None:
+    """Raise KdprobeError unless both maps are (N, C, H, W) with the same N, H and W."""
+    if student_feat.dim() != 4 or teacher_feat.dim() != 4:
+        raise KdprobeError(f"expected feature maps (N, C, H, W), got {tuple(student_feat.shape)} "
+                           f"and {tuple(teacher_feat.shape)}; pass forward_features(x) outputs")
+    s, t = student_feat.shape, teacher_feat.shape
+    if s[0] != t[0] or s[2:] != t[2:]:
+        raise KdprobeError(f"expected student and teacher maps with equal batch and HxW, got "
+                           f"student {tuple(s)} and teacher {tuple(t)}; feature KD needs models "
+                           "with the same downsampling (the regressor is a 1x1 conv)")
+
+
+class FeatureRegressor(nn.Module):
+    """R: a plain 1x1 conv (no bias, no BN) mapping student channels to teacher channels."""
+
+    def __init__(self, student_channels: int, teacher_channels: int, *,
+                 student_shape: tuple[int, ...] | None = None,
+                 teacher_shape: tuple[int, ...] | None = None):
+        super().__init__()
+        if student_channels < 1 or teacher_channels < 1:
+            raise KdprobeError(f"expected positive channel counts, got {student_channels} -> "
+                               f"{teacher_channels}; pass model.feature_channels")
+        if student_shape is not None and teacher_shape is not None:
+            # (C, H, W) or (H, W): only the spatial part must agree
+            if tuple(student_shape[-2:]) != tuple(teacher_shape[-2:]):
+                raise KdprobeError(f"expected equal student/teacher feature HxW, got "
+                                   f"{tuple(student_shape[-2:])} and {tuple(teacher_shape[-2:])}; "
+                                   "feature KD needs models with the same downsampling")
+        self.student_channels = student_channels
+        self.teacher_channels = teacher_channels
+        self.conv = nn.Conv2d(student_channels, teacher_channels, kernel_size=1, bias=False)
+
+    @classmethod
+    def for_models(cls, student: nn.Module, teacher: nn.Module) -> "FeatureRegressor":
+        """Regressor sized from the registry models' `feature_channels`."""
+        return cls(int(student.feature_channels), int(teacher.feature_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map a student map (N, Cs, H, W) to (N, Ct, H, W)."""
+        if x.dim() != 4 or x.shape[1] != self.student_channels:
+            raise KdprobeError(f"expected a student map (N, {self.student_channels}, H, W), got "
+                               f"{tuple(x.shape)}; build the regressor from the student's channels")
+        return self.conv(x)
+
+
+def feature_kd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor,
+                    regressor: nn.Module, y_a: torch.Tensor, y_b: torch.Tensor | None,
+                    lam: float, student_logits: torch.Tensor, *, beta: float,
+                    reduction: str = "mean") -> dict[str, torch.Tensor]:
+    """CE_mixed + beta * L1(phi_T/||phi_T||_2 - R(phi_S)/||R(phi_S)||_2), norms per sample.
+
+    The L2 norm of each sample is over its flattened map (C*H*W). Reduction of the L1 term
+    (a choice the paper leaves open): 'mean' (default) averages |difference| over all
+    N*C*H*W elements, which is what makes the paper's beta (500 for ResNets, growing with
+    HxWxC) put both terms at about the same size at the first step; 'sum_per_sample' sums
+    over C, H, W and averages over the batch (= 'mean' * C*H*W), for codebases that do that.
+    Returns {"loss", "ce", "feat" (= beta * feat_raw), "feat_raw"}.
+    """
+    if reduction not in ("mean", "sum_per_sample"):
+        raise KdprobeError(f"expected reduction 'mean' or 'sum_per_sample', got {reduction!r}; "
+                           "use 'mean' (kdprobe default)")
+    if not beta >= 0:
+        raise KdprobeError(f"expected beta >= 0, got {beta}; see default_beta(arch)")
+    projected = regressor(student_feat)
+    check_shapes(projected, teacher_feat)
+    if projected.shape != teacher_feat.shape:
+        raise KdprobeError(f"expected the regressor to output the teacher's shape "
+                           f"{tuple(teacher_feat.shape)}, got {tuple(projected.shape)}; "
+                           "build it with the teacher's feature_channels")
+    n = projected.shape[0]
+    # eps guards an all-zero map (e.g. a dead ReLU output); it gives a zero vector, not NaN
+    s = F.normalize(projected.reshape(n, -1), p=2, dim=1, eps=1e-12)
+    t = F.normalize(teacher_feat.detach().reshape(n, -1), p=2, dim=1, eps=1e-12)
+    diff = (t - s).abs()
+    raw = diff.mean() if reduction == "mean" else diff.sum(dim=1).mean()
+    ce = mixed_cross_entropy(student_logits, y_a, y_b, lam)
+    feat = beta * raw
+    return {"loss": ce + feat, "ce": ce, "feat": feat, "feat_raw": raw}
+
+
+def default_beta(arch_name: str) -> float:
+    """Feature-KD weight from the paper: 500 ResNet, 1500 VGG, 1000 DenseNet/PyramidNet-110, 2000 PyramidNet-200."""
+    name = arch_name.strip().lower()
+    if name.startswith("resnet"):
+        return 500.0
+    if name.startswith("vgg"):
+        return 1500.0
+    if name.startswith("densenet"):
+        return 1000.0
+    m = re.match(r"pyramidnet[_-]?(\d+)", name)
+    if m:
+        # paper: 1000 for depth 110, 2000 for depth 200; deeper than 110 -> the 200 value
+        return 1000.0 if int(m.group(1)) <= 110 else 2000.0
+    raise KdprobeError(f"expected an arch of family resnet*, vgg*, densenet* or pyramidnet<depth>, "
+                       f"got {arch_name!r}; pass beta explicitly")

@@ -45,6 +45,10 @@ class TensorData:
     classes: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    # standard augmentation for this data: CIFAR-style crop (pad 4) + horizontal flip; digits
+    # are 8x8 and not mirror-symmetric, so they get a 1-pixel shift and no flip
+    crop_padding: int = 4
+    hflip: bool = True
 
     @property
     def num_classes(self) -> int:
@@ -129,7 +133,7 @@ def _digits() -> TensorData:
     mean, std = _channel_stats(tx)
     return TensorData(
         "digits", tx, torch.from_numpy(labels[train]), torch.from_numpy(images[test]),
-        torch.from_numpy(labels[test]), tuple(str(i) for i in range(10)), mean, std,
+        torch.from_numpy(labels[test]), tuple(str(i) for i in range(10)), mean, std, crop_padding=1, hflip=False,
     )
 
 

@@ -1,0 +1,223 @@
+"""The one training loop. Recipes plug in a batch transform and a loss (trainers.recipes).
+
+Data lives on the device as uint8 tensors and is shuffled/augmented there with one seeded
+generator, so a run is a pure function of (config, device): the same command after a kill
+resumes from `OUT.partial` and ends with the same checkpoint as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from kdprobe.checkpoint import library_versions, load_checkpoint, read_payload, save_checkpoint
+from kdprobe.data import TensorData, load_dataset
+from kdprobe.errors import KdprobeError
+from kdprobe.evaluate import evaluate
+from kdprobe.io import atomic_path, atomic_write_text
+from kdprobe.models import create_model
+from kdprobe.pruning import apply_masks, bn_sparsity_step
+from trainers.config import TrainConfig
+from trainers.recipes import Recipe
+
+STATE_VERSION = 1
+
+
+class Progress:
+    """What the loop reports; the CLI supplies a tqdm-backed one. This default is silent."""
+
+    def start(self, total_steps: int, done_steps: int, desc: str) -> None: ...
+    def step(self, n: int, postfix: dict) -> None: ...
+    def epoch(self, record: dict) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where the checkpoint went and the accuracies it reports (last epoch, and best)."""
+
+    path: Path
+    test_acc: float
+    best_acc: float
+    resumed_from_epoch: float | None
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> cuda if available else cpu; a requested but missing GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise KdprobeError(f"--device {device} asked for a GPU but CUDA is not available; use --device cpu")
+    return dev
+
+
+def partial_path(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def log_path(out: Path) -> Path:
+    return out.with_suffix(".jsonl")
+
+
+def _lr_factor(config: TrainConfig, epoch: int) -> float:
+    if config.schedule == "constant":
+        return 1.0
+    if config.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / config.epochs))
+    return config.gamma ** sum(epoch >= m for m in config.milestone_epochs())
+
+
+def _teacher_info(config: TrainConfig, device):
+    if not config.teacher:
+        return None, None
+    ck = load_checkpoint(config.teacher, arch=config.teacher_arch, map_location=device)
+    for p in ck.model.parameters():
+        p.requires_grad_(False)  # the teacher is never trained: no grads, eval mode
+    info = {"path": str(config.teacher), "sha256": ck.sha256, "arch": ck.model.arch,
+            "method": ck.meta.get("method"), "recipe": ck.meta.get("config"),
+            "test_acc": ck.meta.get("test_acc"), "dataset": ck.meta.get("dataset")}
+    return ck.model.eval(), info
+
+
+def _build_model(config: TrainConfig, data: TensorData):
+    if config.init:
+        ck = load_checkpoint(config.init)
+        model = ck.model
+        if model.arch["kwargs"].get("num_classes") != data.num_classes:
+            raise KdprobeError(f"--init {config.init} predicts {model.arch['kwargs'].get('num_classes')} classes, {config.dataset} has {data.num_classes}; use a checkpoint of this dataset")
+        init = {"path": str(config.init), "sha256": ck.sha256, "method": ck.meta.get("method"),
+                "test_acc": ck.meta.get("test_acc"), "pruning": ck.meta.get("pruning")}
+        return model.train(), dict(ck.extra.get("masks", {})), init
+    model = create_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels, **config.model_kwargs)
+    return model, {}, None
+
+
+def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress | None = None,
+          save_interval_s: float = 60.0, stop_after_steps: int | None = None) -> TrainResult:
+    """Train per `config`, resuming from OUT.partial if a killed run left one; returns the result."""
+    out, progress = Path(out), progress or Progress()
+    dev = resolve_device(device)
+    torch.manual_seed(config.seed)  # model and regressor initialization
+    data = load_dataset(config.dataset, config.data_dir)
+    if config.train_subset:
+        data = data.subset(n_train=config.train_subset, seed=config.seed)
+    data = data.to(dev)
+    model, masks, init_info = _build_model(config, data)
+    model.to(dev)
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    masks = {k: v.to(dev) for k, v in masks.items()}
+    teacher, teacher_info = _teacher_info(config, dev)
+    recipe = Recipe(config, model, teacher, data)
+    opt = torch.optim.SGD(list(model.parameters()) + recipe.parameters(), lr=config.lr, momentum=config.momentum,
+                          nesterov=config.nesterov, weight_decay=config.weight_decay)
+    gen = torch.Generator(device=dev).manual_seed(config.seed)
+    n, bs = len(data.train_y), config.batch_size
+    steps_per_epoch = math.ceil(n / bs)
+    state = {"epoch": 0, "step": 0, "perm": None, "history": [], "sums": [0.0, 0, 0]}
+    resumed = None
+    ppath = partial_path(out)
+    if ppath.exists():
+        saved = read_payload(ppath)
+        if saved.get("fingerprint") != config.fingerprint():
+            raise KdprobeError(f"{ppath} is a partial run of a different configuration; delete it or pass --overwrite to start afresh")
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        if recipe.regressor is not None:
+            recipe.regressor.load_state_dict(saved["regressor"])
+        gen.set_state(saved["gen"])
+        masks = {k: v.to(dev) for k, v in saved.get("masks", {}).items()} or masks
+        state = {k: saved[k] for k in state}
+        if state["perm"] is not None:
+            state["perm"] = state["perm"].to(dev)
+        resumed = state["epoch"] + state["step"] / steps_per_epoch
+
+    def save_partial():
+        # never overwrite the last good state with diverged weights
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise KdprobeError(f"weights became non-finite at epoch {state['epoch'] + 1} step {state['step']}; "
+                               f"the last good state is kept in {ppath}; lower --lr or check the data")
+        payload = {"version": STATE_VERSION, "fingerprint": config.fingerprint(), "model": model.state_dict(),
+                   "optimizer": opt.state_dict(), "gen": gen.get_state(), "masks": masks,
+                   "regressor": recipe.regressor.state_dict() if recipe.regressor is not None else None, **state}
+        with atomic_path(ppath) as tmp:
+            torch.save(payload, tmp)
+
+    progress.start(config.epochs * steps_per_epoch, state["epoch"] * steps_per_epoch + state["step"],
+                   f"{config.method} {config.model} seed {config.seed}")
+    last_save, steps_run = time.monotonic(), 0
+    try:
+        while state["epoch"] < config.epochs:
+            epoch = state["epoch"]
+            for g in opt.param_groups:
+                g["lr"] = config.lr * _lr_factor(config, epoch)
+            if state["perm"] is None:
+                state["perm"] = torch.randperm(n, generator=gen, device=dev)
+            model.train()
+            t0 = time.monotonic()
+            while state["step"] < steps_per_epoch:
+                idx = state["perm"][state["step"] * bs:(state["step"] + 1) * bs]
+                mb = recipe.batch(data.train_x[idx], data.train_y[idx], gen)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                    terms = recipe.loss(model, mb)
+                loss = terms["loss"]
+                if not torch.isfinite(loss):
+                    raise KdprobeError(f"loss became {float(loss)} at epoch {epoch + 1} step {state['step'] + 1}; "
+                                       f"the last good state is kept in {ppath}; lower --lr or check the data")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.bn_sparsity > 0:
+                    bn_sparsity_step(model, config.bn_sparsity)
+                opt.step()
+                if masks:
+                    apply_masks(model, masks)
+                correct = int((terms["logits"].argmax(1) == mb.y_a).sum())
+                s = state["sums"]
+                state["sums"] = [s[0] + float(loss.detach()) * len(idx), s[1] + correct, s[2] + len(idx)]
+                state["step"] += 1
+                steps_run += 1
+                progress.step(1, {k: round(float(v.detach()), 4) for k, v in terms.items() if k != "logits"})
+                if stop_after_steps is not None and steps_run >= stop_after_steps:
+                    save_partial()
+                    raise KeyboardInterrupt("stop_after_steps reached")
+                if time.monotonic() - last_save > save_interval_s:
+                    save_partial()
+                    last_save = time.monotonic()
+            ev = evaluate(model, data.test_x, data.test_y, data.mean, data.std)
+            s = state["sums"]
+            rec = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": s[0] / s[2],
+                   "train_acc": 100.0 * s[1] / s[2], "test_loss": ev.loss, "test_acc": ev.acc}
+            state.update(epoch=epoch + 1, step=0, perm=None, sums=[0.0, 0, 0], history=state["history"] + [rec])
+            progress.epoch(dict(rec, seconds=round(time.monotonic() - t0, 2)))
+            save_partial()
+            last_save = time.monotonic()
+            atomic_write_text(log_path(out), "".join(json.dumps(r) + "\n" for r in state["history"]))
+    finally:
+        progress.close()
+    hist = state["history"]
+    best = max(hist, key=lambda r: r["test_acc"])
+    meta = {
+        "method": config.method, "recipe": config.method, "config": config.to_dict(),
+        "fingerprint": config.fingerprint(), "seed": config.seed, "dataset": config.dataset,
+        "data_dir": config.data_dir, "input_shape": list(data.train_x.shape[1:]), "num_classes": data.num_classes,
+        "epochs": config.epochs, "reported": "last-epoch", "test_acc": hist[-1]["test_acc"],
+        "train_acc": hist[-1]["train_acc"], "best_acc": best["test_acc"], "best_epoch": best["epoch"],
+        "history": hist, "teacher": teacher_info, "init": init_info,
+        "pruning": (init_info or {}).get("pruning"), "global_batch": bs, "world_size": 1,
+        "device": dev.type, "versions": library_versions(),
+    }
+    extra = {}
+    if recipe.regressor is not None:
+        extra["regressor"] = {k: v.detach().cpu() for k, v in recipe.regressor.state_dict().items()}
+    if masks:
+        extra["masks"] = {k: v.cpu() for k, v in masks.items()}
+    model = model.to(memory_format=torch.contiguous_format)
+    save_checkpoint(out, model, meta, extra)
+    ppath.unlink(missing_ok=True)
+    return TrainResult(out, hist[-1]["test_acc"], best["test_acc"], resumed)

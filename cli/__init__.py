@@ -1,0 +1,1 @@
+"""The kdprobe command-line interface (typer)."""

@@ -1,0 +1,115 @@
+"""Shared CLI plumbing: error handling, globs, tables, progress bars."""
+from __future__ import annotations
+
+import csv
+import functools
+import glob
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import typer
+
+from kdprobe.errors import KdprobeError
+from kdprobe.io import atomic_write_text
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn library errors into one stderr line and exit 1 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KdprobeError as e:
+            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.secho("interrupted: partial work is saved; run the same command again to resume", err=True)
+            raise typer.Exit(130) from None
+        except FileNotFoundError as e:
+            typer.secho(f"error: file not found: {e.filename}; check the path", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def expand_paths(patterns: Sequence[str]) -> list[Path]:
+    """Expand globs (the shell may not have); an unmatched pattern is an error, order kept, no duplicates."""
+    out: list[Path] = []
+    for pat in patterns:
+        if any(ch in pat for ch in "*?["):
+            hits = sorted(glob.glob(pat, recursive=True))
+            if not hits:
+                raise KdprobeError(f"no file matches {pat!r}; check the pattern (quote it so the shell passes it through)")
+        else:
+            hits = [pat]
+            if not Path(pat).exists():
+                raise KdprobeError(f"checkpoint {pat} does not exist; check the path")
+        out += [Path(h) for h in hits if Path(h) not in out]
+    if not out:
+        raise KdprobeError("no checkpoints given; pass paths or a glob like 'ckpts/*.pt'")
+    return out
+
+
+def fmt(v, digits: int = 4) -> str:
+    if isinstance(v, float):
+        return "nan" if v != v else f"{v:.{digits}f}"
+    return "" if v is None else str(v)
+
+
+def table(rows: Sequence[dict], columns: Sequence[str] | None = None, digits: int = 4) -> str:
+    """A plain aligned text table (readable in any terminal and in a log file)."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or rows[0].keys())
+    cells = [[fmt(r.get(c), digits) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def write_rows_csv(rows: Sequence[dict], path: Path) -> None:
+    """CSV with a header from the union of keys (pandas.read_csv reads it)."""
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def write_json(obj, path: Path) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+class TqdmProgress:
+    """trainers.loop.Progress on a tqdm bar (stderr), with a one-line summary per epoch."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.bar = enabled, None
+
+    def start(self, total_steps, done_steps, desc):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=done_steps, desc=desc, unit="step",
+                        disable=not self.enabled, dynamic_ncols=True, file=sys.stderr)
+
+    def step(self, n, postfix):
+        self.bar.update(n)
+        if self.bar.n % 10 == 0:
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def epoch(self, record):
+        if self.enabled:
+            self.bar.write(f"epoch {record['epoch']:>3}  lr {record['lr']:.4g}  train loss {record['train_loss']:.4f} "
+                           f"acc {record['train_acc']:.2f}  test loss {record['test_loss']:.4f} acc {record['test_acc']:.2f}  "
+                           f"({record['seconds']:.1f}s)", file=sys.stderr)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,61 @@
+"""`kdprobe eval`: loss and accuracy of checkpoints, as a table and CSV/JSON."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli.common import expand_paths, table, write_json, write_rows_csv
+
+O = typer.Option
+
+
+def evaluate(
+    checkpoints: Annotated[list[str], typer.Argument(help="Checkpoint files or globs ('ckpts/*.pt').")],
+    split: Annotated[str, O(help="test | train | both.")] = "test",
+    dataset: Annotated[Optional[str], O(help="Evaluate on this dataset instead of the one recorded in the checkpoint.")] = None,
+    data_dir: Annotated[Optional[Path], O(help="Folder with torchvision's CIFAR files (overrides the recorded one).")] = None,
+    arch: Annotated[Optional[str], O(help="Architecture of foreign checkpoints (e.g. resnet56b).")] = None,
+    csv: Annotated[Optional[Path], O(help="Write the table as CSV.")] = None,
+    json: Annotated[Optional[Path], O(help="Write the table as JSON.")] = None,
+    device: Annotated[str, O(help="auto | cpu | cuda.")] = "auto",
+):
+    """Evaluate checkpoints (no augmentation, BN in eval mode)."""
+    import torch
+
+    from kdprobe.checkpoint import load_checkpoint
+    from kdprobe.data import load_dataset
+    from kdprobe.errors import KdprobeError
+    from kdprobe.evaluate import evaluate as run_eval
+    from trainers.loop import resolve_device
+
+    if split not in ("test", "train", "both"):
+        raise KdprobeError(f"expected --split test, train or both; got {split!r}")
+    dev = resolve_device(device)
+    cache, rows = {}, []
+    for p in expand_paths(checkpoints):
+        ck = load_checkpoint(p, arch=arch, map_location=dev)
+        name = dataset or ck.meta.get("dataset")
+        if not name:
+            raise KdprobeError(f"{p} records no dataset; pass --dataset")
+        ddir = data_dir or ck.meta.get("data_dir")
+        key = (name, str(ddir))
+        if key not in cache:
+            cache[key] = load_dataset(name, ddir)
+        data = cache[key]
+        with torch.no_grad():
+            n_out = ck.model(torch.zeros(1, *data.train_x.shape[1:], device=dev)).shape[1]
+        if n_out != data.num_classes:
+            raise KdprobeError(f"{p} predicts {n_out} classes but {name} has {data.num_classes}; pass the matching --dataset")
+        row = {"checkpoint": str(p), "method": ck.method, "seed": ck.meta.get("seed"), "dataset": name}
+        for s in (("test", "train") if split == "both" else (split,)):
+            x, y = data.split(s)
+            r = run_eval(ck.model, x, y, data.mean, data.std)
+            row[f"{s}_loss"], row[f"{s}_acc"] = r.loss, r.acc
+        rows.append(row)
+    typer.echo(table(rows))
+    if csv:
+        write_rows_csv(rows, csv)
+    if json:
+        write_json(rows, json)

@@ -1,0 +1,32 @@
+"""The `kdprobe` command: one typer app, one module per command."""
+from __future__ import annotations
+
+import typer
+
+from cli import evaluate, info, prune, surplus, train
+from cli.common import handle_errors
+
+app = typer.Typer(
+    name="kdprobe", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Train and probe image-classifier checkpoints: what did distillation, pruning or augmentation do to my network?",
+)
+
+COMMANDS = [
+    ("train", train.train),
+    ("eval", evaluate.evaluate),
+    ("info", info.info),
+    ("models", info.models),
+    ("prune", prune.prune),
+    ("surplus", surplus.surplus),
+]
+for _name, _fn in COMMANDS:
+    app.command(_name)(handle_errors(_fn))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

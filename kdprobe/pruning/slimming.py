@@ -1,0 +1,174 @@
+"""Network Slimming (Liu et al. 2017): L1 sparsity on BN scales, then one global threshold.
+
+Training: `bn_sparsity_step(model, lam)` after `loss.backward()` and before
+`optimizer.step()` adds lam * sign(gamma) to the gradient of EVERY BatchNorm scale
+(lambda 1e-4 for VGG, 1e-5 for ResNet/DenseNet in the paper).
+
+Pruning: the population is the |gamma| of the prunable BNs of the architecture (below);
+the `remaining` fraction of them with the largest |gamma|, floor(total * remaining)
+channels, is kept by one global ranking (equivalently one global threshold, the smallest
+kept |gamma|; ties at the threshold go to the earlier channel in forward order). A BN
+layer that would lose every channel keeps its largest-|gamma| one (the reference code
+crashes there instead), so slightly more than the fraction can survive. What is
+physically removed, per architecture:
+
+- VGG (`vgg19_bn`): every conv-BN layer is prunable; the network is rebuilt from a smaller
+  `cfg`: conv output rows and the next conv's input columns, BN entries (running stats
+  included) and the classifier's input columns of the dropped channels.
+- CIFAR ResNet (`resnetXXa/b`): only bn1 of each basic block (the block's inner width) is
+  prunable and in the population; the residual trunk (stem BN, bn2, shortcut BNs) keeps its
+  16/32/64 channels, since every block adds into it. Rebuilt through `block_cfg`: conv1
+  rows, bn1 entries, conv2 input columns (the same surgery as L1 pruning, other scores).
+- DenseNet (`densenet40`): every BN (3n dense layers, 2 transitions, the final BN) is
+  prunable; each reads the concatenated trunk, so its dropped channels become a channel
+  selection (`selection` kwarg): the BN entries and the following conv's input columns
+  (the classifier's for the final BN) are removed, while the concatenation itself keeps
+  every channel, as in the reference's channel_selection layer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from kdprobe.errors import KdprobeError
+from kdprobe.pruning._surgery import arch_of, floor_count, is_cifar_resnet, rebuild, rebuild_resnet_inner, resnet_blocks
+
+BN_KEYS = ("weight", "bias", "running_mean", "running_var")
+
+
+@torch.no_grad()
+def bn_sparsity_step(model: nn.Module, lam: float) -> None:
+    """Add lam * sign(gamma) to the .grad of every BN scale (after backward, before optimizer.step)."""
+    if not lam >= 0:
+        raise KdprobeError(f"expected a bn sparsity lambda >= 0 (1e-4 VGG, 1e-5 ResNet/DenseNet), got {lam}")
+    if lam == 0:
+        return
+    for m in model.modules():
+        if isinstance(m, _BatchNorm) and m.weight is not None and m.weight.grad is not None:
+            m.weight.grad.add_(torch.sign(m.weight), alpha=lam)
+
+
+def slimming_was_trained(meta: dict) -> bool:
+    """True when the checkpoint's config recorded a BN sparsity lambda > 0."""
+    config = (meta or {}).get("config") or {}
+    try:
+        return float(config.get("bn_sparsity") or 0.0) > 0.0
+    except (TypeError, ValueError):
+        return False
+
+
+def _vgg_bns(model) -> list[tuple[str, nn.Module]]:
+    return [(f"features.{i}", m) for i, m in enumerate(model.features) if isinstance(m, nn.BatchNorm2d)]
+
+
+def _densenet_bns(model) -> list[tuple[str, nn.Module]]:
+    from kdprobe.models.densenet import BNReLUConv
+
+    out = [(f"{n}.bn", m.bn) for n, m in model.named_modules() if isinstance(m, BNReLUConv)]
+    return out + [("bn", model.bn)]
+
+
+def _family(model: nn.Module) -> str:
+    from kdprobe.models.densenet import DenseNet
+    from kdprobe.models.vgg import SlimVGG
+
+    if isinstance(model, SlimVGG):
+        return "vgg"
+    if isinstance(model, DenseNet):
+        return "densenet"
+    if is_cifar_resnet(model):
+        return "resnet"
+    raise KdprobeError(f"slimming pruning supports vgg19_bn, CIFAR ResNets and densenet40; got {arch_of(model)[0]}")
+
+
+def prunable_bns(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(state_dict prefix, BN) of the BN layers whose scales form the threshold population."""
+    fam = _family(model)
+    if fam == "vgg":
+        return _vgg_bns(model)
+    if fam == "densenet":
+        return _densenet_bns(model)
+    return [(p + "bn1", blk.bn1) for _, _, p, blk in resnet_blocks(model)]
+
+
+def slimming_plan(model: nn.Module, remaining: float) -> tuple[dict[str, torch.Tensor], float]:
+    """Kept channel indices (ascending) per prunable BN prefix, and the global |gamma| threshold."""
+    remaining = float(remaining)
+    if not 0.0 < remaining <= 1.0:
+        raise KdprobeError(f"expected remaining in (0, 1] (fraction of prunable channels kept), got {remaining}")
+    bns = prunable_bns(model)
+    scales = [bn.weight.detach().abs().float().cpu() for _, bn in bns]
+    flat = torch.cat(scales)
+    n_keep = max(1, floor_count(flat.numel(), remaining))
+    order = torch.sort(flat, descending=True, stable=True).indices
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[order[:n_keep]] = True
+    threshold = float(flat[order[n_keep - 1]])
+    plan, start = {}, 0
+    for (name, _), s in zip(bns, scales):
+        k = keep[start:start + s.numel()].clone()
+        start += s.numel()
+        if not k.any():  # never empty a layer: keep its largest |gamma| (first on ties)
+            k[int(torch.argmax(s))] = True
+        plan[name] = torch.nonzero(k).flatten()
+    return plan, threshold
+
+
+def _take(t: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
+    return t.index_select(dim, idx.to(t.device))
+
+
+def _rebuild_vgg(model, plan: dict[str, torch.Tensor]) -> nn.Module:
+    from kdprobe.models.vgg import POOL
+
+    src = model.state_dict()
+    state = dict(src)
+    _, kwargs = arch_of(model)
+    cfg, prev = [], None  # prev: kept channels of the previous conv's output
+    for i, m in enumerate(model.features):
+        if isinstance(m, nn.MaxPool2d):
+            cfg.append(POOL)
+        elif isinstance(m, nn.Conv2d):
+            idx = plan[f"features.{i + 1}"]  # the BN right after this conv
+            w = _take(src[f"features.{i}.weight"], 0, idx)
+            state[f"features.{i}.weight"] = w if prev is None else _take(w, 1, prev)
+            for k in BN_KEYS:
+                state[f"features.{i + 1}.{k}"] = _take(src[f"features.{i + 1}.{k}"], 0, idx)
+            cfg.append(int(idx.numel()))
+            prev = idx
+    state["classifier.weight"] = _take(src["classifier.weight"], 1, prev)
+    kwargs["cfg"] = cfg
+    kwargs.pop("width", None)
+    return rebuild(model, kwargs, state)
+
+
+def _rebuild_densenet(model, plan: dict[str, torch.Tensor]) -> nn.Module:
+    src = model.state_dict()
+    state = dict(src)
+    _, kwargs = arch_of(model)
+    old = kwargs.get("selection") or [None] * len(model.bn_widths)
+    selection = []
+    for j, (name, _) in enumerate(_densenet_bns(model)):
+        local = plan[name]
+        prefix = name[: -len("bn")]  # "dense1.0." or "" for the final BN
+        for k in BN_KEYS:
+            state[f"{name}.{k}"] = _take(src[f"{name}.{k}"], 0, local)
+        nxt = f"{prefix}conv.weight" if prefix else "fc.weight"
+        state[nxt] = _take(src[nxt], 1, local)
+        # compose with an existing selection: local indices point into the kept channels
+        base = torch.arange(model.bn_widths[j]) if old[j] is None else torch.tensor(old[j], dtype=torch.long)
+        selection.append(base[local.cpu()].tolist())
+    kwargs["selection"] = selection
+    return rebuild(model, kwargs, state)
+
+
+def slimming_prune(model: nn.Module, remaining: float) -> nn.Module:
+    """Liu et al. 2017 channel pruning by global |gamma| ranking; returns the rebuilt, smaller model."""
+    plan, _ = slimming_plan(model, remaining)
+    fam = _family(model)
+    if fam == "vgg":
+        return _rebuild_vgg(model, plan)
+    if fam == "densenet":
+        return _rebuild_densenet(model, plan)
+    return rebuild_resnet_inner(model, [plan[p + "bn1"] for _, _, p, _ in resnet_blocks(model)])

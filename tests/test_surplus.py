@@ -1,0 +1,94 @@
+"""Surplus from a results table: the paper's worked example, seeds, files, malformed input."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from kdprobe.errors import KdprobeError
+from kdprobe.probes.surplus import compute_surplus, read_results_csv
+from kdprobe.writers.surplus_files import write_surplus_csv, write_surplus_json
+
+HEADER = "model,setting,train_type,unpruned,finetuned,post_distill,pre_post,self_distill\n"
+
+
+def _write(tmp_path, body, name="results.csv"):
+    p = tmp_path / name
+    p.write_text(HEADER + body)
+    return p
+
+
+def test_worked_example_from_the_paper(tmp_path):
+    # REFERENCE.md: ResNet-56 40/70/90, label KD: (73.30 - 70.06) - (73.76 - 71.23) = 0.71
+    p = _write(tmp_path, "resnet56,40/70/90,scratch,71.23,70.06,,,\n"
+                         "resnet56,40/70/90,label,73.76,72.10,72.5,73.0,73.30\n")
+    (r,) = compute_surplus(read_results_csv(p))
+    assert (r.model, r.setting, r.kd_type) == ("resnet56", "40/70/90", "label")
+    assert r.gain_unpruned == pytest.approx(2.53)
+    assert r.gain_pruned == pytest.approx(3.24)
+    assert r.surplus == pytest.approx(0.71, abs=1e-9)
+    assert r.surplus_se is None and r.unpruned_scratch_std is None  # one run each: no spread
+
+
+def test_seeds_are_averaged_and_spread_propagated(tmp_path):
+    p = _write(tmp_path, "\n".join([
+        "r56,B,scratch,71,70,,,", "r56,B,scratch,72,69,,,", "r56,B,scratch,70,71,,,",
+        "r56,B,label,74,,,,73", "r56,B,label,73,,,,74",
+        "r56,B,feature,75,,,,", "# a comment line", "",
+        "vgg,50%,scratch,90,89,,,", "vgg,50%,label,91,,,,90.5",
+    ]) + "\n")
+    rows = compute_surplus(read_results_csv(p))
+    assert [(r.model, r.kd_type) for r in rows] == [("r56", "label"), ("r56", "feature"), ("vgg", "label")]
+    lab, feat, vgg = rows
+    # by hand: scratch unpruned mean 71, finetuned mean 70, KD unpruned 73.5, self-distill 73.5
+    assert lab.surplus == pytest.approx((73.5 - 70) - (73.5 - 71))
+    assert (lab.unpruned_scratch_n, lab.finetuned_scratch_n, lab.unpruned_kd_n, lab.self_distill_n) == (3, 3, 2, 2)
+    assert lab.unpruned_scratch_std == pytest.approx(1.0)
+    se2 = [1.0 / 3, 1.0 / 3, 0.5 / 2, 0.5 / 2]  # sample variances / n
+    assert lab.surplus_se == pytest.approx(math.sqrt(sum(se2)))
+    assert feat.gain_unpruned == pytest.approx(4.0) and feat.surplus is None and feat.self_distill_n == 0
+    assert vgg.surplus == pytest.approx((90.5 - 89) - (91 - 90))
+
+    write_surplus_csv(rows, tmp_path / "s.csv")
+    write_surplus_json(rows, tmp_path / "s.json")
+    lines = (tmp_path / "s.csv").read_text().splitlines()
+    assert lines[0].startswith("model,setting,kd_type,") and len(lines) == 4
+    assert lines[2].split(",")[-2:] == ["", ""]  # undefined surplus -> blank cells
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert doc["rows"][1]["surplus"] is None and doc["rows"][0]["surplus"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("body, line, words", [
+    ("r56,B,scratch,71,70,,,\nr56,B,label,74,,,,abc\n", 3, "self_distill"),
+    ("r56,B,scratch,71,70,,,\nr56,C,label,74,,,,73\n", 3, "scratch row"),
+    ("r56,B,scratch,71,70,,,\nr56,B,label,74,73\n", 3, "fields"),
+    ("r56,B,scratch,71,70,,,73\n", 2, "only unpruned and finetuned"),
+    ("r56,B,scratch,71,70,,,\n\nr56,B,label,nan,,,,73\n", 4, "unpruned"),
+])
+def test_malformed_rows_name_file_and_line(tmp_path, body, line, words):
+    p = _write(tmp_path, body)
+    with pytest.raises(KdprobeError, match=f"results.csv:{line}:.*{words}"):
+        read_results_csv(p)
+
+
+def test_missing_columns_and_missing_file(tmp_path):
+    p = tmp_path / "bad.csv"
+    p.write_text("model,setting,train_type,unpruned,finetuned\nr56,B,scratch,71,70\n")
+    with pytest.raises(KdprobeError, match=r"bad.csv:1: .*missing post_distill, pre_post, self_distill"):
+        read_results_csv(p)
+    with pytest.raises(KdprobeError, match="not a file"):
+        read_results_csv(tmp_path / "nope.csv")
+
+
+def test_cli_surplus_prints_table_and_writes_files(tmp_path, capsys):
+    from cli.surplus import surplus
+
+    p = _write(tmp_path, "resnet56,40/70/90,scratch,71.23,70.06,,,\nresnet56,40/70/90,label,73.76,,,,73.30\n")
+    surplus(p, csv=tmp_path / "o.csv", json=tmp_path / "o.json")
+    out = capsys.readouterr().out
+    assert "+0.71" in out and "label" in out
+    assert (tmp_path / "o.csv").exists() and (tmp_path / "o.json").exists()
+    empty = _write(tmp_path, "resnet56,x,scratch,71,70,,,\n", name="empty.csv")
+    with pytest.raises(KdprobeError, match="at least one KD row"):
+        surplus(empty, csv=None, json=None)

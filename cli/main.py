@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import evaluate, info, prune, surplus, train
+from cli import diversity, evaluate, info, prune, surplus, train
 from cli.common import handle_errors
 
 app = typer.Typer(
@@ -18,6 +18,7 @@ COMMANDS = [
     ("models", info.models),
     ("prune", prune.prune),
     ("surplus", surplus.surplus),
+    ("diversity", diversity.diversity),
 ]
 for _name, _fn in COMMANDS:
     app.command(_name)(handle_errors(_fn))

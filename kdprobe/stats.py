@@ -1,0 +1,131 @@
+"""The one module for spread, intervals and tests: every reported mean +- interval comes from here.
+
+Conventions (REFERENCE.md, "Representation diversity"):
+- std is the sample standard deviation (ddof=1); sem = std / sqrt(n) (the paper's "error margin").
+- The confidence half-width is q * sem, with q the Student-t quantile t_{(1+c)/2, n-1}
+  ("t", the honest default for n = 5: 4.604 at 99%) or the normal quantile
+  z_{(1+c)/2} ("normal", 2.576 at 99%, what the paper used).
+- Two groups are compared with Welch's unequal-variance t-test; p-values of several
+  comparisons against one reference are Holm-Bonferroni adjusted; effect sizes are
+  Hedges' g (Cohen's d with the pooled sd, times the small-sample correction J).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+from scipy import stats as _sps
+
+from kdprobe.errors import KdprobeError
+
+INTERVALS = ("t", "normal")
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Mean and spread of n repeated measurements, with a two-sided confidence interval."""
+
+    mean: float
+    std: float  # sample standard deviation, ddof=1 (nan for n=1)
+    sem: float  # std / sqrt(n) (nan for n=1)
+    half_width: float  # quantile * sem (nan for n=1)
+    n: int
+    confidence: float  # e.g. 0.99
+    interval: str  # "t" or "normal"
+    low: float  # mean - half_width
+    high: float  # mean + half_width
+
+
+def _as_array(values: Iterable[float], what: str = "values") -> np.ndarray:
+    arr = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=np.float64).ravel()
+    if arr.size == 0:
+        raise KdprobeError(f"expected at least one of {what}, got none; measure something first")
+    if not np.all(np.isfinite(arr)):
+        bad = [int(i) for i in np.flatnonzero(~np.isfinite(arr))][:5]
+        raise KdprobeError(f"expected finite {what}, got nan/inf at positions {bad}; check the measurement")
+    return arr
+
+
+def _check_options(confidence: float, interval: str) -> None:
+    if not (0.0 < confidence < 1.0):
+        raise KdprobeError(f"expected a confidence level in (0, 1) such as 0.99, got {confidence}")
+    if interval not in INTERVALS:
+        raise KdprobeError(f"expected interval one of {INTERVALS}, got {interval!r}")
+
+
+def critical_value(n: int, confidence: float = 0.99, interval: str = "t") -> float:
+    """Two-sided quantile multiplying the sem: t_{(1+c)/2, n-1} or z_{(1+c)/2}; nan when n < 2."""
+    _check_options(confidence, interval)
+    if n < 2:
+        return math.nan
+    p = (1.0 + confidence) / 2.0
+    if interval == "normal":
+        return float(_sps.norm.ppf(p))
+    return float(_sps.t.ppf(p, n - 1))
+
+
+def summarize(values: Iterable[float], confidence: float = 0.99, interval: str = "t") -> Summary:
+    """Mean, sample std, sem and the confidence interval of repeated measurements."""
+    _check_options(confidence, interval)
+    arr = _as_array(values)
+    n = int(arr.size)
+    mean = float(arr.mean())
+    if n < 2:  # one value has no spread: report it, do not fail
+        nan = math.nan
+        return Summary(mean, nan, nan, nan, n, confidence, interval, nan, nan)
+    std = float(arr.std(ddof=1))
+    sem = std / math.sqrt(n)
+    hw = critical_value(n, confidence, interval) * sem
+    return Summary(mean, std, sem, hw, n, confidence, interval, mean - hw, mean + hw)
+
+
+def welch_t(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Two-sided Welch t-test of mean(a) != mean(b); returns (t, p); (nan, nan) when undefined."""
+    x, y = _as_array(a, "values of group a"), _as_array(b, "values of group b")
+    n1, n2 = x.size, y.size
+    if n1 < 2 or n2 < 2:
+        return math.nan, math.nan
+    v1, v2 = x.var(ddof=1) / n1, y.var(ddof=1) / n2  # squared standard errors
+    se2 = v1 + v2
+    if se2 == 0.0:  # both groups constant: the statistic is undefined
+        return math.nan, math.nan
+    t = float((x.mean() - y.mean()) / math.sqrt(se2))
+    # Welch-Satterthwaite degrees of freedom
+    df = se2**2 / (v1**2 / (n1 - 1) + v2**2 / (n2 - 1))
+    p = float(min(1.0, 2.0 * _sps.t.sf(abs(t), df)))
+    return t, p
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni step-down adjusted p-values (monotone, capped at 1); nan entries stay nan and do not count."""
+    p = np.asarray(list(pvalues), dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    valid = np.flatnonzero(~np.isnan(p))
+    m = valid.size
+    if m == 0:
+        return out.tolist()
+    if np.any((p[valid] < 0) | (p[valid] > 1)):
+        raise KdprobeError(f"expected p-values in [0, 1], got {p.tolist()}")
+    order = valid[np.argsort(p[valid], kind="stable")]
+    running = 0.0
+    for rank, idx in enumerate(order):  # the i-th smallest p is multiplied by (m - i)
+        running = max(running, min(1.0, (m - rank) * p[idx]))
+        out[idx] = running
+    return out.tolist()
+
+
+def hedges_g(a: Sequence[float], b: Sequence[float]) -> float:
+    """Hedges' g of a minus b: (mean_a - mean_b) / pooled sd, times J = 1 - 3/(4(n1+n2)-9); nan when undefined."""
+    x, y = _as_array(a, "values of group a"), _as_array(b, "values of group b")
+    n1, n2 = x.size, y.size
+    if n1 + n2 < 3 or n1 < 1 or n2 < 1:
+        return math.nan
+    pooled_var = ((n1 - 1) * (x.var(ddof=1) if n1 > 1 else 0.0) + (n2 - 1) * (y.var(ddof=1) if n2 > 1 else 0.0)) / (
+        n1 + n2 - 2
+    )
+    if pooled_var == 0.0:
+        return math.nan
+    d = (x.mean() - y.mean()) / math.sqrt(pooled_var)
+    return float(d * (1.0 - 3.0 / (4.0 * (n1 + n2) - 9.0)))

@@ -1,0 +1,1 @@
+"""Writers: take a result object and a path; never compute."""

@@ -1,0 +1,59 @@
+"""Diversity table as a self-contained, offline plotly HTML page (plotly.js inlined)."""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import plotly.graph_objects as go
+
+from kdprobe.io import atomic_path
+
+_JITTER = 0.12  # half-width of the horizontal jitter of model points, in category units
+
+
+def _finite_or_none(x: float):
+    return None if x is None or not math.isfinite(x) else x
+
+
+def write_diversity_html(table, path: str | os.PathLike) -> None:
+    """Strip plot of per-checkpoint scores with group means +- the confidence half-width."""
+    st = table.settings
+    names = [g.group for g in table.groups]
+    pos = {g: i for i, g in enumerate(names)}
+    rng = np.random.default_rng(0)  # fixed: the same table always gives the same file
+    fig = go.Figure()
+    for g in table.groups:
+        models = [s for s in table.scores if s.group == g.group]
+        x = pos[g.group] + rng.uniform(-_JITTER, _JITTER, len(models)) - 0.15
+        fig.add_trace(go.Scatter(
+            x=x, y=[s.mean for s in models], mode="markers", name=f"{g.group} checkpoints",
+            marker=dict(size=8, opacity=0.7), legendgroup=g.group,
+            text=[f"{s.path}<br>seed {s.seed}<br>batches: " + ", ".join(f"{v:.2f}" for v in s.values)
+                  for s in models],
+            hovertemplate="%{text}<br>mean %{y:.3f}<extra></extra>",
+        ))
+    level = f"{st.confidence * 100:g}% {'Student t' if st.interval == 't' else 'normal'}"
+    fig.add_trace(go.Scatter(
+        x=[pos[g.group] + 0.15 for g in table.groups], y=[g.mean for g in table.groups], mode="markers",
+        name=f"group mean ± {level} half-width", marker=dict(symbol="diamond", size=12, color="black"),
+        error_y=dict(type="data", array=[_finite_or_none(g.half_width) for g in table.groups], visible=True),
+        text=[f"n={g.n_models}{' (batch values)' if g.uses_batch_values else ''}<br>"
+              f"p(Holm)={g.p_holm:.3g}, g={g.hedges_g:.2f}" for g in table.groups],
+        hovertemplate="mean %{y:.3f}<br>%{text}<extra></extra>",
+    ))
+    ticks = [f"{g.group}<br>n={g.n_models}{'*' if g.uses_batch_values else ''}" for g in table.groups]
+    n_models = len(table.scores)
+    title = (f"Jacobian-correlation score {st.variant} (Mellor et al. 2020), {n_models} checkpoints"
+             f"<br><sup>N={st.batch_size} inputs × {st.runs} batches, split={st.split}, bn={st.bn}, "
+             f"output={st.output}, k={st.k:g}, probe seed {st.seed}; error bars: {level}</sup>")
+    fig.update_layout(
+        title=title, template="plotly_white", yaxis_title="score (higher = more diverse)",
+        xaxis=dict(tickmode="array", tickvals=list(range(len(names))), ticktext=ticks,
+                   range=[-0.6, len(names) - 0.4]),
+    )
+    if any(g.uses_batch_values for g in table.groups):
+        fig.add_annotation(text="* one checkpoint: spread over its probe batches, not over models",
+                           xref="paper", yref="paper", x=0, y=-0.15, showarrow=False, font=dict(size=11))
+    with atomic_path(path) as tmp:
+        fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)

@@ -68,7 +68,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_state(tmp_path):
         train(TrainConfig(**dict(TINY, epochs=3), lr=1e12, schedule="constant"), out, save_interval_s=0)
     assert not out.exists()
     if partial_path(out).exists():  # whatever was saved is finite
-        sd = read_payload(partial_path(out))["model"]
+        sd = read_payload(partial_path(out))["student"]
         assert all(torch.isfinite(v.float()).all() for v in sd.values())
 
 
@@ -89,3 +89,19 @@ def test_method_labels_are_derived_from_options():
     assert TrainConfig(distill="label", teacher="t.pt").method == "kd-label"
     assert TrainConfig(distill="feature", teacher="t.pt", augment="cutmix").method == "kd-feature+cutmix"
     assert TrainConfig(distill="label", teacher="t.pt", augment="autoaugment").method == "kd-label+autoaugment"
+
+
+def test_snapshot_epochs_write_intermediate_checkpoints(tmp_path):
+    from trainers.loop import snapshot_path
+    cfg = TrainConfig(**dict(TINY, epochs=3))
+    out = tmp_path / "s.pt"
+    train(cfg, out, snapshot_epochs=(1, 2))
+    for e in (1, 2):
+        ck = load_checkpoint(snapshot_path(out, e))
+        assert ck.meta["epoch"] == e and len(ck.meta["history"]) == e
+    # the epoch-1 snapshot holds the epoch-1 weights: its accuracy is the one logged then
+    ck1 = load_checkpoint(snapshot_path(out, 1))
+    from kdprobe.data import load_dataset
+    from kdprobe.evaluate import evaluate
+    d = load_dataset("digits")
+    assert evaluate(ck1.model, d.test_x, d.test_y, d.mean, d.std).acc == pytest.approx(ck1.meta["history"][0]["test_acc"])

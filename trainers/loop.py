@@ -23,6 +23,7 @@ from kdprobe.io import atomic_path, atomic_write_text
 from kdprobe.models import create_model
 from kdprobe.pruning import apply_masks, bn_sparsity_step
 from trainers.config import TrainConfig
+from trainers.distributed import DistContext, resolve_device  # noqa: F401  (re-exported for the CLI)
 from trainers.recipes import Recipe
 
 STATE_VERSION = 1
@@ -45,16 +46,6 @@ class TrainResult:
     test_acc: float
     best_acc: float
     resumed_from_epoch: float | None
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' -> cuda if available else cpu; a requested but missing GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise KdprobeError(f"--device {device} asked for a GPU but CUDA is not available; use --device cpu")
-    return dev
 
 
 def partial_path(out: Path) -> Path:
@@ -98,12 +89,26 @@ def _build_model(config: TrainConfig, data: TensorData):
     return model, {}, None
 
 
+def snapshot_path(out: Path, epoch: int) -> Path:
+    """Where `snapshot_epochs` puts the checkpoint of the model at the end of `epoch`."""
+    return out.with_name(f"{out.stem}-epoch{epoch}{out.suffix}")
+
+
 def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress | None = None,
-          save_interval_s: float = 60.0, stop_after_steps: int | None = None) -> TrainResult:
-    """Train per `config`, resuming from OUT.partial if a killed run left one; returns the result."""
+          save_interval_s: float = 60.0, stop_after_steps: int | None = None,
+          snapshot_epochs: tuple[int, ...] = ()) -> TrainResult:
+    """Train per `config`, resuming from OUT.partial if a killed run left one; returns the result.
+
+    Under torchrun (WORLD_SIZE > 1) the global batch `config.batch_size` is split across the
+    ranks with DistributedDataParallel; lr applies to the global batch, unscaled, so K
+    processes train the same recipe as one (up to per-rank BatchNorm statistics).
+    """
     out, progress = Path(out), progress or Progress()
-    dev = resolve_device(device)
-    torch.manual_seed(config.seed)  # model and regressor initialization
+    ddp = DistContext.from_env(device)
+    dev = ddp.device
+    if not ddp.is_main:
+        progress = Progress()
+    torch.manual_seed(config.seed)  # model and regressor initialization: identical on every rank
     data = load_dataset(config.dataset, config.data_dir)
     if config.train_subset:
         data = data.subset(n_train=config.train_subset, seed=config.seed)
@@ -115,7 +120,8 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
     masks = {k: v.to(dev) for k, v in masks.items()}
     teacher, teacher_info = _teacher_info(config, dev)
     recipe = Recipe(config, model, teacher, data)
-    opt = torch.optim.SGD(list(model.parameters()) + recipe.parameters(), lr=config.lr, momentum=config.momentum,
+    student = recipe.student(model)
+    opt = torch.optim.SGD(student.parameters(), lr=config.lr, momentum=config.momentum,
                           nesterov=config.nesterov, weight_decay=config.weight_decay)
     gen = torch.Generator(device=dev).manual_seed(config.seed)
     n, bs = len(data.train_y), config.batch_size
@@ -127,27 +133,51 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
         saved = read_payload(ppath)
         if saved.get("fingerprint") != config.fingerprint():
             raise KdprobeError(f"{ppath} is a partial run of a different configuration; delete it or pass --overwrite to start afresh")
-        model.load_state_dict(saved["model"])
+        student.load_state_dict(saved["student"])
         opt.load_state_dict(saved["optimizer"])
-        if recipe.regressor is not None:
-            recipe.regressor.load_state_dict(saved["regressor"])
         gen.set_state(saved["gen"])
         masks = {k: v.to(dev) for k, v in saved.get("masks", {}).items()} or masks
         state = {k: saved[k] for k in state}
         if state["perm"] is not None:
             state["perm"] = state["perm"].to(dev)
         resumed = state["epoch"] + state["step"] / steps_per_epoch
+    step_module = ddp.wrap(student)
 
     def save_partial():
         # never overwrite the last good state with diverged weights
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        if not all(bool(torch.isfinite(p).all()) for p in student.parameters()):
             raise KdprobeError(f"weights became non-finite at epoch {state['epoch'] + 1} step {state['step']}; "
                                f"the last good state is kept in {ppath}; lower --lr or check the data")
-        payload = {"version": STATE_VERSION, "fingerprint": config.fingerprint(), "model": model.state_dict(),
-                   "optimizer": opt.state_dict(), "gen": gen.get_state(), "masks": masks,
-                   "regressor": recipe.regressor.state_dict() if recipe.regressor is not None else None, **state}
+        if not ddp.is_main:
+            return
+        payload = {"version": STATE_VERSION, "fingerprint": config.fingerprint(), "student": student.state_dict(),
+                   "optimizer": opt.state_dict(), "gen": gen.get_state(), "masks": masks, **state}
         with atomic_path(ppath) as tmp:
             torch.save(payload, tmp)
+
+    def metadata() -> dict:
+        hist = state["history"]
+        best = max(hist, key=lambda r: r["test_acc"])
+        return {
+            "method": config.method, "recipe": config.method, "config": config.to_dict(),
+            "fingerprint": config.fingerprint(), "seed": config.seed, "dataset": config.dataset,
+            "data_dir": config.data_dir, "input_shape": list(data.train_x.shape[1:]), "num_classes": data.num_classes,
+            "epochs": config.epochs, "epoch": hist[-1]["epoch"], "reported": "last-epoch",
+            "test_acc": hist[-1]["test_acc"], "train_acc": hist[-1]["train_acc"], "best_acc": best["test_acc"],
+            "best_epoch": best["epoch"], "history": hist, "teacher": teacher_info, "init": init_info,
+            "pruning": (init_info or {}).get("pruning"), "global_batch": bs, "world_size": ddp.world_size,
+            "per_rank_batch": math.ceil(bs / ddp.world_size), "lr_rule": "lr is per global batch; not scaled with world size",
+            "device": dev.type, "versions": library_versions(),
+        }
+
+    def write_checkpoint(path: Path):
+        extra = {}
+        if recipe.regressor is not None:
+            extra["regressor"] = {k: v.detach().cpu() for k, v in recipe.regressor.state_dict().items()}
+        if masks:
+            extra["masks"] = {k: v.cpu() for k, v in masks.items()}
+        if ddp.is_main:
+            save_checkpoint(path, model, metadata(), extra)
 
     progress.start(config.epochs * steps_per_epoch, state["epoch"] * steps_per_epoch + state["step"],
                    f"{config.method} {config.model} seed {config.seed}")
@@ -159,13 +189,15 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
                 g["lr"] = config.lr * _lr_factor(config, epoch)
             if state["perm"] is None:
                 state["perm"] = torch.randperm(n, generator=gen, device=dev)
-            model.train()
+            student.train()
             t0 = time.monotonic()
             while state["step"] < steps_per_epoch:
                 idx = state["perm"][state["step"] * bs:(state["step"] + 1) * bs]
-                mb = recipe.batch(data.train_x[idx], data.train_y[idx], gen)
+                # every rank augments the whole global batch with the shared generator, then
+                # keeps its slice: the random stream and CutMix partners match a 1-process run
+                mb = ddp.shard(recipe.batch(data.train_x[idx], data.train_y[idx], gen))
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                    terms = recipe.loss(model, mb)
+                    terms = recipe.loss(step_module, mb)
                 loss = terms["loss"]
                 if not torch.isfinite(loss):
                     raise KdprobeError(f"loss became {float(loss)} at epoch {epoch + 1} step {state['step'] + 1}; "
@@ -179,7 +211,7 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
                     apply_masks(model, masks)
                 correct = int((terms["logits"].argmax(1) == mb.y_a).sum())
                 s = state["sums"]
-                state["sums"] = [s[0] + float(loss.detach()) * len(idx), s[1] + correct, s[2] + len(idx)]
+                state["sums"] = [s[0] + float(loss.detach()) * len(mb.y_a), s[1] + correct, s[2] + len(mb.y_a)]
                 state["step"] += 1
                 steps_run += 1
                 progress.step(1, {k: round(float(v.detach()), 4) for k, v in terms.items() if k != "logits"})
@@ -190,34 +222,23 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
                     save_partial()
                     last_save = time.monotonic()
             ev = evaluate(model, data.test_x, data.test_y, data.mean, data.std)
-            s = state["sums"]
+            s = ddp.sum_counts(state["sums"])
             rec = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": s[0] / s[2],
                    "train_acc": 100.0 * s[1] / s[2], "test_loss": ev.loss, "test_acc": ev.acc}
             state.update(epoch=epoch + 1, step=0, perm=None, sums=[0.0, 0, 0], history=state["history"] + [rec])
             progress.epoch(dict(rec, seconds=round(time.monotonic() - t0, 2)))
+            if epoch + 1 in snapshot_epochs and epoch + 1 < config.epochs:
+                write_checkpoint(snapshot_path(out, epoch + 1))
             save_partial()
             last_save = time.monotonic()
-            atomic_write_text(log_path(out), "".join(json.dumps(r) + "\n" for r in state["history"]))
+            if ddp.is_main:
+                atomic_write_text(log_path(out), "".join(json.dumps(r) + "\n" for r in state["history"]))
     finally:
         progress.close()
+    model.to(memory_format=torch.contiguous_format)
+    write_checkpoint(out)
+    ddp.barrier()
+    if ddp.is_main:
+        ppath.unlink(missing_ok=True)
     hist = state["history"]
-    best = max(hist, key=lambda r: r["test_acc"])
-    meta = {
-        "method": config.method, "recipe": config.method, "config": config.to_dict(),
-        "fingerprint": config.fingerprint(), "seed": config.seed, "dataset": config.dataset,
-        "data_dir": config.data_dir, "input_shape": list(data.train_x.shape[1:]), "num_classes": data.num_classes,
-        "epochs": config.epochs, "reported": "last-epoch", "test_acc": hist[-1]["test_acc"],
-        "train_acc": hist[-1]["train_acc"], "best_acc": best["test_acc"], "best_epoch": best["epoch"],
-        "history": hist, "teacher": teacher_info, "init": init_info,
-        "pruning": (init_info or {}).get("pruning"), "global_batch": bs, "world_size": 1,
-        "device": dev.type, "versions": library_versions(),
-    }
-    extra = {}
-    if recipe.regressor is not None:
-        extra["regressor"] = {k: v.detach().cpu() for k, v in recipe.regressor.state_dict().items()}
-    if masks:
-        extra["masks"] = {k: v.cpu() for k, v in masks.items()}
-    model = model.to(memory_format=torch.contiguous_format)
-    save_checkpoint(out, model, meta, extra)
-    ppath.unlink(missing_ok=True)
-    return TrainResult(out, hist[-1]["test_acc"], best["test_acc"], resumed)
+    return TrainResult(out, hist[-1]["test_acc"], max(r["test_acc"] for r in hist), resumed)

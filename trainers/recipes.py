@@ -58,11 +58,14 @@ class Recipe:
             return cutmix(x, y, gen, prob=self.config.cutmix_prob, beta=self.config.cutmix_beta)
         return MixedBatch(x=x, y_a=y, y_b=y, lam=1.0)
 
-    def loss(self, model: nn.Module, mb: MixedBatch) -> dict[str, torch.Tensor]:
+    def student(self, model: nn.Module) -> "StudentStep":
+        """The trainable part of one step (student + regressor) as one module, so DDP can wrap it."""
+        return StudentStep(model, self.regressor)
+
+    def loss(self, student: nn.Module, mb: MixedBatch) -> dict[str, torch.Tensor]:
         """Loss terms of one step; 'loss' is what is minimized, the rest is logged."""
         c = self.config
-        feats = model.forward_features(mb.x)
-        logits = model.forward_head(feats)
+        feats, logits, projected = student(mb.x)
         if c.distill == "none":
             return {"loss": mixed_cross_entropy(logits, mb.y_a, mb.y_b, mb.lam), "logits": logits}
         with torch.no_grad():
@@ -70,10 +73,23 @@ class Recipe:
             t_logits = self.teacher.forward_head(t_feats) if c.distill == "label" else None
         if c.distill == "label":
             out = label_kd_loss(logits, t_logits, mb.y_a, mb.y_b, mb.lam, alpha=c.alpha, temperature=c.temperature)
-        else:
-            out = feature_kd_loss(feats, t_feats, self.regressor, mb.y_a, mb.y_b, mb.lam, logits, beta=self.beta)
+        else:  # the regressor already ran inside the student step (so DDP syncs its gradients)
+            out = feature_kd_loss(projected, t_feats, nn.Identity(), mb.y_a, mb.y_b, mb.lam, logits, beta=self.beta)
         out["logits"] = logits
         return out
+
+
+class StudentStep(nn.Module):
+    """forward(x) -> (feature map, logits, regressed feature map or None) in one call."""
+
+    def __init__(self, model: nn.Module, regressor: nn.Module | None):
+        super().__init__()
+        self.model, self.regressor = model, regressor
+
+    def forward(self, x):
+        feats = self.model.forward_features(x)
+        projected = self.regressor(feats) if self.regressor is not None else None
+        return feats, self.model.forward_head(feats), projected
 
 
 def check_teacher(student: nn.Module, teacher: nn.Module, sample_shape: tuple[int, ...]) -> None:

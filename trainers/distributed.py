@@ -1,0 +1,86 @@
+"""Single-process or torchrun training behind one small interface.
+
+Under `torchrun --nproc-per-node K`, WORLD_SIZE/RANK/LOCAL_RANK are set: the process group
+is gloo on CPU and nccl on GPU, the student is wrapped in DistributedDataParallel, and
+every rank keeps an equal slice of the global batch (which all ranks augment identically
+from the shared seed). Without torchrun everything here is a no-op.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from kdprobe.errors import KdprobeError
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> cuda if available else cpu; a requested but missing GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise KdprobeError(f"expected --device auto, cpu, cuda or cuda:N; got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise KdprobeError(f"--device {device} asked for a GPU but CUDA is not available; use --device cpu")
+    return dev
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Rank, world size and device of this process."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device: str = "auto") -> "DistContext":
+        """Join the torchrun process group if there is one; otherwise a world of one."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls(0, 1, resolve_device(device))
+        dev = resolve_device(device)
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if dev.type == "cuda":
+            dev = torch.device("cuda", local)
+            torch.cuda.set_device(dev)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), dev)
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """DDP around the trainable module when distributed (gradients averaged over ranks)."""
+        if self.world_size == 1:
+            return module
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(module, device_ids=ids, broadcast_buffers=False)
+
+    def shard(self, mb):
+        """This rank's contiguous slice of a (mixed) batch; lam stays the global one."""
+        if self.world_size == 1:
+            return mb
+        parts = lambda t: torch.tensor_split(t, self.world_size)[self.rank] if t is not None else None  # noqa: E731
+        return replace(mb, x=parts(mb.x), y_a=parts(mb.y_a), y_b=parts(mb.y_b), perm=None)
+
+    def sum_counts(self, values: list) -> list:
+        """Sum per-rank counters (loss sum, correct, seen) over all ranks."""
+        if self.world_size == 1:
+            return list(values)
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import diversity, evaluate, info, prune, surplus, train
+from cli import diversity, evaluate, info, pipeline, prune, surplus, train
 from cli.common import handle_errors
 
 app = typer.Typer(
@@ -22,6 +22,7 @@ COMMANDS = [
 ]
 for _name, _fn in COMMANDS:
     app.command(_name)(handle_errors(_fn))
+app.add_typer(pipeline.pipeline_app, name="pipeline")
 
 
 def main() -> None:

@@ -13,7 +13,8 @@ O = typer.Option
 
 def surplus(
     results_csv: Annotated[Path, typer.Argument(help="CSV with header model,setting,train_type,unpruned,finetuned,"
-                                                     "post_distill,pre_post,self_distill (one row per run).")],
+                                                     "post_distill,pre_post,self_distill (one row per run; extra "
+                                                     "columns such as seed are ignored).")],
     csv: Annotated[Optional[Path], O(help="Write the surplus table as CSV.")] = None,
     json: Annotated[Optional[Path], O(help="Write the surplus table as JSON.")] = None,
 ):
@@ -25,22 +26,26 @@ def surplus(
     rows = compute_surplus(read_results_csv(results_csv))
     if not rows:
         raise KdprobeError(f"expected at least one KD row (train_type other than scratch) in {results_csv}, got none")
-
-    def pm(mean, se):
-        if mean is None:
-            return "-"
-        return f"{mean:+.2f}" + ("" if se is None else f" ± {se:.2f}")
-
-    shown = []
-    for r in rows:
-        n = f"{r.unpruned_scratch_n}/{r.finetuned_scratch_n}/{r.unpruned_kd_n}/{r.self_distill_n}"
-        shown.append({"model": r.model, "setting": r.setting, "kd": r.kd_type,
-                      "gain unpruned": pm(r.gain_unpruned, None), "gain pruned": pm(r.gain_pruned, None),
-                      "surplus ± se": pm(r.surplus, r.surplus_se), "runs us/fs/uk/sd": n})
-    typer.echo(table(shown))
-    typer.echo("surplus = (self_distill - finetuned_scratch) - (unpruned_kd - unpruned_scratch); "
-               "se = sqrt(sum of the 4 squared standard errors), '-' = inputs missing")
+    typer.echo(surplus_table(rows))
     if csv:
         write_surplus_csv(rows, csv)
     if json:
         write_surplus_json(rows, json)
+
+
+def _pm(mean, se) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:+.2f}" + ("" if se is None else f" ± {se:.2f}")
+
+
+def surplus_table(rows) -> str:
+    """Surplus rows (kdprobe.probes.surplus.SurplusRow) as a text table plus the formula legend."""
+    shown = []
+    for r in rows:
+        n = f"{r.unpruned_scratch_n}/{r.finetuned_scratch_n}/{r.unpruned_kd_n}/{r.self_distill_n}"
+        shown.append({"model": r.model, "setting": r.setting, "kd": r.kd_type,
+                      "gain unpruned": _pm(r.gain_unpruned, None), "gain pruned": _pm(r.gain_pruned, None),
+                      "surplus ± se": _pm(r.surplus, r.surplus_se), "runs us/fs/uk/sd": n})
+    return (table(shown) + "\nsurplus = (self_distill - finetuned_scratch) - (unpruned_kd - unpruned_scratch); "
+            "se = sqrt(sum of the 4 squared standard errors), '-' = inputs missing")

@@ -337,3 +337,18 @@ def test_cli_prune_errors(tmp_path):
         with pytest.raises(KdprobeError):
             prune(vgg, out=tmp_path / "x.pt", **kwargs)
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_prune_checkpoint_returns_report_and_prints_nothing(tmp_path, capsys):
+    from kdprobe.checkpoint import load_checkpoint
+    from kdprobe.pruning import prune_checkpoint
+
+    src = _ckpt(tmp_path, "resnet20a", width=0.25)
+    rep = prune_checkpoint(src, "slimming", [0.5], tmp_path / "s.pt")
+    assert capsys.readouterr() == ("", "")  # the warning is returned as text, not printed
+    assert len(rep.warnings) == 1 and "not trained with --bn-sparsity" in rep.warnings[0]
+    pruned = load_checkpoint(tmp_path / "s.pt").model
+    assert rep.after["params"] == count_params(pruned) and rep.before["params"] > rep.after["params"]
+    assert rep.info == load_checkpoint(tmp_path / "s.pt").meta["pruning"] and rep.info["remaining"] == 0.5
+    rep = prune_checkpoint(src, "L1", "0.5,1,1", tmp_path / "l1.pt")
+    assert rep.method == "l1" and rep.warnings == () and rep.info["block_cfg"] == [2, 2, 2, 8, 8, 8, 16, 16, 16]

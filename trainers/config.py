@@ -103,8 +103,8 @@ PRESETS: dict[str, dict] = {
     "rnp": dict(epochs=160, batch_size=64, lr=0.1, schedule="step", milestones=(0.5, 0.75), weight_decay=1e-4),
     # CutMix / PyramidNet code: 300 epochs, batch 64, lr 0.25 x0.1 at 150/225, nesterov, wd 1e-4
     "cutmix": dict(epochs=300, batch_size=64, lr=0.25, schedule="step", milestones=(150, 225), nesterov=True, weight_decay=1e-4),
-    # fine-tuning after pruning (reference code): 40 epochs, constant lr 0.001, batch 64
-    "finetune": dict(epochs=40, batch_size=64, lr=0.001, schedule="constant", milestones=()),
+    # fine-tuning after pruning (rethinking-network-pruning main_finetune.py): 40 epochs, constant lr 0.001, batch 64, wd 1e-4
+    "finetune": dict(epochs=40, batch_size=64, lr=0.001, schedule="constant", milestones=(), weight_decay=1e-4),
     # quick runs on the embedded digits data (~10 s for a tiny ResNet on 2 cores)
     "fast": dict(epochs=15, batch_size=64, lr=0.05, schedule="cosine", milestones=(), weight_decay=5e-4),
 }

@@ -167,7 +167,7 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
             "best_epoch": best["epoch"], "history": hist, "teacher": teacher_info, "init": init_info,
             "pruning": (init_info or {}).get("pruning"), "global_batch": bs, "world_size": ddp.world_size,
             "per_rank_batch": math.ceil(bs / ddp.world_size), "lr_rule": "lr is per global batch; not scaled with world size",
-            "device": dev.type, "versions": library_versions(),
+            "device": dev.type, "cpu_threads": torch.get_num_threads(), "versions": library_versions(),
         }
 
     def write_checkpoint(path: Path):

@@ -206,7 +206,9 @@ def cell_config(spec: PipelineSpec, cell: Cell, out_dir: Path) -> TrainConfig:
                   train_subset=spec.train_subset, seed=cell.seed, distill=cell.distill, teacher=path(cell.teacher))
     if cell.source is None:  # initial training: the sparsity term goes into every row alike
         return make_config(spec.preset, **spec.train_overrides, **common, bn_sparsity=spec.resolved_bn_sparsity)
-    return make_config(spec.finetune_preset, **spec.finetune_overrides, **common, init=path(cell.source), bn_sparsity=0.0)
+    # fine-tuning has no sparsity term: it only serves to pick channels before pruning (reference --refine runs)
+    return make_config(spec.finetune_preset, **spec.finetune_overrides, **common, init=path(cell.source),
+                       bn_sparsity=0.0)
 
 
 def prune_expectation(spec: PipelineSpec) -> dict:

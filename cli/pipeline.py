@@ -1,0 +1,113 @@
+"""`kdprobe pipeline pruning`: every cell of one pruning-table row block, then its surplus."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli.common import TqdmProgress, handle_errors, table
+from cli.surplus import surplus_table
+
+O = typer.Option
+
+pipeline_app = typer.Typer(
+    no_args_is_help=True,
+    help="Multi-step experiments that train their own teachers, skip finished cells (re-run to resume) and "
+         "write one results table.",
+)
+
+VALUE_COLUMNS = ("unpruned", "finetuned", "post_distill", "pre_post", "self_distill")
+
+
+def pruning(
+    out: Annotated[Path, O("--out", "-o", help="Folder for every checkpoint (seed{s}/{cell}.pt), results.csv, "
+                                              "surplus.csv/.json and pipeline.json. Re-running resumes.")],
+    model: Annotated[str, O(help="Registry name: resnet56 (=resnet56b), resnet56a, resnet110, vgg19_bn, densenet40, "
+                                 "resnet8a (tiny), ...")] = "resnet56",
+    width: Annotated[Optional[float], O(help="Width multiplier (tiny models for quick runs).")] = None,
+    dataset: Annotated[str, O(help="digits (embedded, offline), cifar10, cifar100 (paper), or imagefolder:PATH.")] = "digits",
+    data_dir: Annotated[Optional[Path], O(help="Folder with torchvision's CIFAR files.")] = None,
+    train_subset: Annotated[Optional[int], O(help="Train on a seeded subset of this many images (quick runs).")] = None,
+    method: Annotated[str, O(help="l1 (Li 2016, CIFAR ResNets) | slimming (Liu 2017) | weight (Han 2015).")] = "l1",
+    remaining: Annotated[str, O(help="Fraction kept, in (0, 1]; l1: per stage (paper ResNet-56: 0.4,0.7,0.9 or "
+                                     "0.5,0.6,0.7); slimming: of prunable channels; weight: of conv weights.")] = "0.4,0.7,0.9",
+    skip: Annotated[Optional[str], O(help="l1 only: blocks kept whole, stage.block list or preset A/B.")] = None,
+    distill: Annotated[str, O(help="KD types, comma list: label (Hinton) and/or feature; each gets its own row.")] = "label",
+    seeds: Annotated[str, O(help="Seeds, comma list (e.g. 0,1,2): each seed runs every cell; the surplus "
+                                 "averages over seeds.")] = "0",
+    preset: Annotated[str, O(help="Schedule of the initial trainings: rnp (pruning reference, 160 epochs, lr 0.1), "
+                                  "repdistiller, cutmix, fast.")] = "rnp",
+    epochs: Annotated[Optional[int], O(help="Initial trainings: epochs (default: the preset's).")] = None,
+    lr: Annotated[Optional[float], O(help="Initial trainings: learning rate (default: the preset's).")] = None,
+    batch_size: Annotated[Optional[int], O(help="Initial trainings: images per step (default: the preset's).")] = None,
+    finetune_epochs: Annotated[Optional[int], O(help="Fine-tuning epochs (default 40, constant lr 0.001, batch 64, "
+                                                     "as the reference).")] = None,
+    bn_sparsity: Annotated[Optional[float], O(help="L1 lambda on BN scales in ALL initial trainings (default: "
+                                                   "slimming 1e-4 VGG, 1e-5 ResNet/DenseNet; else 0).")] = None,
+    device: Annotated[str, O(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    quiet: Annotated[bool, O(help="No progress bars or per-epoch lines (cell lines and tables still print).")] = False,
+):
+    """Train scratch and KD teachers, prune, fine-tune (Scratch, Pre-Distill, Post-Distill, Pre-Post, Self-Distill),
+    write results.csv and the surplus table. Cells whose checkpoints exist are skipped, so re-running resumes."""
+    from trainers.pipeline import PipelineSpec, run_pruning_pipeline
+
+    overrides = {k: v for k, v in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size)) if v is not None}
+    spec = PipelineSpec(model=model, model_kwargs={"width": width} if width else {}, dataset=dataset,
+                        data_dir=str(data_dir) if data_dir else None, train_subset=train_subset, method=method,
+                        remaining=remaining, skip=skip, distill=distill, seeds=seeds, preset=preset,
+                        train_overrides=overrides,
+                        finetune_overrides={"epochs": finetune_epochs} if finetune_epochs else {},
+                        bn_sparsity=bn_sparsity)
+    typer.echo(f"pipeline: {spec.model_label}, {spec.method} pruning {spec.setting}, KD {','.join(spec.distill)}, "
+               f"seeds {','.join(map(str, spec.seeds))}, bn_sparsity {spec.resolved_bn_sparsity:g} -> {out}")
+    res = run_pruning_pipeline(spec, out, device=device, progress_factory=lambda cell: TqdmProgress(not quiet),
+                               on_event=_print_event)
+    typer.echo(f"\nresults: {spec.model_label} {spec.setting}, test accuracy % (last epoch)")
+    typer.echo(results_table(res.rows))
+    typer.echo("\nsurplus:")
+    typer.echo(surplus_table(res.surplus))
+    typer.echo(f"\nwrote {', '.join(p.name for p in res.files.values())} in {res.out_dir}")
+
+
+pipeline_app.command("pruning")(handle_errors(pruning))
+
+
+def _print_event(e) -> None:
+    c, head = e.cell, f"[{e.index}/{e.total}] seed {e.cell.seed} {e.cell.name}"
+    if e.stage == "start":
+        how = (f"from {c.source}" if c.source else "from random init") + (
+            f", {c.distill} KD from {c.teacher}" if c.teacher else "")
+        typer.echo(f"{head}: training ({how}) ..." if e.action == "train" else f"{head}: pruning {c.source} ...")
+        return
+    for w in e.warnings:
+        typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
+    r = e.record
+    if r.pruning:
+        what = f"params {r.pruning['params_before']:,} -> {r.pruning['params_after']:,}"
+    else:
+        what = f"test acc {r.test_acc:.2f}%"
+    if e.action == "skip":
+        typer.echo(f"{head}: skip (exists, {what})")
+    else:
+        typer.echo(f"{' ' * len(head)}  {what} ({r.seconds:.1f} s)")
+
+
+def results_table(rows) -> str:
+    """Per-seed results rows plus, with several seeds, a mean ± std row per train type."""
+    from kdprobe.stats import summarize
+
+    shown = [{"train_type": r["train_type"], "seed": r["seed"], **{c: r.get(c) for c in VALUE_COLUMNS}} for r in rows]
+    types = list(dict.fromkeys(r["train_type"] for r in rows))
+    for t in types:
+        group = [r for r in rows if r["train_type"] == t]
+        if len(group) < 2:
+            continue
+        mean = {"train_type": t, "seed": f"mean (n={len(group)})"}
+        for c in VALUE_COLUMNS:
+            vals = [r[c] for r in group if r.get(c) is not None]
+            if vals:
+                s = summarize(vals)
+                mean[c] = f"{s.mean:.2f} ± {s.std:.2f}"
+        shown.append(mean)
+    return table(shown, digits=2)

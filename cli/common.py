@@ -6,6 +6,7 @@ import functools
 import glob
 import io
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -32,6 +33,14 @@ def handle_errors(fn: Callable) -> Callable:
         except FileNotFoundError as e:
             typer.secho(f"error: file not found: {e.filename}; check the path", fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug of ours: still one line, traceback on request
+            if os.environ.get("KDPROBE_DEBUG"):
+                raise
+            typer.secho(f"error: internal error {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''} "
+                        "(rerun with KDPROBE_DEBUG=1 for the traceback and please report it)", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
 
     return wrapper
 

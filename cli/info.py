@@ -31,7 +31,8 @@ def info(
              f"{size['macs'] / 1e6:.2f}M MACs ({size['nonzero_macs'] / 1e6:.2f}M nonzero) at input {shape}"]
     for key in ("method", "dataset", "seed", "epochs", "test_acc", "best_acc", "best_epoch", "reported", "fingerprint"):
         if key in meta:
-            lines.append(f"{key:<11} {meta[key]}")
+            v = meta[key]
+            lines.append(f"{key:<11} {v:.2f}" if isinstance(v, float) else f"{key:<11} {v}")
     cfg = meta.get("config") or {}
     if cfg:
         lines.append("recipe      " + ", ".join(f"{k}={cfg[k]}" for k in ("preset", "epochs", "batch_size", "lr", "schedule",

@@ -16,7 +16,6 @@ import inspect
 import io
 import pickle
 import platform
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,8 +108,9 @@ def read_payload(path) -> dict:
             f"refusing to load {path}: it holds Python objects that could run code on load "
             f"(weights_only=True rejected it: {first[:160]}); if you trust it, re-save its state_dict with plain torch.save"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise KdprobeError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {str(e).splitlines()[0][:160]}") from None
+    except Exception as e:  # noqa: BLE001 - any other failure of the unpickler means a foreign or broken file
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise KdprobeError(f"{path} is not a readable PyTorch checkpoint (corrupt, truncated or another format?): {why}") from None
     if not isinstance(obj, dict):
         raise KdprobeError(f"{path} holds a {type(obj).__name__}, expected a dict (a state_dict or a checkpoint dict)")
     return obj

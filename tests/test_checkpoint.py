@@ -94,11 +94,11 @@ def test_missing_and_corrupt_files(tmp_path):
     with pytest.raises(KdprobeError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pt")
     (tmp_path / "bad.pt").write_bytes(b"\x00garbage" * 10)
-    with pytest.raises(KdprobeError, match="not a readable PyTorch checkpoint|could run code")
+    with pytest.raises(KdprobeError, match="not a readable PyTorch checkpoint|could run code"):
+        load_checkpoint(tmp_path / "bad.pt")
     (tmp_path / "text.pt").write_text("hello\n")
     with pytest.raises(KdprobeError, match="not a readable PyTorch checkpoint"):
-        load_checkpoint(tmp_path / "text.pt"):
-        load_checkpoint(tmp_path / "bad.pt")
+        load_checkpoint(tmp_path / "text.pt")
     good = tmp_path / "good.pt"
     save_checkpoint(good, create_model("resnet8b", width=0.25), {})
     (tmp_path / "trunc.pt").write_bytes(good.read_bytes()[:300])

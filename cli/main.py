@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import diversity, evaluate, info, pipeline, prune, surplus, train
+from cli import diversity, evaluate, info, landscape, pipeline, prune, surplus, train
 from cli.common import handle_errors
 
 app = typer.Typer(
@@ -19,6 +19,8 @@ COMMANDS = [
     ("prune", prune.prune),
     ("surplus", surplus.surplus),
     ("diversity", diversity.diversity),
+    ("landscape", landscape.landscape),
+    ("interpolate", landscape.interpolate),
 ]
 for _name, _fn in COMMANDS:
     app.command(_name)(handle_errors(_fn))

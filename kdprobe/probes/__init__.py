@@ -7,8 +7,24 @@ from kdprobe.probes.diversity import (
     jacobian_scores,
     probe_indices,
 )
+from kdprobe.probes.landscape import (
+    Directions,
+    LineResult,
+    SurfaceResult,
+    compute_surface,
+    interpolate,
+    make_directions,
+    parse_grid,
+)
 
 __all__ = [
+    "Directions",
+    "LineResult",
+    "SurfaceResult",
+    "compute_surface",
+    "interpolate",
+    "make_directions",
+    "parse_grid",
     "ScoreDetail",
     "input_jacobian",
     "jacobian_score",

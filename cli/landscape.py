@@ -1,0 +1,305 @@
+"""`kdprobe landscape` (Li et al. 2018 loss surface around a checkpoint) and
+`kdprobe interpolate` (loss along the straight line between two checkpoints).
+
+Both run under `torchrun --nproc-per-node K kdprobe ...`: the points are split across
+ranks and rank 0 writes the files.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli.common import table
+
+O = typer.Option
+OUT_SUFFIXES = (".vtk", ".vts", ".h5", ".html")
+# settings that must be equal for a saved partial surface to be continued
+RESUME_KEYS = ("checkpoint_sha256", "dataset", "split", "samples", "bn", "precision", "directions_sha256",
+               "seed", "include_bn", "x", "y")
+
+
+def _setup(device: str):
+    """Device for this process and (rank, world): joins torchrun's group when WORLD_SIZE > 1."""
+    import torch
+
+    from kdprobe.probes.distributed import init_from_env, local_rank
+    from trainers.loop import resolve_device
+
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank())  # one GPU per torchrun rank
+        torch.cuda.set_device(dev)
+    return dev, init_from_env(dev)
+
+
+def _load_samples(ck, dataset, data_dir, split, samples, dev):
+    """The first `samples` examples of `split` (no augmentation), normalized, on `dev`."""
+    from kdprobe.data import load_dataset, normalize
+    from kdprobe.errors import KdprobeError
+
+    if split not in ("train", "test"):
+        raise KdprobeError(f"expected --split train or test, got {split!r}")
+    name = dataset or ck.meta.get("dataset")
+    if not name:
+        raise KdprobeError(f"{ck.path} records no dataset; pass --dataset")
+    data = load_dataset(name, data_dir or ck.meta.get("data_dir"))
+    x_all, y_all = data.split(split)
+    if samples < 0:
+        raise KdprobeError(f"expected --samples >= 0 (0 = the whole split), got {samples}")
+    n = len(y_all) if samples == 0 else min(samples, len(y_all))
+    y = y_all[:n]
+    seen = len(set(y.tolist()))
+    if seen < data.num_classes:
+        typer.echo(f"note: the first {n} {split} examples cover {seen} of {data.num_classes} classes "
+                   f"(the split is stored in that order); raise --samples to cover more", err=True)
+    return name, normalize(x_all[:n], data.mean, data.std).to(dev), y.to(dev)
+
+
+def _paths(out: Path, h5: Optional[Path], html: bool):
+    from kdprobe.errors import KdprobeError
+
+    if out.suffix.lower() not in OUT_SUFFIXES:
+        raise KdprobeError(f"expected --out ending in {', '.join(OUT_SUFFIXES)}, got {out.name!r}; rename it")
+    h5_path = h5 or out.with_suffix(".h5")
+    vtk_path = out if out.suffix.lower() in (".vtk", ".vts") else None
+    html_path = out if out.suffix.lower() == ".html" else (out.with_suffix(".html") if html else None)
+    return h5_path, vtk_path, html_path
+
+
+class _Saver:
+    """Progress bar on every rank 0, and a throttled atomic HDF5 save of the partial result."""
+
+    def __init__(self, write, total: int, desc: str, every_s: float, rank: int):
+        from tqdm import tqdm
+
+        self.write, self.every_s, self.rank, self.last, self.latest = write, every_s, rank, time.monotonic(), None
+        self.bar = tqdm(total=total, desc=desc, unit="pt", file=sys.stderr, dynamic_ncols=True, disable=rank != 0)
+
+    def __call__(self, partial) -> None:
+        self.latest = partial
+        self.bar.update(int(partial.done.sum()) - self.bar.n)
+        if self.rank == 0 and time.monotonic() - self.last >= self.every_s:
+            self.write(partial)
+            self.last = time.monotonic()
+
+    def flush(self) -> None:
+        if self.rank == 0 and self.latest is not None:
+            self.write(self.latest)
+        self.bar.close()
+
+
+def landscape(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint at the centre of the surface (theta).")],
+    out: Annotated[Optional[Path], O(help="Output file; its extension picks the format: .vtk (legacy VTK, binary), "
+                                          ".vts (XML VTK structured grid), .h5, .html. The HDF5 file is always "
+                                          "written too (same name, .h5). Default: <checkpoint>_landscape.vtk.")] = None,
+    x: Annotated[str, O("--x", help="Grid along direction 1 as min:max:num.")] = "-1:1:51",
+    y: Annotated[str, O("--y", help="Grid along direction 2 as min:max:num (need not match --x).")] = "-1:1:51",
+    split: Annotated[str, O(help="Evaluate on train | test (no augmentation).")] = "train",
+    samples: Annotated[int, O(help="Use the first N examples of the split, in dataset order; 0 = all.")] = 2048,
+    bn: Annotated[str, O(help="BatchNorm statistics: eval = the checkpoint's running statistics; recompute = "
+                              "re-estimated at every grid point on the samples (train-mode pass, cumulative "
+                              "average), then eval. recompute is about twice as slow.")] = "eval",
+    seed: Annotated[int, O(help="Seed of the two Gaussian directions.")] = 0,
+    include_bn: Annotated[bool, O("--include-bn", help="Also perturb 1-D parameters (biases, BN scale/shift), "
+                                                        "each scaled to its own norm; default: zero there.")] = False,
+    directions: Annotated[Optional[Path], O(help="Reuse the directions saved in this kdprobe landscape .h5 "
+                                                 "(compare two checkpoints on one plane); --seed and "
+                                                 "--include-bn are then taken from the file.")] = None,
+    h5: Annotated[Optional[Path], O(help="Where to write the HDF5 file (default: --out with .h5).")] = None,
+    html: Annotated[bool, O("--html", help="Also write an interactive contour + 3-D plot (offline HTML).")] = False,
+    log: Annotated[bool, O("--log", help="Height z = log(loss) in the VTK/HTML output (arrays keep both).")] = False,
+    zmax: Annotated[Optional[float], O(help="Clip the loss at this value (loss units, before --log) for the "
+                                            "height; the stored arrays are never clipped.")] = None,
+    points_per_batch: Annotated[Optional[int], O(help="Grid points per forward pass (torch.func.vmap); "
+                                                      "default 8 on GPU, 1 on CPU where vmap is slower.")] = None,
+    batch_size: Annotated[Optional[int], O(help="Samples per forward pass (default 1024 on GPU; on CPU "
+                                                          "64 in fp32, 128 in bf16).")] = None,
+    precision: Annotated[str, O(help="auto | fp32 | bf16. auto = bf16 autocast where the hardware has bf16 "
+                                      "units (CUDA, AVX512-BF16/AMX CPUs), else fp32; loss sums are fp32.")] = "auto",
+    save_every: Annotated[float, O(help="Save partial results to the HDF5 file at most this often (seconds); "
+                                         "re-running the same command resumes.")] = 10.0,
+    overwrite: Annotated[bool, O("--overwrite", help="Discard an existing HDF5 file made with other settings.")
+                         ] = False,
+    dataset: Annotated[Optional[str], O(help="Dataset name (default: the one recorded in the checkpoint).")] = None,
+    data_dir: Annotated[Optional[Path], O(help="Dataset folder (overrides the recorded one).")] = None,
+    arch: Annotated[Optional[str], O(help="Architecture of a foreign checkpoint (e.g. resnet56a).")] = None,
+    device: Annotated[str, O(help="auto | cpu | cuda.")] = "auto",
+):
+    """Loss surface of Li et al. 2018 around a checkpoint: filter-normalized random plane, HDF5 + VTK + HTML."""
+    import numpy as np
+
+    import kdprobe
+    from kdprobe.checkpoint import load_checkpoint
+    from kdprobe.errors import KdprobeError
+    from kdprobe.probes.distributed import shutdown
+    from kdprobe.probes.landscape import check_directions, compute_surface, make_directions, parse_grid
+    from kdprobe.probes.landscape_eval import BN_MODES, resolve_precision
+    from kdprobe.writers.landscape_h5 import read_directions, read_surface_h5, write_surface_h5
+    from kdprobe.writers.landscape_plot import write_surface_html
+    from kdprobe.writers.landscape_vtk import write_surface_vtk
+
+    if bn not in BN_MODES:
+        raise KdprobeError(f"expected --bn one of {', '.join(BN_MODES)}, got {bn!r}")
+    xs, ys = parse_grid(x), parse_grid(y)
+    out = out or checkpoint.with_name(checkpoint.stem + "_landscape.vtk")
+    h5_path, vtk_path, html_path = _paths(out, h5, html)
+    dev, (rank, world) = _setup(device)
+    try:
+        ck = load_checkpoint(checkpoint, arch=arch, map_location=dev)
+        name, xt, yt = _load_samples(ck, dataset, data_dir, split, samples, dev)
+        dirs = read_directions(directions) if directions else make_directions(ck.model, seed=seed,
+                                                                               include_bn=include_bn)
+        check_directions(ck.model, dirs)
+        settings = {"checkpoint": str(checkpoint), "checkpoint_sha256": ck.sha256, "dataset": name,
+                    "split": split, "samples": int(len(yt)), "bn": bn,
+                    "precision": resolve_precision(precision, dev), "directions_sha256": dirs.fingerprint(),
+                    "directions_file": str(directions or ""), "seed": -1 if dirs.seed is None else dirs.seed,
+                    "include_bn": bool(dirs.include_bn), "x": x, "y": y, "kdprobe_version": kdprobe.__version__,
+                    "method": str(ck.meta.get("method", "")), "reference": "Li et al. 2018, filter-normalized"}
+        resume = None
+        if h5_path.exists() and not overwrite:
+            try:
+                resume, old = read_surface_h5(h5_path)
+            except KdprobeError as e:
+                raise KdprobeError(f"{h5_path} exists but cannot be resumed ({e}); pass --overwrite to replace "
+                                   f"it, or choose another --out/--h5") from None
+            diff = [f"{k} (file {old.get(k)!s:.24}, now {settings[k]!s:.24})" for k in RESUME_KEYS
+                    if str(old.get(k)) != str(settings[k])]
+            if not diff and not (np.array_equal(resume.xcoords, xs) and np.array_equal(resume.ycoords, ys)):
+                diff = ["grid coordinates"]
+            if diff:
+                raise KdprobeError(f"expected the settings of the earlier run in {h5_path}, got a different "
+                                   f"{'; '.join(diff)}; pass --overwrite to discard that file, or choose "
+                                   f"another --out/--h5")
+        save = lambda r: write_surface_h5(r, h5_path, split=split, settings=settings)  # noqa: E731
+        saver = _Saver(save, xs.size * ys.size, "landscape", save_every, rank)
+        if resume is not None:
+            saver.bar.update(int(resume.done.sum()))
+        t0, before = time.perf_counter(), 0 if resume is None else int(resume.done.sum())
+        try:
+            res = compute_surface(ck.model, xt, yt, xcoords=xs, ycoords=ys, directions=dirs, bn=bn,
+                                  precision=precision, points_per_batch=points_per_batch, batch_size=batch_size,
+                                  resume=resume, progress=saver)
+        finally:
+            saver.flush()  # a Ctrl-C or crash keeps every finished point
+        secs = time.perf_counter() - t0
+        if rank != 0:
+            return
+        save(res)
+        written = [h5_path]
+        if vtk_path:
+            write_surface_vtk(res, vtk_path, log=log, zmax=zmax, title=f"kdprobe {split} loss, {checkpoint.name}")
+            written.append(vtk_path)
+        if html_path:
+            write_surface_html(res, html_path, log=log, zmax=zmax, split=split,
+                               title=f"{checkpoint.name}: {split} loss on the filter-normalized plane (seed {seed})")
+            written.append(html_path)
+        i0, j0 = np.unravel_index(np.argmin(res.loss), res.loss.shape)
+        ci, cj = np.argmin(np.abs(ys)), np.argmin(np.abs(xs))
+        new = int(res.done.sum()) - before
+        typer.echo(table([
+            {"point": f"centre ({xs[cj]:g}, {ys[ci]:g})", "loss": float(res.loss[ci, cj]),
+             "acc %": float(res.acc[ci, cj])},
+            {"point": f"min ({xs[j0]:g}, {ys[i0]:g})", "loss": float(res.loss[i0, j0]),
+             "acc %": float(res.acc[i0, j0])},
+            {"point": "max", "loss": float(res.loss.max()), "acc %": float(res.acc[np.unravel_index(
+                np.argmax(res.loss), res.loss.shape)])}]))
+        typer.echo(f"{ys.size}x{xs.size} grid, {len(yt)} {split} samples, bn={bn}, precision={res.precision}, "
+                   f"{world} process(es): {new} points in {secs:.1f}s ({new / max(secs, 1e-9):.2f} points/s)")
+        typer.echo("wrote " + ", ".join(str(p) for p in written))
+    finally:
+        shutdown()
+
+
+def interpolate(
+    checkpoint_a: Annotated[Path, typer.Argument(help="Checkpoint A (t = 0).")],
+    checkpoint_b: Annotated[Path, typer.Argument(help="Checkpoint B (t = 1), same architecture.")],
+    out: Annotated[Optional[Path], O(help="Output file: .vtk | .vts | .h5 | .html; the HDF5 file is always "
+                                          "written too. Default: <A>_to_<B>.h5.")] = None,
+    steps: Annotated[int, O(help="Number of t values.")] = 41,
+    range_: Annotated[str, O("--range", help="t interval as min:max; theta(t) = (1-t) A + t B. Default 0:1 "
+                                             "(both end points on the path); e.g. -0.5:1.5 with --steps 81 "
+                                             "extrapolates and still hits t = 0 and 1.")] = "0:1",
+    split: Annotated[str, O(help="Evaluate on train | test (no augmentation).")] = "train",
+    samples: Annotated[int, O(help="Use the first N examples of the split, in dataset order; 0 = all.")] = 2048,
+    bn: Annotated[str, O(help="eval = interpolated running statistics (BN buffers follow the path too); "
+                              "recompute = re-estimated at every t on the samples.")] = "eval",
+    h5: Annotated[Optional[Path], O(help="Where to write the HDF5 file (default: --out with .h5).")] = None,
+    html: Annotated[bool, O("--html", help="Also write an interactive line plot (offline HTML).")] = False,
+    log: Annotated[bool, O("--log", help="Height z = log(loss) in the VTK/HTML output.")] = False,
+    zmax: Annotated[Optional[float], O(help="Clip the loss at this value for the VTK/HTML height.")] = None,
+    points_per_batch: Annotated[Optional[int], O(help="Points per forward pass (default 8 GPU, 1 CPU).")] = None,
+    batch_size: Annotated[Optional[int], O(help="Samples per forward pass (default 1024 on GPU; on CPU "
+                                                          "64 in fp32, 128 in bf16).")] = None,
+    precision: Annotated[str, O(help="auto | fp32 | bf16 (see kdprobe landscape --help).")] = "auto",
+    dataset: Annotated[Optional[str], O(help="Dataset name (default: the one recorded in checkpoint A).")] = None,
+    data_dir: Annotated[Optional[Path], O(help="Dataset folder (overrides the recorded one).")] = None,
+    arch: Annotated[Optional[str], O(help="Architecture of foreign checkpoints (e.g. resnet56a).")] = None,
+    device: Annotated[str, O(help="auto | cpu | cuda.")] = "auto",
+):
+    """Loss and accuracy along the straight line (1-t) A + t B between two checkpoints (BN buffers included)."""
+    import numpy as np
+
+    import kdprobe
+    from kdprobe.checkpoint import load_checkpoint
+    from kdprobe.errors import KdprobeError
+    from kdprobe.probes.distributed import shutdown
+    from kdprobe.probes.landscape import interpolate as run_interpolate, parse_grid
+    from kdprobe.probes.landscape_eval import BN_MODES, resolve_precision
+    from kdprobe.writers.landscape_h5 import write_line_h5
+    from kdprobe.writers.landscape_plot import write_line_html
+    from kdprobe.writers.landscape_vtk import write_line_vtk
+
+    if bn not in BN_MODES:
+        raise KdprobeError(f"expected --bn one of {', '.join(BN_MODES)}, got {bn!r}")
+    if steps < 2:
+        raise KdprobeError(f"expected --steps >= 2, got {steps}")
+    ts = parse_grid(range_, num=steps)
+    out = out or checkpoint_a.with_name(f"{checkpoint_a.stem}_to_{checkpoint_b.stem}.h5")
+    h5_path, vtk_path, html_path = _paths(out, h5, html)
+    dev, (rank, world) = _setup(device)
+    try:
+        a = load_checkpoint(checkpoint_a, arch=arch, map_location=dev)
+        b = load_checkpoint(checkpoint_b, arch=arch, map_location=dev)
+        if dataset is None and a.meta.get("dataset") != b.meta.get("dataset"):
+            raise KdprobeError(f"expected two checkpoints of one dataset, got {a.meta.get('dataset')} and "
+                               f"{b.meta.get('dataset')}; pass --dataset to evaluate both on one")
+        name, xt, yt = _load_samples(a, dataset, data_dir, split, samples, dev)
+        saver = _Saver(lambda r: None, ts.size, "interpolate", 1e9, rank)
+        t0 = time.perf_counter()
+        try:
+            res = run_interpolate(a.model, b.model, xt, yt, ts, bn=bn, precision=precision,
+                                  points_per_batch=points_per_batch, batch_size=batch_size, progress=saver)
+        finally:
+            saver.bar.close()
+        secs = time.perf_counter() - t0
+        if rank != 0:
+            return
+        settings = {"checkpoint_a": str(checkpoint_a), "checkpoint_b": str(checkpoint_b),
+                    "checkpoint_a_sha256": a.sha256, "checkpoint_b_sha256": b.sha256, "dataset": name,
+                    "split": split, "samples": int(len(yt)), "bn": bn, "range": range_, "steps": steps,
+                    "precision": resolve_precision(precision, dev), "kdprobe_version": kdprobe.__version__}
+        write_line_h5(res, h5_path, split=split, settings=settings)
+        written = [h5_path]
+        if vtk_path:
+            write_line_vtk(res, vtk_path, log=log, zmax=zmax)
+            written.append(vtk_path)
+        if html_path:
+            write_line_html(res, html_path, log=log, zmax=zmax, split=split,
+                            title=f"{checkpoint_a.name} (t=0) to {checkpoint_b.name} (t=1): {split} loss")
+            written.append(html_path)
+        rows = []
+        for label, i in (("A (t=0)", np.argmin(np.abs(ts))), ("B (t=1)", np.argmin(np.abs(ts - 1))),
+                         ("max on path", int(np.argmax(res.loss))), ("min on path", int(np.argmin(res.loss)))):
+            rows.append({"point": label, "t": float(ts[i]), "loss": float(res.loss[i]), "acc %": float(res.acc[i])})
+        typer.echo(table(rows))
+        typer.echo(f"{ts.size} points, {len(yt)} {split} samples, bn={bn}, precision={res.precision}, "
+                   f"{world} process(es), {secs:.1f}s")
+        typer.echo("wrote " + ", ".join(str(p) for p in written))
+    finally:
+        shutdown()

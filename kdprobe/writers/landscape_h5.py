@@ -1,0 +1,133 @@
+"""HDF5 files for loss landscapes: the surface (or path), its directions and every setting.
+
+Surface layout (close to Li et al.'s loss-landscape files, readable with plain h5py):
+  xcoordinates (nx,), ycoordinates (ny,)        float64
+  <split>_loss, <split>_acc  (ny, nx)           float64, [i, j] at (x_j, y_i);
+                                                 acc in percent; nan where not yet done
+  done (ny, nx)                                  uint8, 1 where evaluated (resume state)
+  xdirection/<param name>, ydirection/<name>     float32, one dataset per parameter,
+                                                 keyed by its state_dict name; attrs seed, include_bn
+  file attrs: kind="surface", format_version, split, bn, precision, num_samples,
+              directions_sha256, complete, and every setting the caller passes.
+Path layout: coordinates (n,), <split>_loss, <split>_acc (n,), done, same attrs, kind="path".
+Every write replaces the whole file atomically, so the file is valid after every save.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from kdprobe.errors import KdprobeError
+from kdprobe.io import atomic_path
+from kdprobe.probes.landscape import Directions, LineResult, SurfaceResult
+
+FORMAT_VERSION = 1
+
+
+def _attr(v):
+    """HDF5 attributes hold numbers and strings; None becomes '' and paths become str."""
+    if v is None:
+        return ""
+    if isinstance(v, (bool, int, float, str, np.number, np.bool_)):
+        return v
+    return str(v)
+
+
+def _write_common(f: h5py.File, kind: str, split: str, result, settings: dict | None) -> None:
+    for k, v in (settings or {}).items():
+        f.attrs[k] = _attr(v)
+    f.attrs.update(kind=kind, format_version=FORMAT_VERSION, split=split, bn=result.bn,
+                   precision=result.precision, num_samples=int(result.num_samples),
+                   complete=bool(result.done.all()))
+    f.create_dataset(f"{split}_loss", data=np.asarray(result.loss, np.float64))
+    f.create_dataset(f"{split}_acc", data=np.asarray(result.acc, np.float64))
+    f.create_dataset("done", data=np.asarray(result.done, np.uint8))
+
+
+def write_directions(f: h5py.Group, directions: Directions) -> None:
+    """Store both directions as groups xdirection/ydirection, one dataset per parameter."""
+    for tag, d in (("xdirection", directions.x), ("ydirection", directions.y)):
+        g = f.create_group(tag)
+        g.attrs.update(seed=-1 if directions.seed is None else int(directions.seed),
+                       include_bn=bool(directions.include_bn))
+        for name, t in d.items():
+            g.create_dataset(name, data=t.detach().to("cpu", torch.float32).numpy())
+
+
+def write_surface_h5(result: SurfaceResult, path: str | os.PathLike, *, split: str = "train",
+                     settings: dict | None = None) -> None:
+    """Write a (partial or complete) surface, its directions and settings, atomically."""
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("xcoordinates", data=np.asarray(result.xcoords, np.float64))
+            f.create_dataset("ycoordinates", data=np.asarray(result.ycoords, np.float64))
+            _write_common(f, "surface", split, result, settings)
+            f.attrs["directions_sha256"] = result.directions.fingerprint()
+            f.attrs["seed"] = -1 if result.directions.seed is None else int(result.directions.seed)
+            f.attrs["include_bn"] = bool(result.directions.include_bn)
+            write_directions(f, result.directions)
+
+
+def write_line_h5(result: LineResult, path: str | os.PathLike, *, split: str = "train",
+                  settings: dict | None = None) -> None:
+    """Write a (partial or complete) interpolation path and its settings, atomically."""
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("coordinates", data=np.asarray(result.coords, np.float64))
+            _write_common(f, "path", split, result, settings)
+
+
+def _open(path, kind: str) -> h5py.File:
+    if not Path(path).is_file():
+        raise KdprobeError(f"expected an HDF5 file at {path}, got nothing there; check the path")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise KdprobeError(f"expected a readable HDF5 file at {path}, got {e}; delete or replace it") from None
+    if f.attrs.get("kind") != kind:
+        got = f.attrs.get("kind", "no kind attribute")
+        f.close()
+        raise KdprobeError(f"expected a kdprobe {kind} file at {path}, got {got!r}; pass a {kind} file")
+    return f
+
+
+def read_directions(path: str | os.PathLike) -> Directions:
+    """The xdirection/ydirection groups of a kdprobe surface file."""
+    with _open(path, "surface") as f:
+        return _directions(f)
+
+
+def _directions(f: h5py.File) -> Directions:
+    dx = {n: torch.from_numpy(np.asarray(v)) for n, v in f["xdirection"].items()}
+    dy = {n: torch.from_numpy(np.asarray(v)) for n, v in f["ydirection"].items()}
+    seed = int(f["xdirection"].attrs.get("seed", -1))
+    return Directions(dx, dy, None if seed < 0 else seed, bool(f["xdirection"].attrs.get("include_bn", False)))
+
+
+def _attrs(f: h5py.File) -> dict:
+    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+
+
+def read_surface_h5(path: str | os.PathLike) -> tuple[SurfaceResult, dict]:
+    """A surface file back as (SurfaceResult, attributes)."""
+    with _open(path, "surface") as f:
+        a, split = _attrs(f), f.attrs["split"]
+        res = SurfaceResult(np.asarray(f["xcoordinates"]), np.asarray(f["ycoordinates"]),
+                            np.asarray(f[f"{split}_loss"]), np.asarray(f[f"{split}_acc"]),
+                            np.asarray(f["done"]).astype(bool), _directions(f), a["bn"], a["precision"],
+                            int(a["num_samples"]))
+    return res, a
+
+
+def read_line_h5(path: str | os.PathLike) -> tuple[LineResult, dict]:
+    """A path file back as (LineResult, attributes)."""
+    with _open(path, "path") as f:
+        a, split = _attrs(f), f.attrs["split"]
+        res = LineResult(np.asarray(f["coordinates"]), np.asarray(f[f"{split}_loss"]),
+                         np.asarray(f[f"{split}_acc"]), np.asarray(f["done"]).astype(bool), a["bn"],
+                         a["precision"], int(a["num_samples"]))
+    return res, a

@@ -1,0 +1,118 @@
+"""VTK files (ParaView, VisIt, vtk) for loss landscapes, chosen by the path's extension.
+
+  .vtk  legacy STRUCTURED_GRID, BINARY (big-endian float32, as the legacy format requires;
+        written here: the format is ten lines of text plus raw arrays)
+  .vts  XML StructuredGrid with raw appended binary data, written by pyevtk.gridToVTK
+A surface is a height field: point (x_j, y_i, z) with z = loss (clipped at zmax, then
+log(z) with log=True). A path is a 1-D structured grid of points (t, 0, z). Point arrays:
+loss, log_loss (natural log) and accuracy (percent), never clipped.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from kdprobe.errors import KdprobeError
+from kdprobe.io import atomic_path
+from kdprobe.probes.landscape import LineResult, SurfaceResult
+
+VTK_SUFFIXES = (".vtk", ".vts")
+_TINY = float(np.finfo(np.float32).tiny)  # log() floor for a loss of exactly 0
+
+
+def height(loss: np.ndarray, *, log: bool = False, zmax: float | None = None) -> np.ndarray:
+    """The z coordinate of the height field: loss clipped at zmax (loss units), then optional log."""
+    z = np.asarray(loss, np.float64)
+    if zmax is not None:
+        z = np.minimum(z, zmax)
+    return np.log(np.maximum(z, _TINY)) if log else z
+
+
+def _arrays(loss: np.ndarray, acc: np.ndarray) -> dict[str, np.ndarray]:
+    loss = np.asarray(loss, np.float64)
+    return {"loss": loss, "log_loss": np.log(np.maximum(loss, _TINY)), "accuracy": np.asarray(acc, np.float64)}
+
+
+def _write_legacy(path: Path, dims: tuple[int, int, int], pts: np.ndarray, data: dict, title: str) -> None:
+    """Legacy VTK STRUCTURED_GRID, BINARY; point order x fastest, then y, then z."""
+    n = pts.shape[0]
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(b"# vtk DataFile Version 3.0\n")
+        f.write(title.replace("\n", " ")[:255].encode("ascii", "replace") + b"\n")
+        f.write(b"BINARY\nDATASET STRUCTURED_GRID\n")
+        f.write(f"DIMENSIONS {dims[0]} {dims[1]} {dims[2]}\nPOINTS {n} float\n".encode())
+        f.write(np.ascontiguousarray(pts, ">f4").tobytes())
+        f.write(f"\nPOINT_DATA {n}\n".encode())
+        # the first array as SCALARS (the active one ParaView colours by), the others as a FIELD:
+        # vtk's legacy reader loads only the first SCALARS block unless told to read all
+        (first, v0), *rest = data.items()
+        f.write(f"SCALARS {first} float 1\nLOOKUP_TABLE default\n".encode())
+        f.write(np.ascontiguousarray(v0.reshape(-1), ">f4").tobytes())
+        f.write(f"\nFIELD FieldData {len(rest)}\n".encode())
+        for name, v in rest:
+            f.write(f"{name} 1 {n} float\n".encode())
+            f.write(np.ascontiguousarray(v.reshape(-1), ">f4").tobytes())
+            f.write(b"\n")
+
+
+def _write_vts(path: Path, x3: np.ndarray, y3: np.ndarray, z3: np.ndarray, data: dict) -> None:
+    """XML structured grid through pyevtk; arrays shaped (nx, ny, nz), index [i, j, k]."""
+    from pyevtk.hl import gridToVTK  # imported here: only .vts output needs it
+
+    with atomic_path(path) as tmp:
+        base = str(tmp.with_suffix(""))  # gridToVTK appends ".vts" itself
+        try:
+            written = gridToVTK(base, *(np.asfortranarray(a, np.float64) for a in (x3, y3, z3)),
+                                pointData={k: np.asfortranarray(v, np.float64) for k, v in data.items()})
+            os.replace(written, tmp)
+        finally:
+            Path(base + ".vts").unlink(missing_ok=True)
+
+
+def _check_suffix(path: Path) -> str:
+    suf = path.suffix.lower()
+    if suf not in VTK_SUFFIXES:
+        raise KdprobeError(f"expected a VTK path ending in {' or '.join(VTK_SUFFIXES)}, got {path.name!r}; "
+                           "rename the output")
+    return suf
+
+
+def write_surface_vtk(result: SurfaceResult, path: str | os.PathLike, *, log: bool = False,
+                      zmax: float | None = None, title: str = "kdprobe loss surface") -> None:
+    """Write a complete surface as a height field (.vtk legacy or .vts XML, by extension)."""
+    path = Path(path)
+    suf = _check_suffix(path)
+    if not result.complete:
+        raise KdprobeError(f"expected a complete surface, got {int(result.done.sum())} of "
+                           f"{result.done.size} points; finish the run first")
+    ny, nx = result.loss.shape
+    X, Y = np.meshgrid(result.xcoords, result.ycoords)  # (ny, nx), [i, j] = (x_j, y_i)
+    Z = height(result.loss, log=log, zmax=zmax)
+    data = _arrays(result.loss, result.acc)
+    if suf == ".vtk":
+        pts = np.stack([X.reshape(-1), Y.reshape(-1), Z.reshape(-1)], 1)  # row-major = x fastest
+        _write_legacy(path, (nx, ny, 1), pts, data, title)
+    else:
+        t = lambda a: a.T[:, :, None]  # noqa: E731  (ny, nx) -> (nx, ny, 1)
+        _write_vts(path, t(X), t(Y), t(Z), {k: t(v) for k, v in data.items()})
+
+
+def write_line_vtk(result: LineResult, path: str | os.PathLike, *, log: bool = False,
+                   zmax: float | None = None, title: str = "kdprobe interpolation path") -> None:
+    """Write a complete path as a 1-D structured grid of points (t, 0, z)."""
+    path = Path(path)
+    suf = _check_suffix(path)
+    if not result.done.all():
+        raise KdprobeError(f"expected a complete path, got {int(result.done.sum())} of "
+                           f"{result.done.size} points; finish the run first")
+    t = np.asarray(result.coords, np.float64)
+    z = height(result.loss, log=log, zmax=zmax)
+    data = _arrays(result.loss, result.acc)
+    if suf == ".vtk":
+        pts = np.stack([t, np.zeros_like(t), z], 1)
+        _write_legacy(path, (t.size, 1, 1), pts, data, title)
+    else:
+        c = lambda a: np.asarray(a, np.float64).reshape(-1, 1, 1)  # noqa: E731
+        _write_vts(path, c(t), c(np.zeros_like(t)), c(z), {k: c(v) for k, v in data.items()})

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from kdprobe.errors import KdprobeError
+from kdprobe.probes.distributed import init_from_env, local_rank
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -49,13 +50,11 @@ class DistContext:
         if world <= 1:
             return cls(0, 1, resolve_device(device))
         dev = resolve_device(device)
-        local = int(os.environ.get("LOCAL_RANK", "0"))
         if dev.type == "cuda":
-            dev = torch.device("cuda", local)
+            dev = torch.device("cuda", local_rank())
             torch.cuda.set_device(dev)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), dev)
+        rank, world = init_from_env(dev)  # the same process-group setup the landscape probe uses
+        return cls(rank, world, dev)
 
     def wrap(self, module: nn.Module) -> nn.Module:
         """DDP around the trainable module when distributed (gradients averaged over ranks)."""

@@ -6,7 +6,8 @@ Names:
   cifar10/cifar100  torchvision's binary format under --data-dir (--download if online).
   imagefolder:PATH  PATH/train/<class>/* and PATH/test/<class>/*; PATH may also be a .tar.gz
                     holding such a folder (extracted once into the cache). Decoded tensors are
-                    cached, so 60,000 JPEGs are decoded once, not on every run.
+                    cached, so 60,000 JPEGs are decoded once, not on every run. Images are
+                    served in a fixed seeded shuffle (not class by class).
 Images are uint8 (N, C, H, W); `normalize` turns a batch into the float model input.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ _CIFAR_STATS = {
 }
 DIGITS_TEST_FRACTION = 0.2  # 360 of 1797 images held out
 DIGITS_SPLIT_SEED = 0
+IMAGEFOLDER_ORDER_SEED = 0  # image folders are served in this fixed shuffled order
 
 
 @dataclass(frozen=True)
@@ -251,4 +253,9 @@ def _imagefolder(path: str) -> TensorData:
         with atomic_path(cache) as tmp:
             torch.save(blob, tmp)
     mean, std = tuple(blob["mean"]), tuple(blob["std"])
-    return TensorData(f"imagefolder:{path}", blob["train_x"], blob["train_y"], blob["test_x"], blob["test_y"], tuple(classes), mean, std)
+    # Folders list images class by class; a fixed seeded shuffle makes "the first N examples"
+    # (probe batches, landscape samples) cover the classes, as CIFAR's own files do.
+    g = torch.Generator().manual_seed(IMAGEFOLDER_ORDER_SEED)
+    tr, te = torch.randperm(len(blob["train_y"]), generator=g), torch.randperm(len(blob["test_y"]), generator=g)
+    return TensorData(f"imagefolder:{path}", blob["train_x"][tr], blob["train_y"][tr], blob["test_x"][te],
+                      blob["test_y"][te], tuple(classes), mean, std)

@@ -27,11 +27,15 @@ def test_imagefolder_reads_and_caches(tiny_imagefolder, monkeypatch):
     d = load_dataset(f"imagefolder:{tiny_imagefolder}")
     assert d.classes == ("cat", "dog", "emu")
     assert d.train_x.shape == (18, 3, 8, 8) and d.test_x.shape == (6, 3, 8, 8)
-    assert d.train_y.tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    assert sorted(d.train_y.tolist()) == [0] * 6 + [1] * 6 + [2] * 6
+    assert d.train_y[:6].unique().numel() > 1  # served shuffled, not class by class
     import numpy as np
     from PIL import Image
-    first = torch.as_tensor(np.array(Image.open(tiny_imagefolder / "train" / "cat" / "0.png"))).permute(2, 0, 1)
-    assert torch.equal(d.train_x[0], first)
+    for cls_i, cls in enumerate(d.classes):  # every file is there, with its label
+        for i in range(6):
+            img = torch.as_tensor(np.array(Image.open(tiny_imagefolder / "train" / cls / f"{i}.png"))).permute(2, 0, 1)
+            hits = [j for j in range(18) if torch.equal(d.train_x[j], img)]
+            assert len(hits) == 1 and d.train_y[hits[0]] == cls_i
     # the second load comes from the cache: decoding is not called again
     import kdprobe.data as kd
     monkeypatch.setattr(kd, "_decode", lambda files: (_ for _ in ()).throw(AssertionError("decoded again")))

@@ -25,13 +25,6 @@ ddp = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ddp)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: one thread is fastest and immune to other processes on the 2 cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -16,12 +16,6 @@ from kdprobe.writers.landscape_vtk import write_line_vtk, write_surface_vtk
 XS, YS = np.array([-1.0, 0.0, 1.0, 2.0]), np.array([-0.5, 0.5, 1.5])  # nx=4, ny=3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _surface(partial: bool = False) -> SurfaceResult:

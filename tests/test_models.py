@@ -12,14 +12,6 @@ from kdprobe.errors import KdprobeError
 from kdprobe.models import canonical_name, create_model, list_models, model_aliases
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny convs gain nothing from intra-op threads, and on a shared 2-core box OpenMP's
-    # spinning barriers make them 10-50x slower; restore the caller's setting afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # Smallest kwargs that keep each family's structure (depth, shortcut, pools) intact.

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import diversity, evaluate, info, landscape, pipeline, prune, surplus, train
+from cli import diversity, evaluate, info, landscape, pipeline, prune, study, surplus, train
 from cli.common import handle_errors
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ COMMANDS = [
     ("diversity", diversity.diversity),
     ("landscape", landscape.landscape),
     ("interpolate", landscape.interpolate),
+    ("study", study.study),
 ]
 for _name, _fn in COMMANDS:
     app.command(_name)(handle_errors(_fn))

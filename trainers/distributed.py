@@ -63,7 +63,7 @@ class DistContext:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DDP(module, device_ids=ids, broadcast_buffers=False)
+        return DDP(module, device_ids=ids)
 
     def shard(self, mb):
         """This rank's contiguous slice of a (mixed) batch; lam stays the global one."""

@@ -1,0 +1,143 @@
+"""`kdprobe study SPEC --out DIR`: train every cell of a study (methods x seeds), probe them, write a report."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli.common import TqdmProgress, table
+
+O = typer.Option
+
+
+class _CellBar(TqdmProgress):
+    """A cell's training bar; epochs update its postfix instead of printing a line each (the study has hundreds)."""
+
+    def epoch(self, record):
+        if self.bar is not None:
+            self.bar.set_postfix({"epoch": record["epoch"], "test acc": f"{record['test_acc']:.2f}"}, refresh=False)
+
+
+class TqdmStudyProgress:
+    """trainers.study.StudyProgress on tqdm: an outer bar in epochs (ETA of the whole study) + one per cell."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.outer = enabled, None
+
+    def note(self, text):
+        from tqdm import tqdm
+
+        tqdm.write(text, file=sys.stderr) if self.enabled else None
+
+    def plan(self, total_epochs):
+        from tqdm import tqdm
+
+        if total_epochs and self.enabled:
+            self.outer = tqdm(total=total_epochs, desc="study", unit="epoch", position=0, file=sys.stderr,
+                              dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} epochs "
+                                                             "[{elapsed}<{remaining}]")
+
+    def advance(self, epochs):
+        if self.outer is not None and epochs:
+            self.outer.update(epochs)
+
+    def training(self, label):
+        return _CellBar(self.enabled)
+
+    def close(self):
+        if self.outer is not None:
+            self.outer.close()
+            self.outer = None
+
+
+def _f(v, fmt=".2f"):
+    import math
+
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
+
+
+def _stats_table(groups, digits, conf):
+    return table([{"method": g.group, "n": f"{g.n_models}{'*' if g.uses_batch_values else ''}",
+                   "mean ± std": f"{_f(g.mean, digits)} ± {_f(g.std, digits)}", "sem": _f(g.sem, digits),
+                   f"±{conf * 100:g}% CI": _f(g.half_width, digits), "p(Holm)": _f(g.p_holm, ".3g"),
+                   "g": _f(g.hedges_g, ".2f")} for g in groups])
+
+
+def _list_specs() -> None:
+    from kdprobe.study_spec import builtin_specs, read_spec
+
+    rows = []
+    for name, path in builtin_specs().items():
+        tree, _, _ = read_spec(str(path))
+        rows.append({"study": name, "scales": ", ".join(tree.get("scales", {})) or "-",
+                     "default": tree.get("default_scale", "-"), "title": tree.get("title", "")})
+    typer.echo(table(rows))
+    typer.echo("run one with: kdprobe study NAME --out DIR [--scale digits|paper]; a .toml path works too")
+
+
+def study(
+    spec: Annotated[Optional[str], typer.Argument(help="Built-in study name (table6, table7, pruning-l1; see --list) "
+                                                       "or a path to a study .toml file.")] = None,
+    out: Annotated[Optional[Path], O("--out", "-o", help="Study folder: cells/, landscapes/, pruning/, "
+                                                         "report.html, summary.json. Re-running resumes.")] = None,
+    scale: Annotated[Optional[str], O(help="Which [scales.NAME] of the spec to apply: digits (tiny models on the "
+                                           "embedded digits data, minutes on a CPU) or paper (CIFAR, ResNet-56, "
+                                           "paper schedules: GPU). Default: the spec's default_scale "
+                                           "(digits for the built-ins).")] = None,
+    set_: Annotated[Optional[list[str]], O("--set", help="Override one spec value, KEY=VALUE with a dotted key "
+                                                         "(TOML value), e.g. --set train.overrides.epochs=3 "
+                                                         "--set train.data_dir=/data/cifar; repeatable.")] = None,
+    list_: Annotated[bool, O("--list", help="List the built-in studies and exit.")] = False,
+    device: Annotated[str, O(help="auto | cpu | cuda | cuda:N (cells and probes).")] = "auto",
+    jobs: Annotated[int, O(help="Cells trained at once, each in its own process (`python -m trainers.study "
+                                "--cell`); on one GPU several small cells fit. On CPU each process uses "
+                                "cores/jobs threads; --jobs 1 uses one thread (fastest for tiny models).")] = 1,
+    nproc_per_cell: Annotated[int, O(help="Train each cell under `torchrun --standalone --nproc-per-node K` "
+                                          "(DistributedDataParallel; global batch and lr as in the spec). With "
+                                          "--jobs J and at least J*K GPUs, every cell gets its own K GPUs.")] = 1,
+    quiet: Annotated[bool, O(help="No progress bars or per-cell lines.")] = False,
+):
+    """Run a whole study: train every method x seed cell (content-named, resumable), then accuracy, diversity,
+    landscape and surplus probes, and write DIR/report.html (offline) and DIR/summary.json."""
+    from kdprobe.errors import KdprobeError
+    from kdprobe.study_spec import load_spec
+    from trainers.study import run_study
+
+    if list_:
+        _list_specs()
+        return
+    if spec is None or out is None:
+        raise KdprobeError("expected a study and --out, e.g. `kdprobe study table6 --out runs/t6`; "
+                           "`kdprobe study --list` shows the built-in studies")
+    resolved, text = load_spec(spec, scale, set_ or ())
+    what = (f"{len(resolved.methods)} methods x {len(resolved.seeds)} seeds" if resolved.methods else
+            f"{len(resolved.pruning)} pruning blocks x {len(resolved.seeds)} seeds")
+    typer.echo(f"study {resolved.name} (scale {resolved.scale or 'as written'}): {what} -> {out}")
+    progress = TqdmStudyProgress(not quiet)
+    res = run_study(resolved, out, device=device, jobs=jobs, nproc_per_cell=nproc_per_cell, spec_text=text,
+                    progress=progress)
+
+    trained = sum(c.action != "existing" for c in res.cells)
+    if res.accuracy:
+        typer.echo(f"\nTest accuracy (%, last epoch; unit = one seed; CI {res.accuracy_interval} quantile)")
+        typer.echo(_stats_table(res.accuracy, ".2f", res.accuracy_confidence))
+    if res.diversity is not None:
+        s = res.diversity.settings
+        typer.echo(f"\nDiversity (Mellor et al. {s.variant}, N={s.batch_size}, {s.runs} batches, split {s.split}, "
+                   f"bn {s.bn}; higher = more diverse)")
+        typer.echo(_stats_table(res.diversity.groups, ".3f", s.confidence))
+    if res.landscapes:
+        typer.echo(f"\nLandscapes: {len(res.landscapes)} surfaces "
+                   f"({len(res.landscapes[0].ycoords)}x{len(res.landscapes[0].xcoords)}) under "
+                   f"{Path(out) / 'landscapes'}")
+    for b in res.pruning:
+        typer.echo(f"\nSurplus, {b.label}")
+        typer.echo(table([{"kd": r.kd_type, "gain unpruned": _f(r.gain_unpruned, "+.2f"),
+                           "gain pruned": _f(r.gain_pruned, "+.2f"),
+                           "surplus ± se": f"{_f(r.surplus, '+.2f')} ± {_f(r.surplus_se)}"} for r in b.surplus]))
+    total = len(res.cells) + sum(b.cells_total for b in res.pruning)
+    trained += sum(b.cells_run for b in res.pruning)
+    typer.echo(f"\n{total} cells ({trained} made now, {total - trained} existing) in {res.wall_seconds:.1f}s")
+    typer.echo(f"report: {Path(out) / 'report.html'}   summary: {Path(out) / 'summary.json'}")

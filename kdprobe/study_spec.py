@@ -1,0 +1,377 @@
+"""Study specs: a small TOML file that names what to train (methods x seeds) and what to probe.
+
+    name = "table6"                     # optional; default: the file name
+    title = "..."                       # one line for the report
+    default_scale = "digits"            # scale used when --scale is not given
+    seeds = [0, 1, 2, 3, 4]
+    [train]                             # shared by every cell
+    dataset = "cifar10"; model = "resnet56"; model_kwargs = {}; preset = "repdistiller"
+    overrides = {}                      # any TrainConfig field (epochs, lr, train_subset, ...)
+    [[methods]]                         # one per compared method; its name is the cell folder
+    name = "kd-label"; augment = "standard"; distill = "label"
+    teacher = "scratch"                 # the cell of method "scratch" with the same seed
+    teacher_seed = 0                    # optional: always that seed's teacher instead
+    overrides = {}
+    [diversity]  batch_size, runs, split, bn, output, variant, k, seed, confidence, interval, reference, methods
+    [landscape]  methods, seeds, x, y, samples, split, bn, precision, seed, include_bn, at, log, zmax
+    [[pruning]]  one table per pruning block (trainers.pipeline.PipelineSpec fields)
+    [scales.NAME]                       # deep-merged over everything above by --scale NAME
+
+Parsing is pure (no training, no data): every mistake is a KdprobeError naming the TOML key.
+Values that only the training code can check (augment, distill, TrainConfig fields, pruning
+fields) are checked by trainers.study when it plans the cells, again naming the key.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from kdprobe.errors import KdprobeError
+
+_TOP = ("name", "title", "default_scale", "seeds", "train", "methods", "diversity", "landscape", "pruning",
+        "scales")
+_TRAIN = ("dataset", "data_dir", "model", "model_kwargs", "preset", "overrides")
+_METHOD = ("name", "augment", "distill", "teacher", "teacher_seed", "overrides")
+_DIVERSITY = {"batch_size": 128, "runs": 5, "split": "train", "bn": "eval", "output": "sum", "variant": "v1",
+              "k": 1e-5, "seed": 0, "confidence": 0.99, "interval": "t", "reference": "scratch", "methods": None}
+_LANDSCAPE = {"methods": None, "seeds": None, "x": "-1:1:51", "y": "-1:1:51", "samples": 2048, "split": "train",
+              "bn": "eval", "precision": "auto", "seed": 0, "include_bn": False, "at": "final", "log": False,
+              "zmax": None}
+LANDSCAPE_AT = ("final", "lr-stages")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Training settings every cell shares (TrainConfig fields; checked when cells are planned)."""
+
+    dataset: str
+    model: str
+    model_kwargs: dict
+    preset: str | None
+    data_dir: str | None
+    overrides: dict
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One compared method: augmentation x distillation, and where its teacher comes from."""
+
+    name: str
+    augment: str = "standard"
+    distill: str = "none"
+    teacher: str | None = None  # name of another method: its cell of the same (or teacher_seed) seed
+    teacher_seed: int | None = None
+    overrides: dict | None = None
+
+
+@dataclass(frozen=True)
+class DiversitySpec:
+    """Settings of the Jacobian-correlation probe (see `kdprobe diversity --help`)."""
+
+    batch_size: int
+    runs: int
+    split: str
+    bn: str
+    output: str
+    variant: str
+    k: float
+    seed: int
+    confidence: float
+    interval: str
+    reference: str | None
+    methods: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LandscapeSpec:
+    """Which checkpoints get a loss surface (Li et al. 2018) and on which grid."""
+
+    methods: tuple[str, ...]
+    seeds: tuple[int, ...]
+    x: str
+    y: str
+    samples: int
+    split: str
+    bn: str
+    precision: str
+    seed: int  # seed of the Gaussian draw shared by every surface (normalized per model)
+    include_bn: bool
+    at: str  # final | lr-stages (the end of every lr stage of a step schedule)
+    log: bool
+    zmax: float | None
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """A resolved study: one scale applied, every value checked."""
+
+    name: str
+    title: str
+    scale: str | None
+    source: str
+    seeds: tuple[int, ...]
+    train: TrainSpec | None  # None for a pruning-only study
+    methods: tuple[MethodSpec, ...]
+    diversity: DiversitySpec | None
+    landscape: LandscapeSpec | None
+    pruning: tuple[dict, ...]
+    settings: dict  # the resolved TOML tree (JSON-ready), for the report and summary.json
+
+    def method(self, name: str) -> MethodSpec:
+        """The method called `name`."""
+        return next(m for m in self.methods if m.name == name)
+
+
+def builtin_specs() -> dict[str, Path]:
+    """Built-in study specs shipped in kdprobe/studies: name -> file."""
+    folder = resources.files("kdprobe") / "studies"
+    return {Path(str(p)).stem: Path(str(p)) for p in sorted(folder.iterdir(), key=lambda p: p.name)
+            if p.name.endswith(".toml")}
+
+
+def read_spec(spec: str) -> tuple[dict, str, str]:
+    """(TOML tree, source label, text) of a built-in name or a .toml path."""
+    path = Path(spec)
+    builtins = builtin_specs()
+    if not path.is_file():
+        if spec in builtins:
+            path = builtins[spec]
+        else:
+            raise KdprobeError(f"expected a built-in study ({', '.join(builtins)}) or a .toml file, got {spec!r}; "
+                               "see `kdprobe study --list`")
+    text = path.read_text()
+    try:
+        tree = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise KdprobeError(f"{path}: expected valid TOML, got a syntax error: {e}; fix the file") from None
+    tree.setdefault("name", path.stem)
+    return tree, str(path), text
+
+
+def parse_set(item: str) -> tuple[list[str], object]:
+    """'a.b.c=VALUE' -> (['a','b','c'], value); VALUE is read as TOML (2, 0.5, "x", [1, 2]) or else a string."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise KdprobeError(f"expected --set KEY=VALUE (e.g. train.overrides.epochs=3), got {item!r}")
+    try:
+        v = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        v = value.strip()
+    return [p for p in key.strip().split(".")], v
+
+
+def _apply_set(tree: dict, parts: list[str], value) -> None:
+    node, where = tree, []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where.append(part)
+        if isinstance(node, list):  # methods / pruning blocks: pick by name or index
+            hit = [e for e in node if isinstance(e, dict) and e.get("name") == part]
+            if not hit and part.isdigit() and int(part) < len(node):
+                hit = [node[int(part)]]
+            if not hit or last:
+                raise KdprobeError(f"--set {'.'.join(parts)}: expected a name or index of {'.'.join(where[:-1])}, "
+                                   f"got {part!r}")
+            node = hit[0]
+        elif last:
+            node[part] = value
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise KdprobeError(f"--set {'.'.join(parts)}: {'.'.join(where)} is a value, not a table")
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+class _Keys:
+    """Reads one TOML table, remembering its dotted path for error messages."""
+
+    def __init__(self, src: str, path: str, table, allowed):
+        if not isinstance(table, dict):
+            raise KdprobeError(f"{src}: {path}: expected a table, got {type(table).__name__}; write [{path}]")
+        unknown = sorted(set(table) - set(allowed))
+        if unknown:
+            raise KdprobeError(f"{src}: {path + '.' if path else ''}{unknown[0]}: unknown key; expected one of "
+                               f"{', '.join(allowed)}")
+        self.src, self.path, self.t = src, path, table
+
+    def key(self, k: str) -> str:
+        return f"{self.path}.{k}" if self.path else k
+
+    def fail(self, k: str, want: str, got) -> None:
+        raise KdprobeError(f"{self.src}: {self.key(k)}: expected {want}, got {got!r}; fix the spec")
+
+    def get(self, k: str, kind, default=None, *, required=False, choices=None, check=None, want=None):
+        if k not in self.t:
+            if required:
+                raise KdprobeError(f"{self.src}: {self.key(k)}: missing; add it to the spec")
+            return default
+        v = self.t[k]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        ok = isinstance(v, kinds) and not (isinstance(v, bool) and bool not in kinds)
+        if float in kinds and isinstance(v, int) and not isinstance(v, bool):
+            v, ok = float(v), True
+        if not ok:
+            self.fail(k, want or " or ".join(t.__name__ for t in kinds), v)
+        if choices is not None and v not in choices:
+            self.fail(k, f"one of {', '.join(map(str, choices))}", v)
+        if check is not None and not check(v):
+            self.fail(k, want or "a valid value", v)
+        return v
+
+
+def _int_list(r: _Keys, k: str, default=None) -> tuple[int, ...] | None:
+    v = r.get(k, list, default, want="a list of integers like [0, 1, 2]")
+    if v is None:
+        return None
+    if not v or not all(isinstance(s, int) and not isinstance(s, bool) for s in v) or len(set(v)) != len(v):
+        r.fail(k, "a non-empty list of distinct integers like [0, 1, 2]", v)
+    return tuple(v)
+
+
+def _name_list(r: _Keys, k: str, known: tuple[str, ...]) -> tuple[str, ...]:
+    v = r.get(k, list, None, want="a list of method names")
+    if v is None:
+        return known
+    bad = [m for m in v if m not in known]
+    if not v or bad:
+        r.fail(k, f"a non-empty list of method names from {', '.join(known)}", bad or v)
+    return tuple(v)
+
+
+def _parse_train(src: str, t) -> TrainSpec:
+    r = _Keys(src, "train", t, _TRAIN)
+    return TrainSpec(r.get("dataset", str, "digits"), r.get("model", str, required=True),
+                     dict(r.get("model_kwargs", dict, {})), r.get("preset", str, None), r.get("data_dir", str, None),
+                     dict(r.get("overrides", dict, {})))
+
+
+def _parse_methods(src: str, items) -> tuple[MethodSpec, ...]:
+    if not isinstance(items, list) or not all(isinstance(m, dict) for m in items):
+        raise KdprobeError(f"{src}: methods: expected an array of tables ([[methods]]), got {items!r}")
+    out: list[MethodSpec] = []
+    for i, m in enumerate(items):
+        r = _Keys(src, f"methods[{i}]", m, _METHOD)
+        name = r.get("name", str, required=True, check=lambda s: bool(_NAME_RE.match(s)),
+                     want="a name of letters, digits, _ . + - (it names a folder)")
+        if any(o.name == name for o in out):
+            r.fail("name", "a name used by one method only", name)
+        out.append(MethodSpec(name, r.get("augment", str, "standard"), r.get("distill", str, "none"),
+                              r.get("teacher", str, None), r.get("teacher_seed", int, None),
+                              dict(r.get("overrides", dict, {}))))
+    names = [m.name for m in out]
+    for i, m in enumerate(out):
+        if m.teacher is not None and m.teacher not in names:
+            raise KdprobeError(f"{src}: methods[{i}].teacher: expected the name of another method "
+                               f"({', '.join(names)}), got {m.teacher!r}")
+        seen, cur = {m.name}, m  # a teacher chain must end at a method without a teacher
+        while cur.teacher is not None:
+            if cur.teacher in seen:
+                raise KdprobeError(f"{src}: methods[{i}].teacher: expected a teacher chain without cycles, "
+                                   f"got one through {cur.teacher!r}")
+            seen.add(cur.teacher)
+            cur = next(o for o in out if o.name == cur.teacher)
+    return tuple(out)
+
+
+def _parse_diversity(src: str, t, names: tuple[str, ...]) -> DiversitySpec:
+    from kdprobe.probes.diversity import BN_MODES, OUTPUTS, VARIANTS
+    from kdprobe.stats import INTERVALS
+
+    r, d = _Keys(src, "diversity", t, tuple(_DIVERSITY)), _DIVERSITY
+    ref = r.get("reference", str, d["reference"])
+    ref = None if ref.lower() == "none" else ref
+    if ref is not None and ref not in names:
+        r.fail("reference", f"one of the methods ({', '.join(names)}) or 'none'", ref)
+    return DiversitySpec(
+        r.get("batch_size", int, d["batch_size"], check=lambda v: v >= 2, want="an integer >= 2"),
+        r.get("runs", int, d["runs"], check=lambda v: v >= 1, want="an integer >= 1"),
+        r.get("split", str, d["split"], choices=("train", "test")), r.get("bn", str, d["bn"], choices=BN_MODES),
+        r.get("output", str, d["output"], choices=OUTPUTS), r.get("variant", str, d["variant"], choices=VARIANTS),
+        r.get("k", float, d["k"], check=lambda v: v > 0 and math.isfinite(v), want="a number > 0"),
+        r.get("seed", int, d["seed"]),
+        r.get("confidence", float, d["confidence"], check=lambda v: 0 < v < 1, want="a number in (0, 1)"),
+        r.get("interval", str, d["interval"], choices=INTERVALS), ref, _name_list(r, "methods", names))
+
+
+def _parse_landscape(src: str, t, names: tuple[str, ...], seeds: tuple[int, ...]) -> LandscapeSpec:
+    from kdprobe.probes.landscape import parse_grid
+    from kdprobe.probes.landscape_eval import BN_MODES, PRECISIONS
+
+    r, d = _Keys(src, "landscape", t, tuple(_LANDSCAPE)), _LANDSCAPE
+    ls_seeds = _int_list(r, "seeds") or seeds[:1]
+    if not set(ls_seeds) <= set(seeds):
+        r.fail("seeds", f"seeds of the study ({list(seeds)})", list(ls_seeds))
+    grids = {}
+    for k in ("x", "y"):
+        grids[k] = r.get(k, str, d[k], want="a range min:max:num like '-1:1:51'")
+        try:
+            parse_grid(grids[k])
+        except KdprobeError as e:
+            raise KdprobeError(f"{src}: landscape.{k}: {e}") from None
+    zmax = r.get("zmax", float, None, check=lambda v: v > 0, want="a loss value > 0")
+    return LandscapeSpec(
+        _name_list(r, "methods", names), ls_seeds, grids["x"], grids["y"],
+        r.get("samples", int, d["samples"], check=lambda v: v >= 0, want="an integer >= 0 (0 = whole split)"),
+        r.get("split", str, d["split"], choices=("train", "test")), r.get("bn", str, d["bn"], choices=BN_MODES),
+        r.get("precision", str, d["precision"], choices=PRECISIONS), r.get("seed", int, d["seed"]),
+        r.get("include_bn", bool, d["include_bn"]), r.get("at", str, d["at"], choices=LANDSCAPE_AT),
+        r.get("log", bool, d["log"]), zmax)
+
+
+def resolve_spec(tree: dict, scale: str | None = None, sets=(), source: str = "spec") -> StudySpec:
+    """Apply `scale` (or the spec's default_scale) and `--set` items to a TOML tree, then check it."""
+    tree = copy.deepcopy(tree)
+    top = _Keys(source, "", tree, _TOP)
+    scales = top.get("scales", dict, {})
+    scale = scale if scale is not None else top.get("default_scale", str, None)
+    if scale is not None:
+        if scale not in scales:
+            have = ", ".join(scales) or "none"
+            raise KdprobeError(f"{source}: scales: expected --scale one of the spec's scales ({have}), got {scale!r}")
+        _Keys(source, f"scales.{scale}", scales[scale], [k for k in _TOP if k not in ("scales", "default_scale")])
+        tree = _merge(tree, scales[scale])
+    for item in sets:
+        _apply_set(tree, *parse_set(item))
+    settings = {k: v for k, v in tree.items() if k != "scales"}
+    top = _Keys(source, "", tree, _TOP)
+    seeds = _int_list(top, "seeds", [0])
+    methods = _parse_methods(source, top.get("methods", list, []))
+    pruning = top.get("pruning", list, [], want="an array of tables ([[pruning]])")
+    if not all(isinstance(b, dict) for b in pruning):
+        top.fail("pruning", "an array of tables ([[pruning]])", pruning)
+    if not methods and not pruning:
+        raise KdprobeError(f"{source}: methods: expected at least one [[methods]] (or [[pruning]]) table, got none")
+    names = tuple(m.name for m in methods)
+    if "train" in tree:
+        train = _parse_train(source, tree["train"])
+    elif methods:
+        raise KdprobeError(f"{source}: train: missing; add a [train] table (dataset, model, preset)")
+    else:
+        train = None
+    div = tree.get("diversity")
+    land = tree.get("landscape")
+    if (div is not None or land is not None) and not methods:
+        raise KdprobeError(f"{source}: methods: expected [[methods]] for the diversity/landscape probes, got none")
+    return StudySpec(
+        str(top.get("name", str, "study")), str(top.get("title", str, "")), scale, source, seeds, train, methods,
+        None if div is None else _parse_diversity(source, div, names),
+        None if land is None else _parse_landscape(source, land, names, seeds),
+        tuple(dict(b) for b in pruning), settings)
+
+
+def load_spec(spec: str, scale: str | None = None, sets=()) -> tuple[StudySpec, str]:
+    """Read a built-in name or .toml path and resolve it; returns (spec, the file's text)."""
+    tree, source, text = read_spec(spec)
+    return resolve_spec(tree, scale, sets, source=source), text

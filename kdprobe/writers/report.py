@@ -1,0 +1,279 @@
+"""A study's report: one self-contained, offline HTML page (plotly.js inlined once), summary.json, cells.csv.
+
+Pure writers: they take a kdprobe.study_result.StudyResult and format it; every number shown
+was computed by the study (kdprobe.stats via summarize_groups, the probes). Landscape figures
+put each group's surfaces side by side (contour above, 3-D below) on one colour scale: the
+minimum and maximum of the group's displayed heights.
+"""
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import math
+import os
+
+import numpy as np
+
+from kdprobe.io import atomic_write_text
+from kdprobe.study_result import StudyResult, to_dict
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1400px;color:#222;
+padding:0 16px}
+h1{font-size:1.6em;margin-bottom:0}h2{margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom:4px}
+table{border-collapse:collapse;margin:8px 0 4px;font-size:.92em}
+th,td{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}th{background:#f3f3f3}
+td:first-child,th:first-child{text-align:left}td:last-child{white-space:normal;min-width:15em}
+.note{color:#555;font-size:.9em;max-width:1100px}
+pre{background:#f7f7f7;padding:8px;overflow:auto;font-size:.85em;max-height:420px}
+nav a{margin-right:14px}.scroll{overflow-x:auto}code{background:#f3f3f3;padding:0 3px}
+"""
+
+
+_SCALE = "Viridis"
+
+
+def _f(v, fmt: str = ".2f") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    return format(v, fmt)
+
+
+def _e(text) -> str:
+    return html.escape(str(text))
+
+
+def _link(rel: str | None) -> str:
+    if not rel:
+        return "–"
+    return f'<a href="{html.escape(rel.replace(os.sep, "/"), quote=True)}">{_e(os.path.basename(rel))}</a>'
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def _stats_rows(groups, digits: str) -> list[list[str]]:
+    rows = []
+    for g in groups:
+        n = f"{g.n_models}{'*' if g.uses_batch_values else ''}"
+        rows.append([_e(g.group), n, f"{_f(g.mean, digits)} ± {_f(g.std, digits)}", _f(g.sem, digits),
+                     _f(g.half_width, digits), f"[{_f(g.low, digits)}, {_f(g.high, digits)}]",
+                     _f(g.p_holm, ".3g"), _f(g.hedges_g, ".2f")])
+    return rows
+
+
+def _stats_header(conf: float, interval: str, ref) -> list[str]:
+    return ["method", "n", "mean ± std", "sem", f"± {conf * 100:g}% {'t' if interval == 't' else 'z'}", "interval",
+            "p (Holm)", "g"]
+
+
+def _stats_note(conf: float, interval: str, ref) -> str:
+    q = "the Student t quantile" if interval == "t" else "the normal quantile"
+    tests = (f"p: Welch two-sided vs {_e(ref)}, Holm-adjusted over the methods; g: Hedges' g vs {_e(ref)}"
+             if ref else "no tests (no reference group)")
+    return f"± = {q} at {conf * 100:g}% × sem; {tests}."
+
+
+def _accuracy(r: StudyResult) -> str:
+    if not r.accuracy:
+        return ""
+    values = {}
+    for c in r.cells:
+        if c.in_study:
+            values.setdefault(c.method, []).append(c.test_acc)
+    rows = [row + [", ".join(_f(v) for v in values.get(g.group, []))]
+            for row, g in zip(_stats_rows(r.accuracy, ".2f"), r.accuracy)]
+    return ("<h2 id='accuracy'>Test accuracy</h2>"
+            + _table(_stats_header(r.accuracy_confidence, r.accuracy_interval, r.accuracy_reference)
+                     + ["per seed"], rows)
+            + "<p class='note'>Last-epoch test accuracy (%) of each checkpoint (as the reference codes report); "
+              "unit = one independently trained model (seed); std is the sample standard deviation, sem = std/√n; "
+              + _stats_note(r.accuracy_confidence, r.accuracy_interval, r.accuracy_reference)
+              + " * one model: no spread.</p>")
+
+
+def _diversity(r: StudyResult) -> str:
+    t = r.diversity
+    if t is None:
+        return ""
+    s = t.settings
+    links = " · ".join(_link(p) for p in ("diversity.csv", "diversity.json", "diversity.html") if p in r.files)
+    return ("<h2 id='diversity'>Representation diversity</h2>"
+            + _table(_stats_header(s.confidence, s.interval, s.reference), _stats_rows(t.groups, ".3f"))
+            + f"<p class='note'>Jacobian-correlation score {s.variant} (Mellor et al. 2020; higher = more diverse) "
+              f"on {_e(s.dataset)}: N = {s.batch_size} inputs per batch, {s.runs} batches per checkpoint "
+              f"(split {_e(s.split)}, probe seed {s.seed}), bn = {_e(s.bn)}, output = {_e(s.output)}, "
+              f"k = {s.k:g}. Unit = one checkpoint (its mean over the batches); "
+              f"{_stats_note(s.confidence, s.interval, s.reference)} Files: {links}</p>")
+
+
+def _surface_traces(rec, display):
+    from kdprobe.writers.landscape_vtk import height
+
+    return height(np.asarray(rec.loss, np.float64), log=bool(display.get("log")), zmax=display.get("zmax"))
+
+
+def _landscape_figure(recs, display) -> str:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    zs = [_surface_traces(r, display) for r in recs]
+    finite = np.concatenate([z[np.isfinite(z)] for z in zs])
+    zmin, zmax = float(finite.min()), float(finite.max())
+    if zmax <= zmin:
+        zmax = zmin + 1e-6
+    label = ("log " if display.get("log") else "") + f"{recs[0].split} loss"
+    m = len(recs)
+    titles = [f"{r.method} seed {r.seed} (epoch {r.epoch})" for r in recs] + [""] * m
+    fig = make_subplots(rows=2, cols=m, specs=[[{"type": "xy"}] * m, [{"type": "scene"}] * m],
+                        subplot_titles=titles, vertical_spacing=0.08, horizontal_spacing=0.04,
+                        row_heights=[0.45, 0.55])
+    for j, (r, z) in enumerate(zip(recs, zs), 1):
+        zl = np.where(np.isfinite(z), z, None).tolist()
+        acc = np.asarray(r.acc, np.float64).tolist()
+        hover = "x=%{x:.3f}<br>y=%{y:.3f}<br>" + label + "=%{z:.4f}<br>acc=%{customdata:.2f}%<extra></extra>"
+        # one scale by construction: identical zmin/zmax (contours) and cmin/cmax (surfaces), one colour bar
+        fig.add_trace(go.Contour(x=list(r.xcoords), y=list(r.ycoords), z=zl, customdata=acc, colorscale=_SCALE,
+                                 zauto=False, zmin=zmin, zmax=zmax, showscale=j == 1,
+                                 colorbar=dict(title=dict(text=label), len=0.45, y=0.78),
+                                 contours=dict(start=zmin, end=zmax, size=(zmax - zmin) / 25),
+                                 hovertemplate=hover, name=r.method), 1, j)
+        fig.add_trace(go.Surface(x=list(r.xcoords), y=list(r.ycoords), z=zl, customdata=acc, colorscale=_SCALE,
+                                 cauto=False, cmin=zmin, cmax=zmax, showscale=False, hovertemplate=hover,
+                                 name=r.method), 2, j)
+        fig.update_xaxes(title_text="x", row=1, col=j)
+        fig.update_yaxes(title_text="y", scaleanchor=f"x{'' if j == 1 else j}", row=1, col=j)
+        scene = "scene" if j == 1 else f"scene{j}"
+        fig.update_layout({scene: dict(zaxis=dict(range=[zmin, zmax], title="", nticks=4),
+                                       xaxis=dict(title="x", nticks=5), yaxis=dict(title="y", nticks=5),
+                                       aspectmode="cube")})
+    fig.update_layout(height=780, margin=dict(l=40, r=20, t=60, b=20), template="plotly_white", showlegend=False)
+    div = fig.to_html(full_html=False, include_plotlyjs=False, config={"responsive": True})
+    return div, zmin, zmax
+
+
+def _landscapes(r: StudyResult) -> str:
+    if not r.landscapes:
+        return ""
+    d = r.landscape_display
+    extra = "; height = log(loss)" if d.get("log") else ""
+    if d.get("zmax"):
+        extra += f"; loss clipped at {d['zmax']:g} for display (the files keep every value)"
+    parts = ["<h2 id='landscapes'>Loss landscapes</h2>",
+             f"<p class='note'>Li et al. 2018: loss at θ + x·d1 + y·d2. {_e(d.get('directions', ''))}. "
+             f"Each figure: one colour scale and one z range shared by all its panels{extra}.</p>"]
+    groups: dict[str, list] = {}
+    for rec in r.landscapes:
+        groups.setdefault(rec.group, []).append(rec)
+    for name, recs in groups.items():
+        div, zmin, zmax = _landscape_figure(recs, d)
+        first = recs[0]
+        parts.append(f"<h3>{_e(name)}</h3><p class='note'>{len(first.ycoords)}×{len(first.xcoords)} grid, "
+                     f"{first.samples} {first.split} samples, bn = {_e(first.bn)}, precision {first.precision}; "
+                     f"colour scale {zmin:.4g} to {zmax:.4g}.</p>{div}")
+    rows = []
+    for rec in r.landscapes:
+        loss = np.asarray(rec.loss, np.float64)
+        ci, cj = int(np.argmin(np.abs(rec.ycoords))), int(np.argmin(np.abs(rec.xcoords)))
+        rows.append([_e(rec.group), _e(rec.method), str(rec.seed), str(rec.epoch), _f(float(loss[ci, cj]), ".4f"),
+                     _f(float(np.nanmin(loss)), ".4f"), _f(float(np.nanmax(loss)), ".4f"), _link(rec.checkpoint),
+                     _link(rec.h5), _link(rec.vtk)])
+    parts.append(_table(["group", "method", "seed", "epoch", "centre loss", "min loss", "max loss", "checkpoint",
+                         "HDF5", "VTK"], rows))
+    return "".join(parts)
+
+
+def _pruning(r: StudyResult) -> str:
+    if not r.pruning:
+        return ""
+    parts = ["<h2 id='surplus'>Pruning and surplus</h2><p class='note'>surplus = (self_distill − "
+             "finetuned_scratch) − (unpruned_kd − unpruned_scratch); se = √(sum of the four squared standard "
+             "errors). Zero: the two gains just add up.</p>"]
+    for b in r.pruning:
+        rows = [[_e(s.kd_type), f"{_f(s.unpruned_scratch_mean)} ({s.unpruned_scratch_n})",
+                 f"{_f(s.finetuned_scratch_mean)} ({s.finetuned_scratch_n})",
+                 f"{_f(s.unpruned_kd_mean)} ({s.unpruned_kd_n})", f"{_f(s.self_distill_mean)} ({s.self_distill_n})",
+                 _f(s.gain_unpruned, "+.2f"), _f(s.gain_pruned, "+.2f"),
+                 f"{_f(s.surplus, '+.2f')} ± {_f(s.surplus_se)}"] for s in b.surplus]
+        links = " · ".join(_link(p) for p in b.files.values())
+        cols = ("unpruned", "finetuned", "post_distill", "pre_post", "self_distill")
+        res = _table(["train type", "seed"] + [c.replace("_", " ") for c in cols],
+                     [[_e(x.get("train_type")), _e(x.get("seed", "–"))] + [_f(x.get(c)) for c in cols]
+                      for x in b.results]) if b.results else ""
+        parts.append(f"<h3>{_e(b.label)}</h3>" + _table(
+            ["KD", "scratch unpruned (n)", "scratch fine-tuned (n)", "KD unpruned (n)", "Self-Distill (n)",
+             "gain unpruned", "gain pruned", "surplus ± se"], rows)
+            + f"<p class='note'>Test accuracy (%, last epoch) of every run; finetuned of a KD row = Pre-Distill. "
+              f"{b.cells_total} pipeline cells under {_link(b.folder)}. Files: {links}</p>" + res)
+    return "".join(parts)
+
+
+def _cells(r: StudyResult) -> str:
+    if not r.cells:
+        return ""
+    rows = [[_e(c.method), str(c.seed), _f(c.test_acc), _f(c.best_acc), str(c.epochs), str(c.world_size),
+             _e(c.action), _f(c.seconds, ".1f"), _link(c.path), _link(c.teacher),
+             " ".join(_link(s) for s in c.snapshots) or "–", "" if c.in_study else "teacher only"] for c in r.cells]
+    return ("<h2 id='cells'>Cells</h2>" + _table(
+        ["method", "seed", "test acc (last)", "best acc", "epochs", "processes", "this run", "seconds", "checkpoint",
+         "teacher", "lr-stage snapshots", ""], rows)
+        + "<p class='note'>File names carry the fingerprint of the training configuration (the teacher written as "
+          "its own content-named file), so a changed setting makes a new cell instead of reusing an old one.</p>")
+
+
+def _settings(r: StudyResult) -> str:
+    vers = _table(["library", "version"], [[_e(k), _e(v)] for k, v in r.versions.items()])
+    files = " · ".join(_link(p) for p in r.files.values())
+    notes = "".join(f"<li>{_e(n)}</li>" for n in r.notes)
+    return (f"<h2 id='settings'>Settings</h2>{'<ul class=note>' + notes + '</ul>' if notes else ''}"
+            f"<p class='note'>Spec {_e(r.source)}, scale {_e(r.scale or 'as written')}, device {_e(r.device)}. "
+            f"Files: {files}</p>"
+            f"<pre>{_e(json.dumps(r.settings, indent=2, default=str))}</pre>{vers}")
+
+
+def report_html(result: StudyResult) -> str:
+    """The whole report page as a string (plotly.js inlined once, only when there is a figure)."""
+    from plotly.offline import get_plotlyjs
+
+    r = result
+    body = [_accuracy(r), _diversity(r), _landscapes(r), _pruning(r), _cells(r), _settings(r)]
+    nav = " ".join(f"<a href='#{k}'>{v}</a>" for k, v, b in (
+        ("accuracy", "accuracy", r.accuracy), ("diversity", "diversity", r.diversity),
+        ("landscapes", "landscapes", r.landscapes), ("surplus", "surplus", r.pruning), ("cells", "cells", r.cells),
+        ("settings", "settings", True)) if b)
+    script = f"<script type='text/javascript'>{get_plotlyjs()}</script>" if r.landscapes else ""
+    head = (f"<meta charset='utf-8'><title>kdprobe study {_e(r.name)}</title><style>{_CSS}</style>{script}")
+    n_cells = len(r.cells) + sum(b.cells_total for b in r.pruning)
+    top = (f"<h1>kdprobe study: {_e(r.name)}</h1><p>{_e(r.title)}</p>"
+           f"<p class='note'>scale {_e(r.scale or 'as written')} · {n_cells} cells · device {_e(r.device)} "
+           f"({_e(r.versions.get('device_name', ''))}) · made {_e(r.created)} · this run {r.wall_seconds:.1f}s · "
+           f"kdprobe {_e(r.versions.get('kdprobe', ''))}, "
+           f"torch {_e(r.versions.get('torch', ''))}</p><nav>{nav}</nav>")
+    return f"<!DOCTYPE html><html lang='en'><head>{head}</head><body>{top}{''.join(body)}</body></html>\n"
+
+
+def write_report(result: StudyResult, path: str | os.PathLike) -> None:
+    """report.html: settings, versions, accuracy, diversity, landscapes, surplus, links to every file."""
+    atomic_write_text(path, report_html(result))
+
+
+def write_summary_json(result: StudyResult, path: str | os.PathLike) -> None:
+    """summary.json: every number of the study (nan as null); kdprobe.study_result.from_dict reads it back."""
+    atomic_write_text(path, json.dumps(to_dict(result), indent=1, allow_nan=False) + "\n")
+
+
+def write_cells_csv(result: StudyResult, path: str | os.PathLike) -> None:
+    """cells.csv: one row per trained checkpoint (method, seed, accuracies, file, teacher)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    cols = ["method", "seed", "test_acc", "best_acc", "epochs", "in_study", "path", "fingerprint", "teacher"]
+    w.writerow(cols)
+    for c in result.cells:
+        w.writerow([c.method, c.seed, repr(c.test_acc), repr(c.best_acc), c.epochs, c.in_study, c.path,
+                    c.fingerprint, c.teacher or ""])
+    atomic_write_text(path, buf.getvalue())

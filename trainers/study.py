@@ -1,0 +1,342 @@
+"""`kdprobe study`: train every cell of a study spec (methods x seeds), probe them, write the report.
+
+Every cell is a checkpoint named by its content, DIR/cells/<method>/seed<s>-<fingerprint>.pt,
+the fingerprint being TrainConfig.fingerprint() of the cell's config with the teacher written
+as the teacher cell's own content-named path (so it covers the whole teacher chain and does
+not depend on where DIR lives). A re-run skips cells whose file exists, continues interrupted
+ones from their .partial state (trainers.loop), and a changed spec value gives new file names
+(new cells) and leaves the old files alone. Probes and the report run after the training.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+
+from kdprobe.checkpoint import read_payload
+from kdprobe.errors import KdprobeError
+from kdprobe.io import atomic_write_text
+from kdprobe.study_spec import StudySpec
+from trainers.config import AUGMENTS, DISTILLS, TrainConfig, make_config
+from trainers.loop import Progress, log_path, partial_path, resolve_device, snapshot_path, train
+
+# set by the study for every cell; a spec's overrides may set any other TrainConfig field
+_OWNED = ("model", "model_kwargs", "dataset", "data_dir", "preset", "augment", "distill", "teacher", "seed", "init")
+
+
+class StudyProgress:
+    """What the study reports while it runs; the CLI supplies a tqdm-backed one. This one is silent."""
+
+    def note(self, text: str) -> None: ...  # one line, e.g. "[3/25] cell scratch seed 2 (skip: exists)"
+    def plan(self, total_epochs: int) -> None: ...  # epochs left to train over all cells (the ETA's unit)
+    def advance(self, epochs: int) -> None: ...
+    def training(self, label: str) -> Progress: return Progress()  # a bar: a cell's training or a probe  # noqa: E704
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One checkpoint to train: method x seed, its config and its content-named path."""
+
+    method: str
+    seed: int
+    config: TrainConfig  # what trainers.loop.train runs (teacher as an absolute path)
+    fingerprint: str  # of the config with the teacher as its relative cell path
+    rel: str  # cells/<method>/seed<s>-<fingerprint>.pt
+    teacher: str | None  # rel of the teacher cell
+    in_study: bool  # seed listed in the spec (else: only some other cell's teacher)
+    snapshots: tuple[int, ...] = ()  # epochs whose checkpoint is kept too (end of each lr stage)
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} seed {self.seed}"
+
+    def path(self, out: Path) -> Path:
+        return out / self.rel
+
+    def snapshot_files(self, out: Path) -> list[Path]:
+        return [snapshot_path(self.path(out), e) for e in self.snapshots]
+
+    def done(self, out: Path) -> bool:
+        return self.path(out).exists() and all(p.exists() for p in self.snapshot_files(out))
+
+
+def _cell_config(spec: StudySpec, i: int, seed: int, teacher: str | None) -> TrainConfig:
+    t, m = spec.train, spec.methods[i]
+    names = {f.name for f in fields(TrainConfig)}
+    for where, over in (("train.overrides", t.overrides), (f"methods[{i}].overrides", m.overrides or {})):
+        for k in over:
+            if k in _OWNED or k not in names:
+                why = "is set by the study" if k in _OWNED else "is not a TrainConfig field"
+                raise KdprobeError(f"{spec.source}: {where}.{k}: {why}; expected one of "
+                                   f"{', '.join(sorted(names - set(_OWNED)))}")
+    for k, allowed in (("augment", AUGMENTS), ("distill", DISTILLS)):
+        if getattr(m, k) not in allowed:
+            raise KdprobeError(f"{spec.source}: methods[{i}].{k}: expected one of {', '.join(allowed)}, "
+                               f"got {getattr(m, k)!r}")
+    if (m.distill != "none") != (m.teacher is not None):
+        raise KdprobeError(f"{spec.source}: methods[{i}].teacher: expected a teacher method exactly when distill "
+                           f"is not 'none', got distill {m.distill!r} and teacher {m.teacher!r}; "
+                           "e.g. distill = \"label\" with teacher = \"scratch\"")
+    over = {**t.overrides, **(m.overrides or {})}
+    if "milestones" in over:
+        over["milestones"] = tuple(over["milestones"])
+    try:
+        return make_config(t.preset, **over, model=t.model, model_kwargs=dict(t.model_kwargs), dataset=t.dataset,
+                           data_dir=t.data_dir, augment=m.augment, distill=m.distill, teacher=teacher, seed=seed)
+    except (KdprobeError, TypeError) as e:
+        raise KdprobeError(f"{spec.source}: methods[{i}] ({m.name}) with train: {e}") from None
+
+
+def _snapshots(spec: StudySpec, method: str, seed: int, config: TrainConfig) -> tuple[int, ...]:
+    ls = spec.landscape
+    if ls is None or ls.at != "lr-stages" or method not in ls.methods or seed not in ls.seeds:
+        return ()
+    stages = tuple(sorted({e for e in config.milestone_epochs() if 0 < e < config.epochs}))
+    if config.schedule != "step" or not stages:
+        raise KdprobeError(f"{spec.source}: landscape.at: expected a step schedule with milestones inside the run "
+                           f"for at = 'lr-stages', got schedule {config.schedule!r} with milestones "
+                           f"{list(config.milestones)} over {config.epochs} epochs; set train.overrides.schedule/"
+                           "milestones or use at = 'final'")
+    return stages
+
+
+def plan_cells(spec: StudySpec, out: Path) -> list[Cell]:
+    """Every cell of the study, teachers before their students; configs validated, nothing trained."""
+    out = Path(out).resolve()
+    cells: dict[tuple[str, int], Cell] = {}
+    index = {m.name: i for i, m in enumerate(spec.methods)}
+
+    def make(name: str, seed: int, in_study: bool) -> Cell:
+        if (name, seed) in cells:
+            return cells[(name, seed)]
+        m = spec.methods[index[name]]
+        teacher = None
+        if m.teacher is not None:
+            tseed = seed if m.teacher_seed is None else m.teacher_seed
+            teacher = make(m.teacher, tseed, tseed in spec.seeds).rel
+        key = _cell_config(spec, index[name], seed, teacher)  # fingerprinted with the relative teacher path
+        fp = key.fingerprint()
+        runnable = replace(key, teacher=str(out / teacher)) if teacher else key
+        cell = Cell(name, seed, runnable, fp, f"cells/{name}/seed{seed}-{fp}.pt", teacher, in_study,
+                    _snapshots(spec, name, seed, runnable))
+        cells[(name, seed)] = cell  # inserted after its teacher: dict order is a valid training order
+        return cell
+
+    for m in spec.methods:
+        for s in spec.seeds:
+            make(m.name, s, True)
+    return list(cells.values())
+
+
+def _done_epochs(cell: Cell, out: Path) -> int:
+    p = partial_path(cell.path(out))
+    if not p.exists():
+        return 0
+    try:
+        return int(read_payload(p).get("epoch", 0))
+    except KdprobeError:
+        return 0
+
+
+class _EpochForwarder(Progress):
+    """The cell's own bar, plus one outer-bar tick per finished epoch."""
+
+    def __init__(self, inner: Progress, study: StudyProgress):
+        self.inner, self.study = inner, study
+
+    def start(self, total_steps, done_steps, desc):
+        self.inner.start(total_steps, done_steps, desc)
+
+    def step(self, n, postfix):
+        self.inner.step(n, postfix)
+
+    def epoch(self, record):
+        self.inner.epoch(record)
+        self.study.advance(1)
+
+    def close(self):
+        self.inner.close()
+
+
+def _status(k: int, n: int, cell: Cell, out: Path) -> str:
+    head = f"[{k}/{n}] cell {cell.label} -> {cell.rel}"
+    if cell.done(out):
+        return head + " (skip: exists)"
+    done = _done_epochs(cell, out)
+    why = f"resume after epoch {done}" if done else ("resume" if partial_path(cell.path(out)).exists() else "train")
+    if cell.path(out).exists():
+        why = "retrain: lr-stage snapshots missing"
+    return head + f" ({why}{', teacher ' + cell.teacher if cell.teacher else ''})"
+
+
+def train_cells(cells: list[Cell], out: Path, *, device: str = "auto", jobs: int = 1, nproc_per_cell: int = 1,
+                progress: StudyProgress | None = None) -> dict[str, dict]:
+    """Train the cells that do not exist yet; returns rel -> {"action", "seconds"} for every cell.
+
+    jobs > 1: that many cells at once, each in its own process; nproc_per_cell > 1: each cell
+    under `torchrun --nproc-per-node K` (DistributedDataParallel inside trainers.loop).
+    """
+    out, progress = Path(out).resolve(), progress or StudyProgress()
+    todo = [c for c in cells if not c.done(out)]
+    progress.plan(sum(c.config.epochs - _done_epochs(c, out) for c in todo))
+    info = {c.rel: {"action": "existing", "seconds": None} for c in cells if c.done(out)}
+    if (jobs > 1 and len(todo) > 1) or (nproc_per_cell > 1 and todo):
+        for k, c in enumerate(cells, 1):
+            if c.done(out):
+                progress.note(_status(k, len(cells), c, out))
+        info.update(_train_parallel(todo, out, device, jobs, progress, nproc_per_cell))
+        return info
+    for k, cell in enumerate(cells, 1):
+        progress.note(_status(k, len(cells), cell, out))
+        if cell.done(out):
+            continue
+        action = "resumed" if partial_path(cell.path(out)).exists() else "trained"
+        t0 = time.monotonic()
+        res = train(cell.config, cell.path(out), device=device, snapshot_epochs=cell.snapshots,
+                    progress=_EpochForwarder(progress.training(cell.label), progress))
+        info[cell.rel] = {"action": action, "seconds": round(time.monotonic() - t0, 3)}
+        progress.note(f"      {cell.label}: test accuracy {res.test_acc:.2f}% (last epoch), "
+                      f"{info[cell.rel]['seconds']:.1f}s")
+    return info
+
+
+def _epochs_logged(cell: Cell, out: Path) -> int:
+    try:
+        return len(log_path(cell.path(out)).read_text().splitlines())
+    except OSError:
+        return 0
+
+
+def _command(job: Path, nproc: int) -> list[str]:
+    cell = ["-m", "trainers.study", "--cell", str(job)]
+    if nproc <= 1:
+        return [sys.executable, *cell]
+    # --standalone: a private rendezvous on a free port, so several cells can run at once
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *cell]
+
+
+def _gpu_slots(dev: torch.device, jobs: int, nproc: int) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES per job slot: disjoint GPU sets when there are enough GPUs, else shared."""
+    if dev.type != "cuda" or torch.cuda.device_count() < jobs * nproc:
+        return [None] * jobs
+    return [",".join(str(s * nproc + i) for i in range(nproc)) for s in range(jobs)]
+
+
+def _train_parallel(todo: list[Cell], out: Path, device: str, jobs: int, progress: StudyProgress,
+                    nproc: int = 1) -> dict:
+    """Up to `jobs` cells at once, each `python -m trainers.study --cell JOB.json` (log next to the cell)."""
+    dev = resolve_device(device)
+    threads = max(1, (os.cpu_count() or 1) // (jobs * nproc)) if dev.type == "cpu" else 0
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    slots = _gpu_slots(dev, jobs, nproc)
+    free = list(range(jobs))
+    pending, running, info = list(todo), {}, {}
+    seen = {c.rel: _epochs_logged(c, out) for c in todo}
+    failed = None
+    try:
+        while pending or running:
+            ready = [c for c in pending if c.teacher is None or (out / c.teacher).exists()]
+            while ready and len(running) < jobs and failed is None:
+                c = ready.pop(0)
+                pending.remove(c)
+                job = c.path(out).with_suffix(".job.json")
+                job.parent.mkdir(parents=True, exist_ok=True)
+                job.write_text(json.dumps({"config": c.config.to_dict(), "out": str(c.path(out)), "device": device,
+                                           "threads": threads, "snapshots": list(c.snapshots)}))
+                log = open(c.path(out).with_suffix(".log"), "a")
+                action = "resumed" if partial_path(c.path(out)).exists() else "trained"
+                slot = free.pop(0)
+                cenv = env if slots[slot] is None else dict(env, CUDA_VISIBLE_DEVICES=slots[slot])
+                proc = subprocess.Popen(_command(job, nproc), env=cenv, stdout=log, stderr=subprocess.STDOUT)
+                running[c.rel] = (c, proc, log, time.monotonic(), action, slot)
+                progress.note(f"[{len(info) + len(running)}/{len(todo)} to train] cell {c.label} -> {c.rel} "
+                              f"({action}, subprocess {proc.pid}, log {c.path(out).with_suffix('.log').name})")
+            time.sleep(0.5)
+            for rel, (c, proc, log, t0, action, slot) in list(running.items()):
+                now = _epochs_logged(c, out)
+                progress.advance(now - seen[rel])
+                seen[rel] = now
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                log.close()
+                del running[rel]
+                free.append(slot)
+                if rc != 0:
+                    failed = failed or f"cell {c.label} failed (exit {rc}); see {c.path(out).with_suffix('.log')}"
+                    continue
+                info[rel] = {"action": action, "seconds": round(time.monotonic() - t0, 3)}
+                progress.note(f"done: cell {c.label} in {info[rel]['seconds']:.1f}s")
+            if failed and not running:
+                raise KdprobeError(failed + "; fix it and run the same command again to resume")
+            if not running and pending and not any(c.teacher is None or (out / c.teacher).exists() for c in pending):
+                raise KdprobeError(f"cells {[c.label for c in pending]} wait for teachers that were not trained")
+    finally:
+        for c, proc, log, *_ in running.values():  # Ctrl-C or an error: stop the children, keep their partials
+            proc.terminate()
+            proc.wait()
+            log.close()
+    return info
+
+
+def _cell_main(job_file: str) -> int:
+    """Subprocess entry: train one cell from its job file (written by _train_parallel)."""
+    job = json.loads(Path(job_file).read_text())
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
+    cfg = TrainConfig.from_dict(job["config"])
+    res = train(cfg, job["out"], device=job["device"], snapshot_epochs=tuple(job["snapshots"]))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank runs this; one reports
+        print(f"{cfg.method} seed {cfg.seed}: test accuracy {res.test_acc:.2f}% -> {res.path}", flush=True)
+        Path(job_file).unlink(missing_ok=True)
+    return 0
+
+
+def run_study(spec: StudySpec, out, *, device: str = "auto", jobs: int = 1, nproc_per_cell: int = 1,
+              spec_text: str | None = None, progress: StudyProgress | None = None):
+    """Train (or resume) every cell, run the spec's probes, write summary.json and report.html."""
+    from kdprobe.writers.report import write_cells_csv, write_report, write_summary_json
+    from trainers.study_probes import assemble, check_probes
+
+    if jobs < 1 or nproc_per_cell < 1:
+        raise KdprobeError(f"expected --jobs >= 1 and --nproc-per-cell >= 1, got {jobs} and {nproc_per_cell}")
+    out, progress = Path(out).resolve(), progress or StudyProgress()
+    t0 = time.monotonic()
+    dev = resolve_device(device)
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":
+        # tiny models on a few cores: one intra-op thread per process is several times faster
+        # (no oversubscription); parallelism comes from --jobs instead
+        torch.set_num_threads(1)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        cells = plan_cells(spec, out)
+        check_probes(spec)  # a bad probe setting fails now, not after hours of training
+        if spec_text is not None:
+            atomic_write_text(out / "spec.toml", spec_text)
+        info = train_cells(cells, out, device=device, jobs=jobs, nproc_per_cell=nproc_per_cell,
+                           progress=progress) if cells else {}
+        result = assemble(spec, out, cells, info, dev, progress, t0, device)
+        write_cells_csv(result, out / "cells.csv")
+        write_summary_json(result, out / "summary.json")
+        write_report(result, out / "report.html")
+        return result
+    finally:
+        torch.set_num_threads(threads)
+        progress.close()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--cell":
+        sys.exit(_cell_main(sys.argv[2]))
+    sys.exit("usage: python -m trainers.study --cell JOB.json  (kdprobe study runs this for --jobs > 1)")

@@ -189,7 +189,9 @@ def main() -> None:
                        f"torch {torch.__version__}", "load_average_1min_start_end": [load0, os.getloadavg()[0]],
             "model": args.model, "samples": len(y),
             "grid": f"{args.steps}x{args.steps}", "points": n, "rounds": args.rounds,
-            "max_rel_diff_kdprobe_fp32_vs_serial": float((np.abs(kd - ref) / np.abs(ref)).max()), "rows": rows}
+            "max_rel_diff_kdprobe_fp32_vs_serial": float((np.abs(kd - ref) / np.abs(ref)).max()),
+            "max_rel_diff_kdprobe_auto_vs_serial": float((np.abs(results["kdprobe auto (bf16)"] - ref) / np.abs(ref)).max()),
+            "rows": rows}
     print(f"{args.model}, {len(y)} CIFAR-10 test images, {args.steps}x{args.steps} grid, {args.rounds} rounds, "
           f"{info['machine']}, load average {load0:.1f} -> {os.getloadavg()[0]:.1f}")
     print(f"{'method':<34}{'points/s mean':>14}{'std':>8}{'best':>8}{'x serial':>10}")
@@ -197,7 +199,8 @@ def main() -> None:
         print(f"{row['method']:<34}{row['points_per_s_mean']:>14.2f}{row['points_per_s_std']:>8.2f}"
               f"{row['points_per_s_best']:>8.2f}{row['speedup_vs_serial']:>10.2f}")
     print(f"kdprobe fp32 vs serial loop, same plane: max relative loss difference = "
-          f"{info['max_rel_diff_kdprobe_fp32_vs_serial']:.1e}")
+          f"{info['max_rel_diff_kdprobe_fp32_vs_serial']:.1e} (auto/bf16: "
+          f"{info['max_rel_diff_kdprobe_auto_vs_serial']:.1e})")
     out = ROOT / "bench" / "out" / "landscape_bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(info, indent=2) + "\n")

@@ -105,3 +105,67 @@ def test_snapshot_epochs_write_intermediate_checkpoints(tmp_path):
     from kdprobe.evaluate import evaluate
     d = load_dataset("digits")
     assert evaluate(ck1.model, d.test_x, d.test_y, d.mean, d.std).acc == pytest.approx(ck1.meta["history"][0]["test_acc"])
+
+
+def _teacher(tmp_path):
+    t = tmp_path / "teacher.pt"
+    train(TrainConfig(**TINY), t)
+    return t
+
+
+@pytest.mark.parametrize("distill", ["label", "feature"])
+def test_kd_resume_reproduces_uninterrupted_and_teacher_is_untouched(tmp_path, distill):
+    t = _teacher(tmp_path)
+    before = {k: v.clone() for k, v in load_checkpoint(t).model.state_dict().items()}
+    teacher_bytes = t.read_bytes()
+    cfg = TrainConfig(**TINY, distill=distill, teacher=str(t), augment="cutmix")
+    ref = train(cfg, tmp_path / "ref.pt").path
+    out = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out, stop_after_steps=3)
+    train(cfg, out)
+    assert _payload_equal(ref, out)
+    assert t.read_bytes() == teacher_bytes  # the teacher file is never rewritten
+    after = load_checkpoint(t).model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN buffers
+
+
+def test_teacher_module_is_not_modified_by_a_student_epoch(tmp_path, monkeypatch):
+    """The in-memory teacher (weights and BN running stats) is the same after training."""
+    import trainers.loop as loop
+    t = _teacher(tmp_path)
+    seen = {}
+    real = loop._teacher_info
+
+    def spy(config, device):
+        model, info = real(config, device)
+        seen["model"], seen["before"] = model, {k: v.clone() for k, v in model.state_dict().items()}
+        return model, info
+    monkeypatch.setattr(loop, "_teacher_info", spy)
+    train(TrainConfig(**TINY, distill="label", teacher=str(t)), tmp_path / "s.pt")
+    after = seen["model"].state_dict()
+    assert all(torch.equal(seen["before"][k], after[k]) for k in after)
+    assert not seen["model"].training
+
+
+def test_weight_masks_survive_finetuning_and_resume(tmp_path):
+    from kdprobe.pruning import prune_checkpoint
+    src = _teacher(tmp_path)
+    pruned = tmp_path / "w.pt"
+    prune_checkpoint(src, "weight", "0.4", pruned)
+    masks = load_checkpoint(pruned).extra["masks"]
+    cfg = TrainConfig(**dict(TINY, epochs=2), init=str(pruned), lr=0.01, schedule="constant")
+    ref = train(cfg, tmp_path / "ref.pt").path
+    out = tmp_path / "ft.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out, stop_after_steps=3)
+    train(cfg, out)
+    assert _payload_equal(ref, out)
+    ck = load_checkpoint(out)
+    sd = ck.model.state_dict()
+    for name, m in masks.items():
+        assert torch.equal(ck.extra["masks"][name], m)
+        assert (sd[name][~m.bool()] == 0).all()          # pruned weights stayed exactly zero
+    kept = sum(int(m.sum()) for m in masks.values())
+    assert kept / sum(m.numel() for m in masks.values()) == pytest.approx(0.4, abs=0.01)
+    assert ck.meta["init"]["pruning"]["method"] == "weight"

@@ -39,10 +39,20 @@ def info(
                                                                           "milestones", "weight_decay", "augment", "distill") if k in cfg))
     if meta.get("teacher"):
         t = meta["teacher"]
-        lines.append(f"teacher     {t.get('path')} ({t.get('method')}, acc {t.get('test_acc')}, sha256 {str(t.get('sha256'))[:16]}...)")
+        lines.append(f"teacher     {t.get('path')} ({t.get('method')}, acc {_num(t.get('test_acc'))}, "
+                     f"sha256 {str(t.get('sha256'))[:16]}...)")
+    if meta.get("init"):
+        i = meta["init"]
+        lines.append(f"init        {i.get('path')} ({i.get('method')}, sha256 {str(i.get('sha256'))[:16]}...)")
     if meta.get("pruning"):
         p = meta["pruning"]
-        lines.append("pruning     " + ", ".join(f"{k}={v}" for k, v in p.items()))
+        lines.append(f"pruning     {p.get('method')}, remaining {p.get('remaining')}, skip {p.get('skip') or 'none'}, "
+                     f"from {p.get('source')} (acc {_num(p.get('source_test_acc'))})")
+        for key, label in (("params", "params"), ("nonzero", "nonzero params"), ("flops", "MACs"),
+                           ("nonzero_flops", "nonzero MACs")):
+            b, a = p.get(f"{key}_before"), p.get(f"{key}_after")
+            if isinstance(b, int) and isinstance(a, int):
+                lines.append(f"            {label:<15} {b:>14,} -> {a:>14,}  ({a / max(b, 1):.3f}x)")
     if ck.extra:
         lines.append("extra       " + ", ".join(sorted(ck.extra)))
     if meta.get("versions"):
@@ -51,6 +61,10 @@ def info(
     if json:
         write_json({"path": str(ck.path), "sha256": ck.sha256, "arch": m.arch, "size": size,
                     "meta": {k: v for k, v in meta.items()}, "extra": sorted(ck.extra)}, json)
+
+
+def _num(v) -> str:
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
 def models():

@@ -89,3 +89,15 @@ def test_console_script_help_works():
     for cmd in ("train", "eval", "info", "prune", "surplus"):
         r = runner.invoke(app, [cmd, "--help"])
         assert r.exit_code == 0 and "Usage" in r.output
+
+
+def test_info_reports_sizes_before_and_after_pruning(teacher, tmp_path):
+    from kdprobe.pruning import count_params
+    out = tmp_path / "p.pt"
+    r = run("prune", teacher, "--method", "l1", "--remaining", "0.5", "--out", out)
+    assert r.exit_code == 0, r.output
+    before, after = count_params(load_checkpoint(teacher).model), count_params(load_checkpoint(out).model)
+    r = run("info", out)
+    assert r.exit_code == 0, r.output
+    line = next(ln for ln in r.output.splitlines() if ln.strip().startswith("params") and "->" in ln)
+    assert [int(v.replace(",", "")) for v in line.split()[1:4:2]] == [before, after]

@@ -169,3 +169,24 @@ def test_weight_masks_survive_finetuning_and_resume(tmp_path):
     kept = sum(int(m.sum()) for m in masks.values())
     assert kept / sum(m.numel() for m in masks.values()) == pytest.approx(0.4, abs=0.01)
     assert ck.meta["init"]["pruning"]["method"] == "weight"
+
+
+def test_partial_kd_run_resumes_after_the_folder_moves_but_not_with_another_teacher(tmp_path):
+    import shutil
+    a = tmp_path / "a"
+    a.mkdir()
+    t = a / "teacher.pt"
+    train(TrainConfig(**TINY), t)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**TINY, distill="label", teacher=str(t)), a / "s.pt", stop_after_steps=3)
+    b = tmp_path / "b"
+    shutil.move(a, b)
+    res = train(TrainConfig(**TINY, distill="label", teacher=str(b / "teacher.pt")), b / "s.pt")
+    assert res.resumed_from_epoch == pytest.approx(3 / 4)
+    # a different teacher file under the same name is a different run
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**TINY, distill="label", teacher=str(b / "teacher.pt")), b / "s2.pt", stop_after_steps=2)
+    train(TrainConfig(**TINY, seed=5), b / "teacher.pt.new")
+    shutil.move(b / "teacher.pt.new", b / "teacher.pt")
+    with pytest.raises(KdprobeError, match="different configuration"):
+        train(TrainConfig(**TINY, distill="label", teacher=str(b / "teacher.pt")), b / "s2.pt")

@@ -6,6 +6,7 @@ resumes from `OUT.partial` and ends with the same checkpoint as an uninterrupted
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -128,10 +129,14 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
     steps_per_epoch = math.ceil(n / bs)
     state = {"epoch": 0, "step": 0, "perm": None, "history": [], "sums": [0.0, 0, 0]}
     resumed = None
+    # what a partial run must match to be continued: the config, with teacher and init named by
+    # content, so a moved folder still resumes and a replaced teacher file does not
+    run_key = hashlib.sha256(json.dumps(dict(config.to_dict(), teacher=(teacher_info or {}).get("sha256"),
+                                             init=(init_info or {}).get("sha256")), sort_keys=True).encode()).hexdigest()
     ppath = partial_path(out)
     if ppath.exists():
         saved = read_payload(ppath)
-        if saved.get("fingerprint") != config.fingerprint():
+        if saved.get("run_key") != run_key:
             raise KdprobeError(f"{ppath} is a partial run of a different configuration; delete it or pass --overwrite to start afresh")
         student.load_state_dict(saved["student"])
         opt.load_state_dict(saved["optimizer"])
@@ -150,7 +155,7 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
                                f"the last good state is kept in {ppath}; lower --lr or check the data")
         if not ddp.is_main:
             return
-        payload = {"version": STATE_VERSION, "fingerprint": config.fingerprint(), "student": student.state_dict(),
+        payload = {"version": STATE_VERSION, "run_key": run_key, "student": student.state_dict(),
                    "optimizer": opt.state_dict(), "gen": gen.get_state(), "masks": masks, **state}
         with atomic_path(ppath) as tmp:
             torch.save(payload, tmp)

@@ -54,10 +54,10 @@ def diversity(
     from tqdm import tqdm
 
     from kdprobe.checkpoint import load_checkpoint
-    from kdprobe.data import load_dataset, normalize
+    from kdprobe.data import load_dataset
     from kdprobe.diversity_table import DiversitySettings, DiversityTable, ModelScore, summarize_groups
     from kdprobe.errors import KdprobeError
-    from kdprobe.probes.diversity import BN_MODES, OUTPUTS, VARIANTS, jacobian_scores, probe_indices
+    from kdprobe.probes.diversity import BN_MODES, OUTPUTS, VARIANTS, jacobian_scores, probe_batches
     from kdprobe.stats import INTERVALS
     from kdprobe.writers.diversity_files import write_diversity_csv, write_diversity_json
     from kdprobe.writers.diversity_plot import write_diversity_html
@@ -100,8 +100,7 @@ def diversity(
                            f"({tuple(x_all.shape[1:])} inputs, --output {output}), got {batch_size}; the correlation "
                            f"matrix would be singular, so use --batch-size {min(row - 1, len(x_all))} or --output full")
 
-    idx = probe_indices(len(x_all), runs, batch_size, seed)
-    batches = [normalize(x_all[i], data.mean, data.std).to(dev) for i in idx]
+    batches = [b.to(dev) for b in probe_batches(data, split, runs, batch_size, seed)]
     opts = dict(variant=variant, bn=bn, output=output, k=k)
     scores = []
     for ck in tqdm(loaded, desc="diversity", unit="ckpt", file=sys.stderr, dynamic_ncols=True):

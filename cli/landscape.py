@@ -38,7 +38,7 @@ def _setup(device: str):
 
 def _load_samples(ck, dataset, data_dir, split, samples, dev):
     """The first `samples` examples of `split` (no augmentation), normalized, on `dev`."""
-    from kdprobe.data import load_dataset, normalize
+    from kdprobe.data import load_dataset
     from kdprobe.errors import KdprobeError
 
     if split not in ("train", "test"):
@@ -47,16 +47,14 @@ def _load_samples(ck, dataset, data_dir, split, samples, dev):
     if not name:
         raise KdprobeError(f"{ck.path} records no dataset; pass --dataset")
     data = load_dataset(name, data_dir or ck.meta.get("data_dir"))
-    x_all, y_all = data.split(split)
     if samples < 0:
         raise KdprobeError(f"expected --samples >= 0 (0 = the whole split), got {samples}")
-    n = len(y_all) if samples == 0 else min(samples, len(y_all))
-    y = y_all[:n]
-    seen = len(set(y.tolist()))
+    x, y = data.head(split, samples)
+    n, seen = len(y), len(set(y.tolist()))
     if seen < data.num_classes:
         typer.echo(f"note: the first {n} {split} examples cover {seen} of {data.num_classes} classes "
                    f"(the split is stored in that order); raise --samples to cover more", err=True)
-    return name, normalize(x_all[:n], data.mean, data.std).to(dev), y.to(dev)
+    return name, x.to(dev), y.to(dev)
 
 
 def _paths(out: Path, h5: Optional[Path], html: bool):

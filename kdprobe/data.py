@@ -70,6 +70,14 @@ class TensorData:
             raise KdprobeError(f"expected split 'train' or 'test', got {which!r}")
         return (self.train_x, self.train_y) if which == "train" else (self.test_x, self.test_y)
 
+    def head(self, which: str, n: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first n examples of a split (0 = all), normalized, no augmentation: (x float, y)."""
+        x, y = self.split(which)
+        if n < 0:
+            raise KdprobeError(f"expected a sample count >= 0 (0 = the whole split), got {n}")
+        n = len(y) if n == 0 else min(n, len(y))
+        return normalize(x[:n], self.mean, self.std), y[:n]
+
     def to(self, device: torch.device | str) -> "TensorData":
         """The same data on another device (one copy; batches are then indexed there)."""
         return replace(self, **{k: getattr(self, k).to(device) for k in ("train_x", "train_y", "test_x", "test_y")})

@@ -1,7 +1,6 @@
 """Shared fixtures: tiny models and tiny data, so the suite stays fast on 2 CPU cores."""
 from __future__ import annotations
 
-import tarfile
 from pathlib import Path
 
 import pytest

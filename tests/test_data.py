@@ -72,7 +72,7 @@ def test_cifar10_binary_format(tmp_path):
     base.mkdir()
     rng = np.random.RandomState(0)
     data = rng.randint(0, 256, (4, 3072), dtype=np.uint8)
-    files = {}
+
     for name, _ in torchvision.datasets.CIFAR10.train_list + torchvision.datasets.CIFAR10.test_list:
         with open(base / name, "wb") as f:
             pickle.dump({"data": data, "labels": [0, 1, 2, 3]}, f)

@@ -1,6 +1,5 @@
 """torchrun with 2 CPU processes (gloo) trains the same recipe as 1 process, within tolerance."""
 import os
-import shutil
 import subprocess
 import sys
 

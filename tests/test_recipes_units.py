@@ -1,7 +1,6 @@
 """Unit tests of the recipe building blocks: augmentations and KD losses (CPU, tiny)."""
 import math
 
-import numpy as np
 import pytest
 import scipy.stats
 import torch

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from kdprobe.checkpoint import library_versions, load_checkpoint, read_payload, save_checkpoint
 from kdprobe.data import TensorData, load_dataset

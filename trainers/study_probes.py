@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from kdprobe.checkpoint import library_versions, load_checkpoint, read_payload
-from kdprobe.data import load_dataset, normalize
+from kdprobe.data import load_dataset
 from kdprobe.diversity_table import DiversitySettings, DiversityTable, ModelScore, summarize_groups
 from kdprobe.errors import KdprobeError
 from kdprobe.study_result import CellRecord, LandscapeRecord, PruningBlock, StudyResult
@@ -96,15 +96,13 @@ def _accuracy(spec: StudySpec, records: list[CellRecord], confidence: float, int
 
 
 def _diversity(spec: StudySpec, cells, out: Path, dev: torch.device, progress) -> tuple[DiversityTable, dict]:
-    from kdprobe.probes.diversity import jacobian_scores, probe_indices
+    from kdprobe.probes.diversity import jacobian_scores, probe_batches
     from kdprobe.writers.diversity_files import write_diversity_csv, write_diversity_json
     from kdprobe.writers.diversity_plot import write_diversity_html
 
     d = spec.diversity
     data = _data(spec)
-    x_all, _ = data.split(d.split)
-    batches = [normalize(x_all[i], data.mean, data.std).to(dev)
-               for i in probe_indices(len(x_all), d.runs, d.batch_size, d.seed)]
+    batches = [b.to(dev) for b in probe_batches(data, d.split, d.runs, d.batch_size, d.seed)]
     chosen = [c for m in d.methods for c in cells if c.method == m and c.in_study]
     bar = progress.training("diversity")
     bar.start(len(chosen), 0, "diversity")
@@ -176,9 +174,8 @@ def _landscapes(spec: StudySpec, cells, out: Path, dev: torch.device, progress) 
 
     ls = spec.landscape
     data = _data(spec)
-    x_all, y_all = data.split(ls.split)
-    n = len(y_all) if ls.samples == 0 else min(ls.samples, len(y_all))
-    x, y = normalize(x_all[:n], data.mean, data.std).to(dev), y_all[:n].to(dev)
+    x, y = data.head(ls.split, ls.samples)
+    x, y, n = x.to(dev), y.to(dev), len(y)
     xs, ys = parse_grid(ls.x), parse_grid(ls.y)
     key = {"x": ls.x, "y": ls.y, "samples": n, "split": ls.split, "bn": ls.bn,
            "precision": resolve_precision(ls.precision, dev), "seed": ls.seed, "include_bn": ls.include_bn}

@@ -295,3 +295,11 @@ def probe_indices(n_total: int, runs: int, batch_size: int, seed: int = 0) -> li
         raise KdprobeError(f"expected a batch size between 2 and the {n_total} available images, got {batch_size}")
     g = torch.Generator().manual_seed(int(seed))
     return [torch.randperm(n_total, generator=g)[:batch_size] for _ in range(runs)]
+
+
+def probe_batches(data, split: str, runs: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
+    """The R fixed probe batches of a TensorData split: seeded indices, normalized, no augmentation."""
+    from kdprobe.data import normalize
+
+    x_all, _ = data.split(split)
+    return [normalize(x_all[i], data.mean, data.std) for i in probe_indices(len(x_all), runs, batch_size, seed)]

@@ -1,6 +1,7 @@
 """`kdprobe eval`: loss and accuracy of checkpoints, as a table and CSV/JSON."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -23,6 +24,7 @@ def evaluate(
 ):
     """Evaluate checkpoints (no augmentation, BN in eval mode)."""
     import torch
+    from tqdm import tqdm
 
     from kdprobe.checkpoint import load_checkpoint
     from kdprobe.data import load_dataset
@@ -34,7 +36,8 @@ def evaluate(
         raise KdprobeError(f"expected --split test, train or both; got {split!r}")
     dev = resolve_device(device)
     cache, rows = {}, []
-    for p in expand_paths(checkpoints):
+    paths = expand_paths(checkpoints)
+    for p in tqdm(paths, desc="eval", unit="ckpt", file=sys.stderr, dynamic_ncols=True, disable=len(paths) < 2):
         ck = load_checkpoint(p, arch=arch, map_location=dev)
         name = dataset or ck.meta.get("dataset")
         if not name:

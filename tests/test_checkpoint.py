@@ -104,3 +104,16 @@ def test_missing_and_corrupt_files(tmp_path):
     (tmp_path / "trunc.pt").write_bytes(good.read_bytes()[:300])
     with pytest.raises(KdprobeError, match="corrupt, truncated"):
         load_checkpoint(tmp_path / "trunc.pt")
+
+
+def test_foreign_vgg_with_other_layer_names_and_cfg_loads(tmp_path):
+    """rethinking-network-pruning names VGG layers `feature.N` and stores a slimmed `cfg`."""
+    cfg = [8, "M", 16, "M", 16, 16, "M", 32, "M", 32]
+    src = create_model("vgg19_bn", num_classes=10, cfg=cfg)
+    sd = {k.replace("features.", "feature."): v for k, v in src.state_dict().items()}
+    torch.save({"state_dict": sd, "cfg": cfg, "epoch": 160, "best_prec1": 0.93}, tmp_path / "vgg.pth.tar")
+    ck = load_checkpoint(tmp_path / "vgg.pth.tar", arch="vgg19")
+    assert ck.model.arch["kwargs"]["cfg"] == cfg
+    assert _same_weights(ck.model, src)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(ck.model(x), src.eval()(x))

@@ -110,7 +110,7 @@ class TqdmProgress:
 
     def step(self, n, postfix):
         self.bar.update(n)
-        if self.bar.n % 10 == 0:
+        if postfix and self.bar.n % 10 == 0:
             self.bar.set_postfix(postfix, refresh=False)
 
     def epoch(self, record):

@@ -152,7 +152,8 @@ def test_report_and_summary_numbers_come_from_the_checkpoints(done):
 
     _, out, res = done
     page = (out / "report.html").read_text()
-    assert page.count("* plotly.js v") == 1 and page.count("Plotly.newPlot") == 1  # one bundle, one figure
+    # one plotly.js bundle; two figures: the diversity strip plot and the landscape group
+    assert page.count("* plotly.js v") == 1 and page.count("Plotly.newPlot") == 2
     summary = json.loads((out / "summary.json").read_text())
     acc = {}
     for c in summary["cells"]:

@@ -16,7 +16,7 @@ def _finite_or_none(x: float):
     return None if x is None or not math.isfinite(x) else x
 
 
-def write_diversity_html(table, path: str | os.PathLike) -> None:
+def diversity_figure(table) -> go.Figure:
     """Strip plot of per-checkpoint scores with group means +- the confidence half-width."""
     st = table.settings
     names = [g.group for g in table.groups]
@@ -55,5 +55,10 @@ def write_diversity_html(table, path: str | os.PathLike) -> None:
     if any(g.uses_batch_values for g in table.groups):
         fig.add_annotation(text="* one checkpoint: spread over its probe batches, not over models",
                            xref="paper", yref="paper", x=0, y=-0.15, showarrow=False, font=dict(size=11))
+    return fig
+
+
+def write_diversity_html(table, path: str | os.PathLike) -> None:
+    """The diversity figure as a self-contained offline page (plotly.js inlined)."""
     with atomic_path(path) as tmp:
-        fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)
+        diversity_figure(table).write_html(str(tmp), include_plotlyjs=True, full_html=True)

@@ -18,6 +18,7 @@ import numpy as np
 
 from kdprobe.io import atomic_write_text
 from kdprobe.study_result import StudyResult, to_dict
+from kdprobe.writers.diversity_plot import diversity_figure
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1400px;color:#222;
@@ -109,7 +110,8 @@ def _diversity(r: StudyResult) -> str:
               f"on {_e(s.dataset)}: N = {s.batch_size} inputs per batch, {s.runs} batches per checkpoint "
               f"(split {_e(s.split)}, probe seed {s.seed}), bn = {_e(s.bn)}, output = {_e(s.output)}, "
               f"k = {s.k:g}. Unit = one checkpoint (its mean over the batches); "
-              f"{_stats_note(s.confidence, s.interval, s.reference)} Files: {links}</p>")
+              f"{_stats_note(s.confidence, s.interval, s.reference)} Files: {links}</p>"
+            + diversity_figure(t).to_html(full_html=False, include_plotlyjs=False, config={"responsive": True}))
 
 
 def _surface_traces(rec, display):
@@ -246,7 +248,8 @@ def report_html(result: StudyResult) -> str:
         ("accuracy", "accuracy", r.accuracy), ("diversity", "diversity", r.diversity),
         ("landscapes", "landscapes", r.landscapes), ("surplus", "surplus", r.pruning), ("cells", "cells", r.cells),
         ("settings", "settings", True)) if b)
-    script = f"<script type='text/javascript'>{get_plotlyjs()}</script>" if r.landscapes else ""
+    has_figure = bool(r.landscapes) or r.diversity is not None
+    script = f"<script type='text/javascript'>{get_plotlyjs()}</script>" if has_figure else ""
     head = (f"<meta charset='utf-8'><title>kdprobe study {_e(r.name)}</title><style>{_CSS}</style>{script}")
     n_cells = len(r.cells) + sum(b.cells_total for b in r.pruning)
     top = (f"<h1>kdprobe study: {_e(r.name)}</h1><p>{_e(r.title)}</p>"

@@ -76,8 +76,21 @@ def table(rows: Sequence[dict], columns: Sequence[str] | None = None, digits: in
     columns = list(columns or rows[0].keys())
     cells = [[fmt(r.get(c), digits) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))  # noqa: E731
+    # numbers right-aligned (digits line up), text left-aligned
+    numeric = [all(_is_number(row[i]) for row in cells) for i in range(len(columns))]
+    line = lambda vals: "  ".join(v.rjust(w) if num else v.ljust(w)  # noqa: E731
+                                  for v, w, num in zip(vals, widths, numeric)).rstrip()
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def _is_number(text: str) -> bool:
+    if text in ("", "-", "nan"):
+        return True
+    try:
+        float(text.replace(",", "").replace("±", "0").split()[0])
+        return True
+    except ValueError:
+        return False
 
 
 def write_rows_csv(rows: Sequence[dict], path: Path) -> None:

@@ -149,9 +149,15 @@ def _infer_kwargs(name: str, sd: dict, hints: dict) -> dict:
         kw["num_classes"] = int(linears[-1].shape[0])
     if convs:
         kw["in_channels"] = int(convs[0].shape[1])
+    params = inspect.signature(_FACTORIES[name]).parameters
     if "cfg" in hints:
-        params = inspect.signature(_FACTORIES[name]).parameters
         kw["cfg" if "cfg" in params else "block_cfg"] = hints["cfg"]
+    if convs and "width" in params and "cfg" not in hints:
+        # a width multiplier shows in the stem: the file's first conv has width x the default filters
+        default = create_model(name, **kw).state_dict()
+        first = next(v for v in default.values() if v.dim() == 4)
+        if first.shape[0] != convs[0].shape[0]:
+            kw["width"] = convs[0].shape[0] / first.shape[0]
     return kw
 
 
@@ -193,7 +199,8 @@ def load_checkpoint(path, *, arch: str | None = None, arch_kwargs: dict | None =
         meta, extra, foreign = dict(obj.get("meta", {})), dict(obj.get("extra", {})), False
     else:
         if arch is None:
-            raise KdprobeError(f"{path} is not a kdprobe checkpoint (no architecture recorded); name it with --arch (e.g. --arch resnet56a)")
+            raise KdprobeError(f"{path} is not a kdprobe checkpoint (no architecture recorded); name its architecture "
+                               "with --arch (--teacher-arch for a teacher), e.g. --arch resnet56a")
         name = canonical_name(arch)
         sd, hints = _foreign_state_dict(obj, path)
         kwargs = {**_infer_kwargs(name, sd, hints), **(arch_kwargs or {})}

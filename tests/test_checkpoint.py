@@ -117,3 +117,10 @@ def test_foreign_vgg_with_other_layer_names_and_cfg_loads(tmp_path):
     assert _same_weights(ck.model, src)
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(ck.model(x), src.eval()(x))
+
+
+def test_foreign_width_multiplier_is_inferred_from_the_stem(tmp_path):
+    src = create_model("resnet8b", num_classes=10, in_channels=1, width=0.5)
+    torch.save({"model": src.state_dict()}, tmp_path / "f.pth")
+    ck = load_checkpoint(tmp_path / "f.pth", arch="resnet8b")
+    assert ck.model.arch["kwargs"]["width"] == 0.5 and _same_weights(ck.model, src)

@@ -12,6 +12,20 @@ from trainers.loop import log_path, partial_path, train
 TINY = dict(model="resnet8b", model_kwargs={"width": 0.25}, dataset="digits", train_subset=256, epochs=2, batch_size=64)
 
 
+def _resume_matches_uninterrupted(cfg, tmp_path, stop_at):
+    """Train cfg uninterrupted and, separately, killed after `stop_at` steps then resumed; returns the resumed run."""
+    ref = train(cfg, tmp_path / "ref.pt").path
+    out = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out, stop_after_steps=stop_at)
+    assert partial_path(out).exists() and not out.exists()
+    res = train(cfg, out)
+    # every tensor bit for bit and all metadata equal (the zip's bytes differ only by the
+    # random serialization id torch.save writes into every file)
+    assert _payload_equal(ref, out)
+    return res
+
+
 def _payload_equal(a, b):
     pa, pb = read_payload(a), read_payload(b)
     sa, sb = pa["state_dict"], pb["state_dict"]
@@ -41,17 +55,8 @@ def test_same_seed_same_checkpoint_and_different_seed_differs(tmp_path):
 
 @pytest.mark.parametrize("stop_at", [5, 4 + 4])  # mid-epoch, and exactly at an epoch boundary (4 steps/epoch)
 def test_resume_after_interruption_equals_uninterrupted(tmp_path, stop_at):
-    cfg = TrainConfig(**TINY, augment="cutmix")
-    ref = train(cfg, tmp_path / "ref.pt").path
-    out = tmp_path / "run.pt"
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, out, stop_after_steps=stop_at)
-    assert partial_path(out).exists() and not out.exists()
-    res = train(cfg, out)
+    res = _resume_matches_uninterrupted(TrainConfig(**TINY, augment="cutmix"), tmp_path, stop_at)
     assert res.resumed_from_epoch == pytest.approx(stop_at / 4)
-    # every tensor bit for bit and all metadata equal (the zip's bytes differ only by the
-    # random serialization id torch.save writes into every file)
-    assert _payload_equal(ref, out)
 
 
 def test_partial_state_of_another_config_is_not_mixed_in(tmp_path):
@@ -118,13 +123,7 @@ def test_kd_resume_reproduces_uninterrupted_and_teacher_is_untouched(tmp_path, d
     t = _teacher(tmp_path)
     before = {k: v.clone() for k, v in load_checkpoint(t).model.state_dict().items()}
     teacher_bytes = t.read_bytes()
-    cfg = TrainConfig(**TINY, distill=distill, teacher=str(t), augment="cutmix")
-    ref = train(cfg, tmp_path / "ref.pt").path
-    out = tmp_path / "run.pt"
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, out, stop_after_steps=3)
-    train(cfg, out)
-    assert _payload_equal(ref, out)
+    _resume_matches_uninterrupted(TrainConfig(**TINY, distill=distill, teacher=str(t), augment="cutmix"), tmp_path, 3)
     assert t.read_bytes() == teacher_bytes  # the teacher file is never rewritten
     after = load_checkpoint(t).model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN buffers
@@ -155,13 +154,7 @@ def test_weight_masks_survive_finetuning_and_resume(tmp_path):
     prune_checkpoint(src, "weight", "0.4", pruned)
     masks = load_checkpoint(pruned).extra["masks"]
     cfg = TrainConfig(**dict(TINY, epochs=2), init=str(pruned), lr=0.01, schedule="constant")
-    ref = train(cfg, tmp_path / "ref.pt").path
-    out = tmp_path / "ft.pt"
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, out, stop_after_steps=3)
-    train(cfg, out)
-    assert _payload_equal(ref, out)
-    ck = load_checkpoint(out)
+    ck = load_checkpoint(_resume_matches_uninterrupted(cfg, tmp_path, 3).path)
     sd = ck.model.state_dict()
     for name, m in masks.items():
         assert torch.equal(ck.extra["masks"][name], m)

@@ -183,3 +183,18 @@ def test_cli_runs_the_pipeline_and_prints_both_tables(tmp_path):
     assert again.exit_code == 0 and again.output.count("skip (exists") == 9
     bad = CliRunner().invoke(app, args[:-3] + ["--finetune-epochs", "2", "--quiet"])
     assert bad.exit_code == 1 and "use a new --out" in bad.output
+
+
+def test_a_cell_interrupted_mid_training_resumes(done, tmp_path):
+    from trainers.pipeline import cell_config
+    out = _copy(done, tmp_path)
+    cell = next(c for c in plan_cells(PipelineSpec(**SPEC)) if c.name == "pre_post-label")
+    path = out / cell.file
+    path.unlink()
+    with pytest.raises(KeyboardInterrupt):  # killed mid-cell: only the partial state is left
+        loop.train(cell_config(PipelineSpec(**SPEC), cell, out.resolve()), path, stop_after_steps=2)
+    assert loop.partial_path(path).exists()
+    run_pruning_pipeline(PipelineSpec(**SPEC), out, device="cpu")
+    assert not loop.partial_path(path).exists()
+    after, before = _outputs(out), _outputs(done[0])  # the resumed cell ends where the first run did
+    assert all(after[n] == before[n] for n in ("results.csv", "surplus.csv", "surplus.json"))

@@ -19,7 +19,7 @@ from kdprobe.checkpoint import library_versions, load_checkpoint, read_payload, 
 from kdprobe.data import TensorData, load_dataset
 from kdprobe.errors import KdprobeError
 from kdprobe.evaluate import evaluate
-from kdprobe.io import atomic_path, atomic_write_text
+from kdprobe.io import atomic_path, atomic_write_text, sha256_file
 from kdprobe.models import create_model
 from kdprobe.pruning import apply_masks, bn_sparsity_step
 from trainers.config import TrainConfig
@@ -90,6 +90,19 @@ def _build_model(config: TrainConfig, data: TensorData):
     return model, {}, None
 
 
+def run_key(config: TrainConfig) -> str:
+    """What a partial run must match to be continued: the config with teacher and init named by
+    content (sha256), so a moved folder still resumes and a replaced teacher file does not."""
+    sha = lambda p: sha256_file(p) if p and Path(p).exists() else None  # noqa: E731
+    named = dict(config.to_dict(), teacher=sha(config.teacher), init=sha(config.init))
+    return hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()
+
+
+def partial_matches(config: TrainConfig, out) -> bool:
+    """True when OUT.partial is a killed run of exactly this config (so train() will continue it)."""
+    return read_payload(partial_path(Path(out))).get("run_key") == run_key(config)
+
+
 def snapshot_path(out: Path, epoch: int) -> Path:
     """Where `snapshot_epochs` puts the checkpoint of the model at the end of `epoch`."""
     return out.with_name(f"{out.stem}-epoch{epoch}{out.suffix}")
@@ -129,14 +142,11 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
     steps_per_epoch = math.ceil(n / bs)
     state = {"epoch": 0, "step": 0, "perm": None, "history": [], "sums": [0.0, 0, 0]}
     resumed = None
-    # what a partial run must match to be continued: the config, with teacher and init named by
-    # content, so a moved folder still resumes and a replaced teacher file does not
-    run_key = hashlib.sha256(json.dumps(dict(config.to_dict(), teacher=(teacher_info or {}).get("sha256"),
-                                             init=(init_info or {}).get("sha256")), sort_keys=True).encode()).hexdigest()
+    key = run_key(config)
     ppath = partial_path(out)
     if ppath.exists():
         saved = read_payload(ppath)
-        if saved.get("run_key") != run_key:
+        if saved.get("run_key") != key:
             raise KdprobeError(f"{ppath} is a partial run of a different configuration; delete it or pass --overwrite to start afresh")
         student.load_state_dict(saved["student"])
         opt.load_state_dict(saved["optimizer"])
@@ -155,7 +165,7 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
                                f"the last good state is kept in {ppath}; lower --lr or check the data")
         if not ddp.is_main:
             return
-        payload = {"version": STATE_VERSION, "run_key": run_key, "student": student.state_dict(),
+        payload = {"version": STATE_VERSION, "run_key": key, "student": student.state_dict(),
                    "optimizer": opt.state_dict(), "gen": gen.get_state(), "masks": masks,
                    **dict(state, sums=torch.as_tensor(state["sums"]).tolist())}
         with atomic_path(ppath) as tmp:

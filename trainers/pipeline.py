@@ -281,8 +281,7 @@ def _precheck(spec: PipelineSpec, cells: list[Cell], out_dir: Path, prune_want: 
         if path.exists():
             _existing(spec, cell, path, out_dir, prune_want, upstream_too=False)
         elif cell.kind == "train" and loop.partial_path(path).exists():
-            saved = read_payload(loop.partial_path(path)).get("fingerprint")
-            if saved != cell_config(spec, cell, out_dir).fingerprint():
+            if not loop.partial_matches(cell_config(spec, cell, out_dir), path):
                 raise KdprobeError(f"{loop.partial_path(path)} is a partial run of another configuration; "
                                    "delete it or use a new --out")
 

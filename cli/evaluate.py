@@ -39,10 +39,7 @@ def evaluate(
     paths = expand_paths(checkpoints)
     for p in tqdm(paths, desc="eval", unit="ckpt", file=sys.stderr, dynamic_ncols=True, disable=len(paths) < 2):
         ck = load_checkpoint(p, arch=arch, map_location=dev)
-        name = dataset or ck.meta.get("dataset")
-        if not name:
-            raise KdprobeError(f"{p} records no dataset; pass --dataset")
-        ddir = data_dir or ck.meta.get("data_dir")
+        name, ddir = ck.data_source(dataset, data_dir)
         key = (name, str(ddir))
         if key not in cache:
             cache[key] = load_dataset(name, ddir)

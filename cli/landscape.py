@@ -24,16 +24,10 @@ RESUME_KEYS = ("checkpoint_sha256", "dataset", "split", "samples", "bn", "precis
 
 def _setup(device: str):
     """Device for this process and (rank, world): joins torchrun's group when WORLD_SIZE > 1."""
-    import torch
+    from trainers.distributed import DistContext
 
-    from kdprobe.probes.distributed import init_from_env, local_rank
-    from trainers.loop import resolve_device
-
-    dev = resolve_device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank())  # one GPU per torchrun rank
-        torch.cuda.set_device(dev)
-    return dev, init_from_env(dev)
+    ctx = DistContext.from_env(device)  # the same device/process-group rule as training
+    return ctx.device, (ctx.rank, ctx.world_size)
 
 
 def _load_samples(ck, dataset, data_dir, split, samples, dev):
@@ -43,10 +37,8 @@ def _load_samples(ck, dataset, data_dir, split, samples, dev):
 
     if split not in ("train", "test"):
         raise KdprobeError(f"expected --split train or test, got {split!r}")
-    name = dataset or ck.meta.get("dataset")
-    if not name:
-        raise KdprobeError(f"{ck.path} records no dataset; pass --dataset")
-    data = load_dataset(name, data_dir or ck.meta.get("data_dir"))
+    name, ddir = ck.data_source(dataset, data_dir)
+    data = load_dataset(name, ddir)
     if samples < 0:
         raise KdprobeError(f"expected --samples >= 0 (0 = the whole split), got {samples}")
     x, y = data.head(split, samples)

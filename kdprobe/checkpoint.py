@@ -46,6 +46,13 @@ class LoadedCheckpoint:
     def method(self) -> str:
         return str(self.meta.get("method", "unknown"))
 
+    def data_source(self, dataset: str | None = None, data_dir=None) -> tuple[str, object]:
+        """(dataset name, data dir) to evaluate on: the given ones, else what the checkpoint recorded."""
+        name = dataset or self.meta.get("dataset")
+        if not name:
+            raise KdprobeError(f"{self.path} records no dataset; pass --dataset")
+        return name, data_dir or self.meta.get("data_dir")
+
 
 def library_versions() -> dict:
     """Versions that decide whether a result reproduces."""

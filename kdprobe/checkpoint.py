@@ -25,7 +25,7 @@ import torch.nn as nn
 from kdprobe.errors import KdprobeError
 from kdprobe.io import atomic_path, sha256_file
 from kdprobe.models import create_model
-from kdprobe.models.registry import _FACTORIES, canonical_name
+from kdprobe.models.registry import canonical_name, factory
 
 FORMAT = "kdprobe-checkpoint"
 FORMAT_VERSION = 1
@@ -156,7 +156,7 @@ def _infer_kwargs(name: str, sd: dict, hints: dict) -> dict:
         kw["num_classes"] = int(linears[-1].shape[0])
     if convs:
         kw["in_channels"] = int(convs[0].shape[1])
-    params = inspect.signature(_FACTORIES[name]).parameters
+    params = inspect.signature(factory(name)).parameters
     if "cfg" in hints:
         kw["cfg" if "cfg" in params else "block_cfg"] = hints["cfg"]
     if convs and "width" in params and "cfg" not in hints:

@@ -1,16 +1,26 @@
 """One model registry: `create_model(name, **kwargs)` is the only way to build a model.
 
-Every registered factory returns an nn.Module with
-  forward_features(x) -> last feature map before pooling, shape (N, C, H, W)
-  forward_head(f)     -> logits, shape (N, num_classes)
-  forward(x)          == forward_head(forward_features(x))
-  feature_channels    -> C of that feature map (feature KD builds its regressor from it)
-and carries `model.arch = {"name": canonical_name, "kwargs": {...}}`, which is exactly
-what a checkpoint stores to rebuild it (pruned widths included).
+Names:
+  resnet56a, vgg19_bn, ...        kdprobe's own architectures (static registrations)
+  repdistiller:resnet8x4, ...     other codebases' architectures, named by source (static)
+  torchvision:resnet18, python:pkg.mod:factory
+                                  dynamic sources: a resolver turns the part after the prefix
+                                  into a factory (see `register_source`)
+
+Every model built here carries `model.arch = {"name": canonical_name, "kwargs": {...}}`,
+which is exactly what a checkpoint stores to rebuild it (pruned widths included). kdprobe's
+own families also provide forward_features(x) / forward_head(f) / feature_channels; every
+model may name the module whose output is its last feature map before pooling in
+`model.feature_layer` (a dotted module name; feature KD and probes hook it).
+
+Auto-detection of foreign checkpoints (kdprobe.detect) needs, per family, a function that
+reads the constructor's keyword arguments off a state_dict (`register_model(..., infer=fn)`),
+and knows which names compute the same function (aliases share one canonical name).
 """
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Callable
 
 import torch.nn as nn
@@ -19,38 +29,116 @@ from kdprobe.errors import KdprobeError
 
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {}
 _ALIASES: dict[str, str] = {}
+_INFER: dict[str, Callable[[dict], dict | None]] = {}
+_UNDETECTABLE: set[str] = set()
+_SOURCES: dict[str, "Source"] = {}
 
 
-def register_model(name: str, *aliases: str):
-    """Decorator: register `fn(num_classes, in_channels, **kw) -> nn.Module` under `name`."""
+@dataclass(frozen=True)
+class Source:
+    """A dynamic family of names `PREFIX:REST` (e.g. torchvision:resnet18)."""
+
+    prefix: str
+    resolve: Callable[[str], Callable[..., nn.Module]]  # REST -> factory(num_classes, in_channels, **kw)
+    canonical: Callable[[str], str]  # REST -> canonical REST (e.g. lowercased), raises KdprobeError if unknown
+    names: Callable[[], list[str]]  # the REST values worth listing (may be empty: python:...)
+    infer: Callable[[str, dict], dict | None] | None = None  # (REST, state_dict) -> kwargs
+    detectable: Callable[[], list[str]] | None = None  # REST values auto-detection tries
+
+
+def register_model(name: str, *aliases: str, infer: Callable[[dict], dict | None] | None = None,
+                   detect: bool = True):
+    """Decorator: register `fn(num_classes, in_channels, **kw) -> nn.Module` under `name`.
+
+    infer(state_dict) -> kwargs (num_classes, widths, cfg, ...) read off the tensors, or None
+    when the state_dict cannot be this family; detect=False keeps a name out of auto-detection
+    (e.g. a kdprobe-only legacy variant that no foreign file can hold).
+    """
+    name = name.strip().lower()
 
     def deco(fn):
         if name in _FACTORIES or name in _ALIASES:
             raise RuntimeError(f"model {name!r} registered twice")
         _FACTORIES[name] = fn
         for a in aliases:
-            _ALIASES[a] = name
+            _ALIASES[a.strip().lower()] = name
+        if infer is not None:
+            _INFER[name] = infer
+        if not detect:
+            _UNDETECTABLE.add(name)
         return fn
 
     return deco
 
 
+def register_source(source: Source) -> None:
+    """Register a dynamic name family (torchvision:NAME, python:MODULE:FACTORY)."""
+    if source.prefix in _SOURCES:
+        raise RuntimeError(f"source {source.prefix!r} registered twice")
+    _SOURCES[source.prefix] = source
+
+
+def _split_source(name: str) -> tuple[Source, str] | None:
+    prefix, sep, rest = name.partition(":")
+    src = _SOURCES.get(prefix.strip().lower()) if sep else None
+    return (src, rest.strip()) if src is not None else None
+
+
 def canonical_name(name: str) -> str:
     """Resolve an alias (e.g. 'resnet56' -> 'resnet56b'); unknown names fail listing the known ones."""
+    if not isinstance(name, str) or not name.strip():
+        raise KdprobeError(f"expected a model name (see `kdprobe models`), got {name!r}")
+    dyn = _split_source(name)
+    if dyn is not None:
+        src, rest = dyn
+        return f"{src.prefix}:{src.canonical(rest)}"
     name = name.strip().lower()
     name = _ALIASES.get(name, name)
     if name not in _FACTORIES:
         known = ", ".join(list_models())
-        raise KdprobeError(f"unknown model {name!r}; known models: {known}")
+        prefixes = ", ".join(f"{p}:NAME" for p in sorted(_SOURCES))
+        raise KdprobeError(f"unknown model {name!r}; known models: {known}" + (f"; and {prefixes}" if prefixes else ""))
     return name
 
 
+def factory(name: str) -> Callable[..., nn.Module]:
+    """The factory behind a (canonical or alias) name."""
+    cname = canonical_name(name)
+    dyn = _split_source(cname)
+    return dyn[0].resolve(dyn[1]) if dyn is not None else _FACTORIES[cname]
+
+
+def infer_kwargs(name: str, state_dict: dict) -> dict | None:
+    """Constructor kwargs read off a state_dict by the family's own rule; None = cannot be this family."""
+    cname = canonical_name(name)
+    dyn = _split_source(cname)
+    if dyn is not None:
+        src, rest = dyn
+        return src.infer(rest, state_dict) if src.infer is not None else {}
+    fn = _INFER.get(cname)
+    return fn(state_dict) if fn is not None else {}
+
+
+def detectable_models() -> list[str]:
+    """Canonical names auto-detection tries (static ones, then each source's list)."""
+    names = [n for n in sorted(_FACTORIES) if n not in _UNDETECTABLE]
+    for p, src in sorted(_SOURCES.items()):
+        if src.detectable is not None:
+            names += [f"{p}:{r}" for r in src.detectable()]
+    return names
+
+
 def list_models(include_aliases: bool = False) -> list[str]:
-    """Names of all registered models (canonical; aliases optionally)."""
+    """Names of all registered models (canonical; aliases optionally); dynamic sources not expanded."""
     names = sorted(_FACTORIES)
     if include_aliases:
         names += sorted(_ALIASES)
     return names
+
+
+def list_sources() -> dict[str, list[str]]:
+    """Dynamic sources: prefix -> the names worth listing."""
+    return {p: list(src.names()) for p, src in sorted(_SOURCES.items())}
 
 
 def model_aliases() -> dict[str, str]:
@@ -63,13 +151,13 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwarg
     cname = canonical_name(name)
     if num_classes < 1 or in_channels < 1:
         raise KdprobeError(f"expected num_classes >= 1 and in_channels >= 1, got {num_classes}, {in_channels}")
-    factory = _FACTORIES[cname]
+    fn = factory(cname)
     try:
-        bound = inspect.signature(factory).bind(num_classes=num_classes, in_channels=in_channels, **kwargs)
+        bound = inspect.signature(fn).bind(num_classes=num_classes, in_channels=in_channels, **kwargs)
     except TypeError as e:  # unknown keyword: say which model rejected which argument
         raise KdprobeError(f"model {cname!r} does not accept these arguments: {e}") from None
     bound.apply_defaults()
-    model = factory(*bound.args, **bound.kwargs)
+    model = fn(*bound.args, **bound.kwargs)
     # Record every argument, defaults included: a later change of a factory default must not
     # silently rebuild an old checkpoint as a different network.
     model.arch = {"name": cname, "kwargs": dict(bound.arguments)}

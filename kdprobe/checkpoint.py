@@ -23,12 +23,13 @@ import torch
 import torch.nn as nn
 
 from kdprobe.errors import KdprobeError
+from kdprobe.models.legacy import upgrade_arch  # old formats' arch names -> today's
 from kdprobe.io import atomic_path, sha256_file
 from kdprobe.models import create_model
 from kdprobe.models.registry import canonical_name, factory
 
 FORMAT = "kdprobe-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: resnetXXa is Li et al.'s avgpool shortcut (models.legacy)
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,7 @@ def load_checkpoint(path, *, arch: str | None = None, arch_kwargs: dict | None =
     if obj.get("format") == FORMAT:
         if obj.get("format_version", 0) > FORMAT_VERSION:
             raise KdprobeError(f"{path} was written by a newer kdprobe (format {obj['format_version']}); upgrade kdprobe")
-        name, kwargs = obj["arch"]["name"], dict(obj["arch"]["kwargs"])
+        name, kwargs = upgrade_arch(obj["arch"]["name"], obj["arch"]["kwargs"], obj.get("format_version", 0))
         if arch is not None and canonical_name(arch) != name:
             raise KdprobeError(f"{path} holds a {name}, not a {canonical_name(arch)}; drop --arch for kdprobe checkpoints")
         model = create_model(name, **kwargs)

@@ -21,6 +21,11 @@ TINY = {
     "pyramidnet": {"depth": 8, "alpha": 8},
     "pyramidnet110": {"alpha": 4, "base_channels": 4},
     "pyramidnet200": {"alpha": 4, "base_channels": 4},
+    "rnp-slimming:vgg19": {"cfg": [4, "M", 4, "M", 8, "M", 8, "M", 8]},
+    "rnp-slimming:preresnet164": {"depth": 11},
+    "rnp-slimming:densenet40": {"depth": 10, "growth": 2},
+    "rnp-weight:resnet56": {"width": 0.25},
+    "rnp-weight:resnet110": {"width": 0.25},
 }
 
 

@@ -60,7 +60,7 @@ def test_l1_keeps_highest_sum_abs_filters_set_by_hand():
     torch.testing.assert_close(p.layer2[0].conv2.weight, b2.conv2.weight[:, [1, 2, 3, 5, 7]])
 
 
-@pytest.mark.parametrize("name", ["resnet8a", "resnet8b"])
+@pytest.mark.parametrize("name", ["resnet8a", "resnet8a-subsample", "resnet8b"])
 def test_l1_pruned_net_equals_zeroing_the_removed_channels(name):
     m = _tiny_resnet(name)
     src_state = {k: v.clone() for k, v in m.state_dict().items()}

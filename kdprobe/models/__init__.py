@@ -2,4 +2,6 @@
 from kdprobe.models import densenet, pyramidnet, resnet, vgg  # noqa: F401  (importing registers them)
 from kdprobe.models.registry import canonical_name, create_model, list_models, model_aliases, register_model
 
+from kdprobe.models import python_source, rnp, torchvision_source  # noqa: F401,E402  (sources)
+
 __all__ = ["create_model", "list_models", "register_model", "canonical_name", "model_aliases"]

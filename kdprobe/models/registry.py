@@ -44,6 +44,7 @@ class Source:
     names: Callable[[], list[str]]  # the REST values worth listing (may be empty: python:...)
     infer: Callable[[str, dict], dict | None] | None = None  # (REST, state_dict) -> kwargs
     detectable: Callable[[], list[str]] | None = None  # REST values auto-detection tries
+    usage: str = ""  # how to write a name, for listings (e.g. "python:MODULE:FACTORY")
 
 
 def register_model(name: str, *aliases: str, infer: Callable[[dict], dict | None] | None = None,
@@ -159,6 +160,11 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwarg
     bound.apply_defaults()
     model = fn(*bound.args, **bound.kwargs)
     # Record every argument, defaults included: a later change of a factory default must not
-    # silently rebuild an old checkpoint as a different network.
-    model.arch = {"name": cname, "kwargs": dict(bound.arguments)}
+    # silently rebuild an old checkpoint as a different network. A factory's **kwargs
+    # (torchvision:, python:) are recorded flat, so create_model(name, **kwargs) rebuilds it.
+    recorded = dict(bound.arguments)
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            recorded.update(recorded.pop(p.name, {}))
+    model.arch = {"name": cname, "kwargs": recorded}
     return model

@@ -1,7 +1,16 @@
 """CIFAR ResNets of depth 6n+2 (He et al. 2016), in both shortcut variants.
 
-Option A (`resnetXXa`): parameter-free shortcut, stride-2 subsample + zero-padded channels,
-as in the pruning reference code (rethinking-network-pruning / Li et al.).
+Option A (`resnetXXa`, alias `rnp-l1:resnetXX`): parameter-free shortcut exactly as in the
+pruning reference code (Eric-mingjie/rethinking-network-pruning, cifar/l1-norm-pruning/
+models/resnet.py, `downsample_basic_block`): where a block changes shape, AvgPool2d(2, 2),
+then zero channels appended after the existing ones, built from `x.data`, so NO gradient
+flows through that downsampled shortcut (the identity shortcuts of the other blocks pass
+gradient as usual). `shortcut_a="avgpool"` records this in `model.arch`.
+`resnetXXa-subsample` (`shortcut_a="subsample"`): kdprobe's earlier option A, stride-2
+subsample `x[:, :, ::2, ::2]` + zero channels, gradient through the shortcut. Checkpoints of
+kdprobe format 1 named resnetXXa were trained with it and load as it (models.legacy).
+Both pool/subsample so that odd sizes (7x7) keep the conv's ceil(H/2) output size; the
+reference's floor-mode pool fails there, and on even sizes ceil mode changes nothing.
 Option B (`resnetXXb`, alias `resnetXX`): 1x1 conv + BN projection where the shape
 changes, as in the KD reference code (RepDistiller).
 
@@ -17,6 +26,9 @@ import torch.nn.functional as F
 
 from kdprobe.errors import KdprobeError
 from kdprobe.models.registry import register_model
+
+
+SHORTCUTS_A = ("avgpool", "subsample")  # option A variants: reference (Li et al.) / kdprobe format 1
 
 
 class BasicBlock(nn.Module):
@@ -37,9 +49,14 @@ class BasicBlock(nn.Module):
     def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
         if self.downsample is not None:
             return self.downsample(x)
-        if self.stride != 1:
+        if self.stride == 1 and self.pad == 0:
+            return x  # identity: gradient flows (the reference's `residual = x`)
+        if self.shortcut_kind == "avgpool":
+            # Li et al.: AvgPool2d(2, 2) then cat([x.data, zeros]) -> detached, no gradient
+            x = F.avg_pool2d(x.detach(), self.stride, self.stride, ceil_mode=True)
+        elif self.stride != 1:
             x = x[:, :, :: self.stride, :: self.stride]
-        if self.pad > 0:  # option A as in Li et al.'s code: cat((x, zeros)) along channels
+        if self.pad > 0:  # zero channels after the existing ones, as cat((x, zeros), dim=1)
             x = F.pad(x, (0, 0, 0, 0, 0, self.pad))
         return x
 
@@ -75,6 +92,7 @@ class CifarResNet(nn.Module):
         self.layer1, self.layer2, self.layer3 = blocks
         self.fc = nn.Linear(stages[2], num_classes)
         self.feature_channels = stages[2]
+        self.feature_layer = "layer3"  # its output is the last map before pooling
         self.blocks_per_stage = n
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -103,6 +121,22 @@ def _make(depth: int, shortcut: str):
     return factory
 
 
+def _make_a(depth: int, default: str):
+    # resnetXXa takes either variant; resnetXXa-subsample only its own (its name says which)
+    allowed = SHORTCUTS_A if default == "avgpool" else (default,)
+
+    def factory(num_classes: int = 10, in_channels: int = 3, width: float = 1.0,
+                block_cfg: list[int] | None = None, shortcut_a: str = default):
+        if shortcut_a not in allowed:
+            raise KdprobeError(f"expected shortcut_a in {allowed}, got {shortcut_a!r}; "
+                               f"resnet{depth}a builds either option-A variant")
+        return CifarResNet(depth, num_classes, in_channels, shortcut_a, width, block_cfg)
+
+    factory.__doc__ = f"CIFAR ResNet-{depth}, shortcut option A ({default})."
+    return factory
+
+
 for _d in (8, 14, 20, 32, 44, 56, 110):
-    register_model(f"resnet{_d}a")(_make(_d, "A"))
+    register_model(f"resnet{_d}a", f"rnp-l1:resnet{_d}")(_make_a(_d, "avgpool"))
+    register_model(f"resnet{_d}a-subsample", detect=False)(_make_a(_d, "subsample"))
     register_model(f"resnet{_d}b", f"resnet{_d}")(_make(_d, "B"))

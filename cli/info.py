@@ -68,12 +68,18 @@ def _num(v) -> str:
 
 
 def models():
-    """List the registered architectures (and their aliases)."""
+    """List the registered architectures (and their aliases), then the name sources (torchvision:, python:)."""
     from kdprobe.models import list_models, model_aliases
+    from kdprobe.models.registry import list_sources, source_usage
 
     aliases: dict[str, list[str]] = {}
     for a, c in model_aliases().items():
         aliases.setdefault(c, []).append(a)
     for name in list_models():
-        extra = f"  (alias: {', '.join(aliases[name])})" if name in aliases else ""
+        extra = f"  (alias: {', '.join(sorted(aliases[name]))})" if name in aliases else ""
         typer.echo(f"{name}{extra}")
+    for prefix, names in list_sources().items():
+        usage = source_usage(prefix)
+        what = (f"({len(names)} builders: {', '.join(names)})" if names
+                else "(your own model: imports and runs MODULE, then calls FACTORY(num_classes=...))")
+        typer.echo(f"{usage}  {what}")

@@ -139,3 +139,17 @@ def test_vit_image_size_read_off_the_position_embedding():
     assert infer_kwargs("torchvision:vit_b_16", vit.state_dict()) == {"num_classes": 3, "image_size": 32}
     assert infer_kwargs("torchvision:vit_b_16", full.state_dict()) == {"num_classes": 3}
     assert infer_kwargs("torchvision:resnet18", full.state_dict()) is None  # no fc.weight: not a resnet
+
+
+def test_kdprobe_models_lists_the_sources():
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    res = CliRunner().invoke(app, ["models"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert f"torchvision:NAME  ({len(ALL)} builders: {', '.join(ALL)})" in lines
+    assert any(ln.startswith("python:MODULE:FACTORY  (your own model: imports and runs MODULE") for ln in lines)
+    assert "resnet56a  (alias: rnp-l1:resnet56)" in lines and "resnet56a-subsample" in lines
+    assert "rnp-slimming:densenet40" in lines

@@ -142,6 +142,11 @@ def list_sources() -> dict[str, list[str]]:
     return {p: list(src.names()) for p, src in sorted(_SOURCES.items())}
 
 
+def source_usage(prefix: str) -> str:
+    """How to write a name of a dynamic source, e.g. "python:MODULE:FACTORY"."""
+    return _SOURCES[prefix].usage or f"{prefix}:NAME"
+
+
 def model_aliases() -> dict[str, str]:
     """Alias -> canonical name."""
     return dict(_ALIASES)

@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from kdprobe.errors import KdprobeError
 from kdprobe.models.legacy import upgrade_arch  # old formats' arch names -> today's
+from kdprobe.models.registry import infer_kwargs  # a family's own kwargs rule for foreign files
 from kdprobe.io import atomic_path, sha256_file
 from kdprobe.models import create_model
 from kdprobe.models.registry import canonical_name, factory
@@ -149,6 +150,9 @@ def _foreign_state_dict(obj: dict, path: Path) -> tuple[dict, dict]:
 
 def _infer_kwargs(name: str, sd: dict, hints: dict) -> dict:
     """num_classes / in_channels from the tensors; a 'cfg' list to the factory's width argument."""
+    rule = infer_kwargs(name, sd)
+    if rule:  # the family's own rule reads everything (pruned widths too) off the tensors
+        return rule
     weights = [v for k, v in sd.items() if k.endswith("weight")]
     convs = [w for w in weights if w.dim() == 4]
     linears = [w for w in weights if w.dim() == 2]

@@ -501,9 +501,9 @@ def test_rnp_slimming_vgg19_unpruned_pruned_and_finetuned_without_cfg(tmp_path):
     # main_finetune.py's file has no cfg: the widths and pool positions come off the tensors
     sd = pruned.state_dict()
     torch.save({"epoch": 40, "state_dict": sd, "best_prec1": 72.0, "optimizer": {}}, tmp_path / "ft.pth.tar")
-    kw = infer_kwargs("rnp-slimming:vgg19", sd)
-    assert kw == {"num_classes": 10, "in_channels": 3, "cfg": VGG_PRUNED}
-    ck = load_checkpoint(tmp_path / "ft.pth.tar", arch="rnp-slimming:vgg19", arch_kwargs=kw)
+    assert infer_kwargs("rnp-slimming:vgg19", sd) == {"num_classes": 10, "in_channels": 3, "cfg": VGG_PRUNED}
+    ck = load_checkpoint(tmp_path / "ft.pth.tar", arch="rnp-slimming:vgg19")
+    assert ck.model.arch["kwargs"]["cfg"] == VGG_PRUNED
     assert_logits_close(logits(ck.model, x), logits(pruned, x))
     assert infer_kwargs("rnp-slimming:vgg19", full.state_dict()) == {"num_classes": 100, "in_channels": 3}
 
@@ -545,7 +545,8 @@ def test_rnp_slimming_preresnet_pruned_with_and_without_cfg(tmp_path):
     kw = infer_kwargs("rnp-slimming:preresnet164", sd)
     assert kw == {"num_classes": 7, "in_channels": 3, "depth": 20, "cfg": cfg}
     torch.save({"epoch": 40, "state_dict": sd, "best_prec1": 1.0, "optimizer": {}}, tmp_path / "ft.pth.tar")
-    ck = load_checkpoint(tmp_path / "ft.pth.tar", arch="rnp-slimming:preresnet164", arch_kwargs=kw)
+    ck = load_checkpoint(tmp_path / "ft.pth.tar", arch="rnp-slimming:preresnet164")  # main_finetune.py: no cfg
+    assert {k: ck.model.arch["kwargs"][k] for k in kw} == kw
     assert_logits_close(logits(ck.model, x), logits(ref, x))
 
 
@@ -584,7 +585,9 @@ def test_rnp_slimming_densenet_pruned_with_and_without_cfg(tmp_path):
     assert_logits_close(logits(ck.model, x), logits(ref, x))
     kw = infer_kwargs("rnp-slimming:densenet40", sd)
     assert kw == {"num_classes": 5, "in_channels": 3, "depth": 13, "growth": 4, "cfg": cfg}
-    ck = load_checkpoint(tmp_path / "pruned.pth.tar", arch="rnp-slimming:densenet40", arch_kwargs=kw)
+    torch.save({"epoch": 40, "state_dict": sd, "best_prec1": 1.0, "optimizer": {}}, tmp_path / "ft.pth.tar")
+    ck = load_checkpoint(tmp_path / "ft.pth.tar", arch="rnp-slimming:densenet40")  # main_finetune.py: no cfg
+    assert {k: ck.model.arch["kwargs"][k] for k in kw} == kw
     assert_logits_close(logits(ck.model, x), logits(ref, x))
     # train mode and gradients through the selections
     model, ref = ck.model.train(), ref.train()

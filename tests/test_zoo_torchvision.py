@@ -54,7 +54,7 @@ def test_torchvision_file_loads_and_equals_torchvision(tmp_path, name, side):
     sd = torch.load(tmp_path / "tv.pth", weights_only=True)
     inferred = infer_kwargs(f"torchvision:{name}", sd)
     assert inferred["num_classes"] == 7
-    ck = load_checkpoint(tmp_path / "tv.pth", arch=f"torchvision:{name}", arch_kwargs=inferred)
+    ck = load_checkpoint(tmp_path / "tv.pth", arch=f"torchvision:{name}")
     assert ck.model.arch["name"] == f"torchvision:{name}" and ck.model.arch["kwargs"]["num_classes"] == 7
     assert list(ck.model.state_dict()) == list(ref.state_dict())
     x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))

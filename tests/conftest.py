@@ -47,3 +47,22 @@ def shared_cifar_available() -> bool:
 def pytest_configure(config):
     # tiny tensors: one thread avoids oversubscription on small shared machines (10-50x faster here)
     torch.set_num_threads(1)
+
+
+def settle_bn(model, seed: int = 0, side: int = 32):
+    """Random BN affine terms, running stats from one train-mode batch, then jittered, eval mode:
+    so BN is far from identity and a wrong channel order or statistic shows in the logits."""
+    g = torch.Generator().manual_seed(seed)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.weight.data = 0.5 + 0.5 * torch.rand(m.num_features, generator=g)
+        m.bias.data = 0.2 * torch.randn(m.num_features, generator=g)
+        m.momentum = 1.0
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, side, side, generator=g))
+    for m in bns:
+        m.momentum = 0.1
+        m.running_mean.add_(0.05 * torch.randn(m.num_features, generator=g))
+        m.running_var.mul_(0.9 + 0.2 * torch.rand(m.num_features, generator=g))
+    return model.eval()

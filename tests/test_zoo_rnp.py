@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import settle_bn
 from kdprobe.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from kdprobe.errors import KdprobeError
 from kdprobe.models import create_model
@@ -316,24 +317,6 @@ class RefWLResNet(nn.Module):
 # ------------------------------------------------------------------ helpers
 
 
-def settle_bn(model, seed=0):
-    """Random BN affine terms, running stats from one train-mode batch, then jittered: BN is not identity."""
-    g = torch.Generator().manual_seed(seed)
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for m in bns:
-        m.weight.data = 0.5 + 0.5 * torch.rand(m.num_features, generator=g)
-        m.bias.data = 0.2 * torch.randn(m.num_features, generator=g)
-        m.momentum = 1.0
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(8, 3, 32, 32, generator=g))
-    for m in bns:
-        m.momentum = 0.1
-        m.running_mean.add_(0.05 * torch.randn(m.num_features, generator=g))
-        m.running_var.mul_(0.9 + 0.2 * torch.rand(m.num_features, generator=g))
-    return model.eval()
-
-
 def random_selection(model, cfg_of_select, seed=1):
     """Set every reference channel_selection to `k` random channels (as a pruned file holds)."""
     g = torch.Generator().manual_seed(seed)
@@ -363,6 +346,13 @@ def assert_logits_close(a, b):
     """Equal up to float rounding: the difference is tiny next to the logits' own size."""
     assert a.abs().max() > 0.1  # a non-degenerate network
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+
+
+def assert_computes_reference(model, ref):
+    """Same keys and shapes; with the reference's weights, the same logits."""
+    assert_same_keys(model, ref)
+    model.load_state_dict(ref.state_dict())
+    assert_logits_close(logits(model, x32()), logits(ref, x32()))
 
 
 # ------------------------------------------------------------------ option A, l1-norm-pruning
@@ -425,7 +415,7 @@ def test_rnp_l1_pruned_file_equals_reference_forward_and_backward(tmp_path, dept
     ref.train()
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = model(xa), ref(xb)
-    torch.testing.assert_close(ya, yb, rtol=1e-4, atol=1e-4 * float(yb.abs().max()))
+    torch.testing.assert_close(ya, yb, rtol=1e-4, atol=1e-4 * float(yb.detach().abs().max()))
     ya.square().sum().backward()
     yb.square().sum().backward()
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-4 * float(xb.grad.abs().max()))
@@ -437,11 +427,10 @@ def test_rnp_l1_pruned_file_equals_reference_forward_and_backward(tmp_path, dept
 def test_subsample_variant_is_not_the_reference():
     torch.manual_seed(0)
     ref = settle_bn(RefL1ResNet(20))
-    a, b = create_model("resnet20a").eval(), create_model("resnet20a-subsample").eval()
-    a.load_state_dict(ref.state_dict()), b.load_state_dict(ref.state_dict())
-    x = x32()
-    assert_logits_close(logits(a, x), logits(ref, x))
-    assert (logits(b, x) - logits(ref, x)).abs().max() > 1e-2
+    assert_computes_reference(create_model("resnet20a"), ref)
+    b = create_model("resnet20a-subsample")
+    b.load_state_dict(ref.state_dict())
+    assert (logits(b, x32()) - logits(ref, x32())).abs().max() > 1e-2
     with pytest.raises(KdprobeError, match="shortcut_a"):
         create_model("resnet20a-subsample", shortcut_a="avgpool")
     with pytest.raises(KdprobeError, match="shortcut_a"):
@@ -523,10 +512,7 @@ def _preresnet_cfg(n, seed):
 def test_rnp_slimming_preresnet164_equals_reference():
     torch.manual_seed(0)
     ref = settle_bn(RefPreResNet(164))
-    model = create_model("rnp-slimming:preresnet164")
-    assert_same_keys(model, ref)
-    model.load_state_dict(ref.state_dict())
-    assert_logits_close(logits(model, x32()), logits(ref, x32()))
+    assert_computes_reference(create_model("rnp-slimming:preresnet164"), ref)
     assert infer_kwargs("rnp-slimming:preresnet164", ref.state_dict()) == {"num_classes": 10, "in_channels": 3}
 
 
@@ -564,10 +550,8 @@ def test_rnp_slimming_densenet40_equals_reference():
     torch.manual_seed(0)
     ref = settle_bn(RefDenseNet(40))
     model = create_model("rnp-slimming:densenet40")
-    assert_same_keys(model, ref)
     assert sum("select.indexes" in k for k in model.state_dict()) == 39  # 36 layers + 2 transitions + final
-    model.load_state_dict(ref.state_dict())
-    assert_logits_close(logits(model, x32()), logits(ref, x32()))
+    assert_computes_reference(model, ref)
     assert infer_kwargs("rnp-slimming:densenet40", ref.state_dict()) == {"num_classes": 10, "in_channels": 3}
 
 
@@ -593,7 +577,7 @@ def test_rnp_slimming_densenet_pruned_with_and_without_cfg(tmp_path):
     model, ref = ck.model.train(), ref.train()
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = model(xa), ref(xb)
-    torch.testing.assert_close(ya, yb, rtol=1e-4, atol=1e-4 * float(yb.abs().max()))
+    torch.testing.assert_close(ya, yb, rtol=1e-4, atol=1e-4 * float(yb.detach().abs().max()))
     ya.sum().backward(), yb.sum().backward()
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-4 * float(xb.grad.abs().max()))
 
@@ -634,11 +618,7 @@ def test_rnp_weight_resnet_is_the_bottleneck_network(tmp_path, depth):
 
 def test_weight_level_below_depth_54_is_kdprobes_option_b():
     torch.manual_seed(0)
-    ref = settle_bn(RefWLResNet(20))
-    model = create_model("resnet20b")
-    assert_same_keys(model, ref)
-    model.load_state_dict(ref.state_dict())
-    assert_logits_close(logits(model, x32()), logits(ref, x32()))
+    assert_computes_reference(create_model("resnet20b"), settle_bn(RefWLResNet(20)))
 
 
 # ------------------------------------------------------------------ registry facts
@@ -659,7 +639,7 @@ TINY_RNP = {"rnp-slimming:vgg19": {"cfg": [4, "M", 4, "M", 8]}, "rnp-slimming:pr
 
 
 def test_each_family_rejects_the_others_state_dicts():
-    sds = {"rnp-slimming:vgg19": RefVGG(cfg=[4, "M", 4, "M", 8] * 1).state_dict(),
+    sds = {"rnp-slimming:vgg19": RefVGG(cfg=[4, "M", 4, "M", 8]).state_dict(),
            "rnp-slimming:preresnet164": RefPreResNet(20).state_dict(),
            "rnp-slimming:densenet40": RefDenseNet(10, growth=2, cfg=_densenet_cfg(10, 2, 0)[0]).state_dict(),
            "rnp-weight:resnet56": RefWLResNet(56).state_dict(),

@@ -11,9 +11,9 @@ import json
 
 import pytest
 import torch
-import torch.nn as nn
 import torchvision
 
+from conftest import settle_bn
 from kdprobe.checkpoint import load_checkpoint
 from kdprobe.errors import KdprobeError
 from kdprobe.models import create_model
@@ -21,23 +21,6 @@ from kdprobe.models.registry import canonical_name, detectable_models, infer_kwa
 from kdprobe.models.torchvision_source import FAMILIES, family
 
 ALL = torchvision.models.list_models(module=torchvision.models)
-
-
-def settle_bn(model, seed=0):
-    """Random BN affine terms and running stats from one train-mode batch, so eval BN is not identity."""
-    g = torch.Generator().manual_seed(seed)
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.weight.data = 0.5 + 0.5 * torch.rand(m.num_features, generator=g)
-        m.bias.data = 0.2 * torch.randn(m.num_features, generator=g)
-        m.momentum = 1.0
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(4, 3, 32, 32, generator=g))
-    for m in bns:
-        m.momentum = 0.1
-        m.running_var.mul_(0.9 + 0.2 * torch.rand(m.num_features, generator=g))
-    return model.eval()
 
 
 # (builder, input side): one per family, small inputs where the model allows

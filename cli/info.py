@@ -13,7 +13,8 @@ O = typer.Option
 
 def info(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file.")],
-    arch: Annotated[Optional[str], O(help="Architecture of a foreign checkpoint.")] = None,
+    arch: Annotated[Optional[str], O(help="Architecture of a foreign checkpoint (`kdprobe models`: e.g. rnp-slimming:vgg19, "
+                                          "torchvision:resnet18; python:MODULE:FACTORY imports and runs that module).")] = None,
     json: Annotated[Optional[Path], O(help="Also write everything as JSON.")] = None,
 ):
     """Show a checkpoint: architecture, size (params, FLOPs, nonzeros), recipe, accuracies, provenance."""

@@ -13,8 +13,9 @@ O = typer.Option
 
 def info(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file.")],
-    arch: Annotated[Optional[str], O(help="Architecture of a foreign checkpoint (`kdprobe models`: e.g. rnp-slimming:vgg19, "
-                                          "torchvision:resnet18; python:MODULE:FACTORY imports and runs that module).")] = None,
+    arch: Annotated[Optional[str], O(help="Architecture of a foreign checkpoint (default: detected from its tensor names and shapes; "
+                                          "`kdprobe models` lists them, e.g. rnp-slimming:vgg19, torchvision:resnet18; "
+                                          "python:MODULE:FACTORY imports and runs that module).")] = None,
     json: Annotated[Optional[Path], O(help="Also write everything as JSON.")] = None,
 ):
     """Show a checkpoint: architecture, size (params, FLOPs, nonzeros), recipe, accuracies, provenance."""
@@ -28,12 +29,21 @@ def info(
             "macs": count_flops(m, shape), "nonzero_macs": count_nonzero_flops(m, shape), "input_shape": shape}
     lines = [f"file        {ck.path}  (sha256 {ck.sha256[:16]}...){'  [foreign]' if ck.foreign else ''}",
              f"arch        {m.arch['name']}  {m.arch['kwargs']}",
+             *([f"            {_how(ck.detection)}"] if ck.detection is not None else []),
              f"size        {size['params']:,} params ({size['nonzero_params']:,} nonzero), "
              f"{size['macs'] / 1e6:.2f}M MACs ({size['nonzero_macs'] / 1e6:.2f}M nonzero) at input {shape}"]
     for key in ("method", "dataset", "seed", "epochs", "test_acc", "best_acc", "best_epoch", "reported", "fingerprint"):
         if key in meta:
             v = meta[key]
             lines.append(f"{key:<11} {v:.2f}" if isinstance(v, float) else f"{key:<11} {v}")
+    if ck.foreign:
+        said = ", ".join(f"{k} {_num(meta[k])}" for k in ("epoch", "best_prec1", "acc") if k in meta)
+        lines.append(f"file holds  {meta.get('container', '?')} state_dict" + (f"; {said}" if said else "")
+                     + (f"; other keys: {', '.join(meta['keys'])}" if meta.get("keys") else ""))
+        if meta.get("foreign_options"):
+            opts = meta["foreign_options"]
+            lines.append("options     " + ", ".join(f"{k}={opts[k]}" for k in list(opts)[:12])
+                         + (" ..." if len(opts) > 12 else ""))
     cfg = meta.get("config") or {}
     if cfg:
         lines.append("recipe      " + ", ".join(f"{k}={cfg[k]}" for k in ("preset", "epochs", "batch_size", "lr", "schedule",
@@ -60,8 +70,18 @@ def info(
         lines.append("versions    " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
     typer.echo("\n".join(lines))
     if json:
-        write_json({"path": str(ck.path), "sha256": ck.sha256, "arch": m.arch, "size": size,
+        det = None if ck.detection is None else {"name": ck.detection.name, "how": ck.detection.how,
+                                                 "source": ck.detection.source,
+                                                 "same_function": list(ck.detection.same_function)}
+        write_json({"path": str(ck.path), "sha256": ck.sha256, "arch": m.arch, "detection": det, "size": size,
                     "meta": {k: v for k, v in meta.items()}, "extra": sorted(ck.extra)}, json)
+
+
+def _how(det) -> str:
+    """How a foreign file's architecture was found, for the `arch` line."""
+    how = "detected from the tensor names and shapes" if det.how == "detected" else "named with --arch"
+    also = f"; same network as {', '.join(det.same_function)}" if det.same_function else ""
+    return f"{how} (source: {det.source}{also})"
 
 
 def _num(v) -> str:

@@ -6,13 +6,13 @@ pruned widths included), `state_dict`, `meta` (recipe, full config, seed, datase
 epochs, accuracies, teacher sha256, library versions, ...) and `extra` (state that is
 not part of the plain model: a feature-KD regressor, pruning masks).
 
-Foreign checkpoints load when the user names the architecture: a bare state_dict,
-{'model': sd} (RepDistiller), {'state_dict': sd, 'cfg': [...]} (rethinking-network-
-pruning), with `module.` / `_orig_mod.` prefixes stripped.
+Foreign checkpoints (kdprobe.foreign): a bare state_dict, {'model': sd} (RepDistiller, also
+with an argparse.Namespace of options), {'state_dict': sd, 'cfg': [...]} (rethinking-network-
+pruning), with `module.` / `_orig_mod.` prefixes stripped; the architecture is the user's
+--arch, or detected from the tensor names and shapes.
 """
 from __future__ import annotations
 
-import inspect
 import io
 import pickle
 import platform
@@ -24,10 +24,10 @@ import torch.nn as nn
 
 from kdprobe.errors import KdprobeError
 from kdprobe.models.legacy import upgrade_arch  # old formats' arch names -> today's
-from kdprobe.models.registry import infer_kwargs  # a family's own kwargs rule for foreign files
 from kdprobe.io import atomic_path, sha256_file
+from kdprobe import foreign
 from kdprobe.models import create_model
-from kdprobe.models.registry import canonical_name, factory
+from kdprobe.models.registry import canonical_name
 
 FORMAT = "kdprobe-checkpoint"
 FORMAT_VERSION = 2  # 2: resnetXXa is Li et al.'s avgpool shortcut (models.legacy)
@@ -43,6 +43,7 @@ class LoadedCheckpoint:
     sha256: str
     extra: dict = field(default_factory=dict)
     foreign: bool = False
+    detection: "foreign.Detection | None" = None  # how a foreign file's architecture was found
 
     @property
     def method(self) -> str:
@@ -109,7 +110,10 @@ def read_payload(path) -> dict:
     if path.is_dir():
         raise KdprobeError(f"{path} is a folder, expected a checkpoint file (.pt)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # benign objects real checkpoints carry (argparse.Namespace, numpy scalars) are allow-listed;
+        # everything else is still refused by the weights_only unpickler, never run
+        with torch.serialization.safe_globals(foreign.BENIGN_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         first = next((ln for ln in lines if "Unsupported" in ln or "global" in ln.lower()), lines[0] if lines else type(e).__name__)
@@ -123,54 +127,6 @@ def read_payload(path) -> dict:
     if not isinstance(obj, dict):
         raise KdprobeError(f"{path} holds a {type(obj).__name__}, expected a dict (a state_dict or a checkpoint dict)")
     return obj
-
-
-def _strip_prefixes(sd: dict) -> dict:
-    out = {}
-    for k, v in sd.items():
-        for p in ("module.", "_orig_mod."):
-            while k.startswith(p):
-                k = k[len(p):]
-        out[k] = v
-    return out
-
-
-def _foreign_state_dict(obj: dict, path: Path) -> tuple[dict, dict]:
-    """Pick the state_dict out of a foreign checkpoint; returns (state_dict, hints)."""
-    hints = {}
-    for key in ("state_dict", "model", "model_state_dict", "net"):
-        if isinstance(obj.get(key), dict):
-            if isinstance(obj.get("cfg"), (list, tuple)):
-                hints["cfg"] = list(obj["cfg"])
-            return _strip_prefixes(obj[key]), hints
-    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return _strip_prefixes(obj), hints
-    raise KdprobeError(f"{path}: no state_dict found (keys: {', '.join(map(str, list(obj)[:8]))}); expected a state_dict, {{'model': ...}} or {{'state_dict': ...}}")
-
-
-def _infer_kwargs(name: str, sd: dict, hints: dict) -> dict:
-    """num_classes / in_channels from the tensors; a 'cfg' list to the factory's width argument."""
-    rule = infer_kwargs(name, sd)
-    if rule:  # the family's own rule reads everything (pruned widths too) off the tensors
-        return rule
-    weights = [v for k, v in sd.items() if k.endswith("weight")]
-    convs = [w for w in weights if w.dim() == 4]
-    linears = [w for w in weights if w.dim() == 2]
-    kw = {}
-    if linears:
-        kw["num_classes"] = int(linears[-1].shape[0])
-    if convs:
-        kw["in_channels"] = int(convs[0].shape[1])
-    params = inspect.signature(factory(name)).parameters
-    if "cfg" in hints:
-        kw["cfg" if "cfg" in params else "block_cfg"] = hints["cfg"]
-    if convs and "width" in params and "cfg" not in hints:
-        # a width multiplier shows in the stem: the file's first conv has width x the default filters
-        default = create_model(name, **kw).state_dict()
-        first = next(v for v in default.values() if v.dim() == 4)
-        if first.shape[0] != convs[0].shape[0]:
-            kw["width"] = convs[0].shape[0] / first.shape[0]
-    return kw
 
 
 def load_state_into(model: nn.Module, sd: dict, source: str) -> None:
@@ -208,20 +164,17 @@ def load_checkpoint(path, *, arch: str | None = None, arch_kwargs: dict | None =
             raise KdprobeError(f"{path} holds a {name}, not a {canonical_name(arch)}; drop --arch for kdprobe checkpoints")
         model = create_model(name, **kwargs)
         load_state_into(model, obj["state_dict"], str(path))
-        meta, extra, foreign = dict(obj.get("meta", {})), dict(obj.get("extra", {})), False
+        meta, extra, foreign_file, detection = dict(obj.get("meta", {})), dict(obj.get("extra", {})), False, None
     else:
-        if arch is None:
-            raise KdprobeError(f"{path} is not a kdprobe checkpoint (no architecture recorded); name its architecture "
-                               "with --arch (--teacher-arch for a teacher), e.g. --arch resnet56a")
-        name = canonical_name(arch)
-        sd, hints = _foreign_state_dict(obj, path)
-        kwargs = {**_infer_kwargs(name, sd, hints), **(arch_kwargs or {})}
-        model = create_model(name, **kwargs)
-        load_state_into(model, sd, str(path))
-        meta = {"method": "foreign", "foreign_keys": sorted(k for k in obj if not isinstance(obj[k], torch.Tensor))[:20]}
-        for k in ("epoch", "best_acc", "acc", "accuracy"):
-            if isinstance(obj.get(k), (int, float)):
-                meta[k] = float(obj[k])
-        extra, foreign = {}, True
+        payload = foreign.unpack(obj, path)
+        det = (foreign.named(payload, arch, arch_kwargs, path) if arch is not None
+               else foreign.detect(payload, path, arch_kwargs))
+        model = create_model(det.name, **det.kwargs)
+        load_state_into(model, payload.state_dict, str(path))
+        meta = {"method": "foreign", "arch_source": det.source, "arch_detected": det.how == "detected",
+                **{k: v for k, v in payload.info.items() if k != "options"}}
+        if "options" in payload.info:
+            meta["foreign_options"] = payload.info["options"]
+        extra, foreign_file, detection = {}, True, det
     model.to(map_location).eval()
-    return LoadedCheckpoint(model, meta, path, sha256_file(path), extra, foreign)
+    return LoadedCheckpoint(model, meta, path, sha256_file(path), extra, foreign_file, detection)

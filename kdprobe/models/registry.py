@@ -72,6 +72,14 @@ def register_model(name: str, *aliases: str, infer: Callable[[dict], dict | None
     return deco
 
 
+def register_infer(name: str, fn: Callable[[dict], dict | None]) -> None:
+    """Set the kwargs-inference rule of an already registered model (see register_model's infer)."""
+    cname = canonical_name(name)
+    if cname not in _FACTORIES:
+        raise RuntimeError(f"register_infer: {name!r} is not a static registration")
+    _INFER[cname] = fn
+
+
 def register_source(source: Source) -> None:
     """Register a dynamic name family (torchvision:NAME, python:MODULE:FACTORY)."""
     if source.prefix in _SOURCES:

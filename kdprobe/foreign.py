@@ -181,6 +181,70 @@ def build_meta(name: str, kwargs: dict):
         return create_model(name, **kwargs)
 
 
+_SIGS: dict[str, dict[str, tuple]] = {}  # (name, kwargs) -> {key: shape}, this process
+_SIG_FILE: list = []  # [path of the on-disk cache, dirty flag]
+
+
+def _sig_cache_path():
+    """Signatures depend on the model code and library versions: the cache file is named by both."""
+    import hashlib
+    from pathlib import Path
+
+    import torchvision
+
+    import kdprobe
+    from kdprobe.data import cache_dir
+
+    h = hashlib.sha256(f"{kdprobe.__version__}|{torch.__version__}|{torchvision.__version__}".encode())
+    for f in sorted((Path(kdprobe.__file__).parent / "models").rglob("*.py")):
+        h.update(f.read_bytes())
+    return cache_dir() / f"arch-signatures-{h.hexdigest()[:16]}.json"
+
+
+def _load_sigs() -> None:
+    import json
+
+    if _SIG_FILE:
+        return
+    path = _sig_cache_path()
+    _SIG_FILE[:] = [path, False]
+    try:
+        for k, v in json.loads(path.read_text()).items():
+            _SIGS.setdefault(k, {kk: tuple(vv) for kk, vv in v.items()})
+    except (OSError, ValueError, AttributeError):
+        pass  # no cache yet, or a damaged one: it is rebuilt as candidates are built
+
+
+def _save_sigs() -> None:
+    import json
+
+    from kdprobe.io import atomic_write_text
+
+    if _SIG_FILE and _SIG_FILE[1]:
+        try:
+            atomic_write_text(_SIG_FILE[0], json.dumps({k: {kk: list(vv) for kk, vv in v.items()} for k, v in _SIGS.items()}))
+            _SIG_FILE[1] = False
+        except (OSError, KdprobeError):
+            pass  # a cache that cannot be written only costs time
+
+
+def signature(name: str, kwargs: dict) -> dict[str, tuple]:
+    """{state_dict key: shape} of `name` built with `kwargs`, cached (building big models costs seconds)."""
+    import json
+
+    _load_sigs()
+    key = json.dumps([name, kwargs], sort_keys=True, default=str)
+    if key not in _SIGS:
+        _SIGS[key] = {k: tuple(v.shape) for k, v in build_meta(name, kwargs).state_dict().items()}
+        _SIG_FILE[1] = True
+    return _SIGS[key]
+
+
+def _jaccard(a, b) -> float:
+    a, b = {k for k in a if not k.endswith(_NBT)}, {k for k in b if not k.endswith(_NBT)}
+    return len(a & b) / max(len(a | b), 1)
+
+
 def detect(payload: ForeignPayload, path, given: dict | None = None) -> Detection:
     """Match a foreign state_dict against every detectable architecture (see module docstring)."""
     sd = payload.state_dict
@@ -191,14 +255,19 @@ def detect(payload: ForeignPayload, path, given: dict | None = None) -> Detectio
         try:
             kw = arch_kwargs(name, sd, payload.cfg, given)
             rejected = kw is None  # the family's rule says no; still scored, to name the closest
-            model = build_meta(name, kw if not rejected else _generic_for(name, sd, given))
-            own = model.state_dict()
+            default = signature(name, {})  # the factory's defaults: one build per name, ever
+            if rejected or (set(kw) <= {"num_classes", "in_channels"} and _jaccard(default, sd) < 0.5):
+                own = default  # classes/channels never rename tensors: unlike names rule it out unbuilt
+                rejected = True
+            else:
+                own = signature(name, kw)
         except (KdprobeError, TypeError, ValueError, RuntimeError, IndexError, KeyError):
             continue  # these tensors cannot parameterize that family
-        agree, first = _compare(own, sd)
+        agree, first = _compare({k: torch.empty(0).new_empty(v, device="meta") for k, v in own.items()}, sd)
         if rejected and first is None:
             first = "its family rule rejects these tensors"
         if first is None:
+            model = build_meta(name, kw)
             key, cname = structure(model), canonical_name(name)
             # names whose networks are equal are one fit; keep the most specific name (fewest kwargs)
             if key not in shapes or len(kw) < len(fits[shapes[key]]):
@@ -209,6 +278,7 @@ def detect(payload: ForeignPayload, path, given: dict | None = None) -> Detectio
             frac = agree / max(len(own), len(sd))
             if frac > best[0]:
                 best = (frac, name, first)
+    _save_sigs()
     if len(fits) == 1:
         (name, kw), = fits.items()
         aliases = tuple(sorted(a for a, c in model_aliases().items() if c == name))

@@ -80,6 +80,16 @@ def register_infer(name: str, fn: Callable[[dict], dict | None]) -> None:
     _INFER[cname] = fn
 
 
+def register_alias(alias: str, name: str) -> None:
+    """Add a name for an already registered model (another codebase's name for the same network)."""
+    alias, name = alias.strip().lower(), name.strip().lower()
+    if name not in _FACTORIES:
+        raise RuntimeError(f"cannot alias {alias!r} to {name!r}: {name!r} is not registered (import order?)")
+    if alias in _FACTORIES or alias in _ALIASES:
+        raise RuntimeError(f"model {alias!r} registered twice")
+    _ALIASES[alias] = name
+
+
 def register_source(source: Source) -> None:
     """Register a dynamic name family (torchvision:NAME, python:MODULE:FACTORY)."""
     if source.prefix in _SOURCES:

@@ -92,7 +92,7 @@ class CifarResNet(nn.Module):
         self.layer1, self.layer2, self.layer3 = blocks
         self.fc = nn.Linear(stages[2], num_classes)
         self.feature_channels = stages[2]
-        self.feature_layer = "layer3"  # its output is the last map before pooling
+        self.feature_layer = "layer3"  # the module whose output forward_features returns (feature KD hooks it)
         self.blocks_per_stage = n
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

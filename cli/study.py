@@ -103,7 +103,7 @@ def study(
     landscape and surplus probes, and write DIR/report.html (offline) and DIR/summary.json."""
     from kdprobe.errors import KdprobeError
     from kdprobe.study_spec import load_spec
-    from trainers.study import run_study
+    from trainers.study import plan_cells, run_study
 
     if list_:
         _list_specs()
@@ -115,6 +115,7 @@ def study(
 
     check_outputs("study", {"--out": (out, "folder")})
     resolved, text = load_spec(spec, scale, set_ or ())
+    plan_cells(resolved, out)  # every cell's config (ranges, model kwargs) checked before DIR is made
     what = (f"{len(resolved.methods)} methods x {len(resolved.seeds)} seeds" if resolved.methods else
             f"{len(resolved.pruning)} pruning blocks x {len(resolved.seeds)} seeds")
     typer.echo(f"study {resolved.name} (scale {resolved.scale or 'as written'}): {what} -> {out}")

@@ -42,14 +42,19 @@ class WriteError(KdprobeError):
 
     def with_note(self, note: str) -> "WriteError":
         """The same error with a note (e.g. what was kept) between the reason and the fix."""
-        err = WriteError(self.path, f"{self.reason}; {note}", self.fix, self.errno)
-        return err
+        return WriteError(self.path, f"{self.reason}; {note}", self.fix, self.errno)
 
 
-def _mount_point(path: Path) -> Path:
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """`path` made absolute, or its closest ancestor that exists (what a new file would be created in)."""
     p = Path(os.path.abspath(path))
     while not p.exists() and p != p.parent:
         p = p.parent
+    return p
+
+
+def _mount_point(path: Path) -> Path:
+    p = nearest_existing(path)
     while not os.path.ismount(p) and p != p.parent:
         p = p.parent
     return p
@@ -67,7 +72,7 @@ def _errno_of(exc: BaseException, folder: Path) -> int | None:
     if not isinstance(exc, (OSError, RuntimeError)):
         return None
     try:
-        st = os.statvfs(_existing(folder))
+        st = os.statvfs(nearest_existing(folder))
     except OSError:
         return None
     if st.f_flag & os.ST_RDONLY:
@@ -75,13 +80,6 @@ def _errno_of(exc: BaseException, folder: Path) -> int | None:
     if st.f_bavail * st.f_frsize < (1 << 20):  # under 1 MiB left: that is why the write failed
         return errno.ENOSPC
     return None
-
-
-def _existing(p: Path) -> Path:
-    p = Path(os.path.abspath(p))
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
 
 
 def write_error(path: str | os.PathLike, exc: BaseException) -> WriteError | None:

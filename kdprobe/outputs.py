@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from kdprobe.errors import KdprobeError
+from kdprobe.io import nearest_existing
 
 KINDS = {
     "checkpoint": "a kdprobe checkpoint",
@@ -158,13 +159,6 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def _nearest_existing(p: Path) -> Path:
-    p = Path(os.path.abspath(p))
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
 def _check_place(role: str, p: Path, kind: str) -> None:
     """A file path must not be a folder (and vice versa); the nearest existing ancestor must be a
     writable folder."""
@@ -174,7 +168,7 @@ def _check_place(role: str, p: Path, kind: str) -> None:
                                "choose a folder path")
     elif p.is_dir():
         raise KdprobeError(f"{role} {p} is a folder, expected a file path; name a file inside it")
-    anc = _nearest_existing(p if kind == "folder" else p.parent)
+    anc = nearest_existing(p if kind == "folder" else p.parent)
     if not anc.is_dir():
         raise KdprobeError(f"{role} {p}: {anc} is a file, not a folder; choose another path")
     if not os.access(anc, os.W_OK | os.X_OK):

@@ -165,8 +165,9 @@ CASES = [
 
 
 def _hashes(d: Path) -> dict:
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(d.rglob("*")) if p.is_file() and not p.is_fifo()}
+    """Every path under d: sha256 of files, 'folder' for folders (so a new empty folder counts too)."""
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else
+            "folder" if p.is_dir() else "other" for p in sorted(d.rglob("*"))}
 
 
 def _timeout(signum, frame):
@@ -188,4 +189,4 @@ def test_user_mistake_is_one_line_and_touches_nothing(w, line, expected):
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert "internal error" not in r.stderr and "Traceback" not in r.output
     assert expected in lines[0], lines[0]
-    assert _hashes(w) == before  # no input or earlier output changed, nothing new written
+    assert _hashes(w) == before  # no input or earlier output changed, nothing new written, no new folder

@@ -12,37 +12,122 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import typer
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+from typer.core import TyperGroup
 
-from kdprobe.errors import KdprobeError
+from kdprobe.errors import Interrupted, KdprobeError
 from kdprobe.io import atomic_write_text
 
 
+def interrupted_line(e: BaseException) -> str:
+    """What Ctrl-C prints: what was saved (if the interrupted work says so), else just 'interrupted'."""
+    saved = getattr(e, "saved", None)
+    return f"interrupted; {saved}; run the same command again to resume" if saved else "interrupted"
+
+
+def folder_interrupted(e: KeyboardInterrupt, out: Path) -> Interrupted:
+    """Ctrl-C in a study/pipeline: finished cells (and a cell's partial state) in OUT are what a rerun keeps."""
+    saved = getattr(e, "saved", None)
+    cells = out.is_dir() and any(p.suffix in (".pt", ".partial") for p in out.rglob("*"))
+    if cells and not saved:
+        saved = f"finished cells are kept in {out}"
+    return Interrupted(saved)
+
+
+def _error(text: str) -> None:
+    one_line = " ".join(line.strip() for line in str(text).splitlines())  # a message never spans lines
+    typer.secho(f"error: {one_line}", fg=typer.colors.RED, err=True)
+
+
 def handle_errors(fn: Callable) -> Callable:
-    """Turn library errors into one stderr line and exit 1 (no traceback)."""
+    """Turn library errors into one stderr line and exit 1 (no traceback); exit 2 only for our bugs."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except KdprobeError as e:
-            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            _error(str(e))
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            typer.secho("interrupted: partial work is saved; run the same command again to resume", err=True)
+        except KeyboardInterrupt as e:
+            typer.secho(interrupted_line(e), err=True)
             raise typer.Exit(130) from None
         except FileNotFoundError as e:
-            typer.secho(f"error: file not found: {e.filename}; check the path", fg=typer.colors.RED, err=True)
+            _error(f"file not found: {e.filename}; check the path")
+            raise typer.Exit(1) from None
+        except OSError as e:
+            if e.filename is None or not e.strerror:
+                raise _internal(e) from None
+            _error(f"cannot access {e.filename}: {e.strerror.lower()}; check the path and its permissions")
+            raise typer.Exit(1) from None
+        except MemoryError:
+            _error("out of memory; use fewer samples, a smaller grid, batch or model, or a machine with more memory")
             raise typer.Exit(1) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Exception as e:  # noqa: BLE001 - a bug of ours: still one line, traceback on request
-            if os.environ.get("KDPROBE_DEBUG"):
-                raise
-            typer.secho(f"error: internal error {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''} "
-                        "(rerun with KDPROBE_DEBUG=1 for the traceback and please report it)", fg=typer.colors.RED, err=True)
-            raise typer.Exit(2) from None
+            raise _internal(e) from None
 
     return wrapper
+
+
+def _internal(e: Exception) -> typer.Exit:
+    if os.environ.get("KDPROBE_DEBUG"):
+        raise e
+    _error(f"internal error {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''} "
+           "(rerun with KDPROBE_DEBUG=1 for the traceback and please report it)")
+    return typer.Exit(2)
+
+
+class KdprobeGroup(TyperGroup):
+    """The top-level command group: a usage mistake (unknown option, non-numeric value, missing
+    --out) is one line `error: ...` with exit 1, like every other user mistake; Ctrl-C is one
+    line with exit 130."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        args = sys.argv[1:] if args is None else list(args)
+        try:
+            with self.make_context(prog_name or "kdprobe", args, **extra) as ctx:
+                self.invoke(ctx)
+            code = 0
+        except typer.Exit as e:
+            code = e.exit_code
+        except NoArgsIsHelpError as e:  # the help (typer's rich help is printed while the error is built)
+            if e.format_message().strip():
+                typer.echo(e.format_message())
+            code = 0
+        except UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "kdprobe"
+            _error(f"{' '.join(e.format_message().split())} (see `{where} --help`)")
+            code = 1
+        except ClickException as e:
+            _error(" ".join(e.format_message().split()))
+            code = 1
+        except (typer.Abort, EOFError):
+            _error("aborted")
+            code = 1
+        except KeyboardInterrupt as e:
+            typer.secho(interrupted_line(e), err=True)
+            code = 130
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
+
+def ranged(rng, flag: str | None = None) -> Callable:
+    """A typer callback checking a numeric flag at parse time against one declared Range
+    (trainers.config.RANGES[field] when given a field name, or a kdprobe.ranges.Range)."""
+    if isinstance(rng, str):
+        from trainers.config import RANGES
+
+        rng = RANGES[rng]
+
+    def check(value):
+        if value is not None and not rng.ok(value):
+            raise typer.BadParameter(f"expected {rng.describe()}, got {value!r}")
+        return value
+
+    return check
 
 
 def expand_paths(patterns: Sequence[str]) -> list[Path]:

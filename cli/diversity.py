@@ -57,6 +57,7 @@ def diversity(
     from kdprobe.data import load_dataset
     from kdprobe.diversity_table import DiversitySettings, DiversityTable, ModelScore, summarize_groups
     from kdprobe.errors import KdprobeError
+    from kdprobe.outputs import check_outputs
     from kdprobe.probes.diversity import BN_MODES, OUTPUTS, VARIANTS, jacobian_scores, probe_batches
     from kdprobe.stats import INTERVALS
     from kdprobe.writers.diversity_files import write_diversity_csv, write_diversity_json
@@ -73,6 +74,8 @@ def diversity(
     dev = resolve_device(device)
 
     paths = expand_paths(checkpoints)
+    check_outputs("diversity", {"--csv": (csv, "csv"), "--json": (json, "json"), "--html": (html, "html")},
+                  {"CHECKPOINTS": paths})
     loaded = [load_checkpoint(p, map_location="cpu") for p in paths]
     unknown = [str(ck.path) for ck in loaded if not ck.meta.get("dataset")]
     if unknown:

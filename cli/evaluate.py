@@ -30,6 +30,7 @@ def evaluate(
     from kdprobe.data import load_dataset
     from kdprobe.errors import KdprobeError
     from kdprobe.evaluate import evaluate as run_eval
+    from kdprobe.outputs import check_outputs
     from trainers.loop import resolve_device
 
     if split not in ("test", "train", "both"):
@@ -37,6 +38,7 @@ def evaluate(
     dev = resolve_device(device)
     cache, rows = {}, []
     paths = expand_paths(checkpoints)
+    check_outputs("eval", {"--csv": (csv, "csv"), "--json": (json, "json")}, {"CHECKPOINTS": paths})
     for p in tqdm(paths, desc="eval", unit="ckpt", file=sys.stderr, dynamic_ncols=True, disable=len(paths) < 2):
         ck = load_checkpoint(p, arch=arch, map_location=dev)
         name, ddir = ck.data_source(dataset, data_dir)

@@ -20,9 +20,12 @@ def info(
 ):
     """Show a checkpoint: architecture, size (params, FLOPs, nonzeros), recipe, accuracies, provenance."""
     from kdprobe.checkpoint import load_checkpoint
+    from kdprobe.outputs import check_outputs
     from kdprobe.pruning import count_flops, count_nonzero, count_nonzero_flops, count_params
 
+    check_outputs("info", {"--json": (json, "json")}, {"CHECKPOINT": checkpoint})
     ck = load_checkpoint(checkpoint, arch=arch)
+    bad = ck.nonfinite()  # shown, not refused: info is how one finds out what is wrong with a file
     m, meta = ck.model, ck.meta
     shape = meta.get("input_shape") or [m.arch["kwargs"].get("in_channels", 3), 32, 32]
     size = {"params": count_params(m), "nonzero_params": count_nonzero(m),
@@ -32,6 +35,9 @@ def info(
              *([f"            {_how(ck.detection)}"] if ck.detection is not None else []),
              f"size        {size['params']:,} params ({size['nonzero_params']:,} nonzero), "
              f"{size['macs'] / 1e6:.2f}M MACs ({size['nonzero_macs'] / 1e6:.2f}M nonzero) at input {shape}"]
+    if bad is not None:
+        lines.append(f"weights     NON-FINITE: nan/inf in {bad} (and maybe others); train, prune, landscape and "
+                     "interpolate refuse this file")
     for key in ("method", "dataset", "seed", "epochs", "test_acc", "best_acc", "best_epoch", "reported", "fingerprint"):
         if key in meta:
             v = meta[key]
@@ -73,7 +79,7 @@ def info(
         det = None if ck.detection is None else {"name": ck.detection.name, "how": ck.detection.how,
                                                  "source": ck.detection.source,
                                                  "same_function": list(ck.detection.same_function)}
-        write_json({"path": str(ck.path), "sha256": ck.sha256, "arch": m.arch, "detection": det, "size": size,
+        write_json({"path": str(ck.path), "sha256": ck.sha256, "arch": m.arch, "detection": det, "size": size, "nonfinite": bad,
                     "meta": {k: v for k, v in meta.items()}, "extra": sorted(ck.extra)}, json)
 
 

@@ -49,37 +49,66 @@ def _load_samples(ck, dataset, data_dir, split, samples, dev):
     return name, x.to(dev), y.to(dev)
 
 
-def _paths(out: Path, h5: Optional[Path], html: bool):
+def _paths(command: str, out: Path, h5: Optional[Path], html: bool, inputs: dict, overwrite: bool = False):
+    """(h5, vtk, html) paths of a landscape/interpolate run, checked by the one output rule before any work."""
     from kdprobe.errors import KdprobeError
+    from kdprobe.outputs import check_outputs
 
     if out.suffix.lower() not in OUT_SUFFIXES:
         raise KdprobeError(f"expected --out ending in {', '.join(OUT_SUFFIXES)}, got {out.name!r}; rename it")
     h5_path = h5 or out.with_suffix(".h5")
     vtk_path = out if out.suffix.lower() in (".vtk", ".vts") else None
     html_path = out if out.suffix.lower() == ".html" else (out.with_suffix(".html") if html else None)
+    h5_role = "--h5" if h5 is not None else ("--out" if h5_path == out else "the .h5 next to --out")
+    html_role = "--out" if html_path == out else "the .html next to --out"
+    check_outputs(command, {h5_role: (h5_path, "surface" if command == "landscape" else "line"),
+                            "--out": (vtk_path, out.suffix.lower()[1:]) if vtk_path else (None, ""),
+                            html_role: (html_path, "html")},
+                  inputs, overwrite=overwrite, keep=(h5_role,))
     return h5_path, vtk_path, html_path
 
 
 class _Saver:
-    """Progress bar on every rank 0, and a throttled atomic HDF5 save of the partial result."""
+    """Progress bar on every rank 0, and a throttled atomic HDF5 save of the partial result.
 
-    def __init__(self, write, total: int, desc: str, every_s: float, rank: int):
+    `kept` is how many finished points the file on disk holds; after a failed write (full disk)
+    nothing more is attempted, so the error is reported once and the last good file stays."""
+
+    def __init__(self, write, total: int, desc: str, every_s: float, rank: int, kept: int = 0):
         from tqdm import tqdm
 
         self.write, self.every_s, self.rank, self.last, self.latest = write, every_s, rank, time.monotonic(), None
+        self.total, self.kept, self.failed = total, kept, False
         self.bar = tqdm(total=total, desc=desc, unit="pt", file=sys.stderr, dynamic_ncols=True, disable=rank != 0)
+
+    def save(self, partial) -> None:
+        """Write `partial` now (rank 0), unless an earlier write failed."""
+        if self.rank != 0 or self.failed:
+            return
+        try:
+            self.write(partial)
+        except BaseException:
+            self.failed = True
+            raise
+        self.kept = int(partial.done.sum())
 
     def __call__(self, partial) -> None:
         self.latest = partial
         self.bar.update(int(partial.done.sum()) - self.bar.n)
-        if self.rank == 0 and time.monotonic() - self.last >= self.every_s:
-            self.write(partial)
+        if time.monotonic() - self.last >= self.every_s:
+            self.save(partial)
             self.last = time.monotonic()
 
     def flush(self) -> None:
-        if self.rank == 0 and self.latest is not None:
-            self.write(self.latest)
         self.bar.close()
+        if self.latest is not None:
+            self.save(self.latest)
+
+    def kept_note(self, path) -> str:
+        """What a rerun continues from, for an error or Ctrl-C message."""
+        if self.kept:
+            return f"{path} keeps {self.kept} of {self.total} points"
+        return "no finished points were saved" if self.failed else ""
 
 
 def landscape(
@@ -125,7 +154,8 @@ def landscape(
 
     import kdprobe
     from kdprobe.checkpoint import load_checkpoint
-    from kdprobe.errors import KdprobeError
+    from kdprobe.errors import Interrupted, KdprobeError
+    from kdprobe.io import WriteError
     from kdprobe.probes.distributed import shutdown
     from kdprobe.probes.landscape import check_directions, compute_surface, make_directions, parse_grid
     from kdprobe.probes.landscape_eval import BN_MODES, resolve_precision
@@ -137,10 +167,11 @@ def landscape(
         raise KdprobeError(f"expected --bn one of {', '.join(BN_MODES)}, got {bn!r}")
     xs, ys = parse_grid(x), parse_grid(y)
     out = out or checkpoint.with_name(checkpoint.stem + "_landscape.vtk")
-    h5_path, vtk_path, html_path = _paths(out, h5, html)
+    h5_path, vtk_path, html_path = _paths("landscape", out, h5, html,
+                                          {"CHECKPOINT": checkpoint, "--directions": directions}, overwrite)
     dev, (rank, world) = _setup(device)
     try:
-        ck = load_checkpoint(checkpoint, arch=arch, map_location=dev)
+        ck = load_checkpoint(checkpoint, arch=arch, map_location=dev, finite=True)
         name, xt, yt = _load_samples(ck, dataset, data_dir, split, samples, dev)
         dirs = read_directions(directions) if directions else make_directions(ck.model, seed=seed,
                                                                                include_bn=include_bn)
@@ -167,20 +198,27 @@ def landscape(
                                    f"{'; '.join(diff)}; pass --overwrite to discard that file, or choose "
                                    f"another --out/--h5")
         save = lambda r: write_surface_h5(r, h5_path, split=split, settings=settings)  # noqa: E731
-        saver = _Saver(save, xs.size * ys.size, "landscape", save_every, rank)
+        before = 0 if resume is None else int(resume.done.sum())
+        saver = _Saver(save, xs.size * ys.size, "landscape", save_every, rank, kept=before)
         if resume is not None:
-            saver.bar.update(int(resume.done.sum()))
-        t0, before = time.perf_counter(), 0 if resume is None else int(resume.done.sum())
+            saver.bar.update(before)
+        t0 = time.perf_counter()
         try:
-            res = compute_surface(ck.model, xt, yt, xcoords=xs, ycoords=ys, directions=dirs, bn=bn,
-                                  precision=precision, points_per_batch=points_per_batch, batch_size=batch_size,
-                                  resume=resume, progress=saver)
-        finally:
-            saver.flush()  # a Ctrl-C or crash keeps every finished point
-        secs = time.perf_counter() - t0
-        if rank != 0:
-            return
-        save(res)
+            try:
+                res = compute_surface(ck.model, xt, yt, xcoords=xs, ycoords=ys, directions=dirs, bn=bn,
+                                      precision=precision, points_per_batch=points_per_batch,
+                                      batch_size=batch_size, resume=resume, progress=saver)
+            finally:
+                saver.flush()  # a Ctrl-C or crash keeps every finished point
+            secs = time.perf_counter() - t0
+            if rank != 0:
+                return
+            saver.save(res)
+        except WriteError as e:
+            note = saver.kept_note(h5_path)
+            raise (e.with_note(note) if note else e) from None
+        except KeyboardInterrupt:
+            raise Interrupted(saver.kept_note(h5_path) or None) from None
         written = [h5_path]
         if vtk_path:
             write_surface_vtk(res, vtk_path, log=log, zmax=zmax, title=f"kdprobe {split} loss, {checkpoint.name}")
@@ -251,11 +289,11 @@ def interpolate(
         raise KdprobeError(f"expected --steps >= 2, got {steps}")
     ts = parse_grid(range_, num=steps)
     out = out or checkpoint_a.with_name(f"{checkpoint_a.stem}_to_{checkpoint_b.stem}.h5")
-    h5_path, vtk_path, html_path = _paths(out, h5, html)
+    h5_path, vtk_path, html_path = _paths("interpolate", out, h5, html, {"A": checkpoint_a, "B": checkpoint_b})
     dev, (rank, world) = _setup(device)
     try:
-        a = load_checkpoint(checkpoint_a, arch=arch, map_location=dev)
-        b = load_checkpoint(checkpoint_b, arch=arch, map_location=dev)
+        a = load_checkpoint(checkpoint_a, arch=arch, map_location=dev, finite=True)
+        b = load_checkpoint(checkpoint_b, arch=arch, map_location=dev, finite=True)
         if dataset is None and a.meta.get("dataset") != b.meta.get("dataset"):
             raise KdprobeError(f"expected two checkpoints of one dataset, got {a.meta.get('dataset')} and "
                                f"{b.meta.get('dataset')}; pass --dataset to evaluate both on one")

@@ -6,8 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import TqdmProgress, handle_errors, table
+from cli.common import TqdmProgress, folder_interrupted, handle_errors, ranged, table
 from cli.surplus import surplus_table
+from kdprobe.models.registry import WIDTH
 
 O = typer.Option
 
@@ -25,10 +26,11 @@ def pruning(
                                               "surplus.csv/.json and pipeline.json. Re-running resumes.")],
     model: Annotated[str, O(help="Registry name: resnet56 (=resnet56b), resnet56a, resnet110, vgg19_bn, densenet40, "
                                  "resnet8a (tiny), ...")] = "resnet56",
-    width: Annotated[Optional[float], O(help="Width multiplier (tiny models for quick runs).")] = None,
+    width: Annotated[Optional[float], O(help="Width multiplier (> 0; tiny models for quick runs).", callback=ranged(WIDTH))] = None,
     dataset: Annotated[str, O(help="digits (embedded, offline), cifar10, cifar100 (paper), or imagefolder:PATH.")] = "digits",
     data_dir: Annotated[Optional[Path], O(help="Folder with torchvision's CIFAR files.")] = None,
-    train_subset: Annotated[Optional[int], O(help="Train on a seeded subset of this many images (quick runs).")] = None,
+    train_subset: Annotated[Optional[int], O(help="Train on a seeded subset of this many images (quick runs).",
+                                             callback=ranged("train_subset"))] = None,
     method: Annotated[str, O(help="l1 (Li 2016, CIFAR ResNets) | slimming (Liu 2017) | weight (Han 2015).")] = "l1",
     remaining: Annotated[str, O(help="Fraction kept, in (0, 1]; l1: per stage (paper ResNet-56: 0.4,0.7,0.9 or "
                                      "0.5,0.6,0.7); slimming: of prunable channels; weight: of conv weights.")] = "0.4,0.7,0.9",
@@ -38,31 +40,40 @@ def pruning(
                                  "averages over seeds.")] = "0",
     preset: Annotated[str, O(help="Schedule of the initial trainings: rnp (pruning reference, 160 epochs, lr 0.1), "
                                   "repdistiller, cutmix, fast.")] = "rnp",
-    epochs: Annotated[Optional[int], O(help="Initial trainings: epochs (default: the preset's).")] = None,
-    lr: Annotated[Optional[float], O(help="Initial trainings: learning rate (default: the preset's).")] = None,
-    batch_size: Annotated[Optional[int], O(help="Initial trainings: images per step (default: the preset's).")] = None,
-    finetune_epochs: Annotated[Optional[int], O(help="Fine-tuning epochs (default 40, constant lr 0.001, batch 64, "
-                                                     "as the reference).")] = None,
+    epochs: Annotated[Optional[int], O(help="Initial trainings: epochs (default: the preset's).",
+                                       callback=ranged("epochs"))] = None,
+    lr: Annotated[Optional[float], O(help="Initial trainings: learning rate (default: the preset's).",
+                                     callback=ranged("lr"))] = None,
+    batch_size: Annotated[Optional[int], O(help="Initial trainings: images per step (default: the preset's).",
+                                           callback=ranged("batch_size"))] = None,
+    finetune_epochs: Annotated[Optional[int], O(help="Fine-tuning epochs (>= 1; default 40, constant lr 0.001, "
+                                                     "batch 64, as the reference).", callback=ranged("epochs"))] = None,
     bn_sparsity: Annotated[Optional[float], O(help="L1 lambda on BN scales in ALL initial trainings (default: "
-                                                   "slimming 1e-4 VGG, 1e-5 ResNet/DenseNet; else 0).")] = None,
+                                                   "slimming 1e-4 VGG, 1e-5 ResNet/DenseNet; else 0).",
+                                              callback=ranged("bn_sparsity"))] = None,
     device: Annotated[str, O(help="auto | cpu | cuda | cuda:N.")] = "auto",
     quiet: Annotated[bool, O(help="No progress bars or per-epoch lines (cell lines and tables still print).")] = False,
 ):
     """Train scratch and KD teachers, prune, fine-tune (Scratch, Pre-Distill, Post-Distill, Pre-Post, Self-Distill),
     write results.csv and the surplus table. Cells whose checkpoints exist are skipped, so re-running resumes."""
+    from kdprobe.outputs import check_outputs
     from trainers.pipeline import PipelineSpec, run_pruning_pipeline
 
+    check_outputs("pipeline", {"--out": (out, "folder")})
     overrides = {k: v for k, v in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size)) if v is not None}
-    spec = PipelineSpec(model=model, model_kwargs={"width": width} if width else {}, dataset=dataset,
+    spec = PipelineSpec(model=model, model_kwargs={"width": width} if width is not None else {}, dataset=dataset,
                         data_dir=str(data_dir) if data_dir else None, train_subset=train_subset, method=method,
                         remaining=remaining, skip=skip, distill=distill, seeds=seeds, preset=preset,
                         train_overrides=overrides,
-                        finetune_overrides={"epochs": finetune_epochs} if finetune_epochs else {},
+                        finetune_overrides={"epochs": finetune_epochs} if finetune_epochs is not None else {},
                         bn_sparsity=bn_sparsity)
     typer.echo(f"pipeline: {spec.model_label}, {spec.method} pruning {spec.setting}, KD {','.join(spec.distill)}, "
                f"seeds {','.join(map(str, spec.seeds))}, bn_sparsity {spec.resolved_bn_sparsity:g} -> {out}")
-    res = run_pruning_pipeline(spec, out, device=device, progress_factory=lambda cell: TqdmProgress(not quiet),
-                               on_event=_print_event)
+    try:
+        res = run_pruning_pipeline(spec, out, device=device, progress_factory=lambda cell: TqdmProgress(not quiet),
+                                   on_event=_print_event)
+    except KeyboardInterrupt as e:
+        raise folder_interrupted(e, out) from None
     typer.echo(f"\nresults: {spec.model_label} {spec.setting}, test accuracy % (last epoch)")
     typer.echo(results_table(res.rows))
     typer.echo("\nsurplus:")

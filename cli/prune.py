@@ -20,10 +20,14 @@ def prune(
     skip: Annotated[Optional[str], O(help="l1 only: blocks kept whole, 1-based stage.block ('1.8,1.9,2.1') or a "
                                           "preset (A, B, resnet56-B, resnet110-B).")] = None,
     arch: Annotated[Optional[str], O(help="Architecture of a foreign checkpoint (e.g. resnet56a).")] = None,
+    overwrite: Annotated[bool, O(help="Replace an existing --out checkpoint (only a checkpoint; the new one is "
+                                      "written completely before it replaces the old).")] = False,
 ):
     """Prune a checkpoint; structured methods write a physically smaller network, weight pruning writes masks."""
+    from kdprobe.outputs import check_outputs
     from kdprobe.pruning import prune_checkpoint
 
+    check_outputs("prune", {"--out": (out, "checkpoint")}, {"CHECKPOINT": checkpoint}, overwrite=overwrite)
     rep = prune_checkpoint(checkpoint, method, remaining, out, skip=skip, arch=arch)
     for w in rep.warnings:
         typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)

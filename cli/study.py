@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import TqdmProgress, table
+from cli.common import TqdmProgress, folder_interrupted, table
 
 O = typer.Option
 
@@ -103,7 +103,7 @@ def study(
     landscape and surplus probes, and write DIR/report.html (offline) and DIR/summary.json."""
     from kdprobe.errors import KdprobeError
     from kdprobe.study_spec import load_spec
-    from trainers.study import run_study
+    from trainers.study import plan_cells, run_study
 
     if list_:
         _list_specs()
@@ -111,13 +111,20 @@ def study(
     if spec is None or out is None:
         raise KdprobeError("expected a study and --out, e.g. `kdprobe study table6 --out runs/t6`; "
                            "`kdprobe study --list` shows the built-in studies")
+    from kdprobe.outputs import check_outputs
+
+    check_outputs("study", {"--out": (out, "folder")})
     resolved, text = load_spec(spec, scale, set_ or ())
+    plan_cells(resolved, out)  # every cell's config (ranges, model kwargs) checked before DIR is made
     what = (f"{len(resolved.methods)} methods x {len(resolved.seeds)} seeds" if resolved.methods else
             f"{len(resolved.pruning)} pruning blocks x {len(resolved.seeds)} seeds")
     typer.echo(f"study {resolved.name} (scale {resolved.scale or 'as written'}): {what} -> {out}")
     progress = TqdmStudyProgress(not quiet)
-    res = run_study(resolved, out, device=device, jobs=jobs, nproc_per_cell=nproc_per_cell, spec_text=text,
-                    progress=progress)
+    try:
+        res = run_study(resolved, out, device=device, jobs=jobs, nproc_per_cell=nproc_per_cell, spec_text=text,
+                        progress=progress)
+    except KeyboardInterrupt as e:
+        raise folder_interrupted(e, out) from None
 
     trained = sum(c.action != "existing" for c in res.cells)
     if res.accuracy:

@@ -20,9 +20,11 @@ def surplus(
 ):
     """Surplus = (SelfDistill - Finetuned_scratch) - (Unpruned_KD - Unpruned_scratch), averaged over runs."""
     from kdprobe.errors import KdprobeError
+    from kdprobe.outputs import check_outputs
     from kdprobe.probes.surplus import compute_surplus, read_results_csv
     from kdprobe.writers.surplus_files import write_surplus_csv, write_surplus_json
 
+    check_outputs("surplus", {"--csv": (csv, "csv"), "--json": (json, "json")}, {"RESULTS_CSV": results_csv})
     rows = compute_surplus(read_results_csv(results_csv))
     if not rows:
         raise KdprobeError(f"expected at least one KD row (train_type other than scratch) in {results_csv}, got none")

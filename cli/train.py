@@ -6,69 +6,80 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import TqdmProgress
+from cli.common import TqdmProgress, ranged
+from kdprobe.models.registry import WIDTH
 
 O = typer.Option
 
 
 def train(
     out: Annotated[Path, O("--out", "-o", help="Checkpoint to write (.pt); OUT.partial holds resume state, OUT.jsonl the per-epoch log.")],
-    model: Annotated[str, O(help="Registry name, variant included: resnet20 (=resnet20b, 1x1-conv shortcut), resnet56a (zero-pad shortcut), vgg19_bn, densenet40, pyramidnet110, ... (`kdprobe models`).")] = "resnet20",
+    model: Annotated[Optional[str], O(help="Registry name, variant included: resnet20 (=resnet20b, 1x1-conv shortcut), resnet56a (zero-pad shortcut), vgg19_bn, densenet40, pyramidnet110, ... (`kdprobe models`). Default resnet20; with --init the model comes from the init checkpoint.")] = None,
     dataset: Annotated[str, O(help="digits (embedded, offline), cifar10, cifar100, or imagefolder:PATH (PATH/train, PATH/test; a .tar.gz works too).")] = "digits",
     data_dir: Annotated[Optional[Path], O(help="Folder with torchvision's CIFAR files.")] = None,
     download: Annotated[bool, O(help="Download CIFAR into --data-dir first (needs internet).")] = False,
-    seed: Annotated[int, O(help="Seed for initialization, data order and augmentation.")] = 0,
+    seed: Annotated[int, O(help="Seed for initialization, data order and augmentation (0 to 2**63-1).", callback=ranged("seed"))] = 0,
     preset: Annotated[Optional[str], O(help="Reference schedule: fast (digits), repdistiller, rnp, cutmix, finetune. Explicit options override it.")] = None,
-    epochs: Annotated[Optional[int], O(help="Epochs (default: preset's, else 15).")] = None,
-    batch_size: Annotated[Optional[int], O(help="Images per step.")] = None,
-    lr: Annotated[Optional[float], O(help="Initial learning rate.")] = None,
+    epochs: Annotated[Optional[int], O(help="Epochs (default: preset's, else 15).", callback=ranged("epochs"))] = None,
+    batch_size: Annotated[Optional[int], O(help="Images per step.", callback=ranged("batch_size"))] = None,
+    lr: Annotated[Optional[float], O(help="Initial learning rate (> 0).", callback=ranged("lr"))] = None,
     schedule: Annotated[Optional[str], O(help="step | cosine | constant.")] = None,
     milestones: Annotated[Optional[str], O(help="Step schedule: comma-separated epochs, or fractions of the run (0.5,0.75).")] = None,
-    weight_decay: Annotated[Optional[float], O(help="L2 weight decay.")] = None,
+    weight_decay: Annotated[Optional[float], O(help="L2 weight decay (>= 0).", callback=ranged("weight_decay"))] = None,
     nesterov: Annotated[Optional[bool], O("--nesterov/--no-nesterov", help="Nesterov momentum.")] = None,
     augment: Annotated[str, O(help="standard (crop pad 4 + flip) | cutmix | autoaugment (CIFAR-10 policy, one sub-policy per image) | none.")] = "standard",
-    cutmix_prob: Annotated[float, O(help="CutMix: probability per batch.")] = 0.5,
-    cutmix_beta: Annotated[float, O(help="CutMix: lambda ~ Beta(b, b).")] = 1.0,
+    cutmix_prob: Annotated[float, O(help="CutMix: probability per batch.", callback=ranged("cutmix_prob"))] = 0.5,
+    cutmix_beta: Annotated[float, O(help="CutMix: lambda ~ Beta(b, b), b > 0.", callback=ranged("cutmix_beta"))] = 1.0,
     distill: Annotated[str, O(help="none | label (Hinton KD) | feature (normalized L1 on the last feature map, 1x1 regressor).")] = "none",
     teacher: Annotated[Optional[Path], O(help="Teacher checkpoint (kdprobe's, or foreign with --teacher-arch).")] = None,
     teacher_arch: Annotated[Optional[str], O(help="Architecture of a foreign teacher checkpoint.")] = None,
-    alpha: Annotated[float, O(help="Label KD: weight of the KL term (paper 0.9).")] = 0.9,
-    temperature: Annotated[float, O(help="Label KD: temperature T (paper 4).")] = 4.0,
-    beta: Annotated[Optional[float], O(help="Feature KD weight (default per family: ResNet 500, VGG 1500, DenseNet-40 1000, PyramidNet-110 1000, -200 2000).")] = None,
-    bn_sparsity: Annotated[float, O(help="Network Slimming: L1 sub-gradient lambda on BN scales (1e-4 VGG, 1e-5 ResNet/DenseNet).")] = 0.0,
-    init: Annotated[Optional[Path], O(help="Start from this checkpoint (e.g. a pruned one from `kdprobe prune`); --model is taken from it.")] = None,
-    width: Annotated[Optional[float], O(help="Width multiplier for ResNets/VGG (tiny models for quick runs).")] = None,
-    train_subset: Annotated[Optional[int], O(help="Train on a seeded subset of this many images.")] = None,
+    alpha: Annotated[float, O(help="Label KD: weight of the KL term (paper 0.9).", callback=ranged("alpha"))] = 0.9,
+    temperature: Annotated[float, O(help="Label KD: temperature T (paper 4).", callback=ranged("temperature"))] = 4.0,
+    beta: Annotated[Optional[float], O(help="Feature KD weight (default per family: ResNet 500, VGG 1500, DenseNet-40 1000, PyramidNet-110 1000, -200 2000).", callback=ranged("beta"))] = None,
+    bn_sparsity: Annotated[float, O(help="Network Slimming: L1 sub-gradient lambda on BN scales (1e-4 VGG, 1e-5 ResNet/DenseNet).", callback=ranged("bn_sparsity"))] = 0.0,
+    init: Annotated[Optional[Path], O(help="Start from this checkpoint (e.g. a pruned one from `kdprobe prune`); the model (and its widths) come from it, so --model/--width are refused.")] = None,
+    width: Annotated[Optional[float], O(help="Width multiplier for ResNets/VGG (> 0; tiny models for quick runs).", callback=ranged(WIDTH))] = None,
+    train_subset: Annotated[Optional[int], O(help="Train on a seeded subset of this many images (>= 1).", callback=ranged("train_subset"))] = None,
     device: Annotated[str, O(help="auto | cpu | cuda | cuda:N.")] = "auto",
-    overwrite: Annotated[bool, O(help="Discard an existing OUT and its partial state.")] = False,
+    overwrite: Annotated[bool, O(help="Retrain although OUT exists: OUT is replaced when the new checkpoint is complete (never deleted up front), and a partial state of another configuration is replaced by the new run's first save.")] = False,
     quiet: Annotated[bool, O(help="No progress bar.")] = False,
 ):
     """Train one model (scratch, CutMix, AutoAugment, label/feature KD, fine-tuning) and save a checkpoint."""
     from kdprobe.checkpoint import load_checkpoint
     from kdprobe.data import load_dataset
-    from trainers.config import make_config
-    from trainers.loop import partial_path, train as run_train
+    from kdprobe.errors import KdprobeError
+    from kdprobe.outputs import check_outputs
+    from trainers.config import make_config, parse_milestones
+    from trainers.loop import log_path, partial_path, train as run_train
 
-    if out.exists() and not overwrite:
-        typer.echo(f"{out} exists; nothing to do (pass --overwrite to retrain)")
-        return
-    if overwrite:
-        out.unlink(missing_ok=True)
-        partial_path(out).unlink(missing_ok=True)
+    # Everything is checked before any file is touched: flags (ranges at parse time, then the whole
+    # config), output paths, the init checkpoint; the loop then loads data, model and teacher and
+    # checks them before its first write. An existing OUT is only ever replaced by a complete one.
+    if init is not None and (model is not None or width is not None):
+        given = " and ".join(f for f, v in (("--model", model), ("--width", width)) if v is not None)
+        raise KdprobeError(f"--init {init} gives the model and its widths, so {given} would be recorded but not "
+                           f"used; drop {given}")
+    check_outputs("train", {"--out": (out, "checkpoint"), "its resume state OUT.partial": (partial_path(out), "partial"),
+                            "its log OUT.jsonl": (log_path(out), "jsonl")},
+                  {"--teacher": teacher, "--init": init}, overwrite=overwrite,
+                  keep=("--out", "its resume state OUT.partial"))
     if init is not None:
-        model = load_checkpoint(init).model.arch["name"]
-    if download:
-        load_dataset(dataset, data_dir, download=True)
-    ms = tuple(float(m) if "." in m else int(m) for m in milestones.split(",") if m.strip()) if milestones else None
+        model = load_checkpoint(init, finite=True).model.arch["name"]
     config = make_config(
-        preset, model=model, model_kwargs={"width": width} if width else {}, dataset=dataset,
-        data_dir=str(data_dir) if data_dir else None, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
-        schedule=schedule, milestones=ms, weight_decay=weight_decay, nesterov=nesterov, augment=augment,
-        cutmix_prob=cutmix_prob, cutmix_beta=cutmix_beta, distill=distill, teacher=str(teacher) if teacher else None,
+        preset, model=model or "resnet20", model_kwargs={"width": width} if width is not None else {},
+        dataset=dataset, data_dir=str(data_dir) if data_dir else None, seed=seed, epochs=epochs,
+        batch_size=batch_size, lr=lr, schedule=schedule, milestones=parse_milestones(milestones),
+        weight_decay=weight_decay, nesterov=nesterov, augment=augment, cutmix_prob=cutmix_prob,
+        cutmix_beta=cutmix_beta, distill=distill, teacher=str(teacher) if teacher else None,
         teacher_arch=teacher_arch, alpha=alpha, temperature=temperature, beta=beta, bn_sparsity=bn_sparsity,
         init=str(init) if init else None, train_subset=train_subset,
     )
-    res = run_train(config, out, device=device, progress=TqdmProgress(not quiet))
+    if out.exists() and not overwrite:
+        typer.echo(f"{out} exists; nothing to do (pass --overwrite to retrain)")
+        return
+    if download:
+        load_dataset(dataset, data_dir, download=True)
+    res = run_train(config, out, device=device, progress=TqdmProgress(not quiet), overwrite=overwrite)
     resumed = f" (resumed from epoch {res.resumed_from_epoch:.2f})" if res.resumed_from_epoch is not None else ""
     typer.echo(f"{config.method} {config.model} seed {seed}: test accuracy {res.test_acc:.2f}% (last epoch; best {res.best_acc:.2f}%){resumed}")
-    typer.echo(f"checkpoint: {out}   log: {out.with_suffix('.jsonl')}")
+    typer.echo(f"checkpoint: {out}   log: {log_path(out)}")

@@ -13,9 +13,10 @@ pruning), with `module.` / `_orig_mod.` prefixes stripped; the architecture is t
 """
 from __future__ import annotations
 
-import io
 import pickle
 import platform
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,11 +24,12 @@ import torch
 import torch.nn as nn
 
 from kdprobe.errors import KdprobeError
-from kdprobe.models.legacy import upgrade_arch  # old formats' arch names -> today's
-from kdprobe.io import atomic_path, sha256_file
 from kdprobe import foreign
+from kdprobe.io import atomic_write_bytes, require_regular_file, sha256_file, torch_bytes
 from kdprobe.models import create_model
+from kdprobe.models.legacy import upgrade_arch  # old formats' arch names -> today's
 from kdprobe.models.registry import canonical_name
+from kdprobe.outputs import torch_container
 
 FORMAT = "kdprobe-checkpoint"
 FORMAT_VERSION = 2  # 2: resnetXXa is Li et al.'s avgpool shortcut (models.legacy)
@@ -48,6 +50,21 @@ class LoadedCheckpoint:
     @property
     def method(self) -> str:
         return str(self.meta.get("method", "unknown"))
+
+    def nonfinite(self) -> str | None:
+        """Name of the first floating-point weight or buffer holding nan/inf, or None."""
+        for k, v in self.model.state_dict().items():
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                return k
+        return None
+
+    def require_finite(self) -> "LoadedCheckpoint":
+        """self, if every weight is finite; else a one-line error (a diverged run's weights give all-nan outputs)."""
+        key = self.nonfinite()
+        if key is not None:
+            raise KdprobeError(f"{self.path} holds non-finite weights (nan/inf in {key}); expected finite weights: "
+                               "use a checkpoint saved before the training diverged")
+        return self
 
     def data_source(self, dataset: str | None = None, data_dir=None) -> tuple[str, object]:
         """(dataset name, data dir) to evaluate on: the given ones, else what the checkpoint recorded."""
@@ -92,23 +109,40 @@ def save_checkpoint(path, model: nn.Module, meta: dict, extra: dict | None = Non
     sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": plain(arch), "state_dict": sd,
                "meta": plain(dict(meta, versions=meta.get("versions", library_versions()))), "extra": plain(extra or {})}
-    # Serialize to memory first: torch.save names the zip records after the file, so saving
-    # through a temp file would make two identical checkpoints differ byte-wise.
-    buf = io.BytesIO()
-    torch.save(payload, buf)
+    # Serialized in memory: torch.save names the zip records after the file, so saving through a
+    # temp file would make two identical checkpoints differ byte-wise; and a full disk then fails
+    # in a plain write with a clear errno.
     path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.getvalue())
+    atomic_write_bytes(path, torch_bytes(payload))
     return path
 
 
+def _verify_zip(path: Path) -> None:
+    """Check every member's CRC (torch.load never does: flipped bytes in a tensor would load silently)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, EOFError, zlib.error, ValueError, NotImplementedError, OSError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise KdprobeError(f"{path} is corrupted or truncated ({why}); restore it from a copy or re-create it") from None
+    if bad is not None:
+        raise KdprobeError(f"{path} is corrupted: its record {bad} fails the CRC check (damaged bytes); restore it "
+                           "from a copy or re-create it")
+
+
 def read_payload(path) -> dict:
-    """torch.load with weights_only=True and every failure turned into a one-line error."""
-    path = Path(path)
-    if not path.exists():
-        raise KdprobeError(f"checkpoint {path} does not exist; check the path (or the glob)")
-    if path.is_dir():
-        raise KdprobeError(f"{path} is a folder, expected a checkpoint file (.pt)")
+    """torch.load with weights_only=True and every failure turned into a one-line error.
+
+    Order: a regular file (a FIFO would block forever), a torch container (zip or legacy pickle:
+    anything else is "not a torch checkpoint"), zip CRCs intact ("corrupted"), then the
+    restricted unpickler (a global it refuses means code could run on load)."""
+    path = require_regular_file(path, "checkpoint")
+    container = torch_container(path)
+    if container is None:
+        raise KdprobeError(f"{path} is not a torch checkpoint (neither a torch zip archive nor a legacy torch "
+                           "file); check the path")
+    if container == "zip":
+        _verify_zip(path)
     try:
         # benign objects real checkpoints carry (argparse.Namespace, numpy scalars) are allow-listed;
         # everything else is still refused by the weights_only unpickler, never run
@@ -116,22 +150,92 @@ def read_payload(path) -> dict:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        first = next((ln for ln in lines if "Unsupported" in ln or "global" in ln.lower()), lines[0] if lines else type(e).__name__)
+        glob = next((ln for ln in lines if "global" in ln.lower() and "weights_only" not in ln), None)
+        if glob is None:
+            why = (lines[-1] if lines else type(e).__name__)[:160]
+            raise KdprobeError(f"{path} is not a readable torch checkpoint (damaged pickle data: {why}); "
+                               "restore it from a copy or re-create it") from None
         raise KdprobeError(
             f"refusing to load {path}: it holds Python objects that could run code on load "
-            f"(weights_only=True rejected it: {first[:160]}); if you trust it, re-save its state_dict with plain torch.save"
+            f"(weights_only=True rejected it: {glob[:160]}); if you trust it, re-save its state_dict with plain torch.save"
         ) from None
     except Exception as e:  # noqa: BLE001 - any other failure of the unpickler means a foreign or broken file
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise KdprobeError(f"{path} is not a readable PyTorch checkpoint (corrupt, truncated or another format?): {why}") from None
+        raise KdprobeError(f"{path} is not a readable torch checkpoint (corrupt, truncated or another format?): {why}") from None
     if not isinstance(obj, dict):
         raise KdprobeError(f"{path} holds a {type(obj).__name__}, expected a dict (a state_dict or a checkpoint dict)")
     return obj
 
 
+def _show(v) -> str:
+    text = " ".join(repr(v).split())
+    return f"{type(v).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
+
+
+def _tensor_dict(d) -> bool:
+    return isinstance(d, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
+
+
+def check_payload(obj: dict, path) -> tuple[str, dict, dict, dict, dict]:
+    """(arch name, arch kwargs, state_dict, meta, extra) of a kdprobe checkpoint payload, every field
+    checked for its type, so a damaged file is one line naming the field, not a crash later."""
+    def bad(field: str, want: str, got) -> KdprobeError:
+        return KdprobeError(f"{path} is a damaged kdprobe checkpoint: {field} is {_show(got)}, expected {want}; "
+                            "restore it from a copy or re-create it")
+
+    version = obj.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise bad("format_version", "an integer >= 1", version)
+    if version > FORMAT_VERSION:
+        raise KdprobeError(f"{path} was written by a newer kdprobe (format {version}); upgrade kdprobe")
+    arch = obj.get("arch")
+    if not isinstance(arch, dict):
+        raise bad("arch", "a dict {'name': ..., 'kwargs': {...}}", arch)
+    name, kwargs = arch.get("name"), arch.get("kwargs", {})
+    if not isinstance(name, str) or not name.strip():
+        raise bad("arch.name", "a model name", name)
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise bad("arch.kwargs", "a dict of named model arguments", kwargs)
+    sd = obj.get("state_dict")
+    if not _tensor_dict(sd) or not sd:
+        raise bad("state_dict", "a non-empty dict of name -> tensor", sd)
+    meta, extra = obj.get("meta", {}), obj.get("extra", {})
+    if not isinstance(meta, dict):
+        raise bad("meta", "a dict", meta)
+    if not isinstance(extra, dict):
+        raise bad("extra", "a dict", extra)
+    for key in ("masks", "regressor"):
+        if key in extra and not _tensor_dict(extra[key]):
+            raise bad(f"extra.{key}", "a dict of name -> tensor", extra[key])
+    shape = meta.get("input_shape")
+    if shape is not None and not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
+        raise bad("meta.input_shape", "[channels, height, width] of positive integers", shape)
+    for key in ("dataset", "method", "data_dir"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise bad(f"meta.{key}", "a string", meta[key])
+    return name, dict(kwargs), sd, dict(meta), dict(extra)
+
+
+def _build(name: str, kwargs: dict, path) -> nn.Module:
+    """create_model from a file's arch record; any failure is the file's, said in one line."""
+    try:
+        return create_model(name, **kwargs)
+    except KdprobeError as e:
+        raise KdprobeError(f"{path}: cannot rebuild its model: {e}") from None
+    except Exception as e:  # noqa: BLE001 - the kwargs come from the file: a factory that chokes on them
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise KdprobeError(f"{path} is a damaged kdprobe checkpoint: arch {name} with kwargs {_show(kwargs)} does "
+                           f"not build ({type(e).__name__}: {why}); restore it from a copy or re-create it") from None
+
+
 def load_state_into(model: nn.Module, sd: dict, source: str) -> None:
-    """Load a state_dict strictly; on mismatch name the first offending key and shapes."""
+    """Load a state_dict strictly; on mismatch name the first offending key and shapes (or dtype)."""
     own = model.state_dict()
+    junk = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
+    if junk is not None:
+        raise KdprobeError(f"{source}: state_dict entry {junk!r} is {_show(sd[junk])}, expected a tensor; the file is "
+                           "damaged or not a checkpoint")
     if set(own) != set(sd):
         # Other codebases name layers differently; if the tensors line up one-to-one by
         # order and shape, the mapping is unambiguous.
@@ -148,23 +252,28 @@ def load_state_into(model: nn.Module, sd: dict, source: str) -> None:
     for k, v in own.items():
         if k in sd and tuple(sd[k].shape) != tuple(v.shape):
             raise KdprobeError(f"{source} does not fit architecture {model.arch['name']}: {k} is {tuple(sd[k].shape)} in the file but {tuple(v.shape)} in the model; check --arch, its variant and widths")
+        if k in sd and v.is_floating_point() and not sd[k].is_floating_point():
+            # loading would cast silently: integer "weights" are a damaged or mis-converted file
+            raise KdprobeError(f"{source}: {k} is stored as {sd[k].dtype}, expected a floating-point tensor; the file "
+                               "is damaged or was converted wrongly; re-create it")
     model.load_state_dict(sd, strict=False)
 
 
 def load_checkpoint(path, *, arch: str | None = None, arch_kwargs: dict | None = None,
-                    map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """Rebuild a model from a kdprobe or foreign checkpoint; the model comes back in eval mode."""
+                    map_location: str | torch.device = "cpu", finite: bool = False) -> LoadedCheckpoint:
+    """Rebuild a model from a kdprobe or foreign checkpoint; the model comes back in eval mode.
+
+    finite=True refuses weights holding nan/inf (commands whose outputs would be all-nan)."""
     path = Path(path)
     obj = read_payload(path)
     if obj.get("format") == FORMAT:
-        if obj.get("format_version", 0) > FORMAT_VERSION:
-            raise KdprobeError(f"{path} was written by a newer kdprobe (format {obj['format_version']}); upgrade kdprobe")
-        name, kwargs = upgrade_arch(obj["arch"]["name"], obj["arch"]["kwargs"], obj.get("format_version", 0))
+        name, kwargs, sd, meta, extra = check_payload(obj, path)
+        name, kwargs = upgrade_arch(name, kwargs, obj["format_version"])
         if arch is not None and canonical_name(arch) != name:
             raise KdprobeError(f"{path} holds a {name}, not a {canonical_name(arch)}; drop --arch for kdprobe checkpoints")
-        model = create_model(name, **kwargs)
-        load_state_into(model, obj["state_dict"], str(path))
-        meta, extra, foreign_file, detection = dict(obj.get("meta", {})), dict(obj.get("extra", {})), False, None
+        model = _build(name, kwargs, path)
+        load_state_into(model, sd, str(path))
+        foreign_file, detection = False, None
     else:
         payload = foreign.unpack(obj, path)
         det = (foreign.named(payload, arch, arch_kwargs, path) if arch is not None
@@ -177,4 +286,5 @@ def load_checkpoint(path, *, arch: str | None = None, arch_kwargs: dict | None =
             meta["foreign_options"] = payload.info["options"]
         extra, foreign_file, detection = {}, True, det
     model.to(map_location).eval()
-    return LoadedCheckpoint(model, meta, path, sha256_file(path), extra, foreign_file, detection)
+    ck = LoadedCheckpoint(model, meta, path, sha256_file(path), extra, foreign_file, detection)
+    return ck.require_finite() if finite else ck

@@ -9,10 +9,61 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from kdprobe.errors import KdprobeError
+from kdprobe.models.registry import check_model_kwargs
+from kdprobe.ranges import INT64_MAX, POSITIVE, Range
 
 AUGMENTS = ("standard", "cutmix", "autoaugment", "none")
 DISTILLS = ("none", "label", "feature")
 SCHEDULES = ("step", "cosine", "constant")
+
+# The valid range of every numeric training option, declared once: TrainConfig checks it (so the
+# CLI, study specs and the pruning pipeline all refuse the same values), and the CLI flags check it
+# at parse time through cli.common.ranged(). Model kwargs (width) are checked by the model registry.
+RANGES: dict[str, Range] = {
+    "train_subset": Range(int, 1, optional=True),
+    "epochs": Range(int, 1),
+    "batch_size": Range(int, 1),
+    "lr": POSITIVE,
+    "momentum": Range(float, 0, 1, high_open=True),
+    "weight_decay": Range(float, 0),
+    "gamma": Range(float, 0, 1, low_open=True),
+    "cutmix_prob": Range(float, 0, 1),
+    "cutmix_beta": POSITIVE,
+    "alpha": Range(float, 0, 1),
+    "temperature": POSITIVE,
+    "beta": Range(float, 0, optional=True),
+    "bn_sparsity": Range(float, 0),
+    "seed": Range(int, 0, INT64_MAX),
+}
+MILESTONES_HELP = "comma-separated epochs (150,180) or fractions of the run below 1 (0.5,0.75)"
+
+
+def flag(name: str) -> str:
+    """The CLI flag of a TrainConfig field: weight_decay -> --weight-decay."""
+    return "--" + name.replace("_", "-")
+
+
+def parse_milestones(text: str | None) -> tuple | None:
+    """'150,180' -> (150, 180); '0.5,0.75' -> (0.5, 0.75); None/'' -> None (not given)."""
+    if text is None or not text.strip():
+        return None
+    out = []
+    for tok in text.split(","):
+        tok = tok.strip()
+        try:
+            out.append(int(tok) if tok.lstrip("+").isdigit() else float(tok))
+        except ValueError:
+            raise KdprobeError(f"expected --milestones as {MILESTONES_HELP}, got {text!r}") from None
+    _check_milestones(tuple(out))
+    return tuple(out)
+
+
+def _check_milestones(ms) -> None:
+    for m in ms:
+        whole = Range(float, 1).ok(m) and float(m).is_integer()
+        if not (whole or Range(float, 0, 1, low_open=True, high_open=True).ok(m)):
+            raise KdprobeError(f"expected --milestones as {MILESTONES_HELP}, got {list(ms)} ({m!r} is neither a "
+                               "whole epoch >= 1 nor a fraction between 0 and 1)")
 
 
 @dataclass(frozen=True)
@@ -51,14 +102,20 @@ class TrainConfig:
         _check(self.augment in AUGMENTS, "augment", AUGMENTS, self.augment)
         _check(self.distill in DISTILLS, "distill", DISTILLS, self.distill)
         _check(self.schedule in SCHEDULES, "schedule", SCHEDULES, self.schedule)
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise KdprobeError(f"expected epochs >= 1, batch_size >= 1, lr > 0; got {self.epochs}, {self.batch_size}, {self.lr}")
+        for name, rng in RANGES.items():
+            rng.check(getattr(self, name), flag(name))
+        if not isinstance(self.milestones, (tuple, list)):
+            raise KdprobeError(f"expected --milestones as {MILESTONES_HELP}, got {self.milestones!r}")
+        _check_milestones(self.milestones)
+        check_model_kwargs(self.model, self.model_kwargs)
         if self.distill != "none" and not self.teacher:
             raise KdprobeError(f"--distill {self.distill} needs a teacher: pass --teacher TEACHER.pt")
-        if not 0.0 <= self.alpha <= 1.0 or self.temperature <= 0:
-            raise KdprobeError(f"expected 0 <= alpha <= 1 and temperature > 0, got {self.alpha}, {self.temperature}")
-        if not 0.0 <= self.cutmix_prob <= 1.0 or self.cutmix_beta <= 0:
-            raise KdprobeError(f"expected 0 <= cutmix_prob <= 1 and cutmix_beta > 0, got {self.cutmix_prob}, {self.cutmix_beta}")
+        if self.teacher and self.distill == "none":
+            raise KdprobeError(f"--teacher {self.teacher} is used only for distillation, but --distill is none; "
+                               "pass --distill label|feature, or drop --teacher")
+        if self.teacher_arch and not self.teacher:
+            raise KdprobeError(f"--teacher-arch {self.teacher_arch} names the architecture of a --teacher, but no "
+                               "--teacher was given; pass --teacher or drop --teacher-arch")
 
     @property
     def method(self) -> str:

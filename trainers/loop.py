@@ -17,10 +17,11 @@ import torch
 
 from kdprobe.checkpoint import library_versions, load_checkpoint, read_payload, save_checkpoint
 from kdprobe.data import TensorData, load_dataset
-from kdprobe.errors import KdprobeError
+from kdprobe.errors import Interrupted, KdprobeError
 from kdprobe.evaluate import evaluate
-from kdprobe.io import atomic_path, atomic_write_text, sha256_file
+from kdprobe.io import atomic_write_text, save_torch, sha256_file
 from kdprobe.models import create_model
+from kdprobe.models.registry import canonical_name
 from kdprobe.pruning import apply_masks, bn_sparsity_step
 from trainers.config import TrainConfig
 from trainers.distributed import DistContext, resolve_device  # noqa: F401  (re-exported for the CLI)
@@ -68,7 +69,7 @@ def _lr_factor(config: TrainConfig, epoch: int) -> float:
 def _teacher_info(config: TrainConfig, device):
     if not config.teacher:
         return None, None
-    ck = load_checkpoint(config.teacher, arch=config.teacher_arch, map_location=device)
+    ck = load_checkpoint(config.teacher, arch=config.teacher_arch, map_location=device, finite=True)
     for p in ck.model.parameters():
         p.requires_grad_(False)  # the teacher is never trained: no grads, eval mode
     info = {"path": str(config.teacher), "sha256": ck.sha256, "arch": ck.model.arch,
@@ -79,8 +80,17 @@ def _teacher_info(config: TrainConfig, device):
 
 def _build_model(config: TrainConfig, data: TensorData):
     if config.init:
-        ck = load_checkpoint(config.init)
+        ck = load_checkpoint(config.init, finite=True)
         model = ck.model
+        if canonical_name(config.model) != model.arch["name"]:
+            raise KdprobeError(f"the config names model {config.model}, but --init {config.init} holds a "
+                               f"{model.arch['name']}; the model comes from the init checkpoint, so drop --model")
+        kw = model.arch["kwargs"]
+        lie = next((k for k, v in config.model_kwargs.items() if k not in kw or kw[k] != v), None)
+        if lie is not None:
+            raise KdprobeError(f"the config sets {lie}={config.model_kwargs[lie]!r}, but --init {config.init} was "
+                               f"built with {lie}={kw.get(lie, '<none>')!r}; the model comes from the init "
+                               "checkpoint, so drop --width and other model options")
         if model.arch["kwargs"].get("num_classes") != data.num_classes:
             raise KdprobeError(f"--init {config.init} predicts {model.arch['kwargs'].get('num_classes')} classes, {config.dataset} has {data.num_classes}; use a checkpoint of this dataset")
         init = {"path": str(config.init), "sha256": ck.sha256, "method": ck.meta.get("method"),
@@ -108,10 +118,35 @@ def snapshot_path(out: Path, epoch: int) -> Path:
     return out.with_name(f"{out.stem}-epoch{epoch}{out.suffix}")
 
 
+def _resumable(ppath: Path, key: str, overwrite: bool) -> dict | None:
+    """The saved state in OUT.partial if it continues this config; None to start afresh.
+
+    With overwrite, a state of another config (or a damaged one) is not read and not deleted: the
+    new run's first save replaces it atomically, so a run stopped before that loses nothing."""
+    if not ppath.exists():
+        return None
+    try:
+        saved = read_payload(ppath)
+    except KdprobeError as e:
+        if overwrite:
+            return None
+        raise KdprobeError(f"cannot resume from {ppath}: {e}; pass --overwrite to start afresh") from None
+    if saved.get("run_key") == key:
+        return saved  # the same config: continuing gives the same result as starting again, only sooner
+    if overwrite:
+        return None
+    raise KdprobeError(f"{ppath} is a partial run of a different configuration; delete it or pass --overwrite "
+                       "to start afresh")
+
+
 def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress | None = None,
           save_interval_s: float = 60.0, stop_after_steps: int | None = None,
-          snapshot_epochs: tuple[int, ...] = ()) -> TrainResult:
+          snapshot_epochs: tuple[int, ...] = (), overwrite: bool = False) -> TrainResult:
     """Train per `config`, resuming from OUT.partial if a killed run left one; returns the result.
+
+    Everything (dataset, model, teacher, init) is loaded and checked before the first write. An
+    existing OUT is replaced only when the new checkpoint is complete (atomic rename); with
+    `overwrite`, an OUT.partial of another config is replaced by this run's first saved state.
 
     Under torchrun (WORLD_SIZE > 1) the global batch `config.batch_size` is split across the
     ranks with DistributedDataParallel; lr applies to the global batch, unscaled, so K
@@ -144,10 +179,9 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
     resumed = None
     key = run_key(config)
     ppath = partial_path(out)
-    if ppath.exists():
-        saved = read_payload(ppath)
-        if saved.get("run_key") != key:
-            raise KdprobeError(f"{ppath} is a partial run of a different configuration; delete it or pass --overwrite to start afresh")
+    saved = _resumable(ppath, key, overwrite)
+    saved_at = None  # epoch (with fraction) of the state in OUT.partial that a rerun continues
+    if saved is not None:
         student.load_state_dict(saved["student"])
         opt.load_state_dict(saved["optimizer"])
         gen.set_state(saved["gen"])
@@ -155,10 +189,11 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
         state = {k: saved[k] for k in state}
         if state["perm"] is not None:
             state["perm"] = state["perm"].to(dev)
-        resumed = state["epoch"] + state["step"] / steps_per_epoch
+        resumed = saved_at = state["epoch"] + state["step"] / steps_per_epoch
     step_module = ddp.wrap(student)
 
     def save_partial():
+        nonlocal saved_at
         # never overwrite the last good state with diverged weights
         if not all(bool(torch.isfinite(p).all()) for p in student.parameters()):
             raise KdprobeError(f"weights became non-finite at epoch {state['epoch'] + 1} step {state['step']}; "
@@ -168,8 +203,8 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
         payload = {"version": STATE_VERSION, "run_key": key, "student": student.state_dict(),
                    "optimizer": opt.state_dict(), "gen": gen.get_state(), "masks": masks,
                    **dict(state, sums=torch.as_tensor(state["sums"]).tolist())}
-        with atomic_path(ppath) as tmp:
-            torch.save(payload, tmp)
+        save_torch(payload, ppath)
+        saved_at = state["epoch"] + state["step"] / steps_per_epoch
 
     def metadata() -> dict:
         hist = state["history"]
@@ -241,7 +276,7 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
                               if sync else {})
                 if stop_after_steps is not None and steps_run >= stop_after_steps:
                     save_partial()
-                    raise KeyboardInterrupt("stop_after_steps reached")
+                    raise KeyboardInterrupt  # a test's stand-in for Ctrl-C
                 if time.monotonic() - last_save > save_interval_s:
                     save_partial()
                     last_save = time.monotonic()
@@ -257,6 +292,10 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
             last_save = time.monotonic()
             if ddp.is_main:
                 atomic_write_text(log_path(out), "".join(json.dumps(r) + "\n" for r in state["history"]))
+    except KeyboardInterrupt:
+        # say what a rerun continues from: only a state this config saved counts
+        raise Interrupted(None if saved_at is None or not ddp.is_main else
+                          f"partial work is saved in {ppath} (epoch {saved_at:.2f} of {config.epochs})") from None
     finally:
         progress.close()
     model.to(memory_format=torch.contiguous_format)

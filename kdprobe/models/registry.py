@@ -20,12 +20,16 @@ and knows which names compute the same function (aliases share one canonical nam
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 from kdprobe.errors import KdprobeError
+from kdprobe.ranges import Range
 
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {}
 _ALIASES: dict[str, str] = {}
@@ -170,17 +174,80 @@ def model_aliases() -> dict[str, str]:
     return dict(_ALIASES)
 
 
-def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
-    """Build a registered model; the result remembers how it was built in `model.arch`."""
-    cname = canonical_name(name)
-    if num_classes < 1 or in_channels < 1:
-        raise KdprobeError(f"expected num_classes >= 1 and in_channels >= 1, got {num_classes}, {in_channels}")
-    fn = factory(cname)
+WIDTH = Range(float, 0, low_open=True)  # width multiplier of ResNets/VGG: any finite number > 0
+_COUNT = Range(int, 1)  # num_classes, in_channels
+
+
+def _bind(cname: str, fn, num_classes, in_channels, kwargs: dict) -> inspect.BoundArguments:
+    _COUNT.check(num_classes, "num_classes")
+    _COUNT.check(in_channels, "in_channels")
+    if not all(isinstance(k, str) for k in kwargs):
+        raise KdprobeError(f"expected model arguments named by strings, got {sorted(map(repr, kwargs))}")
     try:
         bound = inspect.signature(fn).bind(num_classes=num_classes, in_channels=in_channels, **kwargs)
     except TypeError as e:  # unknown keyword: say which model rejected which argument
         raise KdprobeError(f"model {cname!r} does not accept these arguments: {e}") from None
+    if "width" in bound.arguments:
+        WIDTH.check(bound.arguments["width"], f"the width of {cname}")
+    return bound
+
+
+def check_model_kwargs(name: str, kwargs: dict) -> None:
+    """Check a model name and its keyword arguments (unknown names, width range) without building it."""
+    cname = canonical_name(name)
+    if not isinstance(kwargs, dict):
+        raise KdprobeError(f"expected model kwargs as a table/dict, got {kwargs!r}")
+    clash = sorted({"num_classes", "in_channels"} & set(kwargs))
+    if clash:
+        raise KdprobeError(f"expected model kwargs without {', '.join(clash)} (the dataset sets them), got {kwargs}")
+    _bind(cname, factory(cname), 10, 3, kwargs)
+
+
+class _SkipInit(TorchFunctionMode):
+    """On the meta device, skip in-place initializers: counting parameters needs shapes, not values
+    (and meta-device random init would import torch._dynamo, seconds per process)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        t = args[0] if args else kwargs.get("tensor", kwargs.get("input"))
+        if name.endswith("_") and not name.endswith("__") and isinstance(t, torch.Tensor) and t.is_meta:
+            return t
+        return func(*args, **kwargs)
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_size(cname: str, fn, bound: inspect.BoundArguments) -> None:
+    """Refuse a model whose parameters alone would not fit in this machine's memory, before allocating
+    (e.g. width 2000): the network is first built on the meta device, which allocates nothing."""
+    limit = _memory_bytes()
+    if limit is None:
+        return
+    try:
+        with torch.device("meta"), _SkipInit():
+            m = fn(*bound.args, **bound.kwargs)
+        n = sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers()))
+    except Exception:  # noqa: BLE001 - a factory that cannot build on meta: the real build will say
+        return
+    if n > limit:
+        kw = {k: v for k, v in bound.arguments.items() if k not in ("num_classes", "in_channels") and v is not None}
+        raise KdprobeError(f"model {cname} with {kw} would need {n / 2**30:,.1f} GiB for its weights alone, more "
+                           f"than this machine's {limit / 2**30:,.1f} GiB of memory; expected a smaller width/size")
+
+
+def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
+    """Build a registered model; the result remembers how it was built in `model.arch`."""
+    cname = canonical_name(name)
+    fn = factory(cname)
+    bound = _bind(cname, fn, num_classes, in_channels, kwargs)
     bound.apply_defaults()
+    _check_size(cname, fn, bound)
     model = fn(*bound.args, **bound.kwargs)
     # Record every argument, defaults included: a later change of a factory default must not
     # silently rebuild an old checkpoint as a different network. A factory's **kwargs

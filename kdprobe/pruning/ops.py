@@ -67,7 +67,7 @@ def prune_checkpoint(src, method: str, remaining: str | Sequence[float], out, *,
                      arch: str | None = None) -> PruneReport:
     """Prune checkpoint `src` (kdprobe, or foreign with `arch`) by `method` and write `out` atomically."""
     method, fractions = check_prune_args(method, remaining, skip)
-    ck = load_checkpoint(src, arch=arch)
+    ck = load_checkpoint(src, arch=arch, finite=True)
     model, meta = ck.model, ck.meta
     if ck.extra.get("masks") and method != "weight":
         raise KdprobeError(f"{src} is weight-pruned (it has masks); expected a dense checkpoint for {method} "

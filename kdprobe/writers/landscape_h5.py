@@ -10,10 +10,13 @@ Surface layout (close to Li et al.'s loss-landscape files, readable with plain h
   file attrs: kind="surface", format_version, split, bn, precision, num_samples,
               directions_sha256, complete, and every setting the caller passes.
 Path layout: coordinates (n,), <split>_loss, <split>_acc (n,), done, same attrs, kind="path".
-Every write replaces the whole file atomically, so the file is valid after every save.
+Every write replaces the whole file atomically, so the file is valid after every save. The
+file is built in memory and written with one plain write: a full disk then fails once with a
+clear errno (kdprobe.io.WriteError), never inside HDF5 (tracebacks per object, a crash at exit).
 """
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 
 from kdprobe.errors import KdprobeError
-from kdprobe.io import atomic_path
+from kdprobe.io import atomic_write_bytes
 from kdprobe.probes.landscape import Directions, LineResult, SurfaceResult
 
 FORMAT_VERSION = 1
@@ -58,27 +61,35 @@ def write_directions(f: h5py.Group, directions: Directions) -> None:
             g.create_dataset(name, data=t.detach().to("cpu", torch.float32).numpy())
 
 
+def _write_h5(path: str | os.PathLike, fill) -> None:
+    """Build an HDF5 file in memory with fill(h5py.File), then write it atomically."""
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        fill(f)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def write_surface_h5(result: SurfaceResult, path: str | os.PathLike, *, split: str = "train",
                      settings: dict | None = None) -> None:
     """Write a (partial or complete) surface, its directions and settings, atomically."""
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("xcoordinates", data=np.asarray(result.xcoords, np.float64))
-            f.create_dataset("ycoordinates", data=np.asarray(result.ycoords, np.float64))
-            _write_common(f, "surface", split, result, settings)
-            f.attrs["directions_sha256"] = result.directions.fingerprint()
-            f.attrs["seed"] = -1 if result.directions.seed is None else int(result.directions.seed)
-            f.attrs["include_bn"] = bool(result.directions.include_bn)
-            write_directions(f, result.directions)
+    def fill(f: h5py.File) -> None:
+        f.create_dataset("xcoordinates", data=np.asarray(result.xcoords, np.float64))
+        f.create_dataset("ycoordinates", data=np.asarray(result.ycoords, np.float64))
+        _write_common(f, "surface", split, result, settings)
+        f.attrs["directions_sha256"] = result.directions.fingerprint()
+        f.attrs["seed"] = -1 if result.directions.seed is None else int(result.directions.seed)
+        f.attrs["include_bn"] = bool(result.directions.include_bn)
+        write_directions(f, result.directions)
+    _write_h5(path, fill)
 
 
 def write_line_h5(result: LineResult, path: str | os.PathLike, *, split: str = "train",
                   settings: dict | None = None) -> None:
     """Write a (partial or complete) interpolation path and its settings, atomically."""
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("coordinates", data=np.asarray(result.coords, np.float64))
-            _write_common(f, "path", split, result, settings)
+    def fill(f: h5py.File) -> None:
+        f.create_dataset("coordinates", data=np.asarray(result.coords, np.float64))
+        _write_common(f, "path", split, result, settings)
+    _write_h5(path, fill)
 
 
 def _open(path, kind: str) -> h5py.File:

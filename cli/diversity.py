@@ -58,6 +58,7 @@ def diversity(
     from kdprobe.diversity_table import DiversitySettings, DiversityTable, ModelScore, summarize_groups
     from kdprobe.errors import KdprobeError
     from kdprobe.outputs import check_outputs
+    from kdprobe.inputs import check_model_data, require_distinct, same_data
     from kdprobe.probes.diversity import BN_MODES, OUTPUTS, VARIANTS, jacobian_scores, probe_batches
     from kdprobe.stats import INTERVALS
     from kdprobe.writers.diversity_files import write_diversity_csv, write_diversity_json
@@ -81,9 +82,15 @@ def diversity(
     if unknown:
         raise KdprobeError(f"expected every checkpoint to record its dataset, got none in {unknown[0]}; "
                            "probe kdprobe checkpoints (foreign files record no dataset)")
-    datasets = {str(ck.meta["dataset"]) for ck in loaded}
-    if len(datasets) != 1:
-        raise KdprobeError(f"expected checkpoints of one dataset, got {sorted(datasets)}; probe each dataset separately")
+    require_distinct(loaded, "models")  # a copied file is not a second trained model
+    first = loaded[0].meta
+    # one dataset: equal content fingerprints (a moved folder is the same data), else equal names
+    other = next((ck for ck in loaded if same_data(ck.meta, first) is False or (
+        same_data(ck.meta, first) is None and str(ck.meta["dataset"]) != str(first["dataset"]))), None)
+    if other is not None:
+        raise KdprobeError(f"expected checkpoints of one dataset, got {loaded[0].path} trained on "
+                           f"{loaded[0].meta['dataset']} and {other.path} on {other.meta['dataset']} (other data); "
+                           "probe each dataset separately")
     shapes = {tuple(ck.meta["input_shape"]) for ck in loaded if ck.meta.get("input_shape") is not None}
     if len(shapes) > 1:
         raise KdprobeError(f"expected checkpoints with one input shape, got {sorted(shapes)}; probe them separately")
@@ -91,12 +98,11 @@ def diversity(
     if missing:
         raise KdprobeError(f"expected metadata key {group_by!r} in every checkpoint, missing in {missing[0]}; "
                            f"pass another --group-by (e.g. method or seed)")
-    dataset = datasets.pop()
-    data = load_dataset(dataset, data_dir or loaded[0].meta.get("data_dir"))
+    data = load_dataset(str(first["dataset"]), data_dir or first.get("data_dir"))
+    dataset = data.name
     x_all, _ = data.split(split)
-    if shapes and shapes != {tuple(x_all.shape[1:])}:
-        raise KdprobeError(f"expected inputs of shape {shapes.pop()} as recorded, got {tuple(x_all.shape[1:])} from "
-                           f"{dataset}; check --data-dir")
+    for ck in loaded:  # input shape, classes and data identity, before any scoring
+        check_model_data(ck, data, explicit=False)
     row = x_all[0].numel() * (data.num_classes if output == "full" else 1)
     if variant == "v1" and batch_size > row - 1:
         raise KdprobeError(f"expected --batch-size <= {row - 1} for Jacobian rows of length {row} "

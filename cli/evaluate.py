@@ -23,7 +23,6 @@ def evaluate(
     device: Annotated[str, O(help="auto | cpu | cuda.")] = "auto",
 ):
     """Evaluate checkpoints (no augmentation, BN in eval mode)."""
-    import torch
     from tqdm import tqdm
 
     from kdprobe.checkpoint import load_checkpoint
@@ -31,26 +30,29 @@ def evaluate(
     from kdprobe.errors import KdprobeError
     from kdprobe.evaluate import evaluate as run_eval
     from kdprobe.outputs import check_outputs
+    from kdprobe.inputs import check_model_data
     from trainers.loop import resolve_device
 
     if split not in ("test", "train", "both"):
         raise KdprobeError(f"expected --split test, train or both; got {split!r}")
     dev = resolve_device(device)
-    cache, rows = {}, []
+    cache, rows, todo = {}, [], []
     paths = expand_paths(checkpoints)
     check_outputs("eval", {"--csv": (csv, "csv"), "--json": (json, "json")}, {"CHECKPOINTS": paths})
-    for p in tqdm(paths, desc="eval", unit="ckpt", file=sys.stderr, dynamic_ncols=True, disable=len(paths) < 2):
+    # every checkpoint is loaded and checked against its data before any evaluation runs
+    for p in paths:
         ck = load_checkpoint(p, arch=arch, map_location=dev)
         name, ddir = ck.data_source(dataset, data_dir)
         key = (name, str(ddir))
         if key not in cache:
             cache[key] = load_dataset(name, ddir)
-        data = cache[key]
-        with torch.no_grad():
-            n_out = ck.model(torch.zeros(1, *data.train_x.shape[1:], device=dev)).shape[1]
-        if n_out != data.num_classes:
-            raise KdprobeError(f"{p} predicts {n_out} classes but {name} has {data.num_classes}; pass the matching --dataset")
-        row = {"checkpoint": str(p), "method": ck.method, "seed": ck.meta.get("seed"), "dataset": name}
+        note = check_model_data(ck, cache[key], explicit=dataset is not None)
+        if note:
+            typer.echo(note, err=True)
+        todo.append((p, ck, cache[key]))
+    for p, ck, data in tqdm(todo, desc="eval", unit="ckpt", file=sys.stderr, dynamic_ncols=True,
+                            disable=len(todo) < 2):
+        row = {"checkpoint": str(p), "method": ck.method, "seed": ck.meta.get("seed"), "dataset": data.name}
         for s in (("test", "train") if split == "both" else (split,)):
             x, y = data.split(s)
             r = run_eval(ck.model, x, y, data.mean, data.std)

@@ -30,15 +30,22 @@ def _setup(device: str):
     return ctx.device, (ctx.rank, ctx.world_size)
 
 
-def _load_samples(ck, dataset, data_dir, split, samples, dev):
-    """The first `samples` examples of `split` (no augmentation), normalized, on `dev`."""
+def _load_samples(ck, dataset, data_dir, split, samples, dev, also=()):
+    """The first `samples` examples of `split` (no augmentation), normalized, on `dev`; `ck` (and the
+    checkpoints in `also`) checked against the data first (kdprobe.inputs.check_model_data)."""
     from kdprobe.data import load_dataset
     from kdprobe.errors import KdprobeError
+    from kdprobe.inputs import check_model_data
 
     if split not in ("train", "test"):
         raise KdprobeError(f"expected --split train or test, got {split!r}")
     name, ddir = ck.data_source(dataset, data_dir)
     data = load_dataset(name, ddir)
+    for c in (ck, *also):
+        note = check_model_data(c, data, explicit=dataset is not None)
+        if note:
+            typer.echo(note, err=True)
+    name = data.name
     if samples < 0:
         raise KdprobeError(f"expected --samples >= 0 (0 = the whole split), got {samples}")
     x, y = data.head(split, samples)
@@ -132,14 +139,20 @@ def landscape(
     h5: Annotated[Optional[Path], O(help="Where to write the HDF5 file (default: --out with .h5).")] = None,
     html: Annotated[bool, O("--html", help="Also write an interactive contour + 3-D plot (offline HTML).")] = False,
     log: Annotated[bool, O("--log", help="Height z = log(loss) in the VTK/HTML output (arrays keep both).")] = False,
+    vtk_height: Annotated[str, O(help="VTK z: scaled (default) = the height rescaled to [0, the grid's larger "
+                                      "extent], so ParaView opens a surface as tall as it is wide (the raw loss "
+                                      "is a needle); raw = the height itself. The point arrays loss, log_loss, "
+                                      "accuracy are never changed.")] = "scaled",
     zmax: Annotated[Optional[float], O(help="Clip the loss at this value (loss units, before --log) for the "
                                             "height; the stored arrays are never clipped.")] = None,
     points_per_batch: Annotated[Optional[int], O(help="Grid points per forward pass (torch.func.vmap); "
                                                       "default 8 on GPU, 1 on CPU where vmap is slower.")] = None,
     batch_size: Annotated[Optional[int], O(help="Samples per forward pass (default 1024 on GPU; on CPU "
                                                           "64 in fp32, 128 in bf16).")] = None,
-    precision: Annotated[str, O(help="auto | fp32 | bf16. auto = bf16 autocast where the hardware has bf16 "
-                                      "units (CUDA, AVX512-BF16/AMX CPUs), else fp32; loss sums are fp32.")] = "auto",
+    precision: Annotated[str, O(help="fp32 | bf16 | auto. fp32 (default, every device) = the exact surface the "
+                                      "reference computes; bf16 = bf16 autocast, faster on GPUs and AVX512-BF16/AMX "
+                                      "CPUs but moves losses by up to ~1%; auto = bf16 where the hardware has bf16 "
+                                      "units, else fp32. Loss sums are fp32 in every case.")] = "fp32",
     save_every: Annotated[float, O(help="Save partial results to the HDF5 file at most this often (seconds); "
                                          "re-running the same command resumes.")] = 10.0,
     overwrite: Annotated[bool, O("--overwrite", help="Discard an existing HDF5 file made with other settings.")
@@ -157,25 +170,38 @@ def landscape(
     from kdprobe.errors import Interrupted, KdprobeError
     from kdprobe.io import WriteError
     from kdprobe.probes.distributed import shutdown
-    from kdprobe.probes.landscape import check_directions, compute_surface, make_directions, parse_grid
+    from kdprobe.probes.landscape import (check_directions, check_grid_memory, compute_surface, make_directions,
+                                          parse_grid)
     from kdprobe.probes.landscape_eval import BN_MODES, resolve_precision
     from kdprobe.writers.landscape_h5 import read_directions, read_surface_h5, write_surface_h5
     from kdprobe.writers.landscape_plot import write_surface_html
-    from kdprobe.writers.landscape_vtk import write_surface_vtk
+    from kdprobe.writers.landscape_vtk import VTK_HEIGHTS, write_surface_vtk
 
     if bn not in BN_MODES:
         raise KdprobeError(f"expected --bn one of {', '.join(BN_MODES)}, got {bn!r}")
+    if vtk_height not in VTK_HEIGHTS:
+        raise KdprobeError(f"expected --vtk-height one of {', '.join(VTK_HEIGHTS)}, got {vtk_height!r}")
     xs, ys = parse_grid(x), parse_grid(y)
     out = out or checkpoint.with_name(checkpoint.stem + "_landscape.vtk")
     h5_path, vtk_path, html_path = _paths("landscape", out, h5, html,
                                           {"CHECKPOINT": checkpoint, "--directions": directions}, overwrite)
+    check_grid_memory(xs.size * ys.size, html=html_path is not None)  # before any allocation or loading
     dev, (rank, world) = _setup(device)
     try:
         ck = load_checkpoint(checkpoint, arch=arch, map_location=dev, finite=True)
         name, xt, yt = _load_samples(ck, dataset, data_dir, split, samples, dev)
-        dirs = read_directions(directions) if directions else make_directions(ck.model, seed=seed,
-                                                                               include_bn=include_bn)
-        check_directions(ck.model, dirs)
+        if directions:
+            try:
+                dirs = read_directions(directions)
+            except KdprobeError as e:
+                raise KdprobeError(f"--directions: {e}; pass a surface .h5 written by kdprobe landscape") from None
+            try:
+                check_directions(ck.model, dirs)
+            except KdprobeError as e:
+                raise KdprobeError(f"--directions {directions}: {e}") from None
+        else:
+            dirs = make_directions(ck.model, seed=seed, include_bn=include_bn)
+            check_directions(ck.model, dirs)
         settings = {"checkpoint": str(checkpoint), "checkpoint_sha256": ck.sha256, "dataset": name,
                     "split": split, "samples": int(len(yt)), "bn": bn,
                     "precision": resolve_precision(precision, dev), "directions_sha256": dirs.fingerprint(),
@@ -221,7 +247,8 @@ def landscape(
             raise Interrupted(saver.kept_note(h5_path) or None) from None
         written = [h5_path]
         if vtk_path:
-            write_surface_vtk(res, vtk_path, log=log, zmax=zmax, title=f"kdprobe {split} loss, {checkpoint.name}")
+            write_surface_vtk(res, vtk_path, log=log, zmax=zmax, title=f"kdprobe {split} loss, {checkpoint.name}",
+                              vtk_height=vtk_height)
             written.append(vtk_path)
         if html_path:
             write_surface_html(res, html_path, log=log, zmax=zmax, split=split,
@@ -260,11 +287,13 @@ def interpolate(
     h5: Annotated[Optional[Path], O(help="Where to write the HDF5 file (default: --out with .h5).")] = None,
     html: Annotated[bool, O("--html", help="Also write an interactive line plot (offline HTML).")] = False,
     log: Annotated[bool, O("--log", help="Height z = log(loss) in the VTK/HTML output.")] = False,
+    vtk_height: Annotated[str, O(help="VTK z: scaled (default, to [0, the t extent]) | raw (see kdprobe "
+                                      "landscape --help).")] = "scaled",
     zmax: Annotated[Optional[float], O(help="Clip the loss at this value for the VTK/HTML height.")] = None,
     points_per_batch: Annotated[Optional[int], O(help="Points per forward pass (default 8 GPU, 1 CPU).")] = None,
     batch_size: Annotated[Optional[int], O(help="Samples per forward pass (default 1024 on GPU; on CPU "
                                                           "64 in fp32, 128 in bf16).")] = None,
-    precision: Annotated[str, O(help="auto | fp32 | bf16 (see kdprobe landscape --help).")] = "auto",
+    precision: Annotated[str, O(help="fp32 (default) | bf16 | auto (see kdprobe landscape --help).")] = "fp32",
     dataset: Annotated[Optional[str], O(help="Dataset name (default: the one recorded in checkpoint A).")] = None,
     data_dir: Annotated[Optional[Path], O(help="Dataset folder (overrides the recorded one).")] = None,
     arch: Annotated[Optional[str], O(help="Architecture of foreign checkpoints (e.g. resnet56a).")] = None,
@@ -276,28 +305,33 @@ def interpolate(
     import kdprobe
     from kdprobe.checkpoint import load_checkpoint
     from kdprobe.errors import KdprobeError
+    from kdprobe.inputs import same_data
     from kdprobe.probes.distributed import shutdown
-    from kdprobe.probes.landscape import interpolate as run_interpolate, parse_grid
+    from kdprobe.probes.landscape import check_grid_memory, interpolate as run_interpolate, parse_grid
     from kdprobe.probes.landscape_eval import BN_MODES, resolve_precision
     from kdprobe.writers.landscape_h5 import write_line_h5
     from kdprobe.writers.landscape_plot import write_line_html
-    from kdprobe.writers.landscape_vtk import write_line_vtk
+    from kdprobe.writers.landscape_vtk import VTK_HEIGHTS, write_line_vtk
 
     if bn not in BN_MODES:
         raise KdprobeError(f"expected --bn one of {', '.join(BN_MODES)}, got {bn!r}")
     if steps < 2:
         raise KdprobeError(f"expected --steps >= 2, got {steps}")
+    if vtk_height not in VTK_HEIGHTS:
+        raise KdprobeError(f"expected --vtk-height one of {', '.join(VTK_HEIGHTS)}, got {vtk_height!r}")
     ts = parse_grid(range_, num=steps)
     out = out or checkpoint_a.with_name(f"{checkpoint_a.stem}_to_{checkpoint_b.stem}.h5")
     h5_path, vtk_path, html_path = _paths("interpolate", out, h5, html, {"A": checkpoint_a, "B": checkpoint_b})
+    check_grid_memory(ts.size, html=html_path is not None, what="path")
     dev, (rank, world) = _setup(device)
     try:
         a = load_checkpoint(checkpoint_a, arch=arch, map_location=dev, finite=True)
         b = load_checkpoint(checkpoint_b, arch=arch, map_location=dev, finite=True)
-        if dataset is None and a.meta.get("dataset") != b.meta.get("dataset"):
-            raise KdprobeError(f"expected two checkpoints of one dataset, got {a.meta.get('dataset')} and "
-                               f"{b.meta.get('dataset')}; pass --dataset to evaluate both on one")
-        name, xt, yt = _load_samples(a, dataset, data_dir, split, samples, dev)
+        if dataset is None and same_data(a.meta, b.meta) is False:
+            raise KdprobeError(f"expected two checkpoints of one dataset, got {a.path} trained on "
+                               f"{a.meta.get('dataset')} and {b.path} on {b.meta.get('dataset')} (other data); "
+                               "pass --dataset to evaluate both on one")
+        name, xt, yt = _load_samples(a, dataset, data_dir, split, samples, dev, also=(b,))
         saver = _Saver(lambda r: None, ts.size, "interpolate", 1e9, rank)
         t0 = time.perf_counter()
         try:
@@ -315,7 +349,7 @@ def interpolate(
         write_line_h5(res, h5_path, split=split, settings=settings)
         written = [h5_path]
         if vtk_path:
-            write_line_vtk(res, vtk_path, log=log, zmax=zmax)
+            write_line_vtk(res, vtk_path, log=log, zmax=zmax, vtk_height=vtk_height)
             written.append(vtk_path)
         if html_path:
             write_line_html(res, html_path, log=log, zmax=zmax, split=split,

@@ -12,9 +12,11 @@ O = typer.Option
 
 
 def surplus(
-    results_csv: Annotated[Path, typer.Argument(help="CSV with header model,setting,train_type,unpruned,finetuned,"
-                                                     "post_distill,pre_post,self_distill (one row per run; extra "
-                                                     "columns such as seed are ignored).")],
+    results_csv: Annotated[Path, typer.Argument(help="UTF-8 CSV with header model,setting,train_type,unpruned,"
+                                                     "finetuned,post_distill,pre_post,self_distill (one row per run; "
+                                                     "extra columns such as seed are ignored; # starts a comment "
+                                                     "line). Accuracies in percent (0-100); a file of fractions "
+                                                     "(0-1) is converted, a mix is refused.")],
     csv: Annotated[Optional[Path], O(help="Write the surplus table as CSV.")] = None,
     json: Annotated[Optional[Path], O(help="Write the surplus table as JSON.")] = None,
 ):
@@ -25,9 +27,13 @@ def surplus(
     from kdprobe.writers.surplus_files import write_surplus_csv, write_surplus_json
 
     check_outputs("surplus", {"--csv": (csv, "csv"), "--json": (json, "json")}, {"RESULTS_CSV": results_csv})
-    rows = compute_surplus(read_results_csv(results_csv))
+    results = read_results_csv(results_csv)
+    rows = compute_surplus(results)
     if not rows:
         raise KdprobeError(f"expected at least one KD row (train_type other than scratch) in {results_csv}, got none")
+    if results[0].from_fractions:
+        typer.echo(f"note: every accuracy in {results_csv} is between 0 and 1, so they were read as fractions and "
+                   "are shown in percent (x100)", err=True)
     typer.echo(surplus_table(rows))
     if csv:
         write_surplus_csv(rows, csv)

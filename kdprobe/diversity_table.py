@@ -92,6 +92,12 @@ def _group_units(scores: list[ModelScore]) -> tuple[list[float], bool]:
     return [s.mean for s in scores], False
 
 
+def score_bounds(variant: str, n: int) -> tuple[float, float]:
+    """What a diversity score can take. v1: the eigenvalues v of an N x N correlation matrix are >= 0
+    and sum to N, and log(u) + 1/u >= 1 for u > 0, so -sum(log(v+k) + 1/(v+k)) <= -N. v2: unbounded here."""
+    return (-math.inf, -float(n)) if variant == "v1" else (-math.inf, math.inf)
+
+
 def summarize_groups(model_scores, reference: str | None = "scratch", confidence: float = 0.99,
                      interval: str = "t") -> list[GroupStats]:
     """Per-group mean, spread and interval over checkpoints; Welch + Holm and Hedges' g vs `reference`."""

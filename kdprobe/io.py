@@ -250,3 +250,16 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """A text file decoded as UTF-8 (a leading byte-order mark is dropped); any other encoding is a
+    one-line KdprobeError naming the file, the line and the offending byte."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        hint = " (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise KdprobeError(f"{path}:{line}: expected a UTF-8 {what}, got byte 0x{data[e.start]:02x} at offset "
+                           f"{e.start} that is not UTF-8{hint}; save the file as UTF-8 and run again") from None

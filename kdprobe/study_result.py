@@ -34,6 +34,8 @@ class CellRecord:
     seconds: float | None  # wall time of this run's training (None when it existed)
     snapshots: tuple[str, ...] = ()  # relative paths of end-of-lr-stage checkpoints
     world_size: int = 1  # processes that trained it (torchrun / DDP)
+    model: str = ""  # registry name plus non-default kwargs, e.g. resnet8b-width0.25
+    dataset: str = ""  # as the checkpoint records it (image folders by absolute path)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from importlib import resources
 from pathlib import Path
 
 from kdprobe.errors import KdprobeError
+from kdprobe.io import read_text
 
 _TOP = ("name", "title", "default_scale", "seeds", "train", "methods", "diversity", "landscape", "pruning",
         "scales")
@@ -40,7 +41,7 @@ _METHOD = ("name", "augment", "distill", "teacher", "teacher_seed", "overrides")
 _DIVERSITY = {"batch_size": 128, "runs": 5, "split": "train", "bn": "eval", "output": "sum", "variant": "v1",
               "k": 1e-5, "seed": 0, "confidence": 0.99, "interval": "t", "reference": "scratch", "methods": None}
 _LANDSCAPE = {"methods": None, "seeds": None, "x": "-1:1:51", "y": "-1:1:51", "samples": 2048, "split": "train",
-              "bn": "eval", "precision": "auto", "seed": 0, "include_bn": False, "at": "final", "log": False,
+              "bn": "eval", "precision": "fp32", "seed": 0, "include_bn": False, "at": "final", "log": False,
               "zmax": None}
 LANDSCAPE_AT = ("final", "lr-stages")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -145,7 +146,7 @@ def read_spec(spec: str) -> tuple[dict, str, str]:
         else:
             raise KdprobeError(f"expected a built-in study ({', '.join(builtins)}) or a .toml file, got {spec!r}; "
                                "see `kdprobe study --list`")
-    text = path.read_text()
+    text = read_text(path, "TOML file")  # a byte-order mark is fine, other encodings are one-line errors
     try:
         tree = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -92,3 +92,61 @@ def test_cifar10_binary_format(tmp_path):
     assert d.train_x.shape == (20, 3, 32, 32) and d.test_x.shape == (4, 3, 32, 32)
     assert torch.equal(d.train_x[0], torch.from_numpy(data[0].reshape(3, 32, 32)))
     assert d.mean[0] == pytest.approx(0.4914)
+
+
+# ---- issue 10 item 12: one-line errors and a cache that heals ----
+
+def test_a_file_that_is_not_a_tar_archive_is_one_line(tmp_path):
+    p = tmp_path / "images.tar.gz"
+    p.write_bytes(b"this is not an archive\n" * 10)
+    with pytest.raises(KdprobeError, match=r"is a file but not a readable tar archive .*pass a folder") as e:
+        load_dataset(f"imagefolder:{p}")
+    assert "\n" not in str(e.value)
+    import tarfile  # a truncated .tar.gz is refused the same way, and leaves no half-extracted folder behind
+    from kdprobe.data import cache_dir
+
+    good = tmp_path / "good.tar.gz"
+    with tarfile.open(good, "w:gz") as tf:
+        for i in range(50):
+            f = tmp_path / f"x{i}.bin"
+            f.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
+            tf.add(f, arcname=f"folder/train/a/{i}.bin")
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(KdprobeError, match="not a readable tar archive"):
+        load_dataset(f"imagefolder:{cut}")
+    assert not list((cache_dir() / "extracted").glob("*.tmp*"))
+
+
+def test_download_offline_is_one_line(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", offline)
+    with pytest.raises(KdprobeError, match=r"could not download cifar10 into .*: \[Errno -3\] Temporary failure.*"
+                                           r"check the network") as e:
+        load_dataset("cifar10", tmp_path, download=True)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong content"])
+def test_a_corrupt_decode_cache_is_rebuilt(tiny_imagefolder, damage, tmp_path, monkeypatch):
+    from kdprobe.data import cache_dir
+
+    monkeypatch.setenv("KDPROBE_CACHE", str(tmp_path / "own-cache"))
+    first = load_dataset(f"imagefolder:{tiny_imagefolder}")
+    (cache,) = (cache_dir() / "imagefolder").glob("*.pt")
+    blob = cache.read_bytes()
+    if damage == "truncated":
+        cache.write_bytes(blob[: len(blob) // 3])
+    elif damage == "garbage":
+        cache.write_bytes(b"\x00garbage" * 100)
+    else:  # a readable torch file of the wrong shape (e.g. another folder's cache under this key)
+        torch.save({"train_x": torch.zeros(2, 3, 8, 8, dtype=torch.uint8)}, cache)
+    again = load_dataset(f"imagefolder:{tiny_imagefolder}")
+    assert torch.equal(again.train_x, first.train_x) and again.fingerprint == first.fingerprint
+    assert torch.load(cache, weights_only=True)["train_x"].shape == (18, 3, 8, 8)  # rewritten whole

@@ -102,6 +102,54 @@ def test_check_directions_rejects_other_architecture(setup):
         check_directions(other, setup[3])
 
 
+def _with(dirs, tag, fn):
+    """A copy of `dirs` whose `tag` direction is fn(name, tensor) per parameter."""
+    from kdprobe.probes.landscape import Directions
+
+    x = {n: (fn(n, t) if tag == "x" else t) for n, t in dirs.x.items()}
+    y = {n: (fn(n, t) if tag == "y" else t) for n, t in dirs.y.items()}
+    return Directions(x, y, dirs.seed, dirs.include_bn)
+
+
+def test_check_directions_refuses_degenerate_planes(setup):
+    """issue 10 item 8: NaN, zero, parallel (|cosine| > 0.99) or integer directions, each with its reason."""
+    model, dirs = setup[0], setup[3]
+    check_directions(model, dirs)  # the seeded Gaussian pair is fine
+    first = next(iter(dirs.x))
+    cases = [
+        (_with(dirs, "y", lambda n, t: t.clone().fill_(float("nan")) if n == first else t), "NaN or inf"),
+        (_with(dirs, "x", lambda n, t: torch.zeros_like(t)), "zero everywhere"),
+        (_with(dirs, "y", lambda n, t: -2.5 * dirs.x[n]), "cosine -1.000000"),
+        # nearly parallel: y = x + 5% noise has cosine ~0.999 (computed below, independently)
+        (_with(dirs, "y", lambda n, t: dirs.x[n] + 0.05 * t), "independent directions"),
+        (_with(dirs, "x", lambda n, t: (t * 100).round().to(torch.int32)), "floating-point.*int32"),
+    ]
+    near = cases[3][0]
+    vx = torch.cat([t.flatten().double() for t in near.x.values()])
+    vy = torch.cat([t.flatten().double() for t in near.y.values()])
+    assert float(vx @ vy / (vx.norm() * vy.norm())) > 0.99
+    for bad, words in cases:
+        with pytest.raises(KdprobeError, match=words):
+            check_directions(model, bad)
+    # just under the limit passes: y = x + noise with cosine about 0.98
+    ok = _with(dirs, "y", lambda n, t: dirs.x[n] + 0.2 * t)
+    vy = torch.cat([t.flatten().double() for t in ok.y.values()])
+    assert 0.9 < float(vx @ vy / (vx.norm() * vy.norm())) <= 0.99
+    check_directions(model, ok)
+
+
+def test_huge_grids_are_refused_before_allocating(monkeypatch):
+    import kdprobe.probes.landscape as ls
+
+    monkeypatch.setattr(ls, "available_memory", lambda: 8 * 2**30)  # pretend 8 GiB are free
+    assert parse_grid("-1:1:1000").size == 1000
+    ls.check_grid_memory(1000 * 1000)  # 200 MB
+    with pytest.raises(KdprobeError, match=r"100,000,000 points needs about 18.6 GiB .* the 8.0 GiB available"):
+        ls.check_grid_memory(10_000 * 10_000)
+    with pytest.raises(KdprobeError, match="range '0:1' with 10000000000000 steps"):
+        parse_grid("0:1", num=10**13)  # would be 80 TB for the coordinates alone
+
+
 @pytest.mark.parametrize("bn,P", [("eval", 1), ("eval", 3), ("recompute", 2)])
 def test_batched_equals_naive_loop(setup, bn, P):
     model, x, y, dirs = setup

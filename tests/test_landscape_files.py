@@ -81,17 +81,22 @@ def _read_vtk(path):
 
 
 @pytest.mark.parametrize("suffix", [".vtk", ".vts"])
-def test_surface_vtk_read_back_with_vtk(tmp_path, suffix):
+@pytest.mark.parametrize("mode", ["scaled", "raw"])
+def test_surface_vtk_read_back_with_vtk(tmp_path, suffix, mode):
     res = _surface()
     p = tmp_path / f"s{suffix}"
-    write_surface_vtk(res, p, log=True, zmax=5.0)
+    write_surface_vtk(res, p, log=True, zmax=5.0, **({} if mode == "scaled" else {"vtk_height": "raw"}))
     dims, pts, arrays = _read_vtk(p)
     assert tuple(dims) == (4, 3, 1)
     X, Y = np.meshgrid(XS, YS)
     # VTK point order: x fastest, then y
     np.testing.assert_allclose(pts[:, 0], X.ravel(), rtol=1e-6)
     np.testing.assert_allclose(pts[:, 1], Y.ravel(), rtol=1e-6)
-    np.testing.assert_allclose(pts[:, 2], np.log(np.minimum(res.loss, 5.0)).ravel(), rtol=1e-6)
+    h = np.log(np.minimum(res.loss, 5.0))
+    if mode == "scaled":  # the default: heights spread over [0, the larger grid extent], here x's 3.0
+        h = (h - h.min()) / (h.max() - h.min()) * max(XS.max() - XS.min(), YS.max() - YS.min())
+        assert pts[:, 2].min() == pytest.approx(0.0, abs=1e-6) and pts[:, 2].max() == pytest.approx(3.0, rel=1e-6)
+    np.testing.assert_allclose(pts[:, 2], h.ravel(), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(arrays["loss"], res.loss.ravel(), rtol=1e-6)
     np.testing.assert_allclose(arrays["log_loss"], np.log(res.loss).ravel(), rtol=1e-6)
     np.testing.assert_allclose(arrays["accuracy"], res.acc.ravel(), rtol=1e-6)
@@ -101,11 +106,15 @@ def test_surface_vtk_read_back_with_vtk(tmp_path, suffix):
 def test_line_vtk_and_h5_read_back(tmp_path, suffix):
     t = np.linspace(0, 1, 5)
     line = LineResult(t, 2.0 + t * (1 - t), 90 - t, np.ones(5, bool), "eval", "fp32", 32)
-    write_line_vtk(line, tmp_path / f"l{suffix}")
+    write_line_vtk(line, tmp_path / f"l{suffix}", vtk_height="raw")
     dims, pts, arrays = _read_vtk(tmp_path / f"l{suffix}")
     assert tuple(dims) == (5, 1, 1)
     np.testing.assert_allclose(pts[:, 0], t, atol=1e-7)
     np.testing.assert_allclose(pts[:, 2], line.loss, rtol=1e-6)
+    write_line_vtk(line, tmp_path / f"m{suffix}")  # default: loss 2..2.25 spread over t's extent 1
+    _, pts, arrays = _read_vtk(tmp_path / f"m{suffix}")
+    np.testing.assert_allclose(pts[:, 2], (line.loss - 2.0) / 0.25, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(arrays["loss"], line.loss, rtol=1e-6)
     np.testing.assert_allclose(arrays["accuracy"], line.acc, rtol=1e-6)
     write_line_h5(line, tmp_path / "l.h5", split="test")
     with h5py.File(tmp_path / "l.h5", "r") as f:
@@ -219,3 +228,105 @@ def test_cli_interpolate(tmp_path):
     with torch.no_grad():
         la = torch.nn.functional.cross_entropy(load_checkpoint(a).model(x), d.train_y[:30]).item()
     assert line.loss[1] == pytest.approx(la, abs=1e-5)
+
+
+# ---- issue 10: damaged HDF5 files, degenerate --directions, huge grids, the fp32 default ----
+
+def _drop(path, *, member=None, attr=None):
+    with h5py.File(path, "r+") as f:
+        if member:
+            del f[member]
+        if attr:
+            del f.attrs[attr]
+
+
+@pytest.mark.parametrize("member, attr, words", [
+    ("xdirection", None, "missing group 'xdirection'"),
+    (None, "bn", "missing attribute 'bn'"),
+    ("test_loss", None, "missing dataset 'test_loss'"),
+])
+def test_incomplete_surface_files_are_named_not_tracebacks(tmp_path, member, attr, words):
+    p = tmp_path / "s.h5"
+    write_surface_h5(_surface(), p, split="test")
+    _drop(p, member=member, attr=attr)
+    with pytest.raises(KdprobeError, match=f"is not a complete kdprobe surface file \\({words}"):
+        read_surface_h5(p)
+    if member != "test_loss":
+        with pytest.raises(KdprobeError, match=words):
+            read_directions(p)
+    q = tmp_path / "q.h5"  # a surface whose arrays do not fit its grid
+    write_surface_h5(_surface(), q, split="test")
+    with h5py.File(q, "r+") as f:
+        del f["done"]
+        f["done"] = np.ones((2, 2), np.uint8)
+    with pytest.raises(KdprobeError, match="arrays of shapes"):
+        read_surface_h5(q)
+
+
+def test_cli_refuses_damaged_files_and_bad_directions_in_one_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    ck = _ckpt(tmp_path, 0)
+    base = ["landscape", str(ck), "--x", "-1:1:2", "--y", "-1:1:2", "--samples", "16", "--device", "cpu"]
+    run = lambda *extra: CliRunner().invoke(_app(), base + [str(e) for e in extra])  # noqa: E731
+    assert run("--out", tmp_path / "a.h5").exit_code == 0
+
+    def one_line_error(res, *words):
+        assert res.exit_code == 1 and "internal error" not in res.output, res.output
+        errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in res.output and all(w in errors[0] for w in words), res.output
+
+    _drop(tmp_path / "a.h5", member="ydirection")
+    one_line_error(run("--out", tmp_path / "a.h5"), "cannot be resumed", "missing group 'ydirection'",
+                   "--overwrite")
+    one_line_error(run("--out", tmp_path / "b.h5", "--directions", tmp_path / "a.h5"), "--directions",
+                   "missing group 'ydirection'")
+    assert run("--out", tmp_path / "a.h5", "--overwrite").exit_code == 0
+    with h5py.File(tmp_path / "a.h5", "r+") as f:  # NaN in a saved direction
+        name = next(iter(f["xdirection"]))
+        d = f["xdirection"][name]
+        d[...] = np.full(d.shape, np.nan, np.float32)
+    one_line_error(run("--out", tmp_path / "c.h5", "--directions", tmp_path / "a.h5"), "NaN or inf", name)
+
+    import kdprobe.probes.landscape as ls
+
+    monkeypatch.setattr(ls, "available_memory", lambda: 4 * 2**30)
+    one_line_error(CliRunner().invoke(_app(), ["landscape", str(ck), "--x", "-1:1:100000", "--y", "-1:1:100000",
+                                               "--out", str(tmp_path / "huge.h5"), "--device", "cpu"]),
+                   "10,000,000,000 points", "GiB", "use fewer points")
+    one_line_error(CliRunner().invoke(_app(), ["interpolate", str(ck), str(ck), "--steps", str(10**12),
+                                               "--out", str(tmp_path / "p.h5"), "--device", "cpu"]),
+                   "steps", "use fewer points")
+    assert not (tmp_path / "huge.h5").exists() and not (tmp_path / "p.h5").exists()
+
+
+def test_default_precision_is_fp32_even_where_bf16_is_fast(tmp_path, monkeypatch):
+    """issue 10 item 15: the default surface is the exact fp32 one on every device; bf16 only when asked."""
+    from typer.testing import CliRunner
+
+    import kdprobe.probes.landscape_eval as le
+
+    monkeypatch.setattr(le, "bf16_is_fast", lambda device: True)  # a CPU with AVX512-BF16/AMX, or a GPU
+    ck = _ckpt(tmp_path, 0)
+    args = ["landscape", str(ck), "--x", "-1:1:2", "--y", "-1:1:2", "--samples", "16", "--device", "cpu"]
+    assert CliRunner().invoke(_app(), args + ["--out", str(tmp_path / "d.h5")]).exit_code == 0
+    assert read_surface_h5(tmp_path / "d.h5")[0].precision == "fp32"
+    assert CliRunner().invoke(_app(), args + ["--out", str(tmp_path / "a.h5"), "--precision", "auto"]).exit_code == 0
+    assert read_surface_h5(tmp_path / "a.h5")[0].precision == "bf16"  # auto stays as an explicit choice
+    res = CliRunner().invoke(_app(), ["interpolate", str(ck), str(ck), "--steps", "2", "--samples", "8",
+                                      "--out", str(tmp_path / "l.h5"), "--device", "cpu"])
+    assert res.exit_code == 0 and read_line_h5(tmp_path / "l.h5")[0].precision == "fp32"
+    from kdprobe.study_spec import _LANDSCAPE
+
+    assert _LANDSCAPE["precision"] == "fp32"
+
+
+def test_surface_html_keeps_3d_apart_from_the_contour(tmp_path):
+    """issue 10 item 17: plotly blanks a whole figure without WebGL, so the 3-D view is its own figure,
+    drawn only after a WebGL test; the contour map is drawn directly."""
+    write_surface_html(_surface(), tmp_path / "s.html")
+    page = (tmp_path / "s.html").read_text()
+    gl = page.index('class="kd-webgl"')
+    assert page.count("Plotly.newPlot") == 2 and page.count('class="kd-webgl"') == 1
+    assert page.index('"type":"contour"') < gl and "getContext" in page[gl:] and '"type":"surface"' in page[gl:]
+    assert "3-D view not drawn" in page[gl:]

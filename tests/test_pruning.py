@@ -12,6 +12,7 @@ from kdprobe.models import create_model
 from kdprobe.pruning import (SKIP_PRESETS, apply_masks, bn_sparsity_step, count_flops, count_nonzero,
                              count_nonzero_flops, count_params, l1_plan, l1_prune, parse_remaining, parse_skip,
                              prunable_bns, slimming_plan, slimming_prune, slimming_was_trained, weight_prune)
+from kdprobe.pruning.slimming import slimming_record
 
 
 def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -151,16 +152,66 @@ def test_slimming_global_threshold_on_hand_set_scales_never_empties_a_layer():
               [0.8, 0.7, -0.6, 0.4, 0.3, 0.25, 0.15, 0.1]]
     for (_, bn), g in zip(prunable_bns(m), gammas):
         bn.weight.data = torch.tensor(g)
-    plan, threshold = slimming_plan(m, 0.5)  # keep floor(18 * 0.5) = 9 globally
-    assert [v.tolist() for v in plan.values()] == [[0, 2, 3], [5], [0, 1, 2, 3, 4, 5]]
+    # the reference rule by hand: 18 |gamma| ascending, index int(18 * 0.5) = 9 holds 0.2; keep > 0.2
+    # (8 channels; the 0.2 itself goes), and the middle layer, all below, keeps its largest (0.07)
+    plan, threshold = slimming_plan(m, 0.5)
+    assert [v.tolist() for v in plan.values()] == [[0, 2], [5], [0, 1, 2, 3, 4, 5]]
     assert threshold == pytest.approx(0.2)
+    rec = slimming_record(m, 0.5)
+    assert rec["threshold_index"] == 9 and rec["channels_kept"] == 9 and rec["channels_prunable"] == 18
+    assert rec["guarded_layers"] == [list(plan)[1]]
     p = slimming_prune(m, 0.5).eval()
-    assert p.arch["kwargs"]["cfg"] == [3, "M", 1, 6]
+    assert p.arch["kwargs"]["cfg"] == [2, "M", 1, 6]
     x = _x()
     with torch.no_grad():
         torch.testing.assert_close(p(x), _mask_bn_channels(m, plan)(x), atol=1e-5, rtol=1e-5)
     again = create_model(p.arch["name"], **p.arch["kwargs"])
     again.load_state_dict(p.state_dict())
+
+
+def _reference_vggprune_counts(gammas: list[torch.Tensor], percent: float) -> list[int]:
+    """The reference rule written the way vggprune.py writes it (Liu et al.): one flat |gamma| tensor,
+    torch.sort ascending, thre = y[int(total * percent)], mask = |gamma|.gt(thre) per layer."""
+    total = sum(g.numel() for g in gammas)
+    bn = torch.zeros(total)
+    index = 0
+    for g in gammas:
+        bn[index:index + g.numel()] = g.abs()
+        index += g.numel()
+    y, _ = torch.sort(bn)
+    thre = y[int(total * percent)]
+    return [int(g.abs().gt(thre).sum()) for g in gammas]
+
+
+def test_slimming_vgg19_keeps_what_vggprune_keeps():
+    # issue 10: VGG-19 has 5,504 prunable channels; the reference at --percent 0.5 keeps 2,751, not 2,752
+    m = create_model("vgg19_bn", num_classes=10)
+    g = torch.Generator().manual_seed(0)
+    for _, bn in prunable_bns(m):
+        bn.weight.data = torch.randn(bn.num_features, generator=g)
+    gammas = [bn.weight.detach().clone() for _, bn in prunable_bns(m)]
+    assert sum(x.numel() for x in gammas) == 5504
+    for remaining, percent in ((0.5, 0.5), (0.7, 0.3), (0.3, 0.7)):  # --percent typed as the decimal 1 - remaining
+        plan, _ = slimming_plan(m, remaining)
+        assert [v.numel() for v in plan.values()] == _reference_vggprune_counts(gammas, percent)
+    plan, _ = slimming_plan(m, 0.5)
+    assert sum(v.numel() for v in plan.values()) == 2751
+    # ties at the threshold go with it: scales = a random permutation of the ranks 0..5503, with ranks
+    # 2700..2800 (spread over the layers) all set to 2752, the value at the cut; by hand, ranks
+    # 2801..5503 survive: 2,703 channels
+    ranks = torch.randperm(5504, generator=g).float()
+    ranks[(ranks >= 2700) & (ranks <= 2800)] = 2752.0
+    start = 0
+    for _, bn in prunable_bns(m):
+        bn.weight.data = ranks[start:start + bn.num_features].clone()
+        start += bn.num_features
+    gammas = [bn.weight.detach().clone() for _, bn in prunable_bns(m)]
+    plan, threshold = slimming_plan(m, 0.5)
+    assert threshold == 2752.0 and sum(v.numel() for v in plan.values()) == 5503 - 2800
+    assert [v.numel() for v in plan.values()] == _reference_vggprune_counts(gammas, 0.5)
+    # remaining 1 keeps every channel (no threshold); the record names no guarded layer
+    rec = slimming_record(m, 1.0)
+    assert rec["channels_kept"] == 5504 and "threshold" not in rec and rec["guarded_layers"] == []
 
 
 def test_slimming_resnet_population_is_block_bn1_only():
@@ -173,7 +224,8 @@ def test_slimming_resnet_population_is_block_bn1_only():
         blk.bn1.weight.data = torch.rand(blk.bn1.num_features, generator=g) + 0.1
     vals = [(abs(float(v.detach())), li, c) for li, blk in enumerate((m.layer1[0], m.layer2[0], m.layer3[0]))
             for c, v in enumerate(blk.bn1.weight)]
-    kept = sorted(vals, reverse=True)[:14]  # floor(28 * 0.5)
+    threshold = sorted(v for v, _, _ in vals)[int(len(vals) * 0.5)]  # the reference: index int(28 * 0.5)
+    kept = [t for t in vals if t[0] > threshold]
     expect = [sorted(c for _, li, c in kept if li == layer) or None for layer in range(3)]
     plan, _ = slimming_plan(m, 0.5)
     got = [v.tolist() for v in plan.values()]

@@ -1,7 +1,9 @@
 """kdprobe study: content-named cells, skip/resume, new cells on a changed spec, report and summary numbers."""
+import csv
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,6 +114,47 @@ def test_changed_spec_value_adds_cells_and_keeps_old_files(done, tmp_path):
     assert all(c.epochs == 3 and c.action == "trained" for c in res.cells)
 
 
+def test_a_file_at_a_cell_path_is_reused_only_if_it_is_that_cell(done, tmp_path, tiny_imagefolder, monkeypatch):
+    """issue 10 item 4: the check trainers.pipeline applies (trainers.cells.check_cell), before any training."""
+    from kdprobe.checkpoint import save_checkpoint
+    from trainers.loop import train
+
+    out = _copy(done, tmp_path)
+    cells = {(c.method, c.seed): out / c.path for c in done[2].cells}
+    scratch0, kd0 = cells[("scratch", 0)], cells[("kd-label", 0)]
+    monkeypatch.setattr(study, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    spec, _ = _spec(tmp_path)
+    keep = scratch0.read_bytes()
+
+    def refused(match):
+        with pytest.raises(KdprobeError, match=match) as e:
+            study.run_study(spec, out, device="cpu")
+        assert "delete" in str(e.value) and "\n" not in str(e.value)
+
+    # a 3-class RGB checkpoint copied over a digits cell
+    train(make_config("fast", model="resnet8b", model_kwargs={"width": 0.25}, epochs=1, batch_size=8,
+                      dataset=f"imagefolder:{tiny_imagefolder}"), tmp_path / "rgb.pt", device="cpu")
+    shutil.copy(tmp_path / "rgb.pt", scratch0)
+    refused(r"cell scratch seed 0: .*scratch/seed0-.*\.pt exists but was trained with dataset='imagefolder:")
+    # another cell's checkpoint (the KD student) at the scratch cell's path
+    shutil.copy(kd0, scratch0)
+    refused(r"cell scratch seed 0: .* exists but was trained with distill='label', expected distill='none'")
+    # the teacher cell replaced by a file with the same config but other weights: its students are stale
+    ck = load_checkpoint(tmp_path / "rgb.pt")
+    scratch0.write_bytes(keep)
+    meta = load_checkpoint(scratch0).meta
+    other = load_checkpoint(scratch0).model
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    save_checkpoint(scratch0, other, meta)
+    refused(r"cell kd-label seed 0: .* was made from teacher .*scratch/seed0-.*\.pt with sha256")
+    # a foreign file there
+    torch.save(ck.model.state_dict(), scratch0)
+    refused(r"cell scratch seed 0: .* is not a kdprobe checkpoint")
+    scratch0.write_bytes(keep)
+    assert all(c.action == "existing" for c in study.run_study(spec, out, device="cpu").cells)
+
+
 def test_interrupted_study_resumes_without_redoing_finished_cells(tmp_path, monkeypatch):
     spec, _ = _spec(tmp_path)
     out, real, calls = tmp_path / "out", study.train, []
@@ -146,14 +189,33 @@ def _naive_score(model, x, k=1e-5):
     return float(-np.sum(np.log(v + k) + 1.0 / (v + k)))
 
 
+def _figure_traces(page: str) -> tuple[list, list]:
+    """Trace types of every plotly figure in a page: (SVG figures drawn directly, figures drawn only
+    after the page's WebGL test)."""
+    import re
+
+    dec = json.JSONDecoder()
+    flat = [[t["type"] for t in dec.raw_decode(page, m.end())[0]]
+            for m in re.finditer(r'Plotly\.newPlot\(\s*"[^"]+",\s*', page)]
+    guarded = []
+    for m in re.finditer(r'class="kd-webgl"></div><script', page):
+        i = page.index("getContext", m.end())  # the WebGL test comes before the figure
+        j = page.index("var fig = ", i) + len("var fig = ")
+        guarded.append([t["type"] for t in dec.raw_decode(page, j)[0]["data"]])
+    return flat, guarded
+
+
 def test_report_and_summary_numbers_come_from_the_checkpoints(done):
     from kdprobe.data import load_dataset, normalize
     from kdprobe.probes.diversity import probe_indices
 
     _, out, res = done
     page = (out / "report.html").read_text()
-    # one plotly.js bundle; two figures: the diversity strip plot and the landscape group
-    assert page.count("* plotly.js v") == 1 and page.count("Plotly.newPlot") == 2
+    # one plotly.js bundle; three figures: the diversity strip plot, the landscape group's contour maps and,
+    # separately and behind a WebGL test, its 3-D surfaces (issue 10 item 17: no WebGL must not blank 2-D views)
+    assert page.count("* plotly.js v") == 1 and page.count("Plotly.newPlot") == 3
+    flat, solid = _figure_traces(page)
+    assert flat == [["scatter"] * 3, ["contour", "contour"]] and solid == [["surface", "surface"]]
     summary = json.loads((out / "summary.json").read_text())
     acc = {}
     for c in summary["cells"]:
@@ -178,6 +240,7 @@ def test_report_and_summary_numbers_come_from_the_checkpoints(done):
     for rec in summary["landscapes"]:  # the surface in the summary is the one in its HDF5 file
         import h5py
 
+        assert Path(rec["h5"]).name.startswith(rec["method"] + "-seed")  # file names carry the method
         with h5py.File(out / rec["h5"]) as f:
             assert np.allclose(np.asarray(f["train_loss"]), np.asarray(rec["loss"]))
         assert rec["h5"] in page and rec["vtk"] in page
@@ -264,3 +327,42 @@ def test_cli_list_and_one_line_errors(tmp_path):
     bad.write_text(SPEC.format(epochs=2).replace("runs = 2", "runs = -1"))
     r = CliRunner().invoke(app, ["study", str(bad), "--out", str(tmp_path / "o")])
     assert r.exit_code == 1 and "diversity.runs" in r.output
+
+
+def test_cells_csv_names_model_and_dataset(done):
+    _, out, res = done
+    rows = list(csv.DictReader((out / "cells.csv").open()))
+    assert len(rows) == len(res.cells) == 4
+    for r in rows:
+        meta = load_checkpoint(out / r["path"]).meta
+        assert r["model"] == "resnet8b-width0.25" and r["dataset"] == meta["dataset"] == "digits"
+
+
+def test_report_never_shows_an_interval_outside_what_the_metric_can_take(done):
+    from dataclasses import replace
+
+    from kdprobe.diversity_table import GroupStats
+    from kdprobe.writers.report import report_html
+
+    _, out, res = done
+    # an accuracy group at 98.5 +- 3.1 (a few seeds, wide t interval): raw interval [95.4, 101.6]
+    acc = GroupStats("scratch", 3, 98.5, 1.2, 0.7, 3.1, 95.4, 101.6, math.nan, math.nan, math.nan, False)
+    # a v1 diversity group at N=16 whose interval would reach -2.0, above the largest possible score -16
+    d = res.diversity
+    div = replace(d.groups[0], mean=-30.0, half_width=28.0, low=-58.0, high=-2.0)
+    page = report_html(replace(res, accuracy=(acc,), diversity=replace(d, groups=(div,) + d.groups[1:])))
+    assert "[95.40, 100.00*]" in page and "101.60" not in page and "clipped to what an accuracy can take" in page
+    assert "[-58.000, -16.000*]" in page and "-2.000" not in page
+    assert to_dict(replace(res, accuracy=(acc,)))["accuracy"][0]["high"] == 101.6  # the files keep the raw end
+
+
+def test_spec_toml_with_a_bom_loads_and_other_encodings_are_one_line(tmp_path):
+    p = tmp_path / "bom.toml"
+    text = "# d\u00e9mo\n" + SPEC.format(epochs=2)
+    p.write_bytes(b"\xef\xbb\xbf" + text.encode())  # UTF-8 with a byte-order mark: simply works
+    spec, got = load_spec(str(p))
+    assert spec.seeds == (0, 1) and got == text
+    p.write_bytes(text.encode("latin-1"))
+    with pytest.raises(KdprobeError, match=r"bom.toml:1: expected a UTF-8 TOML file, got byte 0xe9") as e:
+        load_spec(str(p))
+    assert "\n" not in str(e.value)

@@ -65,6 +65,15 @@ def test_seeds_are_averaged_and_spread_propagated(tmp_path):
     ("r56,B,scratch,71,70,,,\nr56,B,label,74,73\n", 3, "fields"),
     ("r56,B,scratch,71,70,,,73\n", 2, "only unpruned and finetuned"),
     ("r56,B,scratch,71,70,,,\n\nr56,B,label,nan,,,,73\n", 4, "unpruned"),
+    # issue 10 item 14: plain accuracies in one unit only
+    ("r56,B,scratch,71,70,,,\nr56,B,label,1e308,,,,73\n", 3, "between 0 and 100.*unpruned.*1e308"),
+    ("r56,B,scratch,71,70,,,\nr56,B,label,inf,,,,73\n", 3, "expected a number.*'inf'"),
+    ("r56,B,scratch,71,70,,,\nr56,B,label,-nan,,,,73\n", 3, "expected a number.*'-nan'"),
+    ("r56,B,scratch,71,70,,,\nr56,B,label,7_1,,,,73\n", 3, "expected a number.*'7_1'"),
+    ("r56,B,scratch,71,70,,,\nr56,B,label,\u0667\u0661,,,,73\n", 3, "expected a number"),  # Arabic-Indic 71
+    ("r56,B,scratch,101,70,,,\n", 2, "between 0 and 100.*101"),
+    ("r56,B,scratch,-0.5,70,,,\n", 2, "between 0 and 100"),
+    ("r56,B,scratch,71.2,70,,,\nr56,B,label,0.74,,,,0.73\n", 3, "one unit.*unpruned=0.74.*unpruned=71.2 on line 2"),
 ])
 def test_malformed_rows_name_file_and_line(tmp_path, body, line, words):
     p = _write(tmp_path, body)
@@ -92,3 +101,55 @@ def test_cli_surplus_prints_table_and_writes_files(tmp_path, capsys):
     empty = _write(tmp_path, "resnet56,x,scratch,71,70,,,\n", name="empty.csv")
     with pytest.raises(KdprobeError, match="at least one KD row"):
         surplus(empty, csv=None, json=None)
+
+
+# ---- issue 10 items 14 and 12: encodings, comments, strict numbers, units, duplicate columns ----
+
+def test_bom_and_comment_lines_are_accepted(tmp_path):
+    p = tmp_path / "results.csv"
+    body = ("# exported from a spreadsheet, with a note: \"quoted, with commas\"\n" + HEADER +
+            "  # a comment between rows\n"
+            "resnet56,40/70/90,scratch,71.23,70.06,,,\n"
+            "resnet56,40/70/90,label,73.76,,,,73.30\n")
+    p.write_bytes(b"\xef\xbb\xbf" + body.encode())  # UTF-8 with a byte-order mark (Excel's "CSV UTF-8")
+    (r,) = compute_surplus(read_results_csv(p))
+    assert r.surplus == pytest.approx(0.71, abs=1e-9) and r.model == "resnet56"
+
+
+def test_a_file_of_fractions_is_read_as_fractions(tmp_path, capsys):
+    from cli.surplus import surplus
+
+    p = _write(tmp_path, "resnet56,40/70/90,scratch,0.7123,0.7006,,,\nresnet56,40/70/90,label,0.7376,,,,0.7330\n")
+    rows = read_results_csv(p)
+    assert all(r.from_fractions for r in rows) and rows[0].unpruned == pytest.approx(71.23)
+    assert compute_surplus(rows)[0].surplus == pytest.approx(0.71, abs=1e-9)
+    surplus(p, csv=None, json=None)
+    out = capsys.readouterr()
+    assert "+0.71" in out.out and "read as fractions" in out.err
+
+
+def test_duplicate_columns_are_refused(tmp_path):
+    p = tmp_path / "results.csv"
+    p.write_text("model,setting,train_type,unpruned,finetuned,post_distill,pre_post,self_distill,unpruned\n"
+                 "r56,B,scratch,71,70,,,,72\n")
+    with pytest.raises(KdprobeError, match=r"results.csv:1: .*'unpruned' as fields 4 and 9"):
+        read_results_csv(p)
+    p.write_text("model,setting,train_type,unpruned,finetuned,post_distill,pre_post,self_distill,,\n"
+                 "r56,B,scratch,71,70,,,,,\n")  # empty trailing names are not columns
+    assert read_results_csv(p)[0].unpruned == 71
+
+
+def test_other_encodings_and_huge_fields_are_one_line(tmp_path):
+    p = tmp_path / "results.csv"
+    p.write_bytes((HEADER + "r\u00e9snet,B,scratch,71,70,,,\n").encode("latin-1"))
+    with pytest.raises(KdprobeError, match=r"results.csv:2: expected a UTF-8 CSV file, got byte 0xe9") as e:
+        read_results_csv(p)
+    assert "save the file as UTF-8" in str(e.value)
+    p.write_bytes((HEADER + "r56,B,scratch,71,70,,,\n").encode("utf-16"))
+    with pytest.raises(KdprobeError, match="UTF-16"):
+        read_results_csv(p)
+    p.write_text(HEADER + "r56,B,scratch,71,70,,,\n" + '"' + "x" * 200_000 + '",B,scratch,71,70,,,\n')
+    with pytest.raises(KdprobeError, match=r"results.csv:\d+: expected a results table, got a field longer than "
+                                           r"131,072 characters") as e:
+        read_results_csv(p)
+    assert "\n" not in str(e.value)

@@ -19,6 +19,7 @@ from kdprobe.checkpoint import library_versions, load_checkpoint, read_payload, 
 from kdprobe.data import TensorData, load_dataset
 from kdprobe.errors import Interrupted, KdprobeError
 from kdprobe.evaluate import evaluate
+from kdprobe.inputs import check_model_data
 from kdprobe.io import atomic_write_text, save_torch, sha256_file
 from kdprobe.models import create_model
 from kdprobe.models.registry import canonical_name
@@ -66,10 +67,11 @@ def _lr_factor(config: TrainConfig, epoch: int) -> float:
     return config.gamma ** sum(epoch >= m for m in config.milestone_epochs())
 
 
-def _teacher_info(config: TrainConfig, device):
+def _teacher_info(config: TrainConfig, device, data: TensorData):
     if not config.teacher:
         return None, None
     ck = load_checkpoint(config.teacher, arch=config.teacher_arch, map_location=device, finite=True)
+    check_model_data(ck, data, explicit=False, role="teacher")  # shapes, classes and dataset identity
     for p in ck.model.parameters():
         p.requires_grad_(False)  # the teacher is never trained: no grads, eval mode
     info = {"path": str(config.teacher), "sha256": ck.sha256, "arch": ck.model.arch,
@@ -80,7 +82,8 @@ def _teacher_info(config: TrainConfig, device):
 
 def _build_model(config: TrainConfig, data: TensorData):
     if config.init:
-        ck = load_checkpoint(config.init, finite=True)
+        ck = load_checkpoint(config.init, map_location=data.train_x.device, finite=True)
+        check_model_data(ck, data, explicit=False, role="init")  # shapes, classes and dataset identity
         model = ck.model
         if canonical_name(config.model) != model.arch["name"]:
             raise KdprobeError(f"the config names model {config.model}, but --init {config.init} holds a "
@@ -91,8 +94,6 @@ def _build_model(config: TrainConfig, data: TensorData):
             raise KdprobeError(f"the config sets {lie}={config.model_kwargs[lie]!r}, but --init {config.init} was "
                                f"built with {lie}={kw.get(lie, '<none>')!r}; the model comes from the init "
                                "checkpoint, so drop --width and other model options")
-        if model.arch["kwargs"].get("num_classes") != data.num_classes:
-            raise KdprobeError(f"--init {config.init} predicts {model.arch['kwargs'].get('num_classes')} classes, {config.dataset} has {data.num_classes}; use a checkpoint of this dataset")
         init = {"path": str(config.init), "sha256": ck.sha256, "method": ck.meta.get("method"),
                 "test_acc": ck.meta.get("test_acc"), "pruning": ck.meta.get("pruning")}
         return model.train(), dict(ck.extra.get("masks", {})), init
@@ -167,7 +168,7 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     masks = {k: v.to(dev) for k, v in masks.items()}
-    teacher, teacher_info = _teacher_info(config, dev)
+    teacher, teacher_info = _teacher_info(config, dev, data)
     recipe = Recipe(config, model, teacher, data)
     student = recipe.student(model)
     opt = torch.optim.SGD(student.parameters(), lr=config.lr, momentum=config.momentum,
@@ -211,8 +212,9 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
         best = max(hist, key=lambda r: r["test_acc"])
         return {
             "method": config.method, "recipe": config.method, "config": config.to_dict(),
-            "fingerprint": config.fingerprint(), "seed": config.seed, "dataset": config.dataset,
-            "data_dir": config.data_dir, "input_shape": list(data.train_x.shape[1:]), "num_classes": data.num_classes,
+            "fingerprint": config.fingerprint(), "seed": config.seed, "dataset": data.name,
+            "data_fingerprint": data.fingerprint,
+            "data_dir": str(Path(config.data_dir).resolve()) if config.data_dir else None, "input_shape": list(data.train_x.shape[1:]), "num_classes": data.num_classes,
             "epochs": config.epochs, "epoch": hist[-1]["epoch"], "reported": "last-epoch",
             "test_acc": hist[-1]["test_acc"], "train_acc": hist[-1]["train_acc"], "best_acc": best["test_acc"],
             "best_epoch": best["epoch"], "history": hist, "teacher": teacher_info, "init": init_info,

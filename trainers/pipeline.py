@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from kdprobe.checkpoint import read_payload
+from kdprobe.data import load_dataset
 from kdprobe.errors import KdprobeError
 from kdprobe.io import atomic_write_text, sha256_file
 from kdprobe.models import create_model
@@ -40,6 +41,7 @@ from kdprobe.probes.surplus import COLUMNS, SurplusRow, compute_surplus, read_re
 from kdprobe.pruning import l1_plan, ops as prune_ops, parse_skip, resnet_depth, slimming_plan
 from kdprobe.writers.surplus_files import write_surplus_csv, write_surplus_json
 from trainers import loop
+from trainers.cells import check_cell, check_upstream, model_label
 from trainers.config import TrainConfig, make_config
 
 KD_TYPES = ("label", "feature")
@@ -119,7 +121,7 @@ class PipelineSpec:
     @property
     def model_label(self) -> str:
         """The `model` column: registry name, plus non-default kwargs (resnet8a-width0.25)."""
-        return "-".join([self.model] + [f"{k}{v}" for k, v in sorted(self.model_kwargs.items())])
+        return model_label(self.model, self.model_kwargs)
 
 
 @dataclass(frozen=True)
@@ -225,24 +227,6 @@ def prune_expectation(spec: PipelineSpec) -> dict:
     return {"method": spec.method, "remaining": fr[0], "skip": None}
 
 
-def _comparable(config: dict) -> dict:
-    # teacher/init files are compared by sha256 instead of by path, so a moved OUT still matches
-    d = TrainConfig.from_dict(config).to_dict()
-    return {k: v for k, v in d.items() if k not in ("teacher", "init")}
-
-
-def _check_config(path: Path, meta: dict, expected: TrainConfig) -> None:
-    try:
-        got = _comparable(meta.get("config") or {})
-    except (TypeError, ValueError):
-        got = {}
-    want = _comparable(expected.to_dict())
-    diff = next((k for k in want if got.get(k, "<missing>") != want[k]), None)
-    if diff is not None:
-        raise KdprobeError(f"{path} exists but was trained with {diff}={got.get(diff, '<missing>')!r}, expected "
-                           f"{diff}={want[diff]!r} for this pipeline; use a new --out or delete {path}")
-
-
 def _check_prune(path: Path, meta: dict, want: dict) -> None:
     info = meta.get("pruning") or {}
     for k, v in want.items():
@@ -251,35 +235,33 @@ def _check_prune(path: Path, meta: dict, want: dict) -> None:
                                f"pipeline; use a new --out or delete {path}")
 
 
-def _check_upstream(path: Path, recorded: str | None, upstream: Path) -> None:
-    current = sha256_file(upstream)
-    if recorded != current:
-        raise KdprobeError(f"{path} was made from {upstream} with sha256 {str(recorded)[:12]}, but that file now has "
-                           f"sha256 {current[:12]}; delete {path} (and the cells made from it) or use a new --out")
-
-
-def _existing(spec: PipelineSpec, cell: Cell, path: Path, out_dir: Path, prune_want: dict, upstream_too: bool) -> dict:
-    """Meta of an existing cell checkpoint after checking it is this cell's; raises otherwise."""
-    meta = read_payload(path).get("meta") or {}
+def _existing(spec: PipelineSpec, cell: Cell, path: Path, out_dir: Path, prune_want: dict, upstream_too: bool,
+              data_fp: str | None = None) -> dict:
+    """Meta of an existing cell checkpoint after checking it is this cell's (trainers.cells); raises otherwise."""
+    payload = read_payload(path)
+    label = f"cell {cell.file}"
     if cell.kind == "prune":
+        meta = payload.get("meta") if isinstance(payload.get("meta"), dict) else {}
         _check_prune(path, meta, prune_want)
         if upstream_too:
-            _check_upstream(path, (meta.get("pruning") or {}).get("source_sha256"), path.with_name(f"{cell.source}.pt"))
+            check_upstream(label, path, "source", (meta.get("pruning") or {}).get("source_sha256"),
+                           path.with_name(f"{cell.source}.pt"))
         return meta
-    _check_config(path, meta, cell_config(spec, cell, out_dir))
-    if upstream_too:
-        for role, name in (("teacher", cell.teacher), ("init", cell.source)):
-            if name:
-                _check_upstream(path, (meta.get(role) or {}).get("sha256"), path.with_name(f"{name}.pt"))
-    return meta
+    upstream = {role: path.with_name(f"{name}.pt") for role, name in (("teacher", cell.teacher), ("init", cell.source))
+                if name} if upstream_too else None
+    return check_cell(label, path, payload, cell_config(spec, cell, out_dir), data_fingerprint=data_fp,
+                      upstream=upstream)
 
 
 def _precheck(spec: PipelineSpec, cells: list[Cell], out_dir: Path, prune_want: dict) -> None:
     """Before any work: every existing checkpoint / partial state belongs to this spec."""
+    data_fp = None
     for cell in cells:
         path = out_dir / cell.file
         if path.exists():
-            _existing(spec, cell, path, out_dir, prune_want, upstream_too=False)
+            if data_fp is None and cell.kind == "train":  # the data is loaded only when a cell already exists
+                data_fp = load_dataset(spec.dataset, spec.data_dir).fingerprint
+            _existing(spec, cell, path, out_dir, prune_want, upstream_too=False, data_fp=data_fp)
         elif cell.kind == "train" and loop.partial_path(path).exists():
             if not loop.partial_matches(cell_config(spec, cell, out_dir), path):
                 raise KdprobeError(f"{loop.partial_path(path)} is a partial run of another configuration; "

@@ -20,9 +20,11 @@ from pathlib import Path
 import torch
 
 from kdprobe.checkpoint import read_payload
+from kdprobe.data import load_dataset
 from kdprobe.errors import KdprobeError
 from kdprobe.io import atomic_write_text
 from kdprobe.study_spec import StudySpec
+from trainers.cells import check_cell
 from trainers.config import AUGMENTS, DISTILLS, TrainConfig, make_config
 from trainers.loop import Progress, log_path, partial_path, resolve_device, snapshot_path, train
 
@@ -133,6 +135,23 @@ def plan_cells(spec: StudySpec, out: Path) -> list[Cell]:
         for s in spec.seeds:
             make(m.name, s, True)
     return list(cells.values())
+
+
+def _files(cell: Cell, out: Path) -> list[Path]:
+    return [p for p in (cell.path(out), *cell.snapshot_files(out)) if p.exists()]
+
+
+def verify_existing(cells: list[Cell], out: Path, data_fingerprint: str | None) -> None:
+    """Refuse any file at a cell's path that is not that cell (trainers.cells.check_cell, shared with the
+    pruning pipeline): architecture, config, data fingerprint, and the teacher chain where the teacher
+    cell's file exists (a student is checked against the sha256 it recorded for its teacher)."""
+    out = Path(out).resolve()
+    for cell in cells:
+        teacher = out / cell.teacher if cell.teacher else None
+        upstream = {"teacher": teacher} if teacher is not None and teacher.exists() else None
+        for f in _files(cell, out):
+            check_cell(f"cell {cell.label}", f, read_payload(f), cell.config, data_fingerprint=data_fingerprint,
+                       upstream=upstream)
 
 
 def _done_epochs(cell: Cell, out: Path) -> int:
@@ -324,8 +343,13 @@ def run_study(spec: StudySpec, out, *, device: str = "auto", jobs: int = 1, npro
         check_probes(spec)  # a bad probe setting fails now, not after hours of training
         if spec_text is not None:
             atomic_write_text(out / "spec.toml", spec_text)
+        existing = [c for c in cells if _files(c, out)]
+        if existing:  # before any training: every file already there must be its cell
+            verify_existing(existing, out, load_dataset(spec.train.dataset, spec.train.data_dir).fingerprint)
         info = train_cells(cells, out, device=device, jobs=jobs, nproc_per_cell=nproc_per_cell,
                            progress=progress) if cells else {}
+        # a reused cell whose teacher was (re)trained just now: its recorded teacher sha256 must match
+        verify_existing([c for c in existing if c.teacher], out, None)
         result = assemble(spec, out, cells, info, dev, progress, t0, device)
         write_cells_csv(result, out / "cells.csv")
         write_summary_json(result, out / "summary.json")

@@ -24,6 +24,7 @@ from kdprobe.diversity_table import DiversitySettings, DiversityTable, ModelScor
 from kdprobe.errors import KdprobeError
 from kdprobe.study_result import CellRecord, LandscapeRecord, PruningBlock, StudyResult
 from kdprobe.study_spec import StudySpec
+from trainers.cells import model_label
 
 SAVE_EVERY_S = 10.0  # partial landscape HDF5 saves (a killed study loses at most this much)
 DIRECTIONS_NOTE = ("d1, d2 = the same seeded Gaussian draw for every checkpoint (seed {seed}), filter-normalized "
@@ -83,7 +84,8 @@ def _cell_records(cells, out: Path, info: dict) -> list[CellRecord]:
                                float(meta["best_acc"]), int(meta["epochs"]), c.in_study,
                                info.get(c.rel, {}).get("action", "existing"), info.get(c.rel, {}).get("seconds"),
                                tuple(str(p.relative_to(out)) for p in c.snapshot_files(out)),
-                               int(meta.get("world_size", 1))))
+                               int(meta.get("world_size", 1)), model_label(c.config.model, c.config.model_kwargs),
+                               str(meta.get("dataset", c.config.dataset))))
     return recs
 
 
@@ -196,7 +198,7 @@ def _landscapes(spec: StudySpec, cells, out: Path, dev: torch.device, progress) 
         for group, c, epoch, path in todo:
             ck = load_checkpoint(path, map_location=dev)
             dirs = make_directions(ck.model, seed=ls.seed, include_bn=ls.include_bn)
-            h5 = out / "landscapes" / c.method / f"{path.stem}-{tag}.h5"
+            h5 = out / "landscapes" / c.method / f"{c.method}-{path.stem}-{tag}.h5"  # the method in the name too
             vtk = h5.with_suffix(".vtk")
             settings = dict(key, checkpoint=str(path.relative_to(out)), checkpoint_sha256=ck.sha256,
                             directions_sha256=dirs.fingerprint(), dataset=spec.train.dataset,

@@ -13,6 +13,8 @@ Array convention (as in Li et al.'s HDF5 files): value[i, j] is at (x_j, y_i).
 from __future__ import annotations
 
 import hashlib
+import math
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,6 +27,14 @@ from kdprobe.probes.distributed import broadcast_array, run_points
 from kdprobe.probes.landscape_eval import PointEvaluator, default_chunking
 
 _EPS = 1e-10  # guards 0/0 when a direction filter is all zeros (Li et al. use the same)
+# Two directions closer than this (|cosine| over all entries) span a line, not a plane. Independent
+# Gaussian directions of n entries have |cosine| of order 1/sqrt(n) (about 0.01 at 10^4 parameters).
+MAX_COSINE = 0.99
+# Host memory per grid point, with margin. Measured (tracemalloc, a 400x400 grid): the result arrays
+# with their resume/progress copies take 58 B, the VTK writer 80 B more (HDF5: 1 B), and the HTML
+# writer, which builds plotly's Python lists and JSON text, 740 B more.
+BYTES_PER_POINT = 200
+BYTES_PER_POINT_HTML = 1000
 
 
 def parse_grid(spec: str, num: int | None = None) -> np.ndarray:
@@ -43,6 +53,7 @@ def parse_grid(spec: str, num: int | None = None) -> np.ndarray:
     if not (np.isfinite(lo) and np.isfinite(hi)) or n < 1 or (n > 1 and not lo < hi) or (n == 1 and lo != hi):
         raise KdprobeError(f"expected finite min < max and num >= 2 (or min == max with num 1), "
                            f"got {spec!r} with num {n}; fix the range")
+    check_grid_memory(n, what=f"range {spec!r}" + (f" with {n} steps" if num is not None else ""))
     return np.linspace(lo, hi, n)
 
 
@@ -86,8 +97,11 @@ def make_directions(model: nn.Module, *, seed: int = 0, include_bn: bool = False
 
 
 def check_directions(model: nn.Module, directions: Directions) -> None:
-    """Raise KdprobeError unless both directions have exactly the model's parameter names and shapes."""
+    """Raise KdprobeError unless the two directions span a plane of the model's parameter space:
+    exactly the model's parameter names and shapes, floating point, finite, neither zero, and not
+    parallel (|cosine| <= MAX_COSINE over all entries)."""
     want = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    norms = {}
     for tag, d in (("x", directions.x), ("y", directions.y)):
         got = {n: tuple(t.shape) for n, t in d.items()}
         if got != want:
@@ -95,6 +109,56 @@ def check_directions(model: nn.Module, directions: Directions) -> None:
             detail = ", ".join(f"{n} (model {want.get(n)}, directions {got.get(n)})" for n in bad[:3])
             raise KdprobeError(f"expected {tag}-direction names/shapes to match the model's parameters, "
                                f"got differences at {detail}; use directions saved for this architecture")
+        bad_dtype = next((n for n, t in d.items() if not t.is_floating_point()), None)
+        if bad_dtype is not None:  # an integer direction has lost its values (rounded to whole numbers)
+            raise KdprobeError(f"expected floating-point directions, got {tag}-direction {bad_dtype} as "
+                               f"{d[bad_dtype].dtype}; use directions written by kdprobe landscape")
+        bad_value = next((n for n, t in d.items() if not bool(torch.isfinite(t).all())), None)
+        if bad_value is not None:
+            raise KdprobeError(f"expected finite directions, got NaN or inf in {tag}-direction {bad_value}; "
+                               "every grid point would be NaN: use other directions")
+        norms[tag] = math.sqrt(sum(float(t.double().pow(2).sum()) for t in d.values()))
+        if norms[tag] == 0.0:
+            raise KdprobeError(f"expected two non-zero directions, got a {tag}-direction that is zero everywhere "
+                               "(the surface would be constant along it); use other directions")
+    dot = sum(float((directions.x[n].double() * directions.y[n].double()).sum()) for n in want)
+    cos = dot / (norms["x"] * norms["y"])
+    if abs(cos) > MAX_COSINE:
+        raise KdprobeError(f"expected two independent directions, got x and y with cosine {cos:.6f} (|cosine| > "
+                           f"{MAX_COSINE}: they span a line, not a plane); use directions drawn independently")
+
+
+def grid_memory_bytes(n_points: int, html: bool = False) -> int:
+    """About how much host memory a surface or path of n_points needs (arrays, copies, file writers)."""
+    return int(n_points) * (BYTES_PER_POINT + (BYTES_PER_POINT_HTML if html else 0))
+
+
+def check_grid_memory(n_points: int, *, html: bool = False, what: str = "grid") -> None:
+    """Refuse, before allocating, a grid whose arrays would not fit into the available memory."""
+    need, have = grid_memory_bytes(n_points, html), available_memory()
+    if have is not None and need > have:
+        raise KdprobeError(f"a {what} of {n_points:,} points needs about {_gb(need)} of memory ({BYTES_PER_POINT}"
+                           f"{f' + {BYTES_PER_POINT_HTML} for --html' if html else ''} bytes per point), more than "
+                           f"the {_gb(have)} available; use fewer points")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n < 2**40 else f"{n / 2**40:.1f} TiB"
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to this process now (Linux MemAvailable), else physical memory, else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,7 +210,7 @@ def _run(n_points: int, done: np.ndarray, loss: np.ndarray, acc: np.ndarray, eva
 
 
 def compute_surface(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, xcoords, ycoords,
-                    directions: Directions, bn: str = "eval", precision: str = "auto",
+                    directions: Directions, bn: str = "eval", precision: str = "fp32",
                     points_per_batch: int | None = None, batch_size: int | None = None,
                     resume: SurfaceResult | None = None,
                     progress: Callable[[SurfaceResult], None] | None = None) -> SurfaceResult:
@@ -161,6 +225,7 @@ def compute_surface(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, xcoor
     xc, yc = np.asarray(xcoords, np.float64), np.asarray(ycoords, np.float64)
     if xc.ndim != 1 or yc.ndim != 1 or xc.size == 0 or yc.size == 0:
         raise KdprobeError(f"expected non-empty 1-D coordinate arrays, got shapes {xc.shape}, {yc.shape}")
+    check_grid_memory(xc.size * yc.size)
     check_directions(model, directions)
     ev = PointEvaluator(model, x, y, bn=bn, precision=precision, batch_size=batch_size)
     P = _points_per_batch(points_per_batch, ev.device)
@@ -210,13 +275,14 @@ def _points_per_batch(p: int | None, device: torch.device) -> int:
 
 
 def interpolate(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor, y: torch.Tensor, ts, *,
-                bn: str = "eval", precision: str = "auto", points_per_batch: int | None = None,
+                bn: str = "eval", precision: str = "fp32", points_per_batch: int | None = None,
                 batch_size: int | None = None,
                 progress: Callable[[LineResult], None] | None = None) -> LineResult:
     """Loss/accuracy along (1-t)*A + t*B for t in ts; BN running statistics are interpolated too."""
     ts = np.asarray(ts, np.float64)
     if ts.ndim != 1 or ts.size == 0:
         raise KdprobeError(f"expected a non-empty 1-D array of t values, got shape {ts.shape}")
+    check_grid_memory(ts.size, what="path")
     sa, sb = _state(model_a), _state(model_b)
     shapes_a = {n: tuple(t.shape) for n, t in sa.items()}
     if shapes_a != {n: tuple(t.shape) for n, t in sb.items()}:

@@ -20,11 +20,14 @@ are positively correlated, so this is a conservative (too wide) estimate.
 from __future__ import annotations
 
 import csv
+import io
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from kdprobe.errors import KdprobeError
+from kdprobe.io import read_text
 from kdprobe.stats import summarize
 
 KEY_COLUMNS = ("model", "setting", "train_type")
@@ -47,6 +50,7 @@ class ResultRow:
     self_distill: float | None
     line: int  # 1-based line number in the source file (error messages)
     source: str = ""
+    from_fractions: bool = False  # the file held fractions (0-1); values here are x100
 
 
 @dataclass(frozen=True)
@@ -74,62 +78,118 @@ class SurplusRow:
     surplus_se: float | None  # sqrt of the sum of the four squared standard errors
 
 
+# a plain decimal number: ASCII digits, optional sign, fraction and exponent. Python's float()
+# also takes "7_1", "inf", "nan", " ٧ " (other scripts' digits): none of those is an accuracy.
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
 def _cell(text: str, column: str, where: str) -> float | None:
     t = (text or "").strip()
     if not t:
         return None
-    try:
-        v = float(t)
-    except ValueError:
-        v = math.nan
-    if not math.isfinite(v):
+    if not _NUMBER.fullmatch(t):
         raise KdprobeError(f"{where}: expected a number (accuracy in %) in column {column!r}, got {t!r}; "
-                           "leave the cell blank if it was not measured")
+                           "write plain digits like 71.23, or leave the cell blank if it was not measured")
+    v = float(t)
+    if not 0.0 <= v <= 100.0:
+        raise KdprobeError(f"{where}: expected an accuracy between 0 and 100 (%) in column {column!r}, got {t}; "
+                           "fix the value")
     return v
 
 
+def _csv_rows(path: Path):
+    """(line number, fields) of every non-blank, non-comment line; CSV errors become one line."""
+    # comment lines are blanked before parsing, so a quote inside a comment cannot open a field
+    text = "".join("\n" if ln.lstrip().startswith("#") else ln
+                   for ln in read_text(path, "CSV file").splitlines(keepends=True))
+    reader = csv.reader(io.StringIO(text, newline=""))
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            why = str(e)
+            if "field limit" in why:
+                why = f"a field longer than {csv.field_size_limit():,} characters"
+            raise KdprobeError(f"{path}:{reader.line_num}: expected a results table, got {why}; "
+                               "check that this is the right file") from None
+        if any(c.strip() for c in cells):
+            yield reader.line_num, cells
+
+
+def _header(path: Path, rows) -> tuple[int, dict[str, int]]:
+    first = next(rows, None)
+    if first is None:
+        raise KdprobeError(f"{path}:1: expected a header line {','.join(COLUMNS)}, got an empty file")
+    line, header = first[0], [h.strip().lower() for h in first[1]]
+    seen: dict[str, int] = {}
+    for i, h in enumerate(header):
+        if h and h in seen:
+            raise KdprobeError(f"{path}:{line}: expected each column once, got {h!r} as fields {seen[h] + 1} and "
+                               f"{i + 1}; remove one of them")
+        seen.setdefault(h, i)
+    missing = [c for c in COLUMNS if c not in seen]
+    if missing:
+        raise KdprobeError(f"{path}:{line}: expected columns {','.join(COLUMNS)}, "
+                           f"missing {', '.join(missing)}; fix the header line")
+    return len(header), seen
+
+
+def _unit(path: Path, values: list[tuple[float, int, str]]) -> bool:
+    """True when every value is a fraction (0-1): they are then read as fractions. A file mixing
+    fractions and percents is refused, naming one value of each kind."""
+    percent = next(((v, ln, c) for v, ln, c in values if v > 1.0), None)
+    fraction = next(((v, ln, c) for v, ln, c in values if 0.0 < v < 1.0), None)
+    if percent and fraction:
+        (vf, lf, cf), (vp, lp, cp) = fraction, percent
+        raise KdprobeError(f"{path}:{lf}: expected accuracies in one unit, got {cf}={vf:g} here (a fraction?) but "
+                           f"{cp}={vp:g} on line {lp} (a percent); write every accuracy as a percent (0-100)")
+    return bool(values) and percent is None
+
+
 def read_results_csv(path: str | Path) -> list[ResultRow]:
-    """Parse and check a results table; any problem is a KdprobeError naming file and line."""
+    """Parse and check a results table; any problem is a KdprobeError naming file and line.
+
+    UTF-8 (a byte-order mark is fine); lines starting with # are comments. Values are accuracies
+    in percent (0-100), plain decimal numbers; a file whose values are all fractions (0-1) is
+    read as fractions and converted to percent (ResultRow.from_fractions says so); a file that
+    mixes the two is refused.
+    """
     path = Path(path)
     if not path.is_file():
         raise KdprobeError(f"expected a results CSV file, got {path} (not a file); check the path")
-    rows: list[ResultRow] = []
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise KdprobeError(f"{path}:1: expected a header line {','.join(COLUMNS)}, got an empty file")
-        header = [h.strip().lower() for h in header]
-        missing = [c for c in COLUMNS if c not in header]
-        if missing:
-            raise KdprobeError(f"{path}:{reader.line_num}: expected columns {','.join(COLUMNS)}, "
-                               f"missing {', '.join(missing)}; fix the header line")
-        pos = {c: header.index(c) for c in COLUMNS}
-        for cells in reader:
-            line = reader.line_num
-            where = f"{path}:{line}"
-            if not any(c.strip() for c in cells) or cells[0].lstrip().startswith("#"):
-                continue  # blank line or comment
-            if len(cells) < len(header):
-                raise KdprobeError(f"{where}: expected {len(header)} comma-separated fields, got {len(cells)}; "
-                                   "keep blank cells as empty fields (,,)")
-            key = [cells[pos[c]].strip() for c in KEY_COLUMNS]
-            if not all(key):
-                raise KdprobeError(f"{where}: expected model, setting and train_type to be filled, got {key}")
-            vals = {c: _cell(cells[pos[c]], c, where) for c in VALUE_COLUMNS}
-            train_type = key[2].lower()
-            if train_type == SCRATCH:
-                extra = [c for c in ("post_distill", "pre_post", "self_distill") if vals[c] is not None]
-                if extra:
-                    raise KdprobeError(f"{where}: expected a scratch row to fill only unpruned and finetuned, "
-                                       f"got values in {', '.join(extra)}; those belong to a KD row")
-            rows.append(ResultRow(key[0], key[1], train_type, **vals, line=line, source=str(path)))
-    scratch = {(r.model, r.setting) for r in rows if r.train_type == SCRATCH}
-    for r in rows:
+    rows = _csv_rows(path)
+    width, pos = _header(path, rows)
+    parsed: list[tuple[int, list[str], dict]] = []
+    for line, cells in rows:
+        where = f"{path}:{line}"
+        if len(cells) < width:
+            raise KdprobeError(f"{where}: expected {width} comma-separated fields, got {len(cells)}; "
+                               "keep blank cells as empty fields (,,)")
+        key = [cells[pos[c]].strip() for c in KEY_COLUMNS]
+        if not all(key):
+            raise KdprobeError(f"{where}: expected model, setting and train_type to be filled, got {key}")
+        vals = {c: _cell(cells[pos[c]], c, where) for c in VALUE_COLUMNS}
+        key[2] = key[2].lower()
+        if key[2] == SCRATCH:
+            extra = [c for c in ("post_distill", "pre_post", "self_distill") if vals[c] is not None]
+            if extra:
+                raise KdprobeError(f"{where}: expected a scratch row to fill only unpruned and finetuned, "
+                                   f"got values in {', '.join(extra)}; those belong to a KD row")
+        parsed.append((line, key, vals))
+    fractions = _unit(path, [(v, ln, c) for ln, _, vals in parsed for c, v in vals.items() if v is not None])
+    out = []
+    for line, key, vals in parsed:
+        if fractions:
+            vals = {c: None if v is None else v * 100.0 for c, v in vals.items()}
+        out.append(ResultRow(*key, **vals, line=line, source=str(path), from_fractions=fractions))
+    scratch = {(r.model, r.setting) for r in out if r.train_type == SCRATCH}
+    for r in out:
         if r.train_type != SCRATCH and (r.model, r.setting) not in scratch:
             raise KdprobeError(f"{r.source}:{r.line}: expected a scratch row for model {r.model!r} and setting "
                                f"{r.setting!r} (the baseline of this {r.train_type} row), got none; add it")
-    return rows
+    return out
 
 
 def _stats(values: list[float]) -> tuple[float | None, float | None, float | None, int]:

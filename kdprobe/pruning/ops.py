@@ -16,7 +16,7 @@ from kdprobe.checkpoint import load_checkpoint, save_checkpoint
 from kdprobe.errors import KdprobeError
 from kdprobe.pruning.flops import count_flops, count_nonzero, count_nonzero_flops, count_params
 from kdprobe.pruning.l1 import l1_prune, parse_remaining, parse_skip, resnet_depth
-from kdprobe.pruning.slimming import prunable_bns, slimming_plan, slimming_prune, slimming_was_trained
+from kdprobe.pruning.slimming import slimming_prune, slimming_record, slimming_was_trained
 from kdprobe.pruning.weight import weight_prune
 
 METHODS = ("l1", "slimming", "weight")
@@ -87,11 +87,12 @@ def prune_checkpoint(src, method: str, remaining: str | Sequence[float], out, *,
         if not slimming_was_trained(meta):
             warnings.append(f"{src} was not trained with --bn-sparsity > 0; Network Slimming expects sparse BN "
                             "scales, so this prunes by plain |gamma| and accuracy may drop a lot")
-        plan, threshold = slimming_plan(model, fractions[0])
+        record = slimming_record(model, fractions[0])  # the reference rule, and the layers the guard kept
         pruned = slimming_prune(model, fractions[0])
-        info.update(remaining=fractions[0], skip=None, threshold=threshold,
-                    channels_kept=sum(int(v.numel()) for v in plan.values()),
-                    channels_prunable=sum(bn.weight.numel() for _, bn in prunable_bns(model)))
+        info.update(remaining=fractions[0], skip=None, **record)
+        if record["guarded_layers"]:
+            warnings.append(f"{len(record['guarded_layers'])} layer(s) would lose every channel under the reference "
+                            f"rule and keep their largest-|gamma| one: {', '.join(record['guarded_layers'][:4])}")
     else:
         pruned = model  # pruned in place: zeros plus masks the training loop re-applies
         extra["masks"] = {k: v.cpu() for k, v in weight_prune(pruned, fractions[0]).items()}

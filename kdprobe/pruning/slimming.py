@@ -4,12 +4,16 @@ Training: `bn_sparsity_step(model, lam)` after `loss.backward()` and before
 `optimizer.step()` adds lam * sign(gamma) to the gradient of EVERY BatchNorm scale
 (lambda 1e-4 for VGG, 1e-5 for ResNet/DenseNet in the paper).
 
-Pruning: the population is the |gamma| of the prunable BNs of the architecture (below);
-the `remaining` fraction of them with the largest |gamma|, floor(total * remaining)
-channels, is kept by one global ranking (equivalently one global threshold, the smallest
-kept |gamma|; ties at the threshold go to the earlier channel in forward order). A BN
-layer that would lose every channel keeps its largest-|gamma| one (the reference code
-crashes there instead), so slightly more than the fraction can survive. What is
+Pruning follows the reference rule exactly (Liu et al.'s vggprune.py / resprune.py /
+denseprune.py with `--percent p`): sort the n |gamma| of the population ascending, take the
+threshold at index int(n * p), and keep the channels whose |gamma| is strictly above it (ties
+with the threshold are removed too). kdprobe's `remaining` is the fraction KEPT, so
+p = 1 - remaining, computed in decimal (remaining 0.7 is --percent 0.3, not 0.30000000000000004);
+VGG-19's 5,504 channels at remaining 0.5 keep 5504 - 2752 - 1 = 2,751 (without ties).
+remaining = 1 keeps every channel (the reference at --percent 0 would still drop the smallest).
+One stated difference: a BN layer that would lose every channel keeps its largest-|gamma| one
+(the reference crashes there instead); the pruning record lists those layers.
+The population is the |gamma| of the prunable BNs of the architecture (below). What is
 physically removed, per architecture:
 
 - VGG (`vgg19_bn`): every conv-BN layer is prunable; the network is rebuilt from a smaller
@@ -32,7 +36,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from kdprobe.errors import KdprobeError
-from kdprobe.pruning._surgery import arch_of, floor_count, is_cifar_resnet, rebuild, rebuild_resnet_inner, resnet_blocks
+from kdprobe.pruning._surgery import arch_of, is_cifar_resnet, rebuild, rebuild_resnet_inner, resnet_blocks
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var")
 
@@ -92,27 +96,53 @@ def prunable_bns(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(p + "bn1", blk.bn1) for _, _, p, blk in resnet_blocks(model)]
 
 
-def slimming_plan(model: nn.Module, remaining: float) -> tuple[dict[str, torch.Tensor], float]:
-    """Kept channel indices (ascending) per prunable BN prefix, and the global |gamma| threshold."""
+RULE = ("reference (Liu et al. vggprune.py --percent p, p = 1 - remaining): threshold = ascending sorted |gamma| "
+        "at index int(n * p); keep |gamma| > threshold; a layer that would lose every channel keeps its largest")
+
+
+def _percent(remaining: float) -> float:
+    """The reference's --percent for a kept fraction: 1 - remaining in decimal arithmetic."""
+    from decimal import Decimal
+
+    return float(Decimal(1) - Decimal(repr(float(remaining))))
+
+
+def _plan(model: nn.Module, remaining: float):
     remaining = float(remaining)
     if not 0.0 < remaining <= 1.0:
         raise KdprobeError(f"expected remaining in (0, 1] (fraction of prunable channels kept), got {remaining}")
     bns = prunable_bns(model)
     scales = [bn.weight.detach().abs().float().cpu() for _, bn in bns]
     flat = torch.cat(scales)
-    n_keep = max(1, floor_count(flat.numel(), remaining))
-    order = torch.sort(flat, descending=True, stable=True).indices
-    keep = torch.zeros(flat.numel(), dtype=torch.bool)
-    keep[order[:n_keep]] = True
-    threshold = float(flat[order[n_keep - 1]])
-    plan, start = {}, 0
+    percent = _percent(remaining)
+    index = int(flat.numel() * percent)  # the reference's thre_index, float product truncated as in Python
+    threshold = None if remaining == 1.0 else float(torch.sort(flat).values[index])
+    plan, guarded = {}, []
     for (name, _), s in zip(bns, scales):
-        k = keep[start:start + s.numel()].clone()
-        start += s.numel()
+        k = torch.ones_like(s, dtype=torch.bool) if threshold is None else s > threshold
         if not k.any():  # never empty a layer: keep its largest |gamma| (first on ties)
             k[int(torch.argmax(s))] = True
+            guarded.append(name)
         plan[name] = torch.nonzero(k).flatten()
+    return plan, threshold, {"rule": RULE, "percent": percent, "threshold_index": index, "guarded_layers": guarded}
+
+
+def slimming_plan(model: nn.Module, remaining: float) -> tuple[dict[str, torch.Tensor], float | None]:
+    """Kept channel indices (ascending) per prunable BN prefix, and the global |gamma| threshold
+    (None for remaining = 1, which keeps everything)."""
+    plan, threshold, _ = _plan(model, remaining)
     return plan, threshold
+
+
+def slimming_record(model: nn.Module, remaining: float) -> dict:
+    """What the pruning record says about a slimming cut: rule, percent, threshold (index and value),
+    channels kept of prunable, and the layers the never-empty guard kept alive."""
+    plan, threshold, rec = _plan(model, remaining)
+    rec.update(channels_kept=sum(int(v.numel()) for v in plan.values()),
+               channels_prunable=sum(bn.weight.numel() for _, bn in prunable_bns(model)))
+    if threshold is not None:
+        rec["threshold"] = threshold
+    return rec
 
 
 def _take(t: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:

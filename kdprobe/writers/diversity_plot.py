@@ -7,6 +7,7 @@ import os
 import numpy as np
 import plotly.graph_objects as go
 
+from kdprobe.diversity_table import score_bounds
 from kdprobe.io import atomic_path
 
 _JITTER = 0.12  # half-width of the horizontal jitter of model points, in category units
@@ -34,10 +35,15 @@ def diversity_figure(table) -> go.Figure:
             hovertemplate="%{text}<br>mean %{y:.3f}<extra></extra>",
         ))
     level = f"{st.confidence * 100:g}% {'Student t' if st.interval == 't' else 'normal'}"
+    # bars never reach past what a score can take (v1: at most -N); the files keep the raw half-widths
+    lo, hi = score_bounds(st.variant, st.batch_size)
+    up = [_finite_or_none(min(g.mean + g.half_width, hi) - g.mean) for g in table.groups]
+    down = [_finite_or_none(g.mean - max(g.mean - g.half_width, lo)) for g in table.groups]
+    clipped = any(math.isfinite(g.half_width) and g.mean + g.half_width > hi for g in table.groups)
     fig.add_trace(go.Scatter(
         x=[pos[g.group] + 0.15 for g in table.groups], y=[g.mean for g in table.groups], mode="markers",
         name=f"group mean ± {level} half-width", marker=dict(symbol="diamond", size=12, color="black"),
-        error_y=dict(type="data", array=[_finite_or_none(g.half_width) for g in table.groups], visible=True),
+        error_y=dict(type="data", symmetric=False, array=up, arrayminus=down, visible=True),
         text=[f"n={g.n_models}{' (batch values)' if g.uses_batch_values else ''}<br>"
               f"p(Holm)={g.p_holm:.3g}, g={g.hedges_g:.2f}" for g in table.groups],
         hovertemplate="mean %{y:.3f}<br>%{text}<extra></extra>",
@@ -52,9 +58,15 @@ def diversity_figure(table) -> go.Figure:
         xaxis=dict(tickmode="array", tickvals=list(range(len(names))), ticktext=ticks,
                    range=[-0.6, len(names) - 0.4]),
     )
+    notes = []
     if any(g.uses_batch_values for g in table.groups):
-        fig.add_annotation(text="* one checkpoint: spread over its probe batches, not over models",
-                           xref="paper", yref="paper", x=0, y=-0.15, showarrow=False, font=dict(size=11))
+        notes.append("* one checkpoint: spread over its probe batches, not over models")
+    if clipped:
+        notes.append(f"bars end at {hi:g}, the highest score a v1 correlation matrix of N={st.batch_size} can give "
+                     "(mean + half-width went past it)")
+    if notes:
+        fig.add_annotation(text="<br>".join(notes), xref="paper", yref="paper", x=0, y=-0.15, showarrow=False,
+                           font=dict(size=11), align="left")
     return fig
 
 

@@ -92,7 +92,14 @@ def write_line_h5(result: LineResult, path: str | os.PathLike, *, split: str = "
     _write_h5(path, fill)
 
 
+# what a reader needs, per kind: datasets (besides <split>_loss/_acc), groups, attributes
+_NEEDS = {"surface": (("xcoordinates", "ycoordinates", "done"), ("xdirection", "ydirection"),
+                      ("split", "bn", "precision", "num_samples")),
+          "path": (("coordinates", "done"), (), ("split", "bn", "precision", "num_samples"))}
+
+
 def _open(path, kind: str) -> h5py.File:
+    """Open a kdprobe HDF5 file of `kind` for reading; a wrong or incomplete file is a one-line error."""
     if not Path(path).is_file():
         raise KdprobeError(f"expected an HDF5 file at {path}, got nothing there; check the path")
     try:
@@ -103,42 +110,81 @@ def _open(path, kind: str) -> h5py.File:
         got = f.attrs.get("kind", "no kind attribute")
         f.close()
         raise KdprobeError(f"expected a kdprobe {kind} file at {path}, got {got!r}; pass a {kind} file")
+    datasets, groups, attrs = _NEEDS[kind]
+    missing = [f"attribute {a!r}" for a in attrs if a not in f.attrs]
+    split = f.attrs.get("split", "")
+    if not missing:
+        datasets = datasets + (f"{split}_loss", f"{split}_acc")
+    missing += [f"dataset {d!r}" for d in datasets if not isinstance(f.get(d), h5py.Dataset)]
+    missing += [f"group {g!r}" for g in groups if not isinstance(f.get(g), h5py.Group)]
+    if missing:
+        f.close()
+        raise KdprobeError(f"{path} is not a complete kdprobe {kind} file (missing {', '.join(missing[:3])})")
     return f
+
+
+def _read(path, kind: str, fn):
+    """Run fn(open file) and turn any structural failure (wrong shapes, unreadable data) into one line."""
+    with _open(path, kind) as f:
+        try:
+            return fn(f)
+        except KdprobeError:
+            raise
+        except (KeyError, OSError, ValueError, TypeError) as e:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+            raise KdprobeError(f"{path} is not a readable kdprobe {kind} file ({why})") from None
 
 
 def read_directions(path: str | os.PathLike) -> Directions:
     """The xdirection/ydirection groups of a kdprobe surface file."""
-    with _open(path, "surface") as f:
-        return _directions(f)
+    return _read(path, "surface", _directions)
 
 
 def _directions(f: h5py.File) -> Directions:
-    dx = {n: torch.from_numpy(np.asarray(v)) for n, v in f["xdirection"].items()}
-    dy = {n: torch.from_numpy(np.asarray(v)) for n, v in f["ydirection"].items()}
+    out = []
+    for tag in ("xdirection", "ydirection"):
+        bad = [n for n, v in f[tag].items() if not isinstance(v, h5py.Dataset)]
+        if bad or not len(f[tag]):
+            raise KdprobeError(f"{f.filename} is not a complete kdprobe surface file (group {tag!r} "
+                               f"{'holds no directions' if not bad else f'has a non-dataset entry {bad[0]!r}'})")
+        out.append({n: torch.from_numpy(np.asarray(v)) for n, v in f[tag].items()})
     seed = int(f["xdirection"].attrs.get("seed", -1))
-    return Directions(dx, dy, None if seed < 0 else seed, bool(f["xdirection"].attrs.get("include_bn", False)))
+    return Directions(out[0], out[1], None if seed < 0 else seed, bool(f["xdirection"].attrs.get("include_bn", False)))
 
 
 def _attrs(f: h5py.File) -> dict:
     return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
 
 
+def _surface(f: h5py.File):
+    a, split = _attrs(f), f.attrs["split"]
+    xs, ys = np.asarray(f["xcoordinates"], np.float64), np.asarray(f["ycoordinates"], np.float64)
+    arrays = [np.asarray(f[k]) for k in (f"{split}_loss", f"{split}_acc", "done")]
+    if xs.ndim != 1 or ys.ndim != 1 or any(v.shape != (ys.size, xs.size) for v in arrays):
+        raise KdprobeError(f"{f.filename} is not a complete kdprobe surface file (arrays of shapes "
+                           f"{[v.shape for v in arrays]} for a {ys.size}x{xs.size} grid)")
+    res = SurfaceResult(xs, ys, arrays[0].astype(np.float64), arrays[1].astype(np.float64), arrays[2].astype(bool),
+                        _directions(f), str(a["bn"]), str(a["precision"]), int(a["num_samples"]))
+    return res, a
+
+
 def read_surface_h5(path: str | os.PathLike) -> tuple[SurfaceResult, dict]:
     """A surface file back as (SurfaceResult, attributes)."""
-    with _open(path, "surface") as f:
-        a, split = _attrs(f), f.attrs["split"]
-        res = SurfaceResult(np.asarray(f["xcoordinates"]), np.asarray(f["ycoordinates"]),
-                            np.asarray(f[f"{split}_loss"]), np.asarray(f[f"{split}_acc"]),
-                            np.asarray(f["done"]).astype(bool), _directions(f), a["bn"], a["precision"],
-                            int(a["num_samples"]))
+    return _read(path, "surface", _surface)
+
+
+def _line(f: h5py.File):
+    a, split = _attrs(f), f.attrs["split"]
+    ts = np.asarray(f["coordinates"], np.float64)
+    arrays = [np.asarray(f[k]) for k in (f"{split}_loss", f"{split}_acc", "done")]
+    if ts.ndim != 1 or any(v.shape != ts.shape for v in arrays):
+        raise KdprobeError(f"{f.filename} is not a complete kdprobe path file (arrays of shapes "
+                           f"{[v.shape for v in arrays]} for {ts.size} points)")
+    res = LineResult(ts, arrays[0].astype(np.float64), arrays[1].astype(np.float64), arrays[2].astype(bool),
+                     str(a["bn"]), str(a["precision"]), int(a["num_samples"]))
     return res, a
 
 
 def read_line_h5(path: str | os.PathLike) -> tuple[LineResult, dict]:
     """A path file back as (LineResult, attributes)."""
-    with _open(path, "path") as f:
-        a, split = _attrs(f), f.attrs["split"]
-        res = LineResult(np.asarray(f["coordinates"]), np.asarray(f[f"{split}_loss"]),
-                         np.asarray(f[f"{split}_acc"]), np.asarray(f["done"]).astype(bool), a["bn"],
-                         a["precision"], int(a["num_samples"]))
-    return res, a
+    return _read(path, "path", _line)

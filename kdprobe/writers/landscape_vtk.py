@@ -3,9 +3,13 @@
   .vtk  legacy STRUCTURED_GRID, BINARY (big-endian float32, as the legacy format requires;
         written here: the format is ten lines of text plus raw arrays)
   .vts  XML StructuredGrid with raw appended binary data, written by pyevtk.gridToVTK
-A surface is a height field: point (x_j, y_i, z) with z = loss (clipped at zmax, then
-log(z) with log=True). A path is a 1-D structured grid of points (t, 0, z). Point arrays:
-loss, log_loss (natural log) and accuracy (percent), never clipped.
+A surface is a height field: point (x_j, y_i, z). A path is a 1-D structured grid of points
+(t, 0, z). h = loss (clipped at zmax, then log(h) with log=True), and by default (`vtk_height
+="scaled"`) z = (h - min h) / (max h - min h) x the grid's larger extent, so the file opens in
+ParaView as a surface about as tall as it is wide: with the raw loss (0.01 to 30 nats over a
+[-1, 1] grid) the minimum is a needle 15 times taller than the plane. `vtk_height="raw"` keeps
+z = h. Point arrays, never clipped or scaled: loss, log_loss (natural log) and accuracy (percent),
+so "Warp By Scalar" on loss gives the true heights.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from kdprobe.io import atomic_path
 from kdprobe.probes.landscape import LineResult, SurfaceResult
 
 VTK_SUFFIXES = (".vtk", ".vts")
+VTK_HEIGHTS = ("scaled", "raw")
 _TINY = float(np.finfo(np.float32).tiny)  # log() floor for a loss of exactly 0
 
 
@@ -28,6 +33,17 @@ def height(loss: np.ndarray, *, log: bool = False, zmax: float | None = None) ->
     if zmax is not None:
         z = np.minimum(z, zmax)
     return np.log(np.maximum(z, _TINY)) if log else z
+
+
+def vtk_z(h: np.ndarray, extent: float, mode: str = "scaled") -> np.ndarray:
+    """The VTK z coordinate from the height h: 'raw' (z = h) or 'scaled' to [0, extent] (see module doc)."""
+    if mode not in VTK_HEIGHTS:
+        raise KdprobeError(f"expected a VTK height in {VTK_HEIGHTS}, got {mode!r}; pick one of them")
+    h = np.asarray(h, np.float64)
+    if mode == "raw":
+        return h
+    lo, hi = float(np.min(h)), float(np.max(h))
+    return np.zeros_like(h) if hi <= lo else (h - lo) * (float(extent) / (hi - lo))
 
 
 def _arrays(loss: np.ndarray, acc: np.ndarray) -> dict[str, np.ndarray]:
@@ -80,7 +96,8 @@ def _check_suffix(path: Path) -> str:
 
 
 def write_surface_vtk(result: SurfaceResult, path: str | os.PathLike, *, log: bool = False,
-                      zmax: float | None = None, title: str = "kdprobe loss surface") -> None:
+                      zmax: float | None = None, title: str = "kdprobe loss surface",
+                      vtk_height: str = "scaled") -> None:
     """Write a complete surface as a height field (.vtk legacy or .vts XML, by extension)."""
     path = Path(path)
     suf = _check_suffix(path)
@@ -89,7 +106,8 @@ def write_surface_vtk(result: SurfaceResult, path: str | os.PathLike, *, log: bo
                            f"{result.done.size} points; finish the run first")
     ny, nx = result.loss.shape
     X, Y = np.meshgrid(result.xcoords, result.ycoords)  # (ny, nx), [i, j] = (x_j, y_i)
-    Z = height(result.loss, log=log, zmax=zmax)
+    extent = max(np.ptp(result.xcoords), np.ptp(result.ycoords))
+    Z = vtk_z(height(result.loss, log=log, zmax=zmax), extent, vtk_height)
     data = _arrays(result.loss, result.acc)
     if suf == ".vtk":
         pts = np.stack([X.reshape(-1), Y.reshape(-1), Z.reshape(-1)], 1)  # row-major = x fastest
@@ -100,7 +118,8 @@ def write_surface_vtk(result: SurfaceResult, path: str | os.PathLike, *, log: bo
 
 
 def write_line_vtk(result: LineResult, path: str | os.PathLike, *, log: bool = False,
-                   zmax: float | None = None, title: str = "kdprobe interpolation path") -> None:
+                   zmax: float | None = None, title: str = "kdprobe interpolation path",
+                   vtk_height: str = "scaled") -> None:
     """Write a complete path as a 1-D structured grid of points (t, 0, z)."""
     path = Path(path)
     suf = _check_suffix(path)
@@ -108,7 +127,7 @@ def write_line_vtk(result: LineResult, path: str | os.PathLike, *, log: bool = F
         raise KdprobeError(f"expected a complete path, got {int(result.done.sum())} of "
                            f"{result.done.size} points; finish the run first")
     t = np.asarray(result.coords, np.float64)
-    z = height(result.loss, log=log, zmax=zmax)
+    z = vtk_z(height(result.loss, log=log, zmax=zmax), np.ptp(t), vtk_height)
     data = _arrays(result.loss, result.acc)
     if suf == ".vtk":
         pts = np.stack([t, np.zeros_like(t), z], 1)

@@ -17,8 +17,10 @@ import os
 import numpy as np
 
 from kdprobe.io import atomic_write_text
+from kdprobe.diversity_table import score_bounds
 from kdprobe.study_result import StudyResult, to_dict
 from kdprobe.writers.diversity_plot import diversity_figure
+from kdprobe.writers.landscape_plot import figure_div
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1400px;color:#222;
@@ -34,6 +36,8 @@ nav a{margin-right:14px}.scroll{overflow-x:auto}code{background:#f3f3f3;padding:
 
 
 _SCALE = "Viridis"
+ACCURACY_BOUNDS = (0.0, 100.0)  # percent
+
 
 
 def _f(v, fmt: str = ".2f") -> str:
@@ -58,14 +62,35 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
-def _stats_rows(groups, digits: str) -> list[list[str]]:
-    rows = []
+def _clip(v, bounds):
+    """(shown value, clipped?) of an interval end: never outside what the metric can take."""
+    if v is None or not isinstance(v, float) or not math.isfinite(v):
+        return v, False
+    lo, hi = bounds
+    c = min(max(v, lo), hi)
+    return c, c != v
+
+
+def _stats_rows(groups, digits: str, bounds=(-math.inf, math.inf)) -> tuple[list[list[str]], bool]:
+    """Table rows, and whether any displayed interval end was clipped to `bounds` (the files keep raw ends)."""
+    rows, clipped = [], False
     for g in groups:
         n = f"{g.n_models}{'*' if g.uses_batch_values else ''}"
+        (low, c1), (high, c2) = _clip(g.low, bounds), _clip(g.high, bounds)
+        clipped |= c1 or c2
         rows.append([_e(g.group), n, f"{_f(g.mean, digits)} ± {_f(g.std, digits)}", _f(g.sem, digits),
-                     _f(g.half_width, digits), f"[{_f(g.low, digits)}, {_f(g.high, digits)}]",
-                     _f(g.p_holm, ".3g"), _f(g.hedges_g, ".2f")])
-    return rows
+                     _f(g.half_width, digits), f"[{_f(low, digits)}{'*' if c1 else ''}, {_f(high, digits)}"
+                     f"{'*' if c2 else ''}]", _f(g.p_holm, ".3g"), _f(g.hedges_g, ".2f")])
+    return rows, clipped
+
+
+def _clip_note(clipped: bool, bounds: tuple[float, float], what: str) -> str:
+    if not clipped:
+        return ""
+    lo, hi = (f"{b:g}" if math.isfinite(b) else "" for b in bounds)
+    return (f" Interval ends marked * are clipped to what {what} can take ([{lo or '−∞'}, {hi or '∞'}]): mean ± "
+            "quantile × sem went past it, a sign that the normal/t interval fits these few values poorly; "
+            "summary.json keeps the raw ends.")
 
 
 def _stats_header(conf: float, interval: str, ref) -> list[str]:
@@ -87,15 +112,15 @@ def _accuracy(r: StudyResult) -> str:
     for c in r.cells:
         if c.in_study:
             values.setdefault(c.method, []).append(c.test_acc)
-    rows = [row + [", ".join(_f(v) for v in values.get(g.group, []))]
-            for row, g in zip(_stats_rows(r.accuracy, ".2f"), r.accuracy)]
+    stats_rows, clipped = _stats_rows(r.accuracy, ".2f", ACCURACY_BOUNDS)
+    rows = [row + [", ".join(_f(v) for v in values.get(g.group, []))] for row, g in zip(stats_rows, r.accuracy)]
     return ("<h2 id='accuracy'>Test accuracy</h2>"
             + _table(_stats_header(r.accuracy_confidence, r.accuracy_interval, r.accuracy_reference)
                      + ["per seed"], rows)
             + "<p class='note'>Last-epoch test accuracy (%) of each checkpoint (as the reference codes report); "
               "unit = one independently trained model (seed); std is the sample standard deviation, sem = std/√n; "
               + _stats_note(r.accuracy_confidence, r.accuracy_interval, r.accuracy_reference)
-              + " * one model: no spread.</p>")
+              + " n with * = one model: no spread." + _clip_note(clipped, ACCURACY_BOUNDS, "an accuracy") + "</p>")
 
 
 def _diversity(r: StudyResult) -> str:
@@ -104,14 +129,17 @@ def _diversity(r: StudyResult) -> str:
         return ""
     s = t.settings
     links = " · ".join(_link(p) for p in ("diversity.csv", "diversity.json", "diversity.html") if p in r.files)
+    bounds = score_bounds(s.variant, s.batch_size)
+    rows, clipped = _stats_rows(t.groups, ".3f", bounds)
     return ("<h2 id='diversity'>Representation diversity</h2>"
-            + _table(_stats_header(s.confidence, s.interval, s.reference), _stats_rows(t.groups, ".3f"))
+            + _table(_stats_header(s.confidence, s.interval, s.reference), rows)
             + f"<p class='note'>Jacobian-correlation score {s.variant} (Mellor et al. 2020; higher = more diverse) "
               f"on {_e(s.dataset)}: N = {s.batch_size} inputs per batch, {s.runs} batches per checkpoint "
               f"(split {_e(s.split)}, probe seed {s.seed}), bn = {_e(s.bn)}, output = {_e(s.output)}, "
               f"k = {s.k:g}. Unit = one checkpoint (its mean over the batches); "
-              f"{_stats_note(s.confidence, s.interval, s.reference)} Files: {links}</p>"
-            + diversity_figure(t).to_html(full_html=False, include_plotlyjs=False, config={"responsive": True}))
+              f"{_stats_note(s.confidence, s.interval, s.reference)}"
+              f"{_clip_note(clipped, bounds, f'a v1 score at N = {s.batch_size}')} Files: {links}</p>"
+            + figure_div(diversity_figure(t)))
 
 
 def _surface_traces(rec, display):
@@ -120,9 +148,13 @@ def _surface_traces(rec, display):
     return height(np.asarray(rec.loss, np.float64), log=bool(display.get("log")), zmax=display.get("zmax"))
 
 
-def _landscape_figure(recs, display) -> str:
+def _landscape_figure(recs, display, key: str):
+    """One group's surfaces side by side: contour maps (SVG) as one figure, the 3-D surfaces (WebGL) as a
+    second figure below it, so a browser without WebGL still draws the contours."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
+
+    from kdprobe.writers.landscape_plot import webgl_figure_div
 
     zs = [_surface_traces(r, display) for r in recs]
     finite = np.concatenate([z[np.isfinite(z)] for z in zs])
@@ -131,32 +163,31 @@ def _landscape_figure(recs, display) -> str:
         zmax = zmin + 1e-6
     label = ("log " if display.get("log") else "") + f"{recs[0].split} loss"
     m = len(recs)
-    titles = [f"{r.method} seed {r.seed} (epoch {r.epoch})" for r in recs] + [""] * m
-    fig = make_subplots(rows=2, cols=m, specs=[[{"type": "xy"}] * m, [{"type": "scene"}] * m],
-                        subplot_titles=titles, vertical_spacing=0.08, horizontal_spacing=0.04,
-                        row_heights=[0.45, 0.55])
+    titles = [f"{r.method} seed {r.seed} (epoch {r.epoch})" for r in recs]
+    flat = make_subplots(rows=1, cols=m, subplot_titles=titles, horizontal_spacing=0.04)
+    solid = make_subplots(rows=1, cols=m, specs=[[{"type": "scene"}] * m], horizontal_spacing=0.02)
+    hover = "x=%{x:.3f}<br>y=%{y:.3f}<br>" + label + "=%{z:.4f}<br>acc=%{customdata:.2f}%<extra></extra>"
     for j, (r, z) in enumerate(zip(recs, zs), 1):
         zl = np.where(np.isfinite(z), z, None).tolist()
         acc = np.asarray(r.acc, np.float64).tolist()
-        hover = "x=%{x:.3f}<br>y=%{y:.3f}<br>" + label + "=%{z:.4f}<br>acc=%{customdata:.2f}%<extra></extra>"
         # one scale by construction: identical zmin/zmax (contours) and cmin/cmax (surfaces), one colour bar
-        fig.add_trace(go.Contour(x=list(r.xcoords), y=list(r.ycoords), z=zl, customdata=acc, colorscale=_SCALE,
-                                 zauto=False, zmin=zmin, zmax=zmax, showscale=j == 1,
-                                 colorbar=dict(title=dict(text=label), len=0.45, y=0.78),
-                                 contours=dict(start=zmin, end=zmax, size=(zmax - zmin) / 25),
-                                 hovertemplate=hover, name=r.method), 1, j)
-        fig.add_trace(go.Surface(x=list(r.xcoords), y=list(r.ycoords), z=zl, customdata=acc, colorscale=_SCALE,
-                                 cauto=False, cmin=zmin, cmax=zmax, showscale=False, hovertemplate=hover,
-                                 name=r.method), 2, j)
-        fig.update_xaxes(title_text="x", row=1, col=j)
-        fig.update_yaxes(title_text="y", scaleanchor=f"x{'' if j == 1 else j}", row=1, col=j)
+        flat.add_trace(go.Contour(x=list(r.xcoords), y=list(r.ycoords), z=zl, customdata=acc, colorscale=_SCALE,
+                                  zauto=False, zmin=zmin, zmax=zmax, showscale=j == 1,
+                                  colorbar=dict(title=dict(text=label)),
+                                  contours=dict(start=zmin, end=zmax, size=(zmax - zmin) / 25),
+                                  hovertemplate=hover, name=r.method), 1, j)
+        solid.add_trace(go.Surface(x=list(r.xcoords), y=list(r.ycoords), z=zl, customdata=acc, colorscale=_SCALE,
+                                   cauto=False, cmin=zmin, cmax=zmax, showscale=False, hovertemplate=hover,
+                                   name=r.method), 1, j)
+        flat.update_xaxes(title_text="x", row=1, col=j)
+        flat.update_yaxes(title_text="y", scaleanchor=f"x{'' if j == 1 else j}", row=1, col=j)
         scene = "scene" if j == 1 else f"scene{j}"
-        fig.update_layout({scene: dict(zaxis=dict(range=[zmin, zmax], title="", nticks=4),
-                                       xaxis=dict(title="x", nticks=5), yaxis=dict(title="y", nticks=5),
-                                       aspectmode="cube")})
-    fig.update_layout(height=780, margin=dict(l=40, r=20, t=60, b=20), template="plotly_white", showlegend=False)
-    div = fig.to_html(full_html=False, include_plotlyjs=False, config={"responsive": True})
-    return div, zmin, zmax
+        solid.update_layout({scene: dict(zaxis=dict(range=[zmin, zmax], title="", nticks=4),
+                                         xaxis=dict(title="x", nticks=5), yaxis=dict(title="y", nticks=5),
+                                         aspectmode="cube")})
+    flat.update_layout(height=380, margin=dict(l=40, r=20, t=50, b=20), template="plotly_white", showlegend=False)
+    solid.update_layout(height=420, margin=dict(l=10, r=10, t=10, b=10), template="plotly_white", showlegend=False)
+    return figure_div(flat) + webgl_figure_div(solid, f"kd-3d-{key}"), zmin, zmax
 
 
 def _landscapes(r: StudyResult) -> str:
@@ -172,8 +203,8 @@ def _landscapes(r: StudyResult) -> str:
     groups: dict[str, list] = {}
     for rec in r.landscapes:
         groups.setdefault(rec.group, []).append(rec)
-    for name, recs in groups.items():
-        div, zmin, zmax = _landscape_figure(recs, d)
+    for k, (name, recs) in enumerate(groups.items()):
+        div, zmin, zmax = _landscape_figure(recs, d, str(k))
         first = recs[0]
         parts.append(f"<h3>{_e(name)}</h3><p class='note'>{len(first.ycoords)}×{len(first.xcoords)} grid, "
                      f"{first.samples} {first.split} samples, bn = {_e(first.bn)}, precision {first.precision}; "
@@ -271,12 +302,13 @@ def write_summary_json(result: StudyResult, path: str | os.PathLike) -> None:
 
 
 def write_cells_csv(result: StudyResult, path: str | os.PathLike) -> None:
-    """cells.csv: one row per trained checkpoint (method, seed, accuracies, file, teacher)."""
+    """cells.csv: one row per trained checkpoint (method, seed, model, dataset, accuracies, file, teacher)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    cols = ["method", "seed", "test_acc", "best_acc", "epochs", "in_study", "path", "fingerprint", "teacher"]
+    cols = ["method", "seed", "model", "dataset", "test_acc", "best_acc", "epochs", "in_study", "path", "fingerprint",
+            "teacher"]
     w.writerow(cols)
     for c in result.cells:
-        w.writerow([c.method, c.seed, repr(c.test_acc), repr(c.best_acc), c.epochs, c.in_study, c.path,
-                    c.fingerprint, c.teacher or ""])
+        w.writerow([c.method, c.seed, c.model, c.dataset, repr(c.test_acc), repr(c.best_acc), c.epochs, c.in_study,
+                    c.path, c.fingerprint, c.teacher or ""])
     atomic_write_text(path, buf.getvalue())

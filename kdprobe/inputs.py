@@ -1,0 +1,144 @@
+"""Checks on what a command reads, before any work: does a checkpoint fit its data, and are
+the checkpoints of a group really different models?
+
+`check_model_data` is the one place that decides whether a model may run on a dataset. It is
+used by every probe command (eval, landscape, interpolate, diversity, ...) and by training
+(the teacher and the --init checkpoint against the student's data). It compares, naming both
+sides in the message:
+  * the input shape (channels, height, width) the checkpoint records against the images';
+  * the number of classes the model predicts against the dataset's;
+  * the dataset identity: the content fingerprint the checkpoint records
+    (`meta["data_fingerprint"]`, see kdprobe.data) against the loaded data's. When the command
+    took the dataset from the checkpoint (`explicit=False`), other data under the recorded name
+    is refused; with an explicit --dataset it is allowed and a note says so. Checkpoints written
+    before fingerprints existed (and foreign ones) have none and are not refused for it;
+  * finally one forward pass on one sample, which is all a foreign checkpoint (no recorded
+    shape) can be checked with; its failure is reported as a message, not a traceback.
+`require_distinct` refuses byte-identical copies of one checkpoint among a group's members.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from kdprobe.data import TensorData
+from kdprobe.errors import KdprobeError
+
+_BUILTIN = ("digits", "cifar10", "cifar100")
+
+
+def _shape_text(shape) -> str:
+    c, h, w = shape
+    return f"{c}-channel {h}x{w}"
+
+
+def recorded_shape(meta: dict) -> tuple[int, int, int] | None:
+    """The (C, H, W) input shape a checkpoint records, or None when it records none (or junk)."""
+    s = (meta or {}).get("input_shape")
+    if isinstance(s, (list, tuple)) and len(s) == 3 and all(type(v) is int and v > 0 for v in s):
+        return tuple(s)
+    return None
+
+
+def _model_classes(model) -> int | None:
+    n = (getattr(model, "arch", None) or {}).get("kwargs", {}).get("num_classes")
+    return n if type(n) is int else None
+
+
+def same_data(meta_a: dict, meta_b: dict) -> bool | None:
+    """Whether two checkpoints were trained on the same data: True/False, or None when unknown."""
+    fa, fb = (meta_a or {}).get("data_fingerprint"), (meta_b or {}).get("data_fingerprint")
+    if fa and fb:
+        return fa == fb
+    na, nb = (meta_a or {}).get("dataset"), (meta_b or {}).get("dataset")
+    if na in _BUILTIN and nb in _BUILTIN:  # names without a path mean one thing everywhere
+        return na == nb
+    return None
+
+
+def _forward_one(ck, data: TensorData, who: str) -> int:
+    """Run one test sample through the model (eval mode, no grad, mode restored); returns the logit count."""
+    model = ck.model
+    x, _ = data.head("test", 1)
+    shape = tuple(data.test_x.shape[1:])
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = x.device
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x.to(device))
+    except Exception as e:  # noqa: BLE001 - any failure of a foreign forward is the user's mismatch
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise KdprobeError(f"{who} cannot take {data.name}'s {_shape_text(shape)} images: a forward pass on one "
+                           f"sample failed ({why}); pass the --dataset it was trained on (or the right --arch)") from None
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise KdprobeError(f"{who} returns {got} for one {_shape_text(shape)} image, expected (1, classes); "
+                           "pass a classifier checkpoint")
+    return int(out.shape[1])
+
+
+def check_model_data(ck, data: TensorData, *, explicit: bool, role: str = "checkpoint") -> str | None:
+    """Refuse a checkpoint (kdprobe.checkpoint.LoadedCheckpoint) that does not fit `data`; returns a note or None.
+
+    explicit: the user named the dataset (--dataset), so data other than the recorded one is
+    allowed (returned as a note); otherwise it is refused. role: 'checkpoint', 'teacher' or
+    'init' (training refuses other data for a teacher or an init checkpoint, with no override).
+    """
+    meta = ck.meta if isinstance(ck.meta, dict) else {}
+    who = f"{role} {ck.path}" if role != "checkpoint" else str(ck.path)
+    recorded = meta.get("dataset")
+    trained_on = f"trained on {recorded}" if recorded else "a foreign checkpoint"
+    have = tuple(int(v) for v in data.test_x.shape[1:])
+    if len(have) != 3:
+        raise KdprobeError(f"expected images of shape (C, H, W) in {data.name}, got {have}; use an image dataset")
+    fix = ("use a teacher trained on this dataset" if role == "teacher" else
+           "use an --init checkpoint of this dataset" if role == "init" else
+           f"pass the --dataset it was trained on{f' ({recorded})' if recorded else ''}")
+    want = recorded_shape(meta)
+    if want is not None and want != have:
+        raise KdprobeError(f"{who} takes {_shape_text(want)} inputs ({trained_on}), but {data.name} has "
+                           f"{_shape_text(have)} images; {fix}")
+    n = _model_classes(ck.model)
+    if n is not None and n != data.num_classes:
+        raise KdprobeError(f"{who} predicts {n} classes ({trained_on}), but {data.name} has {data.num_classes}; {fix}")
+    n_out = _forward_one(ck, data, who)
+    if n_out != data.num_classes:
+        raise KdprobeError(f"{who} predicts {n_out} classes ({trained_on}), but {data.name} has {data.num_classes}; "
+                           f"{fix}")
+    fp, have_fp = meta.get("data_fingerprint"), data.fingerprint
+    if fp and have_fp:
+        differs = fp != have_fp
+    elif recorded in _BUILTIN and data.name in _BUILTIN:
+        differs = recorded != data.name
+    else:  # nothing recorded to compare (older or foreign checkpoint): shapes and classes were all we had
+        return None
+    if not differs:
+        return None
+    sides = (f"{who} was trained on {recorded}" + (f" (data fingerprint {fp[:12]})" if fp else "")
+             + f", but {data.name} holds other data" + (f" (fingerprint {have_fp[:12]})" if have_fp else ""))
+    if role in ("teacher", "init"):
+        raise KdprobeError(f"{sides}; {fix}")
+    if not explicit:
+        raise KdprobeError(f"{sides}; pass --dataset {data.name} to use it anyway, or point the checkpoint's "
+                           f"dataset at the original data (--data-dir)")
+    return f"note: {sides}; using it because --dataset was given"
+
+
+def require_distinct(checkpoints: Iterable, what: str = "models") -> None:
+    """Refuse byte-identical checkpoints (equal sha256) among items with .path and .sha256: one model
+    counted twice would shrink every spread and inflate n."""
+    seen: dict[str, Path] = {}
+    for ck in checkpoints:
+        first = seen.setdefault(ck.sha256, ck.path)
+        if first != ck.path:
+            raise KdprobeError(f"{first} and {ck.path} are byte-identical (sha256 {ck.sha256[:12]}): one checkpoint "
+                               f"would count as two independent {what}; pass each trained model once")
+

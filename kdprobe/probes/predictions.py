@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from kdprobe.data import normalize
 from kdprobe.errors import KdprobeError
+from kdprobe.probes.features import model_device
 
 
 @dataclass(frozen=True, eq=False)
@@ -33,14 +34,6 @@ class Logits:
         return torch.log_softmax(self.logits.to(torch.float64), dim=1)
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 @torch.no_grad()
 def model_logits(model: nn.Module, x: torch.Tensor, *, mean=None, std=None, batch_size: int = 500) -> torch.Tensor:
     """Logits of `model` on x in eval mode, fp32, batch by batch; x uint8 (normalized here with mean/std) or float."""
@@ -48,7 +41,7 @@ def model_logits(model: nn.Module, x: torch.Tensor, *, mean=None, std=None, batc
         raise KdprobeError(f"expected batch_size >= 1, got {batch_size}")
     if x.dtype == torch.uint8 and (mean is None or std is None):
         raise KdprobeError("expected mean and std with uint8 images (the dataset's normalization), got none")
-    dev = _device_of(model)
+    dev = model_device(model)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     out = []

@@ -1,0 +1,149 @@
+"""Sharpness of the training loss at a checkpoint: top Hessian eigenvalues, Hessian trace and,
+optionally, the eigenvalue density (PyHessian's quantities, Yao et al. 2020; Ghorbani et al. 2019).
+
+The loss is the mean cross-entropy over the chosen samples, as a function of every parameter
+with requires_grad (biases and BN scales/shifts included; BN running statistics are buffers,
+not variables). Hessian-vector products are exact, through torch.func: forward-mode over
+reverse-mode (`jvp` of `grad` of `functional_call`), summed over minibatches of the samples
+(each minibatch's loss is a sum, the total is divided by N once), so the batch size does not
+change the result (tested). Several vectors can share one pass (`vectors_per_pass`, torch.func.vmap).
+
+BatchNorm: "eval" (default) normalizes with the checkpoint's running statistics, so every
+sample's loss is its own and the loss is the plain training objective at a fixed network;
+"train" normalizes with each minibatch's statistics (running statistics neither used nor
+updated), as during training: the loss then depends on how the samples are grouped into
+batches, so the result depends on the batch size. Other layers (dropout) stay in eval mode.
+The probe works on a private copy of the model: the caller's model (weights, buffers, modes,
+requires_grad, .grad) is never touched.
+Sharpness is not invariant to reparameterization (Dinh et al. 2017): report it next to the
+filter-normalized surfaces, not instead of them.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, jvp, replace_all_batch_norm_modules_, vmap
+
+from kdprobe.errors import KdprobeError
+from kdprobe.probes.spectral import Density, Eigenpair, hutchinson, power_iteration, slq_density
+
+BN_MODES = ("eval", "train")
+
+
+class HessianOperator:
+    """v -> H v for the Hessian of the mean cross-entropy of `model` on (x, y) w.r.t. its trainable parameters."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, bn: str = "eval", batch_size: int = 256):
+        if bn not in BN_MODES:
+            raise KdprobeError(f"expected bn one of {', '.join(BN_MODES)}, got {bn!r}")
+        if batch_size < 1 or len(x) != len(y) or len(y) == 0:
+            raise KdprobeError(f"expected batch_size >= 1 and as many labels as inputs (at least one), got "
+                               f"{batch_size}, {len(x)} inputs and {len(y)} labels")
+        self.model = copy.deepcopy(model)  # private copy: the caller's model is never modified
+        self.model.eval()
+        if bn == "train":
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.train()
+            replace_all_batch_norm_modules_(self.model)  # batch statistics, no running-stat updates
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if not self.names:
+            raise KdprobeError("expected parameters with requires_grad, got none; the Hessian has no variables")
+        own = dict(self.model.named_parameters())
+        self.params = {n: own[n].detach() for n in self.names}
+        self.buffers = {n: b.detach() for n, b in self.model.named_buffers()}
+        self.shapes = [self.params[n].shape for n in self.names]
+        self.sizes = [self.params[n].numel() for n in self.names]
+        self.dim = int(sum(self.sizes))
+        p0 = self.params[self.names[0]]
+        self.device, self.dtype = p0.device, p0.dtype
+        self.x, self.y = x.to(self.device), y.to(self.device)
+        self.n, self.batch_size, self.bn = int(len(y)), int(batch_size), bn
+
+    def _flat(self, d: dict) -> torch.Tensor:
+        return torch.cat([d[n].reshape(*d[n].shape[: d[n].dim() - len(s)], -1)
+                          for n, s in zip(self.names, self.shapes)], dim=-1)
+
+    def _unflat(self, v: torch.Tensor) -> dict:
+        lead = v.shape[:-1]
+        return {n: t.reshape(*lead, *s) for n, t, s in zip(self.names, v.split(self.sizes, dim=-1), self.shapes)}
+
+    def _loss_sum(self, params: dict, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        out = functional_call(self.model, {**self.buffers, **params}, (xb,))
+        return F.cross_entropy(out, yb, reduction="sum")
+
+    def _batches(self):
+        for i in range(0, self.n, self.batch_size):
+            yield self.x[i:i + self.batch_size], self.y[i:i + self.batch_size]
+
+    def loss(self) -> float:
+        """Mean cross-entropy at the checkpoint (the function whose Hessian this is)."""
+        with torch.no_grad():
+            return float(sum(float(self._loss_sum(self.params, xb, yb)) for xb, yb in self._batches()) / self.n)
+
+    def hvp(self, v: torch.Tensor) -> torch.Tensor:
+        """H v for one flat vector (P,)."""
+        return self.hvp_many(v[None])[0]
+
+    def hvp_many(self, vs: torch.Tensor) -> torch.Tensor:
+        """H v for k flat vectors (k, P) at once (vmap over the tangents when k > 1)."""
+        if vs.dim() != 2 or vs.shape[1] != self.dim:
+            raise KdprobeError(f"expected vectors of shape (k, {self.dim}), got {tuple(vs.shape)}")
+        tangents = self._unflat(vs.to(self.device, self.dtype))
+        total = None
+        for xb, yb in self._batches():
+            g = grad(lambda p: self._loss_sum(p, xb, yb))
+
+            def one(t):
+                return jvp(g, (self.params,), (t,))[1]
+
+            hv = self._flat(vmap(one)(tangents) if vs.shape[0] > 1 else
+                            {n: h[None] for n, h in one({n: t[0] for n, t in tangents.items()}).items()})
+            total = hv if total is None else total + hv
+        return total / self.n
+
+
+@dataclass(frozen=True)
+class SharpnessResult:
+    """Top eigenvalues, Hutchinson trace (every sample kept) and optional density of one checkpoint's Hessian."""
+
+    loss: float  # mean cross-entropy at the checkpoint
+    eigenpairs: tuple[Eigenpair, ...]  # largest in magnitude first
+    trace: float
+    trace_se: float  # std(ddof=1) / sqrt(samples); nan for one sample
+    trace_samples: tuple[float, ...]
+    density: Density | None
+    n_samples: int
+    n_params: int
+    bn: str
+    batch_size: int
+    seed: int
+
+    @property
+    def top_eigenvalue(self) -> float:
+        """The first (largest-magnitude) eigenvalue."""
+        return self.eigenpairs[0].value
+
+
+def sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, top_k: int = 1, iterations: int = 100,
+              tol: float = 1e-3, trace_samples: int = 100, density: bool = False, lanczos_steps: int = 80,
+              density_runs: int = 1, bn: str = "eval", batch_size: int = 256, vectors_per_pass: int = 1,
+              seed: int = 0) -> SharpnessResult:
+    """Top-k Hessian eigenvalues, Hessian trace (Hutchinson) and optional SLQ density of the mean CE on (x, y)."""
+    if trace_samples < 1:
+        raise KdprobeError(f"expected at least 1 Hutchinson sample, got {trace_samples}")
+    op = HessianOperator(model, x, y, bn=bn, batch_size=batch_size)
+    gen = torch.Generator().manual_seed(int(seed))  # one stream: eigenvectors, then trace, then density
+    kw = dict(generator=gen, device=op.device, dtype=op.dtype)
+    pairs = power_iteration(op.hvp, op.dim, k=top_k, iterations=iterations, tol=tol, **kw)
+    samples = hutchinson(op.hvp_many, op.dim, samples=trace_samples, chunk=vectors_per_pass, **kw)
+    dens = slq_density(op.hvp, op.dim, steps=lanczos_steps, runs=density_runs, **kw) if density else None
+    se = float(np.std(samples, ddof=1) / math.sqrt(len(samples))) if len(samples) > 1 else math.nan
+    return SharpnessResult(op.loss(), tuple(pairs), float(np.mean(samples)), se, tuple(samples), dens, op.n, op.dim,
+                           bn, op.batch_size, int(seed))

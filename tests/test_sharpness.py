@@ -59,6 +59,14 @@ def test_hvp_equals_explicit_hessian_and_finite_differences():
     op = HessianOperator(m, x, y, batch_size=5)
     v = torch.randn(op.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     assert torch.allclose(op.hvp(v), H @ v, rtol=1e-10, atol=1e-12)
+    for mode, keep in (("jvp", False), ("reuse", True)):  # forward-over-reverse, and graphs kept across calls
+        other = HessianOperator(m, x, y, batch_size=5, mode=mode, keep_graphs=keep)
+        assert torch.allclose(other.hvp(v), H @ v, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(other.hvp(2 * v), 2 * H @ v, rtol=1e-10, atol=1e-12)
+    m.eval()
+    op_train = HessianOperator(m, x, y, batch_size=12, bn="train")  # batch statistics: another function
+    assert not torch.allclose(op_train.hvp(v), H @ v, rtol=1e-3)
+    m.train()
     eps = 1e-5  # central difference of gradients, float64
     g = lambda f: torch.autograd.grad(loss(f.requires_grad_(True)), f)[0]  # noqa: E731
     fd = (g(flat0 + eps * v) - g(flat0 - eps * v)) / (2 * eps)
@@ -126,7 +134,11 @@ def test_batching_invariance_seed_and_model_untouched():
     before = {k: v.clone() for k, v in m.state_dict().items()}
     m.fc.bias.requires_grad_(False)  # a frozen parameter is not a variable of the Hessian
     r1 = sharpness(m, x, y, iterations=5, tol=0, trace_samples=5, batch_size=12, seed=3)
-    r2 = sharpness(m, x, y, iterations=5, tol=0, trace_samples=5, batch_size=5, seed=3, vectors_per_pass=2)
+    r2 = sharpness(m, x, y, iterations=5, tol=0, trace_samples=5, batch_size=5, seed=3, vectors_per_pass=2,
+                   mode="jvp")
+    r3 = sharpness(m, x, y, iterations=5, tol=0, trace_samples=5, batch_size=7, seed=3, keep_graphs=True)
+    assert r3.trace_samples == pytest.approx(r1.trace_samples, rel=1e-10)
+    assert r3.top_eigenvalue == pytest.approx(r1.top_eigenvalue, rel=1e-10)
     assert r1.n_params == 28
     assert r2.top_eigenvalue == pytest.approx(r1.top_eigenvalue, rel=1e-10)
     assert r2.trace_samples == pytest.approx(r1.trace_samples, rel=1e-10)

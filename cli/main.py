@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import diversity, evaluate, info, landscape, pipeline, prune, study, surplus, train
+from cli import agreement, calibration, cka, diversity, evaluate, info, landscape, pipeline, prune, sharpness, study, surplus, train
 from cli.common import handle_errors
 
 app = typer.Typer(
@@ -21,6 +21,10 @@ COMMANDS = [
     ("diversity", diversity.diversity),
     ("landscape", landscape.landscape),
     ("interpolate", landscape.interpolate),
+    ("agreement", agreement.agreement),
+    ("cka", cka.cka),
+    ("calibration", calibration.calibration),
+    ("sharpness", sharpness.sharpness),
     ("study", study.study),
 ]
 for _name, _fn in COMMANDS:

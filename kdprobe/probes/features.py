@@ -115,3 +115,18 @@ def layer_features(model: nn.Module, inputs: torch.Tensor, layers: Sequence[str]
                     yield hooks.run(inputs[lo:hi].to(dev))
     finally:
         hooks.close()
+
+
+class NormalizedImages:
+    """uint8 images (N, C, H, W) normalized slice by slice when indexed (the whole split never exists in float)."""
+
+    def __init__(self, images: torch.Tensor, mean, std):
+        self.images, self.mean, self.std = images, mean, std
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        from kdprobe.data import normalize
+
+        return normalize(self.images[index], self.mean, self.std)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -90,7 +91,7 @@ class HessianOperator:
     """
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, bn: str = "eval", batch_size: int = 256,
-                 mode: str = "reuse", keep_graphs: bool = False):
+                 mode: str = "reuse", keep_graphs: bool = False, progress: Callable[[int], None] | None = None):
         if bn not in BN_MODES:
             raise KdprobeError(f"expected bn one of {', '.join(BN_MODES)}, got {bn!r}")
         if mode not in HVP_MODES:
@@ -126,6 +127,8 @@ class HessianOperator:
         self.n, self.batch_size, self.bn, self.mode = int(len(y)), int(batch_size), bn, mode
         self.keep_graphs = bool(keep_graphs) and mode == "reuse"
         self._kept: list = []
+        self.progress = progress  # called with the number of vectors after every hvp_many call
+        self.products = 0  # Hessian-vector products computed so far
 
     def _flat(self, d: dict) -> torch.Tensor:
         return torch.cat([d[n].reshape(-1) for n in self.names])
@@ -177,6 +180,9 @@ class HessianOperator:
         for f in self._batch_ops():
             for i, t in enumerate(tangents):
                 total[i] += self._flat(f(t))
+        self.products += vs.shape[0]
+        if self.progress is not None:
+            self.progress(vs.shape[0])
         return total / self.n
 
 
@@ -192,6 +198,7 @@ class SharpnessResult:
     density: Density | None
     n_samples: int
     n_params: int
+    products: int  # Hessian-vector products computed
     bn: str
     batch_size: int
     seed: int
@@ -205,11 +212,13 @@ class SharpnessResult:
 def sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, top_k: int = 1, iterations: int = 100,
               tol: float = 1e-3, trace_samples: int = 100, density: bool = False, lanczos_steps: int = 80,
               density_runs: int = 1, bn: str = "eval", batch_size: int = 256, vectors_per_pass: int = 25,
-              mode: str = "reuse", keep_graphs: bool = False, seed: int = 0) -> SharpnessResult:
+              mode: str = "reuse", keep_graphs: bool = False, seed: int = 0,
+              progress: Callable[[int], None] | None = None) -> SharpnessResult:
     """Top-k Hessian eigenvalues, Hessian trace (Hutchinson) and optional SLQ density of the mean CE on (x, y)."""
     if trace_samples < 1:
         raise KdprobeError(f"expected at least 1 Hutchinson sample, got {trace_samples}")
-    op = HessianOperator(model, x, y, bn=bn, batch_size=batch_size, mode=mode, keep_graphs=keep_graphs)
+    op = HessianOperator(model, x, y, bn=bn, batch_size=batch_size, mode=mode, keep_graphs=keep_graphs,
+                         progress=progress)
     gen = torch.Generator().manual_seed(int(seed))  # one stream: eigenvectors, then trace, then density
     kw = dict(generator=gen, device=op.device, dtype=op.dtype)
     pairs = power_iteration(op.hvp, op.dim, k=top_k, iterations=iterations, tol=tol, **kw)
@@ -217,4 +226,4 @@ def sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, top_k: int 
     dens = slq_density(op.hvp, op.dim, steps=lanczos_steps, runs=density_runs, **kw) if density else None
     se = float(np.std(samples, ddof=1) / math.sqrt(len(samples))) if len(samples) > 1 else math.nan
     return SharpnessResult(op.loss(), tuple(pairs), float(np.mean(samples)), se, tuple(samples), dens, op.n, op.dim,
-                           bn, op.batch_size, int(seed))
+                           op.products, bn, op.batch_size, int(seed))

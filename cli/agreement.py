@@ -79,7 +79,7 @@ def agreement(
         s = calib_metrics(log_probs[m.path], labels, bins)
         rows.append(checkpoint_record(m, {"acc": s.acc, "nll": s.nll, "ece": s.ece, "brier": s.brier}))
     pairs = pairwise_agreement(ps.members, log_probs, labels)
-    by_group: dict[str, list] = {}
+    by_group: dict[str, list] = {ref: []} if ref else {}  # the reference group first, then in order of appearance
     for m in ps.members:
         by_group.setdefault(m.group, []).append(m)
     ens = {g: group_ensemble(g, [m.path for m in ms], [log_probs[m.path] for m in ms], labels,

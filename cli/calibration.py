@@ -83,9 +83,11 @@ def calibration(
         rel += [flat({"checkpoint": m.path, "group": m.group, "bin": i, "lower": b.lower, "upper": b.upper,
                       "count": b.count, "accuracy": b.accuracy, "confidence": b.confidence})
                 for i, b in enumerate(r.reliability)]
-    metric_names = ["ece", "nll", "brier", "acc"] + [k for k in ("adaptive_ece", "classwise_ece") if k in rows[0]]
+    main = ["ece", "nll", "brier", "acc"]
+    extra = [k for k in ("adaptive_ece", "classwise_ece") if k in rows[0]]
     if temperature:
-        metric_names += ["temperature", "nll_after", "ece_after"]
+        extra += ["temperature", "nll_before", "nll_after", "ece_before", "ece_after"]
+    metric_names = main + extra
     settings = {"dataset": ps.dataset, "split": split, "samples": samples, "samples_used": int(len(ps.y)),
                 "group_by": group_by, "reference": ref, "confidence": confidence, "interval": interval, "bins": bins,
                 "ece": "top-label, equal-width bins (l, u]", "brier": "sum over classes of (p_k - 1[y=k])^2, in [0, 2]",
@@ -98,10 +100,14 @@ def calibration(
 
     typer.echo(f"Calibration on {ps.dataset}: split={split}, {len(ps.y)} samples, {bins} equal-width bins, "
                f"{len(rows)} checkpoints ({cache.forward_passes} forward passes)")
-    typer.echo(table(group_table(tables.table("groups"), metric_names)))
+    typer.echo(table(group_table(tables.table("groups"), main)))
+    if extra:
+        typer.echo(table([{k: v for k, v in r.items() if k not in ("p(Holm)", "g")}
+                          for r in group_table(tables.table("groups"), extra)]))
     typer.echo(f"mean over checkpoints ± {confidence * 100:g}% CI ({interval}); unit = one checkpoint; "
                + (f"p(Holm), g = ECE vs {ref} (Welch, Holm-adjusted; Hedges' g)" if ref else "no tests"))
     if temperature:
-        typer.echo(f"temperature: fitted by NLL on a seeded half (seed {seed}), *_after on the other half; T at a bound "
+        typer.echo(f"temperature: fitted by NLL on a seeded half (seed {seed}); *_before / *_after on the other half; "
+                   f"T at a bound "
                    f"(0.01 or 100) in {sum(bool(r['temperature_at_bound']) for r in rows)} checkpoint(s)")
     write_outputs(tables, "checkpoints", csv, json, html)

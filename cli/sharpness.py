@@ -83,8 +83,8 @@ def sharpness(
     outer = tqdm(list(zip(ps.loaded, ps.members)), desc="sharpness", unit="ckpt", file=sys.stderr, dynamic_ncols=True)
     for ck, m in outer:
         ck.model.to(ps.device)
-        with tqdm(total=budget, desc="  Hessian-vector products", unit="hvp", file=sys.stderr, leave=False,
-                  dynamic_ncols=True) as bar:
+        with tqdm(total=budget, desc="  Hessian-vector products (at most)", unit="hvp", file=sys.stderr, leave=False,
+                  dynamic_ncols=True, mininterval=1.0) as bar:
             r = measure(ck.model, x, ps.y, top_k=top_k, iterations=iterations, tol=tol, trace_samples=trace_samples,
                         density=density, lanczos_steps=lanczos_steps, density_runs=density_runs, bn=bn,
                         batch_size=batch_size, vectors_per_pass=vectors_per_pass, mode=hvp, keep_graphs=keep_graphs,

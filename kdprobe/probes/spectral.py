@@ -12,7 +12,8 @@
   tridiagonal T; its eigenvalues are the quadrature nodes and the squared first components of
   its eigenvectors the weights (they sum to 1 and reproduce v^T A^j v for j < 2m). The density
   is the runs' average of Gaussian bumps at the nodes (PyHessian's smoothing: variance
-  sigma2 * max(1, range)), normalized to integrate to 1 on the grid.
+  sigma2 * max(1, range), widened to at least 1.5 grid steps), normalized to integrate to 1
+  on the grid.
 Random vectors come from a CPU torch.Generator (the same seed gives the same vectors on any
 device); dot products are accumulated in float64.
 """
@@ -50,7 +51,7 @@ class Density:
     grid: tuple[float, ...]
     density: tuple[float, ...]
     steps: int
-    sigma2: float
+    sigma2: float  # the variance actually used
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -142,7 +143,7 @@ def quadrature(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def slq_density(op: Op, dim: int, *, steps: int = 80, runs: int = 1, generator: torch.Generator, device=None,
-                dtype=torch.float32, bins: int = 400, sigma2: float = 1e-5) -> Density:
+                dtype=torch.float32, bins: int = 1000, sigma2: float = 1e-5) -> Density:
     """Eigenvalue density by stochastic Lanczos quadrature, `runs` random starts of `steps` steps."""
     if steps < 1 or runs < 1:
         raise KdprobeError(f"expected steps >= 1 and runs >= 1, got {steps} and {runs}")
@@ -155,7 +156,8 @@ def slq_density(op: Op, dim: int, *, steps: int = 80, runs: int = 1, generator: 
     lo = min(float(n.min()) for n in nodes) - 0.01
     hi = max(float(n.max()) for n in nodes) + 0.01
     grid = np.linspace(lo, hi, bins)
-    s2 = sigma2 * max(1.0, hi - lo)
+    # PyHessian's width, but never narrower than 1.5 grid steps (a bump between grid points would vanish)
+    s2 = max(sigma2 * max(1.0, hi - lo), (1.5 * (grid[1] - grid[0])) ** 2)
     dens = np.zeros(bins)
     for n, w in zip(nodes, weights):
         dens += (w[None, :] * np.exp(-((grid[:, None] - n[None, :]) ** 2) / (2 * s2))).sum(1) / math.sqrt(2 * math.pi * s2)
@@ -163,4 +165,4 @@ def slq_density(op: Op, dim: int, *, steps: int = 80, runs: int = 1, generator: 
     area = float(dens.sum() * (grid[1] - grid[0]))
     dens = dens / area if area > 0 else dens
     return Density(tuple(tuple(map(float, n)) for n in nodes), tuple(tuple(map(float, w)) for w in weights),
-                   tuple(map(float, grid)), tuple(map(float, dens)), int(steps), float(sigma2))
+                   tuple(map(float, grid)), tuple(map(float, dens)), int(steps), float(s2))

@@ -47,7 +47,8 @@ def _level(st: dict) -> str:
 
 def _pair_strips(fig, row: int, tables, metrics: list[str]) -> None:
     pairs, types = tables.table("pairs"), tables.table("pair_types")
-    cats = list(dict.fromkeys(f"{p['pair_type']} {p['pair_groups']}" for p in pairs))
+    keys = [f"{p['pair_type']} {p['pair_groups']}" for p in pairs]
+    cats = list(dict.fromkeys([t["key"] for t in types] + keys))  # the summary's order: reference type first
     for j, m in enumerate(metrics, start=1):
         pts = [(f"{p['pair_type']} {p['pair_groups']}", p.get(m), f"{p['a']}<br>{p['b']}") for p in pairs]
         summ = {t["key"]: (t["mean"], t["half_width"]) for t in types if t["metric"] == m}
@@ -70,7 +71,7 @@ def agreement_figure(tables) -> go.Figure:
             fig.add_trace(go.Scatter(x=k, y=[r[f"member_{m}"] for r in rows], mode="lines", name=f"{g} mean member",
                                      legendgroup=g, showlegend=j == 1, line=dict(color=_color(gi), dash="dash"),
                                      hovertemplate=f"{g} members, k=%{{x}}: %{{y:.4f}}<extra></extra>"), row=1, col=j)
-            fig.update_xaxes(title_text="ensemble size k", row=1, col=j)
+            fig.update_xaxes(title_text="ensemble size k", dtick=1, row=1, col=j)
     _pair_strips(fig, 2, tables, ["disagreement", "normalized_disagreement", "js"])
     st = tables.settings
     fig.update_layout(template="plotly_white", height=850, title=(
@@ -153,7 +154,10 @@ def sharpness_figure(tables) -> go.Figure:
                                  line=dict(color=_color(gi)), name=path, showlegend=False,
                                  hovertemplate=f"{path}<br>%{{x:.4g}}: %{{y:.3g}}<extra></extra>"), row=1, col=3)
     if curves:
-        fig.update_yaxes(type="log", row=1, col=3)
+        top = max(c["density"] for c in curves)  # log axis over 6 decades below the peak (the tails underflow)
+        fig.update_yaxes(type="log", range=[np.log10(top) - 6, np.log10(top) + 0.3], title_text="density",
+                         row=1, col=3)
+        fig.update_xaxes(title_text="eigenvalue", row=1, col=3)
     st = tables.settings
     fig.update_layout(template="plotly_white", height=520, title=(
         f"Sharpness of the training loss ({st.get('samples_used')} {st.get('split')} samples, bn={st.get('bn')})"

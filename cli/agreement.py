@@ -1,15 +1,14 @@
 """`kdprobe agreement`: function-space agreement of every pair of checkpoints, and the ensembles of each group."""
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
 
 from cli.common import table
 from cli.probe_set import (Arch, BatchSize, Confidence, Csv, DataDir, Dataset, Device, GroupBy, Html, Interval, Json,
-                           Reference, Samples, Seed, Split, check_choice, check_classes, check_reference, fmt_ci,
-                           fmt_p, load_set, pair_type_table, reference_or_none, write_outputs)
+                           Reference, Samples, Seed, Split, cached_logits, fmt_ci, fmt_p, open_set, pair_type_table,
+                           write_outputs)
 
 O = typer.Option
 
@@ -46,31 +45,18 @@ def agreement(
     device: Device = "auto",
 ):
     """Pairwise agreement of checkpoints and the ensembles of each group (one forward pass per checkpoint)."""
-    from tqdm import tqdm
-
     from kdprobe.errors import KdprobeError
     from kdprobe.probe_tables import ProbeTables, checkpoint_record, ensemble_tables, group_records, pair_records, \
         pair_type_records
     from kdprobe.probes.agreement import METRICS, pairwise_agreement
     from kdprobe.probes.calibration import metrics as calib_metrics
     from kdprobe.probes.ensemble import compare_gains, group_ensemble
-    from kdprobe.probes.predictions import LogitCache
-    from kdprobe.stats import INTERVALS
 
-    check_choice("--interval", interval, INTERVALS)
     if max_subsets < 1 or bins < 1:
         raise KdprobeError(f"expected --max-subsets >= 1 and --bins >= 1, got {max_subsets} and {bins}")
-    ref = reference_or_none(reference)
-    ps = load_set(checkpoints, group_by=group_by, split=split, samples=samples, arch=arch, dataset=dataset,
-                  data_dir=data_dir, device=device, min_count=2)
-    check_reference(ref, [m.group for m in ps.members])
-    cache = LogitCache(ps.x, ps.y, mean=ps.data.mean, std=ps.data.std, batch_size=batch_size)
-    for ck, m in tqdm(list(zip(ps.loaded, ps.members)), desc="logits", unit="ckpt", file=sys.stderr,
-                      dynamic_ncols=True):
-        ck.model.to(ps.device)
-        logits = cache.get(m.path, ck.model)
-        ck.model.to("cpu")  # one checkpoint on the device at a time
-        check_classes(ps, ck, logits.logits.shape[1])
+    ps, ref = open_set(checkpoints, interval=interval, reference=reference, group_by=group_by, split=split,
+                       samples=samples, arch=arch, dataset=dataset, data_dir=data_dir, device=device, min_count=2)
+    cache = cached_logits(ps, batch_size)
     labels = cache.labels
     log_probs = {m.path: cache[m.path].log_probs() for m in ps.members}
 

@@ -1,15 +1,13 @@
 """`kdprobe calibration`: ECE, NLL, Brier and reliability diagrams of checkpoints, per group, optional temperature scaling."""
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
 
 from cli.common import table
 from cli.probe_set import (Arch, BatchSize, Confidence, Csv, DataDir, Dataset, Device, GroupBy, Html, Interval, Json,
-                           Reference, Samples, Seed, Split, check_choice, check_classes, check_reference, group_table,
-                           load_set, reference_or_none, write_outputs)
+                           Reference, Samples, Seed, Split, cached_logits, group_table, open_set, write_outputs)
 
 O = typer.Option
 
@@ -44,29 +42,18 @@ def calibration(
     device: Device = "auto",
 ):
     """Calibration (ECE, NLL, Brier, reliability) per checkpoint and group (one forward pass per checkpoint)."""
-    from tqdm import tqdm
-
     from kdprobe.errors import KdprobeError
     from kdprobe.probe_tables import ProbeTables, checkpoint_record, flat, group_records
     from kdprobe.probes.calibration import calibration as calibrate
-    from kdprobe.probes.predictions import LogitCache
-    from kdprobe.stats import INTERVALS
 
-    check_choice("--interval", interval, INTERVALS)
     if bins < 1:
         raise KdprobeError(f"expected --bins >= 1, got {bins}")
-    ref = reference_or_none(reference)
-    ps = load_set(checkpoints, group_by=group_by, split=split, samples=samples, arch=arch, dataset=dataset,
-                  data_dir=data_dir, device=device)
-    check_reference(ref, [m.group for m in ps.members])
-    cache = LogitCache(ps.x, ps.y, mean=ps.data.mean, std=ps.data.std, batch_size=batch_size)
+    ps, ref = open_set(checkpoints, interval=interval, reference=reference, group_by=group_by, split=split,
+                       samples=samples, arch=arch, dataset=dataset, data_dir=data_dir, device=device)
+    cache = cached_logits(ps, batch_size, desc="calibration")
     rows, rel = [], []
-    for ck, m in tqdm(list(zip(ps.loaded, ps.members)), desc="calibration", unit="ckpt", file=sys.stderr,
-                      dynamic_ncols=True):
-        ck.model.to(ps.device)
-        lg = cache.get(m.path, ck.model)
-        ck.model.to("cpu")
-        check_classes(ps, ck, lg.logits.shape[1])
+    for m in ps.members:
+        lg = cache[m.path]
         r = calibrate(lg.logits, lg.labels, bins=bins, adaptive=adaptive, classwise=classwise,
                       temperature=temperature, seed=seed)
         rec = {"acc": r.metrics.acc, "nll": r.metrics.nll, "ece": r.metrics.ece, "brier": r.metrics.brier}

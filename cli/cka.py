@@ -6,10 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import table
+from cli.common import expand_paths, table
 from cli.probe_set import (Arch, Confidence, Csv, DataDir, Dataset, Device, GroupBy, Html, Interval, Json, Reference,
-                           Samples, Split, check_choice, check_reference, load_set, pair_type_table, reference_or_none,
-                           write_outputs)
+                           Samples, Split, check_choice, open_set, pair_type_table, write_outputs)
 
 O = typer.Option
 
@@ -65,20 +64,20 @@ def cka(
     from kdprobe.pairs import PairRecord, classify
     from kdprobe.probes.cka import ESTIMATORS, CkaCache, cka_matrix, pairwise_cka
     from kdprobe.probes.features import NormalizedImages, penultimate_layer
-    from kdprobe.stats import INTERVALS
 
     check_choice("--estimator", estimator, ESTIMATORS)
-    check_choice("--interval", interval, INTERVALS)
-    ref = reference_or_none(reference)
-    ps = load_set(checkpoints, group_by=group_by, split=split, samples=samples, arch=arch, dataset=dataset,
-                  data_dir=data_dir, device=device, min_count=2)
+    pair_mode = len(expand_paths(checkpoints)) == 2 and not summary  # the reference matters for a group only
+    ps, ref = open_set(checkpoints, interval=interval, reference="none" if pair_mode else reference,
+                       group_by=group_by, split=split, samples=samples, arch=arch, dataset=dataset,
+                       data_dir=data_dir, device=device, min_count=2)
     inputs = NormalizedImages(ps.x, ps.data.mean, ps.data.std)
     base = {"dataset": ps.dataset, "split": split, "samples": samples, "samples_used": int(len(ps.y)),
             "group_by": group_by, "batch_size": batch_size, "bn": "eval", "checkpoints": len(ps.members),
             "kernel": "linear", "hsic": "unbiased (Song et al. 2012)"}
-    if len(ps.members) == 2 and not summary:
+    if pair_mode:
         (ca, cb), (ma, mb) = ps.loaded, ps.members
-        ca.model.to(ps.device), cb.model.to(ps.device)
+        ca.model.to(ps.device)
+        cb.model.to(ps.device)
         r = cka_matrix(ca.model, cb.model, inputs, layers_a=_names(layers_a), layers_b=_names(layers_b),
                        estimator=estimator, batch_size=batch_size)
         pa, pb = penultimate_layer(ca.model), penultimate_layer(cb.model)
@@ -104,7 +103,6 @@ def cka(
         write_outputs(tables, "layers", csv, json, html)
         return
 
-    check_reference(ref, [m.group for m in ps.members])
     cache = CkaCache(inputs, estimator=estimator, batch_size=batch_size)
     for ck, m in tqdm(list(zip(ps.loaded, ps.members)), desc="features", unit="ckpt", file=sys.stderr,
                       dynamic_ncols=True):

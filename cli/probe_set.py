@@ -166,3 +166,31 @@ def check_reference(reference: str | None, groups) -> None:
     if reference is not None and reference not in set(groups):
         raise KdprobeError(f"expected the reference group {reference!r} among the groups {sorted(set(groups))}; pass "
                            "one of them with --reference (or --reference none)")
+
+
+def open_set(patterns, *, interval: str, reference: str, group_by: str, split: str, samples: int, arch, dataset,
+             data_dir, device: str, min_count: int = 1) -> tuple[ProbeSet, str | None]:
+    """Check the shared options, load the checkpoints and their samples, check the reference group."""
+    from kdprobe.stats import INTERVALS
+
+    check_choice("--interval", interval, INTERVALS)
+    ref = reference_or_none(reference)
+    ps = load_set(patterns, group_by=group_by, split=split, samples=samples, arch=arch, dataset=dataset,
+                  data_dir=data_dir, device=device, min_count=min_count)
+    check_reference(ref, [m.group for m in ps.members])
+    return ps, ref
+
+
+def cached_logits(ps: ProbeSet, batch_size: int, desc: str = "logits"):
+    """A LogitCache holding every checkpoint's logits on the samples: one forward pass each, one model on the device."""
+    from tqdm import tqdm
+
+    from kdprobe.probes.predictions import LogitCache
+
+    cache = LogitCache(ps.x, ps.y, mean=ps.data.mean, std=ps.data.std, batch_size=batch_size)
+    for ck, m in tqdm(list(zip(ps.loaded, ps.members)), desc=desc, unit="ckpt", file=sys.stderr, dynamic_ncols=True):
+        ck.model.to(ps.device)
+        logits = cache.get(m.path, ck.model)
+        ck.model.to("cpu")
+        check_classes(ps, ck, logits.logits.shape[1])
+    return cache

@@ -8,8 +8,7 @@ import typer
 
 from cli.common import table
 from cli.probe_set import (Arch, Confidence, Csv, DataDir, Dataset, Device, GroupBy, Html, Interval, Json, Reference,
-                           Samples, Seed, Split, check_choice, check_reference, group_table, load_set,
-                           reference_or_none, write_outputs)
+                           Samples, Seed, Split, check_choice, group_table, open_set, write_outputs)
 
 O = typer.Option
 
@@ -65,18 +64,14 @@ def sharpness(
     from kdprobe.probe_tables import ProbeTables, checkpoint_record, flat, group_records
     from kdprobe.probes.features import NormalizedImages
     from kdprobe.probes.sharpness import BN_MODES, HVP_MODES, sharpness as measure
-    from kdprobe.stats import INTERVALS
 
     check_choice("--bn", bn, BN_MODES)
     check_choice("--hvp", hvp, HVP_MODES)
-    check_choice("--interval", interval, INTERVALS)
     if top_k < 1 or iterations < 1 or trace_samples < 1 or tol < 0:
         raise KdprobeError(f"expected --top-k, --iterations, --trace-samples >= 1 and --tol >= 0, got {top_k}, "
                            f"{iterations}, {trace_samples}, {tol}")
-    ref = reference_or_none(reference)
-    ps = load_set(checkpoints, group_by=group_by, split=split, samples=samples, arch=arch, dataset=dataset,
-                  data_dir=data_dir, device=device)
-    check_reference(ref, [m.group for m in ps.members])
+    ps, ref = open_set(checkpoints, interval=interval, reference=reference, group_by=group_by, split=split,
+                       samples=samples, arch=arch, dataset=dataset, data_dir=data_dir, device=device)
     x = NormalizedImages(ps.x, ps.data.mean, ps.data.std)[:]
     rows, eig_rows, tr_rows, dens_rows, curve_rows = [], [], [], [], []
     budget = top_k * iterations + trace_samples + (lanczos_steps * density_runs if density else 0)

@@ -133,16 +133,18 @@ def write_outputs(tables, csv_table: str, csv: Path | None, json: Path | None, h
     return written
 
 
-def group_table(group_rows: list[dict], metrics: list[str], digits: int = 4) -> list[dict]:
-    """Terminal rows: one per group, 'mean ± CI' per metric, then p(Holm) and g of the first metric."""
+def group_table(group_rows: list[dict], metrics: list[str], digits: int = 4, tested: int = 1) -> list[dict]:
+    """Terminal rows: one per group, 'mean ± CI' per metric; p(Holm) and g after each of the first `tested` metrics."""
     out = {}
     for r in group_rows:
         if r["metric"] not in metrics:
             continue
         row = out.setdefault(r["group"], {"group": r["group"], "n": r["n"]})
         row[r["metric"]] = fmt_ci(r["mean"], r["half_width"], digits)
-        if r["metric"] == metrics[0]:
-            row["p(Holm)"], row["g"] = fmt_p(r["p_holm"]), "-" if r["hedges_g"] is None else f"{r['hedges_g']:.2f}"
+        if r["metric"] in metrics[:tested]:
+            suffix = "" if tested == 1 else f" {r['metric']}"
+            row[f"p(Holm){suffix}"] = fmt_p(r["p_holm"])
+            row[f"g{suffix}"] = "-" if r["hedges_g"] is None else f"{r['hedges_g']:.2f}"
     return list(out.values())
 
 

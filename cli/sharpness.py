@@ -119,9 +119,9 @@ def sharpness(
     typer.echo(table([{"checkpoint": r["checkpoint"], "group": r["group"], "loss": r["loss"],
                        "top eigenvalue": r["top_eigenvalue"], "residual": r["top_residual"],
                        "iters": r["top_iterations"], "trace": r["trace"], "± se": r["trace_se"]} for r in rows]))
-    typer.echo(table(group_table(tables.table("groups"), ["top_eigenvalue", "trace"], digits=3)))
+    typer.echo(table(group_table(tables.table("groups"), ["top_eigenvalue", "trace"], digits=3, tested=2)))
     typer.echo(f"mean over checkpoints ± {confidence * 100:g}% CI ({interval}); unit = one checkpoint; "
-               + (f"p(Holm), g = top eigenvalue vs {ref} (Welch, Holm-adjusted; Hedges' g)" if ref else "no tests"))
+               + (f"p(Holm), g = vs {ref} (Welch, Holm-adjusted over groups; Hedges' g)" if ref else "no tests"))
     if bn == "train":
         typer.echo(f"note: bn=train uses each minibatch's statistics: the loss depends on --batch-size ({batch_size})")
     write_outputs(tables, "checkpoints", csv, json, html)

@@ -98,6 +98,7 @@ def test_layer_matrix_from_hooks_and_batching():
     assert same.values[0][0] == pytest.approx(1.0) and same.values[1][1] == pytest.approx(1.0)
     assert same.estimator == "minibatch" and r1.estimator == "exact"
     assert a.training and all(not m._forward_hooks and not m._forward_pre_hooks for m in a.modules())
+    assert torch.is_grad_enabled()  # two interleaved feature generators must not leave grad mode off
     with pytest.raises(KdprobeError, match="names include"):
         cka_matrix(a, b, x, layers_a=["nope"])
 

@@ -72,7 +72,8 @@ class _Hooks:
 
     def run(self, x: torch.Tensor) -> dict:
         self.out = {}
-        self.model(x)
+        with torch.no_grad():  # entered and left per batch: a suspended generator must not leak no_grad
+            self.model(x)
         missing = [s for s in self.layers if s not in self.out]
         if missing:
             raise KdprobeError(f"expected layer {missing[0]} to run in the forward pass, got no call; pick another layer")
@@ -110,9 +111,8 @@ def layer_features(model: nn.Module, inputs: torch.Tensor, layers: Sequence[str]
     try:
         with modes_preserved(model):
             model.eval()
-            with torch.no_grad():
-                for lo, hi in bounds:
-                    yield hooks.run(inputs[lo:hi].to(dev))
+            for lo, hi in bounds:
+                yield hooks.run(inputs[lo:hi].to(dev))
     finally:
         hooks.close()
 

@@ -173,7 +173,8 @@ def main() -> None:
           f"{rel_vec:.2e} of their mean |v^T H v|")
     print(f"total wall {tb:.1f}s vs {tk:.1f}s: kdprobe {tb / tk:.2f}x faster; cpu {cb:.1f}s vs {ck:.1f}s: {cb / ck:.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(vars(args), results=rows, rel_eig=rel_eig, rel_trace=rel_tr, rel_vec=rel_vec,
+        Path(args.json).write_text(json.dumps(dict(vars(args), results=rows, rel_eig=rel_eig, rel_trace=rel_tr,
+                                                   rel_vec=rel_vec,
                                                    speedup_wall=tb / tk, speedup_cpu=cb / ck), indent=2) + "\n")
 
 

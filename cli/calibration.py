@@ -1,4 +1,4 @@
-"""`kdprobe calibration`: ECE, NLL, Brier and reliability diagrams of checkpoints, per group, optional temperature scaling."""
+"""`kdprobe calibration`: ECE, NLL, Brier and reliability diagrams of checkpoints per group; temperature scaling."""
 from __future__ import annotations
 
 from typing import Annotated

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import typer
 
-from cli import agreement, calibration, cka, diversity, evaluate, info, landscape, pipeline, prune, sharpness, study, surplus, train
+from cli import (agreement, calibration, cka, diversity, evaluate, info, landscape, pipeline, prune, sharpness, study,
+                 surplus, train)
 from cli.common import handle_errors
 
 app = typer.Typer(

@@ -41,11 +41,12 @@ def test_self_agreement_zero_js_symmetric_and_bounded():
     a, b = _random_logp(0), _random_logp(1, scale=30.0)
     y = torch.zeros(50, dtype=torch.long)
     same = agreement(a, a, y)
-    assert same.disagreement == 0.0 and same.js == pytest.approx(0.0, abs=1e-15) and same.sym_kl == pytest.approx(0.0, abs=1e-15)
+    assert same.disagreement == 0.0 and same.js == pytest.approx(0.0, abs=1e-15)
+    assert same.sym_kl == pytest.approx(0.0, abs=1e-15)
     assert agreement(a, b, y).js == pytest.approx(agreement(b, a, y).js, rel=1e-14)
     # disjoint one-hot predictions reach log 2, never more
-    far = agreement(torch.log_softmax(torch.tensor([[80.0, 0.0]] * 3, dtype=torch.float64), 1),
-                    torch.log_softmax(torch.tensor([[0.0, 80.0]] * 3, dtype=torch.float64), 1), torch.zeros(3, dtype=torch.long))
+    one_hot = lambda rows: torch.log_softmax(torch.tensor(rows * 3, dtype=torch.float64), 1)  # noqa: E731
+    far = agreement(one_hot([[80.0, 0.0]]), one_hot([[0.0, 80.0]]), torch.zeros(3, dtype=torch.long))
     assert far.js == pytest.approx(math.log(2), abs=1e-12) and far.js <= math.log(2)
     assert far.disagreement == 1.0 and math.isfinite(far.sym_kl)
     perfect = agreement(a, a, a.argmax(1))

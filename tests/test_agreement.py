@@ -131,3 +131,19 @@ def test_compare_gains_difference_and_identical_groups():
     assert rows[("c", "acc")].diff == 0.0
     se = math.sqrt(a.gains["nll"].se ** 2 + b.gains["nll"].se ** 2)  # independent groups: variances add
     assert rows[("b", "nll")].se == pytest.approx(se, rel=1e-10)
+
+
+def test_logit_cache_runs_each_model_once_and_restores_its_mode():
+    from kdprobe.probes.predictions import LogitCache
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 3)).train()
+    calls = []
+    model.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    cache = LogitCache(x, y, batch_size=4)
+    first = cache.get("m", model)
+    again = cache.get("m", lambda: pytest.fail("a cached checkpoint must not be loaded or run again"))
+    assert again is first and calls == [4, 4, 2] and cache.forward_passes == 1 and model.training
+    with torch.no_grad():
+        assert torch.allclose(first.logits, model.eval()(x))  # eval mode: dropout off, deterministic

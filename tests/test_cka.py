@@ -110,10 +110,15 @@ def test_group_cache_on_registry_models_one_pass_each():
         models[f"m{s}"] = create_model("resnet8b", num_classes=10, in_channels=1, width=0.25).eval()
     x = torch.randn(40, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     members = [Member(k, "g") for k in models]
+    calls = []
+    for m in models.values():
+        m.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
     for est in ("exact", "minibatch"):
         cache = CkaCache(x, estimator=est, batch_size=16)
+        calls.clear()
         for k, m in models.items():
             cache.add(k, m)
+        assert calls == [16, 16, 8] * 3  # one pass over the samples per checkpoint, nothing more
         pairs = pairwise_cka(members, cache)
         assert cache.forward_passes == 3 and len(pairs) == 3 and cache.layers["m0"] == "fc:in"
         direct = cka_matrix(models["m0"], models["m1"], x, layers_a=["fc:in"], layers_b=["fc:in"], estimator=est,

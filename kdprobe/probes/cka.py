@@ -216,26 +216,24 @@ def resolve_estimator(estimator: str, dims_a: Sequence[int], dims_b: Sequence[in
     return "exact" if need <= EXACT_BUDGET else "minibatch"
 
 
-def _dims(model: nn.Module, inputs: torch.Tensor, layers: Sequence[str], bound) -> dict:
-    with closing(layer_features(model, inputs, layers, [bound])) as it:
-        return {k: int(v.shape[1]) for k, v in next(it).items()}
-
-
 def cka_matrix(model_a: nn.Module, model_b: nn.Module, inputs: torch.Tensor, *, layers_a: Sequence[str] | None = None,
                layers_b: Sequence[str] | None = None, estimator: str = "auto", batch_size: int = 256) -> CkaMatrix:
-    """Linear CKA of every layer of A against every layer of B on `inputs` (float, normalized)."""
+    """Linear CKA of every layer of A against every layer of B on `inputs` (float, normalized); one pass each."""
     la = list(layers_a or default_layers(model_a))
     lb = list(layers_b or default_layers(model_b))
     bounds = batch_bounds(len(inputs), batch_size)
-    da, db = _dims(model_a, inputs, la, bounds[0]), _dims(model_b, inputs, lb, bounds[0])
-    est = resolve_estimator(estimator, [da[k] for k in la], [db[k] for k in lb])
     keys_b = [("b", k) for k in lb]  # A and B may use the same layer names
     dev = _device(model_a)
-    acc = _Accumulator(la, keys_b, est, False, {**da, **{("b", k): v for k, v in db.items()}}, dev)
+    acc, est = None, None
     with modes_preserved(model_a, model_b), closing(layer_features(model_a, inputs, la, bounds)) as fa_it, \
             closing(layer_features(model_b, inputs, lb, bounds)) as fb_it:  # A may be B: restore once, outside
         for fa, fb in zip(fa_it, fb_it):
-            acc.update(fa, {("b", k): fb[k].to(dev) for k in lb})
+            fb = {("b", k): fb[k].to(dev) for k in lb}
+            if acc is None:  # the feature sizes are known from the first batch
+                dims = {k: int(v.shape[1]) for k, v in {**fa, **fb}.items()}
+                est = resolve_estimator(estimator, [dims[k] for k in la], [dims[k] for k in keys_b])
+                acc = _Accumulator(la, keys_b, est, False, dims, dev)
+            acc.update(fa, fb)
     vals = tuple(tuple(r) for r in acc.matrix())
     return CkaMatrix(tuple(la), tuple(lb), vals, est, int(batch_size), int(len(inputs)))
 
@@ -261,16 +259,18 @@ class CkaCache:
     def add(self, key: str, model: nn.Module, layer: str | None = None) -> None:
         """Record `model`'s features at `layer` (default: the penultimate layer) under key."""
         layer = layer or penultimate_layer(model)
-        if self.estimator is None:
-            p = _dims(model, self.inputs, [layer], self.bounds[0])[layer]
-            self.estimator = resolve_estimator(self.requested, [p], [p])
+        parts = []
         with closing(layer_features(model, self.inputs, [layer], self.bounds)) as it:
-            if self.estimator == "exact":
-                self.store[key] = torch.cat([f[layer].float().cpu() for f in it])
-            else:
-                grams = [(f[layer] @ f[layer].T).cpu() for f in it]
-                self.store[key] = grams
-                self._self[key] = sum(float(hsic1(K, K)) for K in grams)
+            for f in it:
+                x = f[layer]
+                if self.estimator is None:  # fixed by the first checkpoint's feature size
+                    self.estimator = resolve_estimator(self.requested, [x.shape[1]], [x.shape[1]])
+                parts.append(x.float().cpu() if self.estimator == "exact" else (x @ x.T).cpu())
+        if self.estimator == "exact":
+            self.store[key] = torch.cat(parts)
+        else:
+            self.store[key] = parts
+            self._self[key] = sum(float(hsic1(K, K)) for K in parts)
         self.layers[key] = layer
         self.forward_passes += 1
 

@@ -306,6 +306,7 @@ def interpolate(
     from kdprobe.checkpoint import load_checkpoint
     from kdprobe.errors import KdprobeError
     from kdprobe.inputs import same_data
+    from kdprobe.probes.barrier import barrier as path_barrier
     from kdprobe.probes.distributed import shutdown
     from kdprobe.probes.landscape import check_grid_memory, interpolate as run_interpolate, parse_grid
     from kdprobe.probes.landscape_eval import BN_MODES, resolve_precision
@@ -346,6 +347,12 @@ def interpolate(
                     "checkpoint_a_sha256": a.sha256, "checkpoint_b_sha256": b.sha256, "dataset": name,
                     "split": split, "samples": int(len(yt)), "bn": bn, "range": range_, "steps": steps,
                     "precision": resolve_precision(precision, dev), "kdprobe_version": kdprobe.__version__}
+        try:
+            bar, why = path_barrier(res), ""
+            settings.update(loss_barrier=bar.loss_barrier, loss_barrier_t=bar.t_loss,
+                            error_barrier=bar.error_barrier, error_barrier_t=bar.t_error)
+        except KdprobeError as e:  # t = 0 or 1 is not a grid point: no barrier, and say why
+            bar, why = None, str(e)
         write_line_h5(res, h5_path, split=split, settings=settings)
         written = [h5_path]
         if vtk_path:
@@ -360,6 +367,9 @@ def interpolate(
                          ("max on path", int(np.argmax(res.loss))), ("min on path", int(np.argmin(res.loss)))):
             rows.append({"point": label, "t": float(ts[i]), "loss": float(res.loss[i]), "acc %": float(res.acc[i])})
         typer.echo(table(rows))
+        typer.echo(f"barrier (Frankle et al. 2020; max over t in [0,1] of value - linear interpolation of the ends; "
+                   f"bn={bn}): loss {bar.loss_barrier:.4f} at t={bar.t_loss:g}, error {bar.error_barrier:.2f} "
+                   f"points at t={bar.t_error:g}" if bar else f"barrier: not computed ({why})")
         typer.echo(f"{ts.size} points, {len(yt)} {split} samples, bn={bn}, precision={res.precision}, "
                    f"{world} process(es), {secs:.1f}s")
         typer.echo("wrote " + ", ".join(str(p) for p in written))

@@ -24,7 +24,8 @@ import sys  # noqa: E402
 
 import typer  # noqa: E402
 
-from cli import diversity, evaluate, info, landscape, pipeline, prune, study, surplus, train  # noqa: E402
+from cli import (agreement, calibration, cka, diversity, evaluate, info, landscape, pipeline, prune,  # noqa: E402
+                 sharpness, study, surplus, train)
 from cli.common import KdprobeGroup, handle_errors, interrupted_line  # noqa: E402
 
 app = typer.Typer(
@@ -42,6 +43,10 @@ COMMANDS = [
     ("diversity", diversity.diversity),
     ("landscape", landscape.landscape),
     ("interpolate", landscape.interpolate),
+    ("agreement", agreement.agreement),
+    ("cka", cka.cka),
+    ("calibration", calibration.calibration),
+    ("sharpness", sharpness.sharpness),
     ("study", study.study),
 ]
 for _name, _fn in COMMANDS:

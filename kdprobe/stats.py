@@ -8,12 +8,17 @@ Conventions (REFERENCE.md, "Representation diversity"):
 - Two groups are compared with Welch's unequal-variance t-test; p-values of several
   comparisons against one reference are Holm-Bonferroni adjusted; effect sizes are
   Hedges' g (Cohen's d with the pooled sd, times the small-sample correction J).
+- A statistic of several checkpoints at once (a mean over pairs of checkpoints, the gain of
+  an ensemble) has no per-checkpoint values to summarize; its standard error comes from the
+  delete-one-checkpoint jackknife, grouped by independent sample (Arvesen 1969, for
+  U-statistics), with a Welch-Satterthwaite t reference. For a plain mean it reduces to
+  sem (one group) and for a difference of two means to Welch's test (tested).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import stats as _sps
@@ -57,13 +62,18 @@ def _check_options(confidence: float, interval: str) -> None:
 
 def critical_value(n: int, confidence: float = 0.99, interval: str = "t") -> float:
     """Two-sided quantile multiplying the sem: t_{(1+c)/2, n-1} or z_{(1+c)/2}; nan when n < 2."""
+    return _quantile(n - 1, confidence, interval)
+
+
+def _quantile(df: float, confidence: float, interval: str) -> float:
+    """Two-sided quantile with (possibly fractional) df degrees of freedom; nan when df is not positive."""
     _check_options(confidence, interval)
-    if n < 2:
+    if not df > 0:
         return math.nan
     p = (1.0 + confidence) / 2.0
     if interval == "normal":
         return float(_sps.norm.ppf(p))
-    return float(_sps.t.ppf(p, n - 1))
+    return float(_sps.t.ppf(p, df))
 
 
 def summarize(values: Iterable[float], confidence: float = 0.99, interval: str = "t") -> Summary:
@@ -129,3 +139,54 @@ def hedges_g(a: Sequence[float], b: Sequence[float]) -> float:
         return math.nan
     d = (x.mean() - y.mean()) / math.sqrt(pooled_var)
     return float(d * (1.0 - 3.0 / (4.0 * (n1 + n2) - 9.0)))
+
+
+@dataclass(frozen=True)
+class Jackknife:
+    """A statistic of several checkpoints with its grouped delete-one jackknife spread and t test of zero."""
+
+    estimate: float  # the statistic on every unit
+    se: float  # jackknife standard error (nan when a group has fewer than 2 units or a deletion is undefined)
+    df: float  # Welch-Satterthwaite degrees of freedom of the t reference
+    half_width: float  # quantile(df) * se
+    low: float
+    high: float
+    t: float  # estimate / se
+    p_value: float  # two-sided, t distribution with df degrees of freedom
+    n_units: int  # units (checkpoints) deleted one at a time
+    confidence: float
+    interval: str
+
+
+def jackknife(estimate: float, leave_one_out: Mapping[str, Sequence[float]], confidence: float = 0.99,
+              interval: str = "t") -> Jackknife:
+    """Grouped delete-one jackknife: se^2 = sum over groups g of (n_g-1)/n_g * sum_i (theta_(i) - mean_g)^2.
+
+    leave_one_out maps each independent sample (a training method's checkpoints) to the statistic
+    recomputed without each of its units in turn; nan there (the statistic is undefined without
+    that unit) makes the spread nan. A group of one unit has no estimable spread: nan.
+    """
+    _check_options(confidence, interval)
+    nan = math.nan
+    parts, n_units, ok = [], 0, math.isfinite(estimate)
+    for g, vals in leave_one_out.items():
+        v = np.asarray(list(vals), dtype=np.float64)
+        n_units += v.size
+        if v.size < 2 or not np.all(np.isfinite(v)):
+            ok = False
+            continue
+        parts.append(((v.size - 1) / v.size * float(((v - v.mean()) ** 2).sum()), v.size - 1))
+    if not ok or not parts:
+        return Jackknife(float(estimate), nan, nan, nan, nan, nan, nan, nan, n_units, confidence, interval)
+    var = sum(p for p, _ in parts)
+    denom = sum(p * p / d for p, d in parts)
+    df = var * var / denom if denom > 0 else float(sum(d for _, d in parts))
+    se = math.sqrt(var)
+    hw = _quantile(df, confidence, interval) * se
+    if se > 0:
+        t = estimate / se
+        p = float(min(1.0, 2.0 * _sps.t.sf(abs(t), df)))
+    else:
+        t, p = nan, nan
+    return Jackknife(float(estimate), se, float(df), hw, estimate - hw, estimate + hw, float(t), p, n_units,
+                     confidence, interval)

@@ -78,6 +78,7 @@ def w(tmp_path_factory):
     os.mkfifo(d / "fifo.pt")
     (d / "notes.txt").write_text("my notes\n")
     (d / "sub").mkdir()
+    (d / "a_copy.pt").write_bytes((d / "a.pt").read_bytes())
     for args in (["landscape", d / "a.pt", "--out", d / "s.vtk", *GRID],
                  ["interpolate", d / "a.pt", d / "b.pt", "--out", d / "p.h5", "--steps", "2", *GRID[4:]],
                  ["eval", d / "a.pt", "--csv", d / "e.csv", "--json", d / "e.json"]):
@@ -161,6 +162,14 @@ CASES = [
     ("info {d}/fifo.pt", "FIFO"),
     ("train --distill label --teacher {d}/fifo.pt --out {d}/n.pt", "FIFO"),
     ("eval {d}/sub", "is a folder"),
+    # the ensemble-perspective commands share the same rules
+    ("agreement {d}/a.pt {d}/b.pt --csv {d}/a.pt", "also the input"),
+    ("calibration {d}/a.pt --json {d}/e.csv", "CSV table"),
+    ("sharpness {d}/a.pt --html {d}/sub", "is a folder"),
+    ("cka {d}/a.pt {d}/b.pt --csv {d}/o.x --json {d}/o.x", "same file"),
+    ("agreement {d}/a.pt {d}/a_copy.pt", "byte-identical"),
+    ("calibration {d}/nan.pt", "non-finite"),
+    ("agreement {d}/a.pt {d}/flipped.pt", "corrupted"),
 ]
 
 

@@ -81,3 +81,45 @@ def test_hedges_g_hand_computed():
     assert expected == pytest.approx(-0.78338, abs=1e-5)
     assert hedges_g([1, 2, 3, 4], [2, 4, 6]) == pytest.approx(-hedges_g([2, 4, 6], [1, 2, 3, 4]))
     assert math.isnan(hedges_g([1.0, 1.0], [1.0, 1.0]))
+
+
+def test_jackknife_of_a_mean_is_the_sem_and_of_a_difference_is_welch():
+    from kdprobe.stats import jackknife
+
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(1.0, 2.0, 6), rng.normal(0.0, 0.5, 4)
+    loo = [(x.sum() - v) / (len(x) - 1) for v in x]
+    jk = jackknife(float(x.mean()), {"a": loo}, confidence=0.95)
+    s = summarize(x, confidence=0.95)
+    assert jk.se == pytest.approx(s.sem, rel=1e-12) and jk.df == pytest.approx(5)
+    assert (jk.low, jk.high) == pytest.approx((s.low, s.high), rel=1e-12)
+    # difference of two independent means: the grouped jackknife is Welch's t with Satterthwaite df
+    d = float(x.mean() - y.mean())
+    loo2 = {"a": [v - y.mean() for v in loo], "b": [x.mean() - (y.sum() - v) / (len(y) - 1) for v in y]}
+    jk2 = jackknife(d, loo2)
+    t, p = welch_t(x, y)
+    assert jk2.t == pytest.approx(t, rel=1e-10) and jk2.p_value == pytest.approx(p, rel=1e-8)
+    assert math.isnan(jackknife(1.0, {"a": [1.0]}).se) and math.isnan(jackknife(1.0, {"a": [1.0, math.nan]}).se)
+
+
+def test_jackknife_se_of_a_pair_mean_matches_its_sampling_spread():
+    # The mean over all pairs of n "checkpoints" (a U-statistic) has about twice the standard error
+    # that a t interval over per-checkpoint means suggests; the jackknife gets it right.
+    from kdprobe.stats import jackknife
+
+    rng = np.random.default_rng(0)
+    n, reps = 8, 3000
+    est, se_jk, se_naive = [], [], []
+    for _ in range(reps):
+        x = rng.normal(size=(n, 3))
+        d = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)  # pair "distance", shared units
+        iu = np.triu_indices(n, 1)
+        u = d[iu].mean()
+        loo = [np.delete(np.delete(d, i, 0), i, 1)[np.triu_indices(n - 1, 1)].mean() for i in range(n)]
+        est.append(u)
+        se_jk.append(jackknife(u, {"g": loo}).se)
+        per_ckpt = d.sum(1) / (n - 1)
+        se_naive.append(per_ckpt.std(ddof=1) / math.sqrt(n))
+    true_sd = float(np.std(est, ddof=1))
+    assert float(np.sqrt(np.mean(np.square(se_jk)))) == pytest.approx(true_sd, rel=0.12)
+    assert float(np.mean(se_naive)) < 0.6 * true_sd  # why pairs (or per-checkpoint means) are not the unit

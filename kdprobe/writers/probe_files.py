@@ -1,0 +1,31 @@
+"""Ensemble-perspective probe tables as files: one JSON document (every table) and one CSV table."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+
+from kdprobe.io import atomic_write_text
+
+
+def write_probe_json(tables, path: str | os.PathLike) -> None:
+    """{kdprobe_version, command, settings, <table name>: [records]}; nan written as null."""
+    from kdprobe import __version__
+
+    doc = {"kdprobe_version": __version__, "command": tables.command, "settings": tables.settings, **tables.tables}
+    atomic_write_text(path, json.dumps(doc, indent=1, allow_nan=False) + "\n")
+
+
+def write_probe_csv(tables, name: str, path: str | os.PathLike) -> None:
+    """One table as CSV (header = the union of the records' keys, in order of appearance); nan/None as empty."""
+    rows = tables.table(name)
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: repr(v) if isinstance(v, float) else ("" if v is None else v) for k, v in r.items()})
+    atomic_write_text(path, buf.getvalue())

@@ -1,0 +1,189 @@
+"""Ensemble-perspective probe tables as self-contained offline HTML (plotly.js inlined; SVG traces only,
+go.Scatter and go.Heatmap, never WebGL): ensemble-size curves and pair strips (agreement), reliability
+diagrams (calibration), the CKA layer matrix or pair strips (cka), the sharpness strip plot."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from kdprobe.io import atomic_path
+
+_JITTER = 0.12
+_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+
+
+def _color(i: int) -> str:
+    return _COLORS[i % len(_COLORS)]
+
+
+def _strip(fig, row: int, col: int, cats: list[str], points: list[tuple[str, float, str]], summary: dict,
+           ytitle: str, legend: bool = False) -> None:
+    """Jittered points per category and the category mean with its interval half-width as an error bar."""
+    rng = np.random.default_rng(0)  # fixed jitter: the same tables always give the same file
+    pos = {c: i for i, c in enumerate(cats)}
+    pts = [(c, v, h) for c, v, h in points if v is not None and c in pos]
+    fig.add_trace(go.Scatter(
+        x=[pos[c] - 0.15 + rng.uniform(-_JITTER, _JITTER) for c, _, _ in pts], y=[v for _, v, _ in pts],
+        mode="markers", marker=dict(size=7, opacity=0.7, color=[_color(pos[c]) for c, _, _ in pts]),
+        text=[h for _, _, h in pts], hovertemplate="%{text}<br>%{y:.4g}<extra></extra>", name="raw values",
+        showlegend=legend), row=row, col=col)
+    have = [c for c in cats if c in summary and summary[c][0] is not None]
+    fig.add_trace(go.Scatter(
+        x=[pos[c] + 0.15 for c in have], y=[summary[c][0] for c in have], mode="markers",
+        marker=dict(symbol="diamond", size=11, color="black"), name="mean ± interval half-width",
+        error_y=dict(type="data", array=[summary[c][1] for c in have], visible=True), showlegend=legend,
+        hovertemplate="mean %{y:.4g}<extra></extra>"), row=row, col=col)
+    fig.update_xaxes(tickmode="array", tickvals=list(range(len(cats))), ticktext=cats, range=[-0.6, len(cats) - 0.4],
+                     row=row, col=col)
+    fig.update_yaxes(title_text=ytitle, row=row, col=col)
+
+
+def _level(st: dict) -> str:
+    return f"{st.get('confidence', 0.99) * 100:g}% {st.get('interval', 't')}"
+
+
+def _pair_strips(fig, row: int, tables, metrics: list[str]) -> None:
+    pairs, types = tables.table("pairs"), tables.table("pair_types")
+    keys = [f"{p['pair_type']} {p['pair_groups']}" for p in pairs]
+    cats = list(dict.fromkeys([t["key"] for t in types] + keys))  # the summary's order: reference type first
+    for j, m in enumerate(metrics, start=1):
+        pts = [(f"{p['pair_type']} {p['pair_groups']}", p.get(m), f"{p['a']}<br>{p['b']}") for p in pairs]
+        summ = {t["key"]: (t["mean"], t["half_width"]) for t in types if t["metric"] == m}
+        _strip(fig, row, j, cats, pts, summ, m, legend=(j == 1))
+
+
+def agreement_figure(tables) -> go.Figure:
+    """Ensemble-size curves (ensemble vs member mean, per group) above pair-level agreement strips."""
+    metrics = ["acc", "nll", "ece"]
+    fig = make_subplots(rows=2, cols=3, vertical_spacing=0.16, subplot_titles=[
+        "ensemble accuracy", "ensemble NLL", "ensemble ECE", "disagreement", "normalized disagreement", "Jensen-Shannon"])
+    groups = list(dict.fromkeys(r["group"] for r in tables.table("ensembles")))
+    for gi, g in enumerate(groups):
+        rows = [r for r in tables.table("ensembles") if r["group"] == g]
+        for j, m in enumerate(metrics, start=1):
+            k = [r["k"] for r in rows]
+            fig.add_trace(go.Scatter(x=k, y=[r[m] for r in rows], mode="lines+markers", name=f"{g} ensemble",
+                                     legendgroup=g, showlegend=j == 1, line=dict(color=_color(gi)),
+                                     hovertemplate=f"{g}, k=%{{x}}: %{{y:.4f}}<extra></extra>"), row=1, col=j)
+            fig.add_trace(go.Scatter(x=k, y=[r[f"member_{m}"] for r in rows], mode="lines", name=f"{g} mean member",
+                                     legendgroup=g, showlegend=j == 1, line=dict(color=_color(gi), dash="dash"),
+                                     hovertemplate=f"{g} members, k=%{{x}}: %{{y:.4f}}<extra></extra>"), row=1, col=j)
+            fig.update_xaxes(title_text="ensemble size k", dtick=1, row=1, col=j)
+    _pair_strips(fig, 2, tables, ["disagreement", "normalized_disagreement", "js"])
+    st = tables.settings
+    fig.update_layout(template="plotly_white", height=850, title=(
+        f"Agreement and ensembles on {st.get('dataset')} ({st.get('split')}, {st.get('samples_used')} samples)"
+        f"<br><sup>top: mean over subsets of size k (solid) vs their members' mean (dashed); bottom: one point per "
+        f"pair, diamond = mean over pairs ± {_level(st)} jackknife half-width (unit = one checkpoint)</sup>"))
+    return fig
+
+
+def calibration_figure(tables) -> go.Figure:
+    """Reliability diagrams per group (one line per checkpoint) and the ECE strip plot."""
+    groups = list(dict.fromkeys(r["group"] for r in tables.table("checkpoints")))
+    n = len(groups) + 1
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"reliability: {g}" for g in groups] + ["ECE"])
+    rel = tables.table("reliability")
+    for gi, g in enumerate(groups):
+        r, c = gi // cols + 1, gi % cols + 1
+        fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(color="grey", dash="dot"),
+                                 showlegend=False, hoverinfo="skip"), row=r, col=c)
+        for ck in dict.fromkeys(b["checkpoint"] for b in rel if b["group"] == g):
+            bins = [b for b in rel if b["checkpoint"] == ck and b["count"]]
+            fig.add_trace(go.Scatter(
+                x=[b["confidence"] for b in bins], y=[b["accuracy"] for b in bins], mode="lines+markers",
+                line=dict(color=_color(gi)), opacity=0.6, showlegend=False, text=[f"{b['count']} samples" for b in bins],
+                hovertemplate=f"{ck}<br>confidence %{{x:.3f}}, accuracy %{{y:.3f}}<br>%{{text}}<extra></extra>"),
+                row=r, col=c)
+        fig.update_xaxes(title_text="confidence", range=[0, 1], row=r, col=c)
+        fig.update_yaxes(title_text="accuracy", range=[0, 1], row=r, col=c)
+    last = len(groups)
+    summ = {s["group"]: (s["mean"], s["half_width"]) for s in tables.table("groups") if s["metric"] == "ece"}
+    pts = [(r["group"], r.get("ece"), r["checkpoint"]) for r in tables.table("checkpoints")]
+    _strip(fig, last // cols + 1, last % cols + 1, groups, pts, summ, "ECE")
+    st = tables.settings
+    fig.update_layout(template="plotly_white", height=420 * rows, title=(
+        f"Calibration on {st.get('dataset')} ({st.get('split')}, {st.get('samples_used')} samples, {st.get('bins')} "
+        f"equal-width bins)<br><sup>diamond = group mean ± {_level(st)} half-width, unit = one checkpoint</sup>"))
+    return fig
+
+
+def cka_figure(tables) -> go.Figure:
+    """The layer x layer CKA heatmap (two checkpoints) or pair-level CKA per pair type (a group)."""
+    st = tables.settings
+    layers = tables.table("layers")
+    if layers:
+        la = list(dict.fromkeys(r["layer_a"] for r in layers))
+        lb = list(dict.fromkeys(r["layer_b"] for r in layers))
+        z = [[next(r["cka"] for r in layers if r["layer_a"] == a and r["layer_b"] == b) for b in lb] for a in la]
+        fig = go.Figure(go.Heatmap(z=z, x=lb, y=la, zmin=0, zmax=1, colorscale="Viridis", colorbar=dict(title="CKA"),
+                                   hovertemplate="A %{y}<br>B %{x}<br>CKA %{z:.3f}<extra></extra>"))
+        fig.update_layout(template="plotly_white", height=700, xaxis_title=f"B: {st.get('b')}",
+                          yaxis_title=f"A: {st.get('a')}", yaxis=dict(autorange="reversed"),
+                          title=f"Linear CKA, layer by layer ({st.get('estimator')} unbiased HSIC, "
+                                f"{st.get('samples_used')} {st.get('split')} samples)")
+        return fig
+    fig = make_subplots(rows=1, cols=1)
+    _pair_strips(fig, 1, tables, ["cka"])
+    fig.update_layout(template="plotly_white", height=550, title=(
+        f"Linear CKA at {st.get('layer')} per pair type ({st.get('estimator')} unbiased HSIC)"
+        f"<br><sup>one point per pair; diamond = mean over pairs ± {_level(st)} jackknife half-width</sup>"))
+    return fig
+
+
+def sharpness_figure(tables) -> go.Figure:
+    """Strip plots of the top eigenvalue and the trace per group, and SLQ densities when measured."""
+    curves = tables.table("density_curve")
+    cols = 3 if curves else 2
+    fig = make_subplots(rows=1, cols=cols, subplot_titles=["top Hessian eigenvalue", "Hessian trace (Hutchinson)",
+                                                           "eigenvalue density (SLQ)"][:cols])
+    ck = tables.table("checkpoints")
+    groups = list(dict.fromkeys(r["group"] for r in ck))
+    for j, m in enumerate(["top_eigenvalue", "trace"], start=1):
+        summ = {s["group"]: (s["mean"], s["half_width"]) for s in tables.table("groups") if s["metric"] == m}
+        _strip(fig, 1, j, groups, [(r["group"], r.get(m), r["checkpoint"]) for r in ck], summ, m, legend=j == 1)
+    for path in dict.fromkeys(c["checkpoint"] for c in curves):
+        pts = [c for c in curves if c["checkpoint"] == path]
+        gi = groups.index(pts[0]["group"]) if pts[0]["group"] in groups else 0
+        fig.add_trace(go.Scatter(x=[c["eigenvalue"] for c in pts], y=[c["density"] for c in pts], mode="lines",
+                                 line=dict(color=_color(gi)), name=path, showlegend=False,
+                                 hovertemplate=f"{path}<br>%{{x:.4g}}: %{{y:.3g}}<extra></extra>"), row=1, col=3)
+    if curves:
+        top = max(c["density"] for c in curves)  # log axis over 6 decades below the peak (the tails underflow)
+        fig.update_yaxes(type="log", range=[np.log10(top) - 6, np.log10(top) + 0.3], title_text="density",
+                         row=1, col=3)
+        fig.update_xaxes(title_text="eigenvalue", row=1, col=3)
+    st = tables.settings
+    fig.update_layout(template="plotly_white", height=520, title=(
+        f"Sharpness of the training loss ({st.get('samples_used')} {st.get('split')} samples, bn={st.get('bn')})"
+        f"<br><sup>one point per checkpoint; diamond = group mean ± {_level(st)} half-width</sup>"))
+    return fig
+
+
+_FIGURES = {"agreement": agreement_figure, "calibration": calibration_figure, "cka": cka_figure,
+            "sharpness": sharpness_figure}
+
+
+def _svg_only(fig: go.Figure) -> go.Figure:
+    """Keep the template's defaults for the SVG trace types used here only: the page names no WebGL trace at all."""
+    t = go.layout.Template(fig.layout.template)
+    t.data = {k: v for k, v in t.data.to_plotly_json().items() if k in ("scatter", "heatmap")}
+    fig.layout.template = t
+    return fig
+
+
+def probe_figure(tables) -> go.Figure:
+    """The figure of a probe command's tables (agreement, calibration, cka or sharpness)."""
+    return _svg_only(_FIGURES[tables.command](tables))
+
+
+def write_probe_html(tables, path: str | os.PathLike) -> None:
+    """The command's figure as a self-contained offline page (plotly.js inlined)."""
+    fig = probe_figure(tables)
+    with atomic_path(path) as tmp:
+        fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)

@@ -10,7 +10,9 @@
   sniffed (kdprobe checkpoint, training state, kdprobe surface .h5, kdprobe line .h5, other
   HDF5, VTK, HTML, JSON, CSV, ...) and must be the kind the command writes there;
 - an existing file of a precious kind (checkpoint, training state, surface) is replaced only
-  with --overwrite, unless the command resumes or skips it itself (`keep`);
+  with --overwrite, unless the command resumes or skips it itself (`keep`), and --overwrite
+  replaces a checkpoint only when the same command made it (meta["made_by"]: a `prune
+  --overwrite` never replaces a trained model);
 - a folder where a file is expected, a file where a folder is expected, and an unwritable
   place are one-line errors before any work.
 """
@@ -150,6 +152,24 @@ def _text_kind(path: Path, text: str, size: int) -> str:
     return "csv" if "," in first else "text"
 
 
+def checkpoint_maker(path: str | os.PathLike) -> str | None:
+    """Which kdprobe command wrote a checkpoint: meta["made_by"], else read off older files' metadata
+    (a training history = train, a pruning record without one = prune); None when unknown."""
+    from kdprobe.checkpoint import read_payload  # here: kdprobe.checkpoint imports this module
+
+    try:
+        meta = read_payload(path).get("meta")
+    except KdprobeError:
+        return None
+    if not isinstance(meta, dict):
+        return None
+    if isinstance(meta.get("made_by"), str):
+        return meta["made_by"]
+    if "history" in meta:
+        return "train"
+    return "prune" if meta.get("pruning") else None
+
+
 def _same(a: Path, b: Path) -> bool:
     if a.resolve() == b.resolve():
         return True
@@ -219,6 +239,11 @@ def check_outputs(command: str, outputs: Mapping[str, tuple], inputs: Mapping[st
             also = ", not even with --overwrite" if overwrite else ""
             raise KdprobeError(f"{role} {p} holds {KINDS[have]}; {command} writes {KINDS[kind]} there and never "
                                f"replaces another kind of file{also}; choose another path")
+        if kind == have == "checkpoint" and overwrite:
+            maker = checkpoint_maker(p)
+            if maker is not None and maker != command:
+                raise KdprobeError(f"{role} {p} is a checkpoint made by kdprobe {maker}; {command} --overwrite replaces "
+                                   f"only checkpoints that {command} made; choose another path")
         if kind in PRECIOUS and have != "empty" and not overwrite and role not in set(keep):
             raise KdprobeError(f"{role} {p} exists ({KINDS[have]}); pass --overwrite to replace it, or choose "
                                "another path")

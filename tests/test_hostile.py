@@ -58,6 +58,8 @@ def w(tmp_path_factory):
         torch.save(payload, d / name)
 
     sd = good["state_dict"]
+    variant("trained.pt", meta=dict(META, made_by="train", history=[]))
+    variant("pruned.pt", meta=dict(META, made_by="prune", pruning={"method": "l1"}))
     variant("arch_str.pt", arch="resnet8a")
     variant("arch_missing.pt", arch=...)
     variant("meta_list.pt", meta=[1, 2])
@@ -137,6 +139,8 @@ CASES = [
     ("eval {d}/a.pt --csv {d}/notes.txt/e.csv", "not a folder"),
     ("prune {d}/a.pt --method l1 --remaining 0.5 --out {d}/b.pt", "--overwrite"),
     ("prune {d}/a.pt --method l1 --remaining 0.5 --out {d}/a.pt --overwrite", "also the input"),
+    ("prune {d}/a.pt --method l1 --remaining 0.5 --out {d}/trained.pt --overwrite", "made by kdprobe train"),
+    ("train --out {d}/pruned.pt --overwrite", "made by kdprobe prune"),
     ("diversity {d}/a.pt {d}/b.pt --html {d}/b.pt", "also the input"),
     ("surplus {d}/e.csv --csv {d}/e.csv", "also the input"),
     ("info {d}/a.pt --json {d}/e.csv", "CSV table"),

@@ -67,6 +67,19 @@ def test_partial_state_of_another_config_is_not_mixed_in(tmp_path):
         train(TrainConfig(**TINY, lr=0.1), out)
 
 
+def test_partial_state_of_an_older_checkpoint_format_is_not_resumed(tmp_path, monkeypatch):
+    """Format 2 changed what `resnetXXa` computes: a run killed before must not resume as the new network."""
+    import trainers.loop as loop
+
+    out = tmp_path / "run.pt"
+    monkeypatch.setattr(loop, "FORMAT_VERSION", 1)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**TINY), out, stop_after_steps=2)
+    monkeypatch.undo()
+    with pytest.raises(KdprobeError, match="different configuration"):
+        train(TrainConfig(**TINY), out)
+
+
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_state(tmp_path):
     out = tmp_path / "nan.pt"
     with pytest.raises(KdprobeError, match=r"(loss|weights) became .*last good state"):

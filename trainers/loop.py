@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from kdprobe.checkpoint import library_versions, load_checkpoint, read_payload, save_checkpoint
+from kdprobe.checkpoint import FORMAT_VERSION, library_versions, load_checkpoint, read_payload, save_checkpoint
 from kdprobe.data import TensorData, load_dataset
 from kdprobe.errors import Interrupted, KdprobeError
 from kdprobe.evaluate import evaluate
@@ -103,9 +103,11 @@ def _build_model(config: TrainConfig, data: TensorData):
 
 def run_key(config: TrainConfig) -> str:
     """What a partial run must match to be continued: the config with teacher and init named by
-    content (sha256), so a moved folder still resumes and a replaced teacher file does not."""
+    content (sha256), so a moved folder still resumes and a replaced teacher file does not. The
+    checkpoint format is part of it: a model name's meaning is tied to it (format 2 changed what
+    `resnetXXa` computes), so a partial run from before never resumes as another network."""
     sha = lambda p: sha256_file(p) if p and Path(p).exists() else None  # noqa: E731
-    named = dict(config.to_dict(), teacher=sha(config.teacher), init=sha(config.init))
+    named = dict(config.to_dict(), teacher=sha(config.teacher), init=sha(config.init), checkpoint_format=FORMAT_VERSION)
     return hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()
 
 
@@ -211,7 +213,7 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
         hist = state["history"]
         best = max(hist, key=lambda r: r["test_acc"])
         return {
-            "method": config.method, "recipe": config.method, "config": config.to_dict(),
+            "made_by": "train", "method": config.method, "recipe": config.method, "config": config.to_dict(),
             "fingerprint": config.fingerprint(), "seed": config.seed, "dataset": data.name,
             "data_fingerprint": data.fingerprint,
             "data_dir": str(Path(config.data_dir).resolve()) if config.data_dir else None, "input_shape": list(data.train_x.shape[1:]), "num_classes": data.num_classes,

@@ -104,5 +104,6 @@ def prune_checkpoint(src, method: str, remaining: str | Sequence[float], out, *,
         info[f"{key}_before"], info[f"{key}_after"] = before[key], after[key]
     new_meta = {k: v for k, v in meta.items() if k not in _STALE_KEYS}
     new_meta["pruning"] = info
+    new_meta["made_by"] = "prune"  # --overwrite of another command never replaces this file, nor this one another's
     save_checkpoint(out, pruned, new_meta, extra or None)
     return PruneReport(Path(out), model.arch["name"], method, before, after, info, tuple(warnings))

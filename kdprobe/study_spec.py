@@ -14,6 +14,8 @@
     overrides = {}
     [diversity]  batch_size, runs, split, bn, output, variant, k, seed, confidence, interval, reference, methods
     [landscape]  methods, seeds, x, y, samples, split, bn, precision, seed, include_bn, at, log, zmax
+    [agreement] [ensembles] [calibration] [cka] [sharpness]   the ensemble-perspective probes
+                 (kdprobe.study_spec_probes: split, samples, methods, reference, ..., and their own options)
     [[pruning]]  one table per pruning block (trainers.pipeline.PipelineSpec fields)
     [scales.NAME]                       # deep-merged over everything above by --scale NAME
 
@@ -27,15 +29,15 @@ import copy
 import math
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from kdprobe.errors import KdprobeError
 from kdprobe.io import read_text
 
-_TOP = ("name", "title", "default_scale", "seeds", "train", "methods", "diversity", "landscape", "pruning",
-        "scales")
+_TOP = ("name", "title", "default_scale", "seeds", "train", "methods", "diversity", "landscape", "agreement",
+        "ensembles", "calibration", "cka", "sharpness", "pruning", "scales")
 _TRAIN = ("dataset", "data_dir", "model", "model_kwargs", "preset", "overrides")
 _METHOD = ("name", "augment", "distill", "teacher", "teacher_seed", "overrides")
 _DIVERSITY = {"batch_size": 128, "runs": 5, "split": "train", "bn": "eval", "output": "sum", "variant": "v1",
@@ -123,6 +125,7 @@ class StudySpec:
     landscape: LandscapeSpec | None
     pruning: tuple[dict, ...]
     settings: dict  # the resolved TOML tree (JSON-ready), for the report and summary.json
+    probes: dict = field(default_factory=dict)  # name -> kdprobe.study_spec_probes.ProbeSpec, switched-on only
 
     def method(self, name: str) -> MethodSpec:
         """The method called `name`."""
@@ -365,11 +368,13 @@ def resolve_spec(tree: dict, scale: str | None = None, sets=(), source: str = "s
     land = tree.get("landscape")
     if (div is not None or land is not None) and not methods:
         raise KdprobeError(f"{source}: methods: expected [[methods]] for the diversity/landscape probes, got none")
+    from kdprobe.study_spec_probes import parse_probes
+
     return StudySpec(
         str(top.get("name", str, "study")), str(top.get("title", str, "")), scale, source, seeds, train, methods,
         None if div is None else _parse_diversity(source, div, names),
         None if land is None else _parse_landscape(source, land, names, seeds),
-        tuple(dict(b) for b in pruning), settings)
+        tuple(dict(b) for b in pruning), settings, parse_probes(source, tree, names))
 
 
 def load_spec(spec: str, scale: str | None = None, sets=()) -> tuple[StudySpec, str]:

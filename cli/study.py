@@ -87,7 +87,7 @@ def _list_specs() -> None:
         rows.append({"study": name, "scales": ", ".join(tree.get("scales", {})) or "-",
                      "default": tree.get("default_scale", "-"), "title": tree.get("title", "")})
     typer.echo(table(rows))
-    typer.echo("run one with: kdprobe study NAME --out DIR [--scale digits|paper]; a .toml path works too")
+    typer.echo("run one with: kdprobe study NAME --out DIR [--scale digits|cifar10-cpu|paper]; a .toml path works too")
 
 
 def study(
@@ -96,12 +96,21 @@ def study(
     out: Annotated[Optional[Path], O("--out", "-o", help="Study folder: cells/, landscapes/, pruning/, "
                                                          "report.html, summary.json. Re-running resumes.")] = None,
     scale: Annotated[Optional[str], O(help="Which [scales.NAME] of the spec to apply: digits (tiny models on the "
-                                           "embedded digits data, minutes on a CPU) or paper (CIFAR, ResNet-56, "
-                                           "paper schedules: GPU). Default: the spec's default_scale "
-                                           "(digits for the built-ins).")] = None,
+                                           "embedded digits data, minutes on a CPU), cifar10-cpu (real CIFAR-10, "
+                                           "a small ResNet on a class-balanced subset: under an hour per study on "
+                                           "2 CPU cores) or paper (CIFAR, ResNet-56, paper schedules: GPU). "
+                                           "Default: the spec's default_scale (digits for the built-ins).")] = None,
     set_: Annotated[Optional[list[str]], O("--set", help="Override one spec value, KEY=VALUE with a dotted key "
                                                          "(TOML value), e.g. --set train.overrides.epochs=3 "
                                                          "--set train.data_dir=/data/cifar; repeatable.")] = None,
+    dataset: Annotated[Optional[str], O(help="Dataset of every cell ([train] and every [[pruning]] block), e.g. "
+                                             "imagefolder:PATH (a folder or .tar.gz of train/<class>/ and "
+                                             "test/<class>/ images) or cifar10 with --data-dir. The cifar10-cpu "
+                                             "scales say auto:cifar10: $KDPROBE_CIFAR10, else "
+                                             "../shared/data/cifar10-jpeg.tar.gz next to the working directory or "
+                                             "the repository.")] = None,
+    data_dir: Annotated[Optional[str], O(help="Folder of torchvision's CIFAR files, for every cell (as "
+                                              "--set train.data_dir=DIR, also for [[pruning]] blocks).")] = None,
     list_: Annotated[bool, O("--list", help="List the built-in studies and exit.")] = False,
     device: Annotated[str, O(help="auto | cpu | cuda | cuda:N (cells and probes).")] = "auto",
     jobs: Annotated[int, O(help="Cells trained at once, each in its own process (`python -m trainers.study "
@@ -128,7 +137,7 @@ def study(
     from kdprobe.outputs import check_outputs
 
     check_outputs("study", {"--out": (out, "folder")})
-    resolved, text = load_spec(spec, scale, set_ or ())
+    resolved, text = load_spec(spec, scale, set_ or (), dataset=dataset, data_dir=data_dir)
     plan_cells(resolved, out)  # every cell's config (ranges, model kwargs) checked before DIR is made
     what = (f"{len(resolved.methods)} methods x {len(resolved.seeds)} seeds" if resolved.methods else
             f"{len(resolved.pruning)} pruning blocks x {len(resolved.seeds)} seeds")

@@ -6,6 +6,7 @@
     seeds = [0, 1, 2, 3, 4]
     [train]                             # shared by every cell
     dataset = "cifar10"; model = "resnet56"; model_kwargs = {}; preset = "repdistiller"
+                                        # dataset "auto:cifar10": found at run time (kdprobe.study_data)
     overrides = {}                      # any TrainConfig field (epochs, lr, train_subset, ...)
     [[methods]]                         # one per compared method; its name is the cell folder
     name = "kd-label"; augment = "standard"; distill = "label"
@@ -334,8 +335,21 @@ def _parse_landscape(src: str, t, names: tuple[str, ...], seeds: tuple[int, ...]
         r.get("log", bool, d["log"]), zmax)
 
 
-def resolve_spec(tree: dict, scale: str | None = None, sets=(), source: str = "spec") -> StudySpec:
-    """Apply `scale` (or the spec's default_scale) and `--set` items to a TOML tree, then check it."""
+def _override_data(tree: dict, dataset: str | None, data_dir: str | None) -> None:
+    """--dataset / --data-dir: the dataset of [train] and of every [[pruning]] block."""
+    over = {k: v for k, v in (("dataset", dataset), ("data_dir", data_dir)) if v is not None}
+    if not over:
+        return
+    tables = ([tree["train"]] if isinstance(tree.get("train"), dict) else []) + \
+        [b for b in tree.get("pruning", []) if isinstance(b, dict)]
+    for t in tables:
+        t.update(over)
+
+
+def resolve_spec(tree: dict, scale: str | None = None, sets=(), source: str = "spec", *,
+                 dataset: str | None = None, data_dir: str | None = None) -> StudySpec:
+    """Apply `scale` (or the spec's default_scale), `--set` items and --dataset/--data-dir to a TOML tree, then
+    check it. `auto:cifar10` stays as written (kdprobe.study_data.locate_data finds it when the study runs)."""
     tree = copy.deepcopy(tree)
     top = _Keys(source, "", tree, _TOP)
     scales = top.get("scales", dict, {})
@@ -348,6 +362,7 @@ def resolve_spec(tree: dict, scale: str | None = None, sets=(), source: str = "s
         tree = _merge(tree, scales[scale])
     for item in sets:
         _apply_set(tree, *parse_set(item))
+    _override_data(tree, dataset, data_dir)
     settings = {k: v for k, v in tree.items() if k != "scales"}
     top = _Keys(source, "", tree, _TOP)
     seeds = _int_list(top, "seeds", [0])
@@ -377,7 +392,8 @@ def resolve_spec(tree: dict, scale: str | None = None, sets=(), source: str = "s
         tuple(dict(b) for b in pruning), settings, parse_probes(source, tree, names))
 
 
-def load_spec(spec: str, scale: str | None = None, sets=()) -> tuple[StudySpec, str]:
+def load_spec(spec: str, scale: str | None = None, sets=(), *, dataset: str | None = None,
+              data_dir: str | None = None) -> tuple[StudySpec, str]:
     """Read a built-in name or .toml path and resolve it; returns (spec, the file's text)."""
     tree, source, text = read_spec(spec)
-    return resolve_spec(tree, scale, sets, source=source), text
+    return resolve_spec(tree, scale, sets, source=source, dataset=dataset, data_dir=data_dir), text

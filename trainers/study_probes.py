@@ -60,15 +60,18 @@ def _pipeline_spec(spec: StudySpec, i: int):
 
 
 def check_probes(spec: StudySpec) -> None:
-    """Settings that need the data or the pipeline, checked before any training."""
-    for i in range(len(spec.pruning)):
-        _pipeline_spec(spec, i)
+    """Settings that need the data or the pipeline, checked before any training (and the data loads)."""
+    blocks = [_pipeline_spec(spec, i) for i in range(len(spec.pruning))]
+    for source in dict.fromkeys((b.dataset, b.data_dir) for b in blocks):
+        load_dataset(*source)  # an unknown or missing dataset fails now, not after the first cells
+    if spec.train is None:
+        return
+    data = _data(spec)
     if spec.probes:
-        _check_ensemble_probes(spec)
+        _check_ensemble_probes(spec, data)
     d = spec.diversity
     if d is None:
         return
-    data = _data(spec)
     x, _ = data.split(d.split)
     row = x[0].numel() * (data.num_classes if d.output == "full" else 1)
     if d.variant == "v1" and d.batch_size > row - 1:
@@ -80,12 +83,11 @@ def check_probes(spec: StudySpec) -> None:
                            f"got {d.batch_size}")
 
 
-def _check_ensemble_probes(spec: StudySpec) -> None:
+def _check_ensemble_probes(spec: StudySpec, data) -> None:
     """Probe settings that need the data or the model: the CKA layer exists, temperature scaling has 2 samples."""
     from kdprobe.models import create_model
     from kdprobe.probes.features import _module, penultimate_layer
 
-    data = _data(spec)
     cka, cal = spec.probes.get("cka"), spec.probes.get("calibration")
     if cka is not None:
         model = create_model(spec.train.model, num_classes=data.num_classes, in_channels=data.in_channels,

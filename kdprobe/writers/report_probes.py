@@ -114,19 +114,39 @@ def _setting_note(name: str, st: dict) -> str:
     return f"{base}; {own[name]}{extra}."
 
 
+def _readable(tables, most: int = 8):
+    """(tables for the figure, how many pair types it leaves out): with more than `most` pair types the
+    between-method ones go (within and student-teacher pairs carry the ensemble reading)."""
+    from kdprobe.probe_tables import ProbeTables
+
+    keys = list(dict.fromkeys(r["key"] for r in tables.table("pair_types")))
+    between = [k for k in keys if k.startswith("between ")]
+    if len(keys) <= most or not between:
+        return tables, 0
+    kept = {**tables.tables, "pairs": [p for p in tables.table("pairs") if p["pair_type"] != "between"],
+            "pair_types": [t for t in tables.table("pair_types") if t["pair_type"] != "between"]}
+    return ProbeTables(tables.command, tables.settings, kept), len(between)
+
+
 def verdicts_html(r) -> str:
-    """The 'Ensemble reading' section: every verdict in one table (empty without probes)."""
+    """The 'Ensemble reading' section: each probe's prediction, then every verdict in one table."""
     if not r.verdicts:
         return ""
-    rows = [[_e(v.probe), _e(v.method), _e(v.claim), _e(v.quantity), _f(v.value, ".4g"), _f(v.reference_value, ".4g"),
-             _f(v.diff, "+.4g"), _e(v.test), _f(v.p_value, ".3g"), _f(v.p_holm, ".3g"), f"<b>{_e(v.verdict)}</b>",
-             _e(v.reason)] for v in r.verdicts]
+    probes = list(dict.fromkeys(v.probe for v in r.verdicts))
+    items = []
+    for name in probes:
+        pred, ref = PREDICTIONS[name], next(v.reference for v in r.verdicts if v.probe == name)
+        items.append(f"<li><b>{_e(name)}</b>: {_e(pred.claim.format(kd='KD', ref=ref))}. Compared: "
+                     f"{_e(pred.quantity)}; test: {_e(pred.test.format(kd='KD', ref=ref))}.</li>")
+    rows = [[_e(v.probe), _e(v.method), _f(v.value, ".4g"), _f(v.reference_value, ".4g"), _f(v.diff, "+.4g"),
+             _f(v.p_value, ".3g"), _f(v.p_holm, ".3g"), f"<b>{_e(v.verdict)}</b>", _e(v.reason)] for v in r.verdicts]
     return ("<h2 id='reading'>The ensemble reading</h2><p class='note'>What the reading of KD as an ensemble "
-            "predicts for each probe (README, 'Studies'), tested on these checkpoints: supports = the Holm-adjusted "
-            "p-value is below alpha and the difference has the predicted sign; does not support = below alpha "
-            "with the opposite sign; inconclusive = otherwise (or no test).</p>"
-            + _table(["probe", "KD method", "prediction", "compared", "KD value", "reference value", "difference", "test",
-                      "p", "p (Holm over KD methods)", "verdict", "why"], rows))
+            "predicts for each probe (README, 'Studies'), tested on these checkpoints: supports = the p-value, "
+            "Holm-adjusted over the KD methods of the probe, is below alpha and the difference has the predicted "
+            "sign; does not support = below alpha with the opposite sign; inconclusive = otherwise (or no test)."
+            f"</p><ul class='note'>{''.join(items)}</ul>"
+            + _table(["probe", "KD method", "KD value", "reference value", "difference", "p", "p (Holm)",
+                      "verdict", "why"], rows))
 
 
 def probes_html(r) -> str:
@@ -141,9 +161,13 @@ def probes_html(r) -> str:
         links = " · ".join(_link(p) for p in (f"{name}.json", f"{name}.html") if p in r.files)
         note = (f" Interval ends marked * are clipped to what {', '.join(sorted(set(clipped)))} can take; the "
                 "files keep the raw ends.") if clipped else ""
+        figure, left_out = _readable(tables)
+        if left_out:
+            note += (f" The figure leaves out the {left_out} between-method pair types (they are in the table and "
+                     f"in {name}.html).")
         parts.append(f"<h2 id='{name}'>{TITLES[name]}</h2>"
                      f"<p><b>Ensemble reading</b> ({_e(PREDICTIONS[name].test.format(kd='KD', ref='reference'))}): "
                      f"{_e(headline(vs))}</p>" + summary
                      + f"<p class='note'>{_setting_note(name, tables.settings)}{note} Files: {links}</p>"
-                     + figure_div(probe_figure(tables)))
+                     + figure_div(probe_figure(figure)))
     return "".join(parts)

@@ -67,7 +67,8 @@ def _stats_table(groups, digits, conf, bounds):
         (lo, c1), (hi, c2) = clip_end(g.low, bounds), clip_end(g.high, bounds)
         rows.append({"method": g.group, "n": f"{g.n_models}{'*' if g.uses_batch_values else ''}",
                      "mean ± std": f"{_f(g.mean, digits)} ± {_f(g.std, digits)}", "sem": _f(g.sem, digits),
-                     f"{conf * 100:g}% CI": f"[{_f(lo, digits)}{'*' if c1 else ''}, {_f(hi, digits)}{'*' if c2 else ''}]",
+                     f"{conf * 100:g}% CI": f"[{_f(lo, digits)}{'*' if c1 else ''}, "
+                                            f"{_f(hi, digits)}{'*' if c2 else ''}]",
                      "p(Holm)": _f(g.p_holm, ".3g"), "g": _f(g.hedges_g, ".2f")})
     return table(rows)
 

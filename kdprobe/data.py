@@ -104,7 +104,8 @@ class TensorData:
         for split, n in (("train", n_train), ("test", n_test)):
             x, y = self.split(split)
             if n is not None and n < len(y):
-                idx = _balanced(y, n, self.num_classes, g, split) if balanced else torch.randperm(len(y), generator=g)[:n]
+                idx = (_balanced(y, n, self.num_classes, g, split) if balanced
+                       else torch.randperm(len(y), generator=g)[:n])
                 idx = idx.sort().values.to(y.device)
                 x, y = x[idx], y[idx]
             out[f"{split}_x"], out[f"{split}_y"] = x, y

@@ -157,5 +157,6 @@ def from_dict(d: dict) -> StudyResult:
         landscapes=tuple(_build(LandscapeRecord, x) for x in d["landscapes"]),
         pruning=tuple(PruningBlock(**{**b, "surplus": tuple(_build(SurplusRow, r) for r in b["surplus"]),
                                       "results": tuple(b.get("results", ()))}) for b in d["pruning"]),
-        probes={k: ProbeTables(**v) for k, v in d.get("probes", {}).items()}, verdicts=tuple(_build(Verdict, v, True) for v in d.get("verdicts", ())))
+        probes={k: ProbeTables(**v) for k, v in d.get("probes", {}).items()},
+        verdicts=tuple(_build(Verdict, v, True) for v in d.get("verdicts", ())))
     return StudyResult(**kw)

@@ -169,7 +169,7 @@ _RUNNERS = {"agreement": _agreement, "ensembles": _ensembles, "calibration": _ca
 
 
 def ensemble_probes(spec: StudySpec, cells, out: Path, dev: torch.device, progress) -> tuple[dict, tuple, dict]:
-    """Run the spec's switched-on probes: (name -> ProbeTables, verdicts, files written), files as <probe>.json/.html."""
+    """Run the spec's switched-on probes: (name -> ProbeTables, verdicts, files written as <probe>.json/.html)."""
     from kdprobe.writers.probe_files import write_probe_json
     from kdprobe.writers.probe_plots import write_probe_html
 

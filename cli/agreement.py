@@ -46,11 +46,8 @@ def agreement(
 ):
     """Pairwise agreement of checkpoints and the ensembles of each group (one forward pass per checkpoint)."""
     from kdprobe.errors import KdprobeError
-    from kdprobe.probe_tables import ProbeTables, checkpoint_record, ensemble_tables, group_records, pair_records, \
-        pair_type_records
-    from kdprobe.probes.agreement import METRICS, pairwise_agreement
-    from kdprobe.probes.calibration import metrics as calib_metrics
-    from kdprobe.probes.ensemble import compare_gains, group_ensemble
+    from kdprobe.probe_sets import AGREEMENT_NOTES, agreement_part, group_ensembles
+    from kdprobe.probe_tables import ProbeTables, ensemble_tables
 
     if max_subsets < 1 or bins < 1:
         raise KdprobeError(f"expected --max-subsets >= 1 and --bins >= 1, got {max_subsets} and {bins}")
@@ -59,34 +56,15 @@ def agreement(
     cache = cached_logits(ps, batch_size)
     labels = cache.labels
     log_probs = {m.path: cache[m.path].log_probs() for m in ps.members}
-
-    rows = []
-    for m in ps.members:
-        s = calib_metrics(log_probs[m.path], labels, bins)
-        rows.append(checkpoint_record(m, {"acc": s.acc, "nll": s.nll, "ece": s.ece, "brier": s.brier}))
-    pairs = pairwise_agreement(ps.members, log_probs, labels)
-    by_group: dict[str, list] = {ref: []} if ref else {}  # the reference group first, then in order of appearance
-    for m in ps.members:
-        by_group.setdefault(m.group, []).append(m)
-    ens = {g: group_ensemble(g, [m.path for m in ms], [log_probs[m.path] for m in ms], labels,
-                             max_subsets=max_subsets, seed=seed, bins=bins, confidence=confidence, interval=interval)
-           for g, ms in by_group.items()}
-    tests = compare_gains(ens, ref, confidence=confidence, interval=interval) if ref and len(ens) > 1 else []
+    stat = dict(reference=ref, confidence=confidence, interval=interval)
+    part = agreement_part(ps.members, log_probs, labels, bins=bins, **stat)
+    ens, tests = group_ensembles(ps.members, log_probs, labels, max_subsets=max_subsets, seed=seed, bins=bins, **stat)
     settings = {"dataset": ps.dataset, "split": split, "samples": samples, "samples_used": int(len(labels)),
                 "group_by": group_by, "reference": ref, "confidence": confidence, "interval": interval, "bins": bins,
                 "max_subsets": max_subsets, "seed": seed, "checkpoints": len(ps.members),
-                "forward_passes": cache.forward_passes, "bn": "eval", "ensemble": "mean of softmax probabilities",
-                "sym_kl": "KL(p||q) + KL(q||p), natural log", "js": "Jensen-Shannon divergence, natural log (<= log 2)",
-                "normalized_disagreement": "disagreement / ((err_a + err_b) / 2)",
-                "pair_unit": "one checkpoint: mean over pairs, delete-one-checkpoint jackknife",
-                "gain_unit": "one checkpoint: delete-one-checkpoint jackknife of the full-size gain"}
-    tables = ProbeTables("agreement", settings, {
-        "checkpoints": rows,
-        "groups": group_records(rows, ["acc", "nll", "ece"], reference=ref, confidence=confidence, interval=interval),
-        "pairs": pair_records(pairs),
-        "pair_types": pair_type_records(pairs, list(METRICS), reference=ref, confidence=confidence,
-                                        interval=interval),
-        **ensemble_tables(ens, tests)})
+                "forward_passes": cache.forward_passes, **AGREEMENT_NOTES}
+    tables = ProbeTables("agreement", settings, {**part, **ensemble_tables(ens, tests)})
+    pairs = part["pairs"]
 
     typer.echo(f"Agreement on {ps.dataset}: split={split}, {len(labels)} samples, {len(ps.members)} checkpoints "
                f"({cache.forward_passes} forward passes), {len(pairs)} pairs")

@@ -43,47 +43,23 @@ def calibration(
 ):
     """Calibration (ECE, NLL, Brier, reliability) per checkpoint and group (one forward pass per checkpoint)."""
     from kdprobe.errors import KdprobeError
-    from kdprobe.probe_tables import ProbeTables, checkpoint_record, flat, group_records
-    from kdprobe.probes.calibration import calibration as calibrate
+    from kdprobe.probe_sets import CALIBRATION_MAIN, CALIBRATION_NOTES, calibration_part, temperature_note
+    from kdprobe.probe_tables import ProbeTables
 
     if bins < 1:
         raise KdprobeError(f"expected --bins >= 1, got {bins}")
     ps, ref = open_set(checkpoints, interval=interval, reference=reference, group_by=group_by, split=split,
                        samples=samples, arch=arch, dataset=dataset, data_dir=data_dir, device=device, command="calibration", outputs=(csv, json, html))
     cache = cached_logits(ps, batch_size, desc="calibration")
-    rows, rel = [], []
-    for m in ps.members:
-        lg = cache[m.path]
-        r = calibrate(lg.logits, lg.labels, bins=bins, adaptive=adaptive, classwise=classwise,
-                      temperature=temperature, seed=seed)
-        rec = {"acc": r.metrics.acc, "nll": r.metrics.nll, "ece": r.metrics.ece, "brier": r.metrics.brier}
-        if adaptive:
-            rec["adaptive_ece"] = r.adaptive_ece
-        if classwise:
-            rec["classwise_ece"] = r.classwise_ece
-        if r.temperature is not None:
-            t = r.temperature
-            rec.update(temperature=t.temperature, temperature_at_bound=t.at_bound, fit_n=t.fit_n, eval_n=t.eval_n,
-                       **{f"{k}_before": getattr(t.before, k) for k in ("acc", "nll", "ece", "brier")},
-                       **{f"{k}_after": getattr(t.after, k) for k in ("acc", "nll", "ece", "brier")})
-        rows.append(checkpoint_record(m, rec))
-        rel += [flat({"checkpoint": m.path, "group": m.group, "bin": i, "lower": b.lower, "upper": b.upper,
-                      "count": b.count, "accuracy": b.accuracy, "confidence": b.confidence})
-                for i, b in enumerate(r.reliability)]
-    main = ["ece", "nll", "brier", "acc"]
-    extra = [k for k in ("adaptive_ece", "classwise_ece") if k in rows[0]]
-    if temperature:
-        extra += ["temperature", "nll_before", "nll_after", "ece_before", "ece_after"]
-    metric_names = main + extra
+    part, extra = calibration_part(ps.members, {m.path: cache[m.path].logits for m in ps.members}, cache.labels,
+                                   bins=bins, adaptive=adaptive, classwise=classwise, temperature=temperature,
+                                   seed=seed, reference=ref, confidence=confidence, interval=interval)
+    main, rows = CALIBRATION_MAIN, part["checkpoints"]
     settings = {"dataset": ps.dataset, "split": split, "samples": samples, "samples_used": int(len(ps.y)),
                 "group_by": group_by, "reference": ref, "confidence": confidence, "interval": interval, "bins": bins,
-                "ece": "top-label, equal-width bins (l, u]", "brier": "sum over classes of (p_k - 1[y=k])^2, in [0, 2]",
-                "temperature_split": "fit on a seeded random half, before/after on the other half" if temperature
-                else None, "seed": seed, "checkpoints": len(ps.members), "forward_passes": cache.forward_passes,
-                "bn": "eval"}
-    tables = ProbeTables("calibration", settings, {
-        "checkpoints": rows, "reliability": rel,
-        "groups": group_records(rows, metric_names, reference=ref, confidence=confidence, interval=interval)})
+                **CALIBRATION_NOTES, "temperature_split": temperature_note(temperature), "seed": seed,
+                "checkpoints": len(ps.members), "forward_passes": cache.forward_passes}
+    tables = ProbeTables("calibration", settings, part)
 
     typer.echo(f"Calibration on {ps.dataset}: split={split}, {len(ps.y)} samples, {bins} equal-width bins, "
                f"{len(rows)} checkpoints ({cache.forward_passes} forward passes)")

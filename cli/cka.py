@@ -60,9 +60,10 @@ def cka(
     """Linear CKA: layer x layer for two checkpoints, or per pair type at one layer for a group."""
     from tqdm import tqdm
 
-    from kdprobe.probe_tables import ProbeTables, checkpoint_record, flat, pair_records, pair_type_records
     from kdprobe.pairs import PairRecord, classify
-    from kdprobe.probes.cka import ESTIMATORS, CkaCache, cka_matrix, pairwise_cka
+    from kdprobe.probe_sets import PAIR_UNIT, cka_group_part
+    from kdprobe.probe_tables import ProbeTables, flat, pair_records
+    from kdprobe.probes.cka import ESTIMATORS, CkaCache, cka_matrix
     from kdprobe.probes.features import NormalizedImages, penultimate_layer
 
     check_choice("--estimator", estimator, ESTIMATORS)
@@ -109,15 +110,12 @@ def cka(
         ck.model.to(ps.device)
         cache.add(m.path, ck.model, layer)
         ck.model.to("cpu")
-    pairs = pairwise_cka(ps.members, cache)
-    rows = [checkpoint_record(m, {"layer": cache.layers[m.path]}) for m in ps.members]
+    part = cka_group_part(ps.members, cache, reference=ref, confidence=confidence, interval=interval)
+    pairs = part["pairs"]
     settings = {**base, "layer": layer or "penultimate (input of the last Linear)", "estimator": cache.estimator,
                 "reference": ref, "confidence": confidence, "interval": interval,
-                "forward_passes": cache.forward_passes,
-                "pair_unit": "one checkpoint: mean over pairs, delete-one-checkpoint jackknife"}
-    tables = ProbeTables("cka", settings, {
-        "checkpoints": rows, "pairs": pair_records(pairs),
-        "pair_types": pair_type_records(pairs, ["cka"], reference=ref, confidence=confidence, interval=interval)})
+                "forward_passes": cache.forward_passes, "pair_unit": PAIR_UNIT}
+    tables = ProbeTables("cka", settings, part)
     typer.echo(f"Linear CKA at {settings['layer']} on {ps.dataset}: split={split}, {len(ps.y)} samples, "
                f"{cache.estimator} unbiased HSIC, {len(ps.members)} checkpoints ({cache.forward_passes} forward "
                f"passes), {len(pairs)} pairs")

@@ -61,7 +61,8 @@ def sharpness(
     from tqdm import tqdm
 
     from kdprobe.errors import KdprobeError
-    from kdprobe.probe_tables import ProbeTables, checkpoint_record, flat, group_records
+    from kdprobe.probe_sets import sharpness_part
+    from kdprobe.probe_tables import ProbeTables
     from kdprobe.probes.features import NormalizedImages
     from kdprobe.probes.sharpness import BN_MODES, HVP_MODES, sharpness as measure
 
@@ -73,34 +74,21 @@ def sharpness(
     ps, ref = open_set(checkpoints, interval=interval, reference=reference, group_by=group_by, split=split,
                        samples=samples, arch=arch, dataset=dataset, data_dir=data_dir, device=device, command="sharpness", outputs=(csv, json, html))
     x = NormalizedImages(ps.x, ps.data.mean, ps.data.std)[:]
-    rows, eig_rows, tr_rows, dens_rows, curve_rows = [], [], [], [], []
+    results = []
     budget = top_k * iterations + trace_samples + (lanczos_steps * density_runs if density else 0)
     outer = tqdm(list(zip(ps.loaded, ps.members)), desc="sharpness", unit="ckpt", file=sys.stderr, dynamic_ncols=True)
     for ck, m in outer:
         ck.model.to(ps.device)
         with tqdm(total=budget, desc="  Hessian-vector products (at most)", unit="hvp", file=sys.stderr, leave=False,
                   dynamic_ncols=True, mininterval=1.0) as bar:
-            r = measure(ck.model, x, ps.y, top_k=top_k, iterations=iterations, tol=tol, trace_samples=trace_samples,
-                        density=density, lanczos_steps=lanczos_steps, density_runs=density_runs, bn=bn,
-                        batch_size=batch_size, vectors_per_pass=vectors_per_pass, mode=hvp, keep_graphs=keep_graphs,
-                        seed=seed, progress=bar.update)
+            results.append(measure(ck.model, x, ps.y, top_k=top_k, iterations=iterations, tol=tol,
+                                   trace_samples=trace_samples, density=density, lanczos_steps=lanczos_steps,
+                                   density_runs=density_runs, bn=bn, batch_size=batch_size,
+                                   vectors_per_pass=vectors_per_pass, mode=hvp, keep_graphs=keep_graphs, seed=seed,
+                                   progress=bar.update))
         ck.model.to("cpu")
-        top = r.eigenpairs[0]
-        rows.append(checkpoint_record(m, {"loss": r.loss, "top_eigenvalue": top.value, "top_residual": top.residual,
-                                          "top_iterations": top.iterations, "top_converged": top.converged,
-                                          "trace": r.trace, "trace_se": r.trace_se, "n_params": r.n_params,
-                                          "n_samples": r.n_samples, "products": r.products}))
-        eig_rows += [flat({"checkpoint": m.path, "group": m.group, "rank": i + 1, "eigenvalue": p.value,
-                           "iterations": p.iterations, "residual": p.residual, "converged": p.converged})
-                     for i, p in enumerate(r.eigenpairs)]
-        tr_rows += [flat({"checkpoint": m.path, "group": m.group, "index": i, "value": v})
-                    for i, v in enumerate(r.trace_samples)]
-        if r.density is not None:
-            for run, (nodes, weights) in enumerate(zip(r.density.nodes, r.density.weights)):
-                dens_rows += [flat({"checkpoint": m.path, "group": m.group, "run": run, "node": nd, "weight": w})
-                              for nd, w in zip(nodes, weights)]
-            curve_rows += [flat({"checkpoint": m.path, "group": m.group, "eigenvalue": g, "density": d})
-                           for g, d in zip(r.density.grid, r.density.density)]
+    part = sharpness_part(ps.members, results, reference=ref, confidence=confidence, interval=interval)
+    rows = part["checkpoints"]
     settings = {"dataset": ps.dataset, "split": split, "samples": samples, "samples_used": int(len(ps.y)),
                 "loss": "mean cross-entropy", "bn": bn, "batch_size": batch_size, "top_k": top_k,
                 "iterations": iterations, "tol": tol, "trace_samples": trace_samples, "density": density,
@@ -108,11 +96,7 @@ def sharpness(
                 "hvp": hvp, "keep_graphs": keep_graphs, "seed": seed, "group_by": group_by, "reference": ref,
                 "confidence": confidence, "interval": interval, "checkpoints": len(ps.members),
                 "variables": "every parameter with requires_grad"}
-    tables = ProbeTables("sharpness", settings, {
-        "checkpoints": rows, "eigenvalues": eig_rows, "trace_samples": tr_rows, "density": dens_rows,
-        "density_curve": curve_rows,
-        "groups": group_records(rows, ["top_eigenvalue", "trace"], reference=ref, confidence=confidence,
-                                interval=interval)})
+    tables = ProbeTables("sharpness", settings, part)
     typer.echo(f"Sharpness of the {split} loss on {ps.dataset}: {len(ps.y)} samples, bn={bn}, top-{top_k} by power "
                f"iteration (<= {iterations} steps, tol {tol:g}), trace from {trace_samples} Rademacher vectors, "
                f"seed {seed}")

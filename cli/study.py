@@ -58,11 +58,25 @@ def _f(v, fmt=".2f"):
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
 
 
-def _stats_table(groups, digits, conf):
-    return table([{"method": g.group, "n": f"{g.n_models}{'*' if g.uses_batch_values else ''}",
-                   "mean ± std": f"{_f(g.mean, digits)} ± {_f(g.std, digits)}", "sem": _f(g.sem, digits),
-                   f"±{conf * 100:g}% CI": _f(g.half_width, digits), "p(Holm)": _f(g.p_holm, ".3g"),
-                   "g": _f(g.hedges_g, ".2f")} for g in groups])
+def _stats_table(groups, digits, conf, bounds):
+    """Group rows with the interval's ends clipped to what the metric can take (marked *; files keep raw ends)."""
+    from kdprobe.diversity_table import clip_end
+
+    rows = []
+    for g in groups:
+        (lo, c1), (hi, c2) = clip_end(g.low, bounds), clip_end(g.high, bounds)
+        rows.append({"method": g.group, "n": f"{g.n_models}{'*' if g.uses_batch_values else ''}",
+                     "mean ± std": f"{_f(g.mean, digits)} ± {_f(g.std, digits)}", "sem": _f(g.sem, digits),
+                     f"{conf * 100:g}% CI": f"[{_f(lo, digits)}{'*' if c1 else ''}, "
+                                            f"{_f(hi, digits)}{'*' if c2 else ''}]",
+                     "p(Holm)": _f(g.p_holm, ".3g"), "g": _f(g.hedges_g, ".2f")})
+    return table(rows)
+
+
+def _verdict_table(verdicts):
+    return table([{"probe": v.probe, "KD method": v.method, "compared": v.quantity, "KD": _f(v.value, ".4g"),
+                   v.reference: _f(v.reference_value, ".4g"), "diff": _f(v.diff, "+.4g"),
+                   "p(Holm)": _f(v.p_holm, ".3g"), "verdict": v.verdict} for v in verdicts])
 
 
 def _list_specs() -> None:
@@ -74,7 +88,7 @@ def _list_specs() -> None:
         rows.append({"study": name, "scales": ", ".join(tree.get("scales", {})) or "-",
                      "default": tree.get("default_scale", "-"), "title": tree.get("title", "")})
     typer.echo(table(rows))
-    typer.echo("run one with: kdprobe study NAME --out DIR [--scale digits|paper]; a .toml path works too")
+    typer.echo("run one with: kdprobe study NAME --out DIR [--scale digits|cifar10-cpu|paper]; a .toml path works too")
 
 
 def study(
@@ -83,12 +97,21 @@ def study(
     out: Annotated[Optional[Path], O("--out", "-o", help="Study folder: cells/, landscapes/, pruning/, "
                                                          "report.html, summary.json. Re-running resumes.")] = None,
     scale: Annotated[Optional[str], O(help="Which [scales.NAME] of the spec to apply: digits (tiny models on the "
-                                           "embedded digits data, minutes on a CPU) or paper (CIFAR, ResNet-56, "
-                                           "paper schedules: GPU). Default: the spec's default_scale "
-                                           "(digits for the built-ins).")] = None,
+                                           "embedded digits data, minutes on a CPU), cifar10-cpu (real CIFAR-10, "
+                                           "a small ResNet on a class-balanced subset: under an hour per study on "
+                                           "2 CPU cores) or paper (CIFAR, ResNet-56, paper schedules: GPU). "
+                                           "Default: the spec's default_scale (digits for the built-ins).")] = None,
     set_: Annotated[Optional[list[str]], O("--set", help="Override one spec value, KEY=VALUE with a dotted key "
                                                          "(TOML value), e.g. --set train.overrides.epochs=3 "
                                                          "--set train.data_dir=/data/cifar; repeatable.")] = None,
+    dataset: Annotated[Optional[str], O(help="Dataset of every cell ([train] and every [[pruning]] block), e.g. "
+                                             "imagefolder:PATH (a folder or .tar.gz of train/<class>/ and "
+                                             "test/<class>/ images) or cifar10 with --data-dir. The cifar10-cpu "
+                                             "scales say auto:cifar10: $KDPROBE_CIFAR10, else "
+                                             "../shared/data/cifar10-jpeg.tar.gz next to the working directory or "
+                                             "the repository.")] = None,
+    data_dir: Annotated[Optional[str], O(help="Folder of torchvision's CIFAR files, for every cell (as "
+                                              "--set train.data_dir=DIR, also for [[pruning]] blocks).")] = None,
     list_: Annotated[bool, O("--list", help="List the built-in studies and exit.")] = False,
     device: Annotated[str, O(help="auto | cpu | cuda | cuda:N (cells and probes).")] = "auto",
     jobs: Annotated[int, O(help="Cells trained at once, each in its own process (`python -m trainers.study "
@@ -100,6 +123,7 @@ def study(
     quiet: Annotated[bool, O(help="No progress bars or per-cell lines.")] = False,
 ):
     """Run a whole study: train every method x seed cell (content-named, resumable), then accuracy, diversity,
+    ensemble-perspective (agreement, ensembles, calibration, CKA, sharpness, with the ensemble-reading verdicts),
     landscape and surplus probes, and write DIR/report.html (offline) and DIR/summary.json."""
     from kdprobe.errors import KdprobeError
     from kdprobe.study_spec import load_spec
@@ -114,7 +138,7 @@ def study(
     from kdprobe.outputs import check_outputs
 
     check_outputs("study", {"--out": (out, "folder")})
-    resolved, text = load_spec(spec, scale, set_ or ())
+    resolved, text = load_spec(spec, scale, set_ or (), dataset=dataset, data_dir=data_dir)
     plan_cells(resolved, out)  # every cell's config (ranges, model kwargs) checked before DIR is made
     what = (f"{len(resolved.methods)} methods x {len(resolved.seeds)} seeds" if resolved.methods else
             f"{len(resolved.pruning)} pruning blocks x {len(resolved.seeds)} seeds")
@@ -126,15 +150,24 @@ def study(
     except KeyboardInterrupt as e:
         raise folder_interrupted(e, out) from None
 
+    from kdprobe.diversity_table import ACCURACY_BOUNDS, score_bounds
+
     trained = sum(c.action != "existing" for c in res.cells)
+    clip = "; * = interval end clipped to what the metric can take"
     if res.accuracy:
-        typer.echo(f"\nTest accuracy (%, last epoch; unit = one seed; CI {res.accuracy_interval} quantile)")
-        typer.echo(_stats_table(res.accuracy, ".2f", res.accuracy_confidence))
+        typer.echo(f"\nTest accuracy (%, last epoch; unit = one seed; CI {res.accuracy_interval} quantile{clip})")
+        typer.echo(_stats_table(res.accuracy, ".2f", res.accuracy_confidence, ACCURACY_BOUNDS))
     if res.diversity is not None:
         s = res.diversity.settings
         typer.echo(f"\nDiversity (Mellor et al. {s.variant}, N={s.batch_size}, {s.runs} batches, split {s.split}, "
-                   f"bn {s.bn}; higher = more diverse)")
-        typer.echo(_stats_table(res.diversity.groups, ".3f", s.confidence))
+                   f"bn {s.bn}; higher = more diverse{clip})")
+        typer.echo(_stats_table(res.diversity.groups, ".3f", s.confidence, score_bounds(s.variant, s.batch_size)))
+    if res.verdicts:
+        typer.echo(f"\nThe ensemble reading ({', '.join(res.probes)}; p Holm-adjusted over the KD methods of a "
+                   f"probe, alpha {res.verdicts[0].alpha:g}; tables and figures in the report)")
+        typer.echo(_verdict_table(res.verdicts))
+    elif res.probes:
+        typer.echo(f"\nEnsemble-perspective probes: {', '.join(res.probes)} (no verdict: no reference or KD method)")
     if res.landscapes:
         typer.echo(f"\nLandscapes: {len(res.landscapes)} surfaces "
                    f"({len(res.landscapes[0].ycoords)}x{len(res.landscapes[0].xcoords)}) under "

@@ -95,17 +95,35 @@ class TensorData:
         """The same data on another device (one copy; batches are then indexed there)."""
         return replace(self, **{k: getattr(self, k).to(device) for k in ("train_x", "train_y", "test_x", "test_y")})
 
-    def subset(self, n_train: int | None = None, n_test: int | None = None, seed: int = 0) -> "TensorData":
-        """A seeded random subset (for quick runs); None keeps a split whole."""
+    def subset(self, n_train: int | None = None, n_test: int | None = None, seed: int = 0,
+               balanced: bool = False) -> "TensorData":
+        """A seeded subset (for quick runs); None keeps a split whole. balanced: n // classes images of every
+        class and one more of the first n % classes classes, each class's drawn at random; else n at random."""
         g = torch.Generator().manual_seed(seed)
         out = {}
         for split, n in (("train", n_train), ("test", n_test)):
             x, y = self.split(split)
             if n is not None and n < len(y):
-                idx = torch.randperm(len(y), generator=g)[:n].sort().values.to(y.device)
+                idx = (_balanced(y, n, self.num_classes, g, split) if balanced
+                       else torch.randperm(len(y), generator=g)[:n])
+                idx = idx.sort().values.to(y.device)
                 x, y = x[idx], y[idx]
             out[f"{split}_x"], out[f"{split}_y"] = x, y
         return replace(self, **out)
+
+
+def _balanced(y: torch.Tensor, n: int, classes: int, g: torch.Generator, split: str) -> torch.Tensor:
+    """Indices of a class-balanced random subset of n labels (class order decides who gets the remainder)."""
+    y = y.cpu()
+    picked = []
+    for c in range(classes):
+        k = n // classes + (c < n % classes)
+        pool = torch.nonzero(y == c).flatten()
+        if len(pool) < k:
+            raise KdprobeError(f"expected at least {k} {split} images of class {c} for a balanced subset of {n}, got "
+                               f"{len(pool)}; choose a smaller subset or the random rule")
+        picked.append(pool[torch.randperm(len(pool), generator=g)[:k]])
+    return torch.cat(picked)
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:

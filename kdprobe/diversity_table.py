@@ -92,6 +92,19 @@ def _group_units(scores: list[ModelScore]) -> tuple[list[float], bool]:
     return [s.mean for s in scores], False
 
 
+ACCURACY_BOUNDS = (0.0, 100.0)  # a test accuracy in percent
+
+
+def clip_end(v, bounds: tuple[float, float]) -> tuple[float, bool]:
+    """(shown value, clipped?) of an interval end: never outside what the metric can take. Displays only:
+    files keep the raw end, since mean ± quantile x sem going past a bound says the interval fits poorly."""
+    if v is None or not isinstance(v, float) or not math.isfinite(v):
+        return v, False
+    lo, hi = bounds
+    c = min(max(v, lo), hi)
+    return c, c != v
+
+
 def score_bounds(variant: str, n: int) -> tuple[float, float]:
     """What a diversity score can take. v1: the eigenvalues v of an N x N correlation matrix are >= 0
     and sum to N, and log(u) + 1/u >= 1 for u > 0, so -sum(log(v+k) + 1/(v+k)) <= -N. v2: unbounded here."""

@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 from kdprobe.diversity_table import DiversitySettings, DiversityTable, GroupStats, ModelScore
+from kdprobe.ensemble_reading import Verdict
+from kdprobe.probe_tables import ProbeTables
 from kdprobe.probes.surplus import SurplusRow
 
 FORMAT = "kdprobe-study"
@@ -100,6 +102,10 @@ class StudyResult:
     pruning: tuple[PruningBlock, ...]
     files: dict  # label -> relative path
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # ensemble-perspective probes: name -> kdprobe.probe_tables.ProbeTables (in summary.json: command, settings,
+    # tables; the records `kdprobe agreement|calibration|cka|sharpness --json` write), and the verdicts from them
+    probes: dict = field(default_factory=dict)
+    verdicts: tuple[Verdict, ...] = field(default_factory=tuple)
 
 
 def _plain(obj):
@@ -150,5 +156,7 @@ def from_dict(d: dict) -> StudyResult:
         accuracy=tuple(_build(GroupStats, g, True) for g in d["accuracy"]), diversity=table,
         landscapes=tuple(_build(LandscapeRecord, x) for x in d["landscapes"]),
         pruning=tuple(PruningBlock(**{**b, "surplus": tuple(_build(SurplusRow, r) for r in b["surplus"]),
-                                      "results": tuple(b.get("results", ()))}) for b in d["pruning"]))
+                                      "results": tuple(b.get("results", ()))}) for b in d["pruning"]),
+        probes={k: ProbeTables(**v) for k, v in d.get("probes", {}).items()},
+        verdicts=tuple(_build(Verdict, v, True) for v in d.get("verdicts", ())))
     return StudyResult(**kw)

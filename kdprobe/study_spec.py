@@ -6,6 +6,7 @@
     seeds = [0, 1, 2, 3, 4]
     [train]                             # shared by every cell
     dataset = "cifar10"; model = "resnet56"; model_kwargs = {}; preset = "repdistiller"
+                                        # dataset "auto:cifar10": found at run time (kdprobe.study_data)
     overrides = {}                      # any TrainConfig field (epochs, lr, train_subset, ...)
     [[methods]]                         # one per compared method; its name is the cell folder
     name = "kd-label"; augment = "standard"; distill = "label"
@@ -14,6 +15,8 @@
     overrides = {}
     [diversity]  batch_size, runs, split, bn, output, variant, k, seed, confidence, interval, reference, methods
     [landscape]  methods, seeds, x, y, samples, split, bn, precision, seed, include_bn, at, log, zmax
+    [agreement] [ensembles] [calibration] [cka] [sharpness]   the ensemble-perspective probes
+                 (kdprobe.study_spec_probes: split, samples, methods, reference, ..., and their own options)
     [[pruning]]  one table per pruning block (trainers.pipeline.PipelineSpec fields)
     [scales.NAME]                       # deep-merged over everything above by --scale NAME
 
@@ -27,15 +30,15 @@ import copy
 import math
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from kdprobe.errors import KdprobeError
 from kdprobe.io import read_text
 
-_TOP = ("name", "title", "default_scale", "seeds", "train", "methods", "diversity", "landscape", "pruning",
-        "scales")
+_TOP = ("name", "title", "default_scale", "seeds", "train", "methods", "diversity", "landscape", "agreement",
+        "ensembles", "calibration", "cka", "sharpness", "pruning", "scales")
 _TRAIN = ("dataset", "data_dir", "model", "model_kwargs", "preset", "overrides")
 _METHOD = ("name", "augment", "distill", "teacher", "teacher_seed", "overrides")
 _DIVERSITY = {"batch_size": 128, "runs": 5, "split": "train", "bn": "eval", "output": "sum", "variant": "v1",
@@ -123,6 +126,7 @@ class StudySpec:
     landscape: LandscapeSpec | None
     pruning: tuple[dict, ...]
     settings: dict  # the resolved TOML tree (JSON-ready), for the report and summary.json
+    probes: dict = field(default_factory=dict)  # name -> kdprobe.study_spec_probes.ProbeSpec, switched-on only
 
     def method(self, name: str) -> MethodSpec:
         """The method called `name`."""
@@ -331,8 +335,21 @@ def _parse_landscape(src: str, t, names: tuple[str, ...], seeds: tuple[int, ...]
         r.get("log", bool, d["log"]), zmax)
 
 
-def resolve_spec(tree: dict, scale: str | None = None, sets=(), source: str = "spec") -> StudySpec:
-    """Apply `scale` (or the spec's default_scale) and `--set` items to a TOML tree, then check it."""
+def _override_data(tree: dict, dataset: str | None, data_dir: str | None) -> None:
+    """--dataset / --data-dir: the dataset of [train] and of every [[pruning]] block."""
+    over = {k: v for k, v in (("dataset", dataset), ("data_dir", data_dir)) if v is not None}
+    if not over:
+        return
+    tables = ([tree["train"]] if isinstance(tree.get("train"), dict) else []) + \
+        [b for b in tree.get("pruning", []) if isinstance(b, dict)]
+    for t in tables:
+        t.update(over)
+
+
+def resolve_spec(tree: dict, scale: str | None = None, sets=(), source: str = "spec", *,
+                 dataset: str | None = None, data_dir: str | None = None) -> StudySpec:
+    """Apply `scale` (or the spec's default_scale), `--set` items and --dataset/--data-dir to a TOML tree, then
+    check it. `auto:cifar10` stays as written (kdprobe.study_data.locate_data finds it when the study runs)."""
     tree = copy.deepcopy(tree)
     top = _Keys(source, "", tree, _TOP)
     scales = top.get("scales", dict, {})
@@ -345,6 +362,7 @@ def resolve_spec(tree: dict, scale: str | None = None, sets=(), source: str = "s
         tree = _merge(tree, scales[scale])
     for item in sets:
         _apply_set(tree, *parse_set(item))
+    _override_data(tree, dataset, data_dir)
     settings = {k: v for k, v in tree.items() if k != "scales"}
     top = _Keys(source, "", tree, _TOP)
     seeds = _int_list(top, "seeds", [0])
@@ -365,14 +383,17 @@ def resolve_spec(tree: dict, scale: str | None = None, sets=(), source: str = "s
     land = tree.get("landscape")
     if (div is not None or land is not None) and not methods:
         raise KdprobeError(f"{source}: methods: expected [[methods]] for the diversity/landscape probes, got none")
+    from kdprobe.study_spec_probes import parse_probes
+
     return StudySpec(
         str(top.get("name", str, "study")), str(top.get("title", str, "")), scale, source, seeds, train, methods,
         None if div is None else _parse_diversity(source, div, names),
         None if land is None else _parse_landscape(source, land, names, seeds),
-        tuple(dict(b) for b in pruning), settings)
+        tuple(dict(b) for b in pruning), settings, parse_probes(source, tree, names))
 
 
-def load_spec(spec: str, scale: str | None = None, sets=()) -> tuple[StudySpec, str]:
+def load_spec(spec: str, scale: str | None = None, sets=(), *, dataset: str | None = None,
+              data_dir: str | None = None) -> tuple[StudySpec, str]:
     """Read a built-in name or .toml path and resolve it; returns (spec, the file's text)."""
     tree, source, text = read_spec(spec)
-    return resolve_spec(tree, scale, sets, source=source), text
+    return resolve_spec(tree, scale, sets, source=source, dataset=dataset, data_dir=data_dir), text

@@ -114,6 +114,13 @@ CASES = [
     ("pipeline pruning --out {d}/pp --finetune-epochs 0", "--finetune-epochs"),
     ("pipeline pruning --out {d}/pp --width -1", "--width"),
     ("study demo --out {d}/st --set train.model_kwargs.width=-1", "width"),
+    ("study demo --out {d}/st --dataset nosuch", "unknown dataset"),
+    ("study demo --out {d}/st --dataset imagefolder:{d}/nope", "does not exist"),
+    ("study table6 --out {d}/st --set sharpness.top_k=0", "sharpness.top_k"),
+    ("study table6 --out {d}/st --set cka.layer=layer9", "cka.layer"),
+    ("study table7 --out {d}/st --set agreement.reference=cutmix --set agreement.methods=[\"scratch\"]",
+     "agreement.reference"),
+    ("study table6 --out {d}/st --set train.overrides.subset_rule=balanced", "--train-subset"),
     # metadata that would lie
     ("train --teacher {d}/a.pt --out {d}/n.pt", "--distill"),
     ("train --init {d}/a.pt --model resnet8a --out {d}/n.pt", "--model"),

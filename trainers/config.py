@@ -13,6 +13,7 @@ from kdprobe.models.registry import check_model_kwargs
 from kdprobe.ranges import INT64_MAX, POSITIVE, Range
 
 AUGMENTS = ("standard", "cutmix", "autoaugment", "none")
+SUBSET_RULES = ("random", "balanced")
 DISTILLS = ("none", "label", "feature")
 SCHEDULES = ("step", "cosine", "constant")
 
@@ -21,6 +22,8 @@ SCHEDULES = ("step", "cosine", "constant")
 # at parse time through cli.common.ranged(). Model kwargs (width) are checked by the model registry.
 RANGES: dict[str, Range] = {
     "train_subset": Range(int, 1, optional=True),
+    "subset_seed": Range(int, 0, INT64_MAX, optional=True),
+    "eval_subset": Range(int, 1, optional=True),
     "epochs": Range(int, 1),
     "batch_size": Range(int, 1),
     "lr": POSITIVE,
@@ -75,6 +78,11 @@ class TrainConfig:
     dataset: str = "digits"             # digits | cifar10 | cifar100 | imagefolder:PATH
     data_dir: str | None = None         # folder of torchvision's CIFAR files
     train_subset: int | None = None     # train on a seeded subset of this many images (quick runs)
+    subset_rule: str = "random"         # how train_subset picks: random | balanced (n // classes per class,
+                                        # the first n % classes classes one more; kdprobe.data.TensorData.subset)
+    subset_seed: int | None = None      # seed of the train_subset draw; None = the run's seed (a subset per seed)
+    eval_subset: int | None = None      # test images (class-balanced, seed 0) evaluated after each epoch but the
+                                        # last; the last epoch, and so test_acc, always on the whole test split
     preset: str | None = None           # name of the preset the schedule came from
     epochs: int = 15                    # passes over the training set
     batch_size: int = 64                # images per step (global batch)
@@ -102,6 +110,10 @@ class TrainConfig:
         _check(self.augment in AUGMENTS, "augment", AUGMENTS, self.augment)
         _check(self.distill in DISTILLS, "distill", DISTILLS, self.distill)
         _check(self.schedule in SCHEDULES, "schedule", SCHEDULES, self.schedule)
+        _check(self.subset_rule in SUBSET_RULES, "subset-rule", SUBSET_RULES, self.subset_rule)
+        if self.train_subset is None and (self.subset_rule != "random" or self.subset_seed is not None):
+            raise KdprobeError(f"--subset-rule {self.subset_rule} / --subset-seed {self.subset_seed} choose how "
+                               "--train-subset picks its images, but no --train-subset was given; set it or drop them")
         for name, rng in RANGES.items():
             rng.check(getattr(self, name), flag(name))
         if not isinstance(self.milestones, (tuple, list)):
@@ -132,6 +144,9 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["milestones"] = list(self.milestones)
+        for k, default in _LATER.items():  # left out at their default: older configs keep their fingerprints
+            if d[k] == default:
+                del d[k]
         return d
 
     def fingerprint(self) -> str:
@@ -145,6 +160,10 @@ class TrainConfig:
         if "milestones" in d:
             d["milestones"] = tuple(d["milestones"])
         return cls(**d)
+
+
+# fields added after checkpoints and study cells were first fingerprinted, with their defaults
+_LATER = {"subset_rule": "random", "subset_seed": None, "eval_subset": None}
 
 
 def _check(ok: bool, what: str, allowed, got):

@@ -51,6 +51,28 @@ class TrainResult:
     resumed_from_epoch: float | None
 
 
+EVAL_SUBSET_SEED = 0  # one fixed per-epoch test subset for every run, so runs compare on the same images
+
+
+def subset_rule(config: TrainConfig) -> str:
+    """How the training images were chosen, in words (recorded in every checkpoint)."""
+    if not config.train_subset:
+        return "the whole training split"
+    seed = f"seed {config.seed} (the run's)" if config.subset_seed is None else f"seed {config.subset_seed}"
+    if config.subset_rule == "balanced":
+        return (f"class-balanced subset of {config.train_subset}: train_subset // classes images per class (the first "
+                f"train_subset % classes classes one more), drawn with {seed}")
+    return f"random subset of {config.train_subset}, drawn with {seed}"
+
+
+def test_eval_rule(config: TrainConfig) -> str:
+    """What the per-epoch and the final test accuracies are on (recorded in every checkpoint)."""
+    if not config.eval_subset:
+        return "every epoch on the whole test split"
+    return (f"epochs before the last on a class-balanced subset of {config.eval_subset} test images (seed "
+            f"{EVAL_SUBSET_SEED}); the last epoch, test_acc, on the whole test split (best_acc mixes the two)")
+
+
 def partial_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
@@ -163,8 +185,12 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
     torch.manual_seed(config.seed)  # model and regressor initialization: identical on every rank
     data = load_dataset(config.dataset, config.data_dir)
     if config.train_subset:
-        data = data.subset(n_train=config.train_subset, seed=config.seed)
+        data = data.subset(n_train=config.train_subset, balanced=config.subset_rule == "balanced",
+                           seed=config.seed if config.subset_seed is None else config.subset_seed)
     data = data.to(dev)
+    # per-epoch evaluation on a fixed balanced test subset (cheap on a CPU); the last epoch on the whole split
+    probe = data.subset(n_test=config.eval_subset, balanced=True, seed=EVAL_SUBSET_SEED) if config.eval_subset \
+        else data
     model, masks, init_info = _build_model(config, data)
     model.to(dev)
     if dev.type == "cuda":
@@ -221,6 +247,7 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
             "test_acc": hist[-1]["test_acc"], "train_acc": hist[-1]["train_acc"], "best_acc": best["test_acc"],
             "best_epoch": best["epoch"], "history": hist, "teacher": teacher_info, "init": init_info,
             "pruning": (init_info or {}).get("pruning"), "global_batch": bs, "world_size": ddp.world_size,
+            "train_images": n, "train_subset_rule": subset_rule(config), "test_eval": test_eval_rule(config),
             "per_rank_batch": math.ceil(bs / ddp.world_size), "lr_rule": "lr is per global batch; not scaled with world size",
             "device": dev.type, "cpu_threads": torch.get_num_threads(), "versions": library_versions(),
         }
@@ -284,10 +311,12 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
                 if time.monotonic() - last_save > save_interval_s:
                     save_partial()
                     last_save = time.monotonic()
-            ev = evaluate(model, data.test_x, data.test_y, data.mean, data.std)
+            on = data if epoch + 1 == config.epochs else probe
+            ev = evaluate(model, on.test_x, on.test_y, data.mean, data.std)
             s = ddp.sum_counts(sums.tolist())
             rec = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": s[0] / s[2],
-                   "train_acc": 100.0 * s[1] / s[2], "test_loss": ev.loss, "test_acc": ev.acc}
+                   "train_acc": 100.0 * s[1] / s[2], "test_loss": ev.loss, "test_acc": ev.acc,
+                   "test_images": len(on.test_y)}
             state.update(epoch=epoch + 1, step=0, perm=None, sums=[0.0, 0, 0], history=state["history"] + [rec])
             progress.epoch(dict(rec, seconds=round(time.monotonic() - t0, 2)))
             if epoch + 1 in snapshot_epochs and epoch + 1 < config.epochs:

@@ -23,6 +23,7 @@ from kdprobe.checkpoint import read_payload
 from kdprobe.data import load_dataset
 from kdprobe.errors import KdprobeError
 from kdprobe.io import atomic_write_text
+from kdprobe.study_data import locate_data
 from kdprobe.study_spec import StudySpec
 from trainers.cells import check_cell
 from trainers.config import AUGMENTS, DISTILLS, TrainConfig, make_config
@@ -111,7 +112,7 @@ def _snapshots(spec: StudySpec, method: str, seed: int, config: TrainConfig) -> 
 
 def plan_cells(spec: StudySpec, out: Path) -> list[Cell]:
     """Every cell of the study, teachers before their students; configs validated, nothing trained."""
-    out = Path(out).resolve()
+    out, spec = Path(out).resolve(), locate_data(spec)
     cells: dict[tuple[str, int], Cell] = {}
     index = {m.name: i for i, m in enumerate(spec.methods)}
 
@@ -329,7 +330,7 @@ def run_study(spec: StudySpec, out, *, device: str = "auto", jobs: int = 1, npro
 
     if jobs < 1 or nproc_per_cell < 1:
         raise KdprobeError(f"expected --jobs >= 1 and --nproc-per-cell >= 1, got {jobs} and {nproc_per_cell}")
-    out, progress = Path(out).resolve(), progress or StudyProgress()
+    out, progress, spec = Path(out).resolve(), progress or StudyProgress(), locate_data(spec)
     t0 = time.monotonic()
     dev = resolve_device(device)
     threads = torch.get_num_threads()
@@ -338,9 +339,9 @@ def run_study(spec: StudySpec, out, *, device: str = "auto", jobs: int = 1, npro
         # (no oversubscription); parallelism comes from --jobs instead
         torch.set_num_threads(1)
     try:
-        out.mkdir(parents=True, exist_ok=True)
         cells = plan_cells(spec, out)
-        check_probes(spec)  # a bad probe setting fails now, not after hours of training
+        check_probes(spec)  # the data and every probe setting: a mistake fails now, before DIR is made
+        out.mkdir(parents=True, exist_ok=True)
         if spec_text is not None:
             atomic_write_text(out / "spec.toml", spec_text)
         existing = [c for c in cells if _files(c, out)]

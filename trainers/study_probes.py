@@ -1,4 +1,5 @@
-"""The probes of a study, run on its trained cells: accuracy, diversity, landscapes, pruning/surplus.
+"""The probes of a study, run on its trained cells: accuracy, diversity, the ensemble-perspective probes
+(trainers.study_ensemble), landscapes, pruning/surplus.
 
 Each step calls the library probe and writer that the single-purpose commands use
 (kdprobe diversity / landscape / surplus); this module only picks the checkpoints, names
@@ -25,6 +26,7 @@ from kdprobe.errors import KdprobeError
 from kdprobe.study_result import CellRecord, LandscapeRecord, PruningBlock, StudyResult
 from kdprobe.study_spec import StudySpec
 from trainers.cells import model_label
+from trainers.study_ensemble import ensemble_probes
 
 SAVE_EVERY_S = 10.0  # partial landscape HDF5 saves (a killed study loses at most this much)
 DIRECTIONS_NOTE = ("d1, d2 = the same seeded Gaussian draw for every checkpoint (seed {seed}), filter-normalized "
@@ -58,13 +60,18 @@ def _pipeline_spec(spec: StudySpec, i: int):
 
 
 def check_probes(spec: StudySpec) -> None:
-    """Settings that need the data or the pipeline, checked before any training."""
-    for i in range(len(spec.pruning)):
-        _pipeline_spec(spec, i)
+    """Settings that need the data or the pipeline, checked before any training (and the data loads)."""
+    blocks = [_pipeline_spec(spec, i) for i in range(len(spec.pruning))]
+    for source in dict.fromkeys((b.dataset, b.data_dir) for b in blocks):
+        load_dataset(*source)  # an unknown or missing dataset fails now, not after the first cells
+    if spec.train is None:
+        return
+    data = _data(spec)
+    if spec.probes:
+        _check_ensemble_probes(spec, data)
     d = spec.diversity
     if d is None:
         return
-    data = _data(spec)
     x, _ = data.split(d.split)
     row = x[0].numel() * (data.num_classes if d.output == "full" else 1)
     if d.variant == "v1" and d.batch_size > row - 1:
@@ -74,6 +81,24 @@ def check_probes(spec: StudySpec) -> None:
     if d.batch_size > len(x):
         raise KdprobeError(f"{spec.source}: diversity.batch_size: expected at most the {len(x)} {d.split} images, "
                            f"got {d.batch_size}")
+
+
+def _check_ensemble_probes(spec: StudySpec, data) -> None:
+    """Probe settings that need the data or the model: the CKA layer exists, temperature scaling has 2 samples."""
+    from kdprobe.models import create_model
+    from kdprobe.probes.features import _module, penultimate_layer
+
+    cka, cal = spec.probes.get("cka"), spec.probes.get("calibration")
+    if cka is not None:
+        model = create_model(spec.train.model, num_classes=data.num_classes, in_channels=data.in_channels,
+                             **spec.train.model_kwargs)
+        try:
+            _module(model, cka.options["layer"] or penultimate_layer(model))
+        except KdprobeError as e:
+            raise KdprobeError(f"{spec.source}: cka.layer: {e}") from None
+    if cal is not None and cal.options["temperature"] and (cal.samples or len(data.split(cal.split)[1])) < 2:
+        raise KdprobeError(f"{spec.source}: calibration.samples: expected at least 2 samples for temperature "
+                           f"scaling (a fit half and an evaluation half), got {cal.samples}")
 
 
 def _cell_records(cells, out: Path, info: dict) -> list[CellRecord]:
@@ -271,6 +296,8 @@ def assemble(spec: StudySpec, out: Path, cells, info: dict, dev: torch.device, p
     if spec.diversity is not None:
         diversity, more = _diversity(spec, cells, out, dev, progress)
         files.update(more)
+    probes, verdicts, more = ensemble_probes(spec, cells, out, dev, progress)
+    files.update(more)
     landscapes = _landscapes(spec, cells, out, dev, progress) if spec.landscape is not None else []
     pruning = _pruning(spec, out, device, progress) if spec.pruning else []
     ls = spec.landscape
@@ -283,4 +310,4 @@ def assemble(spec: StudySpec, out: Path, cells, info: dict, dev: torch.device, p
         spec.name, spec.title, spec.scale, spec.source, spec.settings, _versions(dev), str(dev),
         datetime.now(timezone.utc).isoformat(timespec="seconds"), round(time.monotonic() - t0, 3), tuple(records),
         accuracy, conf, interval, acc_ref, diversity, tuple(landscapes), display, tuple(pruning), files,
-        tuple(notes))
+        tuple(notes), probes, verdicts)

@@ -56,10 +56,14 @@ def _pair_strips(fig, row: int, tables, metrics: list[str]) -> None:
 
 
 def agreement_figure(tables) -> go.Figure:
-    """Ensemble-size curves (ensemble vs member mean, per group) above pair-level agreement strips."""
+    """Ensemble-size curves (ensemble vs member mean, per group) above pair-level agreement strips; a study's
+    separate agreement or ensembles tables get only their own row."""
     metrics = ["acc", "nll", "ece"]
-    fig = make_subplots(rows=2, cols=3, vertical_spacing=0.16, subplot_titles=[
-        "ensemble accuracy", "ensemble NLL", "ensemble ECE", "disagreement", "normalized disagreement", "Jensen-Shannon"])
+    curves, strips = bool(tables.table("ensembles")), bool(tables.table("pairs"))
+    titles = (["ensemble accuracy", "ensemble NLL", "ensemble ECE"] if curves else []) + \
+        (["disagreement", "normalized disagreement", "Jensen-Shannon"] if strips else [])
+    n_rows = max(1, curves + strips)
+    fig = make_subplots(rows=n_rows, cols=3, vertical_spacing=0.16, subplot_titles=titles)
     groups = list(dict.fromkeys(r["group"] for r in tables.table("ensembles")))
     for gi, g in enumerate(groups):
         rows = [r for r in tables.table("ensembles") if r["group"] == g]
@@ -72,12 +76,15 @@ def agreement_figure(tables) -> go.Figure:
                                      legendgroup=g, showlegend=j == 1, line=dict(color=_color(gi), dash="dash"),
                                      hovertemplate=f"{g} members, k=%{{x}}: %{{y:.4f}}<extra></extra>"), row=1, col=j)
             fig.update_xaxes(title_text="ensemble size k", dtick=1, row=1, col=j)
-    _pair_strips(fig, 2, tables, ["disagreement", "normalized_disagreement", "js"])
+    if strips:
+        _pair_strips(fig, 1 + curves, tables, ["disagreement", "normalized_disagreement", "js"])
     st = tables.settings
-    fig.update_layout(template="plotly_white", height=850, title=(
-        f"Agreement and ensembles on {st.get('dataset')} ({st.get('split')}, {st.get('samples_used')} samples)"
-        f"<br><sup>top: mean over subsets of size k (solid) vs their members' mean (dashed); bottom: one point per "
-        f"pair, diamond = mean over pairs ± {_level(st)} jackknife half-width (unit = one checkpoint)</sup>"))
+    what = [s for s, on in (("top: mean over subsets of size k (solid) vs their members' mean (dashed)", curves),
+                            (f"{'bottom' if curves else 'strips'}: one point per pair, diamond = mean over pairs ± "
+                             f"{_level(st)} jackknife half-width (unit = one checkpoint)", strips)) if on]
+    fig.update_layout(template="plotly_white", height=450 * n_rows - 50 * (n_rows - 1), title=(
+        f"{'Agreement and ensembles' if curves and strips else 'Ensembles' if curves else 'Agreement'} on "
+        f"{st.get('dataset')} ({st.get('split')}, {st.get('samples_used')} samples)<br><sup>{'; '.join(what)}</sup>"))
     return fig
 
 
@@ -165,8 +172,8 @@ def sharpness_figure(tables) -> go.Figure:
     return fig
 
 
-_FIGURES = {"agreement": agreement_figure, "calibration": calibration_figure, "cka": cka_figure,
-            "sharpness": sharpness_figure}
+_FIGURES = {"agreement": agreement_figure, "ensembles": agreement_figure, "calibration": calibration_figure,
+            "cka": cka_figure, "sharpness": sharpness_figure}
 
 
 def _svg_only(fig: go.Figure) -> go.Figure:
@@ -178,7 +185,7 @@ def _svg_only(fig: go.Figure) -> go.Figure:
 
 
 def probe_figure(tables) -> go.Figure:
-    """The figure of a probe command's tables (agreement, calibration, cka or sharpness)."""
+    """The figure of a probe command's tables (agreement, ensembles, calibration, cka or sharpness)."""
     return _svg_only(_FIGURES[tables.command](tables))
 
 

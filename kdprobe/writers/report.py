@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from kdprobe.io import atomic_write_text
-from kdprobe.diversity_table import score_bounds
+from kdprobe.diversity_table import ACCURACY_BOUNDS, clip_end, score_bounds
 from kdprobe.study_result import StudyResult, to_dict
 from kdprobe.writers.diversity_plot import diversity_figure
 from kdprobe.writers.landscape_plot import figure_div
@@ -36,8 +36,6 @@ nav a{margin-right:14px}.scroll{overflow-x:auto}code{background:#f3f3f3;padding:
 
 
 _SCALE = "Viridis"
-ACCURACY_BOUNDS = (0.0, 100.0)  # percent
-
 
 
 def _f(v, fmt: str = ".2f") -> str:
@@ -62,21 +60,12 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
-def _clip(v, bounds):
-    """(shown value, clipped?) of an interval end: never outside what the metric can take."""
-    if v is None or not isinstance(v, float) or not math.isfinite(v):
-        return v, False
-    lo, hi = bounds
-    c = min(max(v, lo), hi)
-    return c, c != v
-
-
 def _stats_rows(groups, digits: str, bounds=(-math.inf, math.inf)) -> tuple[list[list[str]], bool]:
     """Table rows, and whether any displayed interval end was clipped to `bounds` (the files keep raw ends)."""
     rows, clipped = [], False
     for g in groups:
         n = f"{g.n_models}{'*' if g.uses_batch_values else ''}"
-        (low, c1), (high, c2) = _clip(g.low, bounds), _clip(g.high, bounds)
+        (low, c1), (high, c2) = clip_end(g.low, bounds), clip_end(g.high, bounds)
         clipped |= c1 or c2
         rows.append([_e(g.group), n, f"{_f(g.mean, digits)} ± {_f(g.std, digits)}", _f(g.sem, digits),
                      _f(g.half_width, digits), f"[{_f(low, digits)}{'*' if c1 else ''}, {_f(high, digits)}"
@@ -273,13 +262,17 @@ def report_html(result: StudyResult) -> str:
     """The whole report page as a string (plotly.js inlined once, only when there is a figure)."""
     from plotly.offline import get_plotlyjs
 
+    from kdprobe.writers.report_probes import probes_html, verdicts_html
+
     r = result
-    body = [_accuracy(r), _diversity(r), _landscapes(r), _pruning(r), _cells(r), _settings(r)]
+    body = [_accuracy(r), _diversity(r), verdicts_html(r), probes_html(r), _landscapes(r), _pruning(r), _cells(r),
+            _settings(r)]
     nav = " ".join(f"<a href='#{k}'>{v}</a>" for k, v, b in (
         ("accuracy", "accuracy", r.accuracy), ("diversity", "diversity", r.diversity),
+        ("reading", "ensemble reading", r.verdicts), *((k, k, True) for k in r.probes),
         ("landscapes", "landscapes", r.landscapes), ("surplus", "surplus", r.pruning), ("cells", "cells", r.cells),
         ("settings", "settings", True)) if b)
-    has_figure = bool(r.landscapes) or r.diversity is not None
+    has_figure = bool(r.landscapes) or r.diversity is not None or bool(r.probes)
     script = f"<script type='text/javascript'>{get_plotlyjs()}</script>" if has_figure else ""
     head = (f"<meta charset='utf-8'><title>kdprobe study {_e(r.name)}</title><style>{_CSS}</style>{script}")
     n_cells = len(r.cells) + sum(b.cells_total for b in r.pruning)
@@ -292,7 +285,8 @@ def report_html(result: StudyResult) -> str:
 
 
 def write_report(result: StudyResult, path: str | os.PathLike) -> None:
-    """report.html: settings, versions, accuracy, diversity, landscapes, surplus, links to every file."""
+    """report.html: settings, versions, accuracy, diversity, ensemble probes and verdicts, landscapes, surplus,
+    links to every file."""
     atomic_write_text(path, report_html(result))
 
 

@@ -97,6 +97,13 @@ class TrainConfig:
     bn_sparsity: float = 0.0            # Network Slimming: lambda of the L1 sub-gradient on BN scales
     init: str | None = None             # start from this checkpoint's weights (pruned ones included)
     seed: int = 0
+    # Added later: recorded (to_dict, fingerprint) only when set, so earlier configs keep their fingerprints.
+    teacher_arch_kwargs: dict = field(default_factory=dict)  # kwargs of a foreign teacher's architecture
+    init_arch: str | None = None        # architecture of a foreign --init checkpoint (default: detected)
+    init_arch_kwargs: dict = field(default_factory=dict)
+    feature_layer: str | None = None    # feature KD: student module to tap (NAME or NAME:in); None = model's own
+    teacher_feature_layer: str | None = None  # feature KD: teacher module to tap
+    image_size: int | None = None       # side S (px) the student trains at; 0 = native; None = family default
 
     def __post_init__(self):
         _check(self.augment in AUGMENTS, "augment", AUGMENTS, self.augment)
@@ -113,9 +120,23 @@ class TrainConfig:
         if self.teacher and self.distill == "none":
             raise KdprobeError(f"--teacher {self.teacher} is used only for distillation, but --distill is none; "
                                "pass --distill label|feature, or drop --teacher")
-        if self.teacher_arch and not self.teacher:
-            raise KdprobeError(f"--teacher-arch {self.teacher_arch} names the architecture of a --teacher, but no "
-                               "--teacher was given; pass --teacher or drop --teacher-arch")
+        for flag_name, given, needs in (("--teacher-arch", self.teacher_arch, "teacher"),
+                                        ("--teacher-arch-kwargs", self.teacher_arch_kwargs, "teacher"),
+                                        ("--init-arch", self.init_arch, "init"),
+                                        ("--init-arch-kwargs", self.init_arch_kwargs, "init")):
+            if given and not getattr(self, needs):
+                raise KdprobeError(f"{flag_name} describes the architecture of an --{needs} checkpoint, but no --{needs} "
+                                   f"was given; pass --{needs} or drop {flag_name}")
+        for flag_name, given in (("--feature-layer", self.feature_layer),
+                                 ("--teacher-feature-layer", self.teacher_feature_layer)):
+            if given and self.distill != "feature":
+                raise KdprobeError(f"{flag_name} {given} is used only by feature KD, but --distill is {self.distill}; "
+                                   f"pass --distill feature, or drop {flag_name}")
+        for name in ("teacher_arch_kwargs", "init_arch_kwargs"):
+            if not isinstance(getattr(self, name), dict):
+                raise KdprobeError(f"expected {flag(name)} as a JSON object, got {getattr(self, name)!r}")
+        if self.image_size is not None and (type(self.image_size) is not int or self.image_size < 0):
+            raise KdprobeError(f"expected --image-size as a side in pixels (e.g. 224) or 'native', got {self.image_size!r}")
 
     @property
     def method(self) -> str:
@@ -132,6 +153,9 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["milestones"] = list(self.milestones)
+        for name in _LATER_FIELDS:  # at their defaults they are left out: earlier fingerprints stay valid
+            if d[name] in (None, {}):
+                del d[name]
         return d
 
     def fingerprint(self) -> str:
@@ -145,6 +169,10 @@ class TrainConfig:
         if "milestones" in d:
             d["milestones"] = tuple(d["milestones"])
         return cls(**d)
+
+
+_LATER_FIELDS = ("teacher_arch_kwargs", "init_arch", "init_arch_kwargs", "feature_layer", "teacher_feature_layer",
+                 "image_size")
 
 
 def _check(ok: bool, what: str, allowed, got):

@@ -29,7 +29,7 @@ def agreement(
     split: Split = "test",
     samples: Samples = 0,
     group_by: GroupBy = "method",
-    reference: Reference = "scratch",
+    reference: Reference = None,
     confidence: Confidence = 0.99,
     interval: Interval = "t",
     max_subsets: Annotated[int, O(help="Ensemble-size curve: every subset of size k when there are at most this "

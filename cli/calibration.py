@@ -29,7 +29,7 @@ def calibration(
     temperature: Annotated[bool, O("--temperature", help="Fit one temperature T by NLL on a seeded random half of "
                                                          "the samples; report before/after on the other half.")] = False,
     group_by: GroupBy = "method",
-    reference: Reference = "scratch",
+    reference: Reference = None,
     confidence: Confidence = 0.99,
     interval: Interval = "t",
     batch_size: BatchSize = 500,

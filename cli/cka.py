@@ -47,7 +47,7 @@ def cka(
     batch_size: Annotated[int, O(help="Samples per forward pass, and the minibatch of the minibatch estimator "
                                       "(>= 4).")] = 256,
     group_by: GroupBy = "method",
-    reference: Reference = "scratch",
+    reference: Reference = None,
     confidence: Confidence = 0.99,
     interval: Interval = "t",
     csv: Csv = None,

@@ -38,8 +38,9 @@ def diversity(
                                    "Park et al. used); v2: log-determinant of the ReLU-code Hamming kernel.")] = "v1",
     k: Annotated[float, O(help="v1 regulariser added to each eigenvalue (Mellor et al.: 1e-5).")] = 1e-5,
     group_by: Annotated[str, O(help="Checkpoint metadata key that names a checkpoint's group.")] = "method",
-    reference: Annotated[str, O(help="Group the others are tested against (Welch t, Holm-adjusted; Hedges' g); "
-                                     "'none' for no tests.")] = "scratch",
+    reference: Annotated[Optional[str], O(help="Group the others are tested against (Welch t, Holm-adjusted; Hedges' "
+                                               "g); 'none' for no tests. Default: scratch when there is such a group "
+                                               "(e.g. not for foreign files alone), else no tests.")] = None,
     confidence: Annotated[float, O(help="Confidence level of the interval (the paper: 0.99).")] = 0.99,
     interval: Annotated[str, O(help="t = Student t quantile (4.604 at 99% with 5 models); normal = 2.576 at 99%, "
                                     "as the paper computed it.")] = "t",
@@ -75,7 +76,7 @@ def diversity(
             raise KdprobeError(f"expected {name} one of {', '.join(allowed)}; got {value!r}")
     if runs < 1 or batch_size < 2:
         raise KdprobeError(f"expected --runs >= 1 and --batch-size >= 2, got {runs} and {batch_size}")
-    ref = None if reference.lower() == "none" else reference
+    ref = None if reference is None or reference.lower() == "none" else reference
     dev = resolve_device(device)
 
     archs, size = arch_choice(arch, arch_kwargs), parse_image_size(image_size)
@@ -101,6 +102,12 @@ def diversity(
     if missing:
         raise KdprobeError(f"expected metadata key {group_by!r} in every checkpoint, missing in {missing[0]}; "
                            f"pass another --group-by (e.g. method or seed)")
+    names = sorted({str(ck.meta[group_by]) for ck in loaded})
+    if reference is None:
+        ref = "scratch" if "scratch" in names else None
+    elif ref is not None and ref not in names:  # before any scoring
+        raise KdprobeError(f"expected the reference group {ref!r} among the groups {names}; pass one of them with "
+                           "--reference (or --reference none)")
     explicit = dataset is not None
     data = load_dataset(*loaded[0].data_source(dataset, data_dir))
     dataset = data.name

@@ -18,7 +18,9 @@ Split = Annotated[str, O(help="Probe on this split: test | train (no augmentatio
 Samples = Annotated[int, O(help="Use the first N examples of the split, in dataset order (image folders are served "
                                 "in a fixed shuffled order); 0 = the whole split.")]
 GroupBy = Annotated[str, O(help="Checkpoint metadata key that names a checkpoint's group (e.g. method, seed).")]
-Reference = Annotated[str, O(help="Group the others are tested against; 'none' for no tests.")]
+Reference = Annotated[Optional[str], O(help="Group the others are tested against; 'none' for no tests. Default: "
+                                           "scratch when there is such a group (not for foreign files alone), else "
+                                           "no tests.")]
 Confidence = Annotated[float, O(help="Confidence level of the intervals.")]
 Interval = Annotated[str, O(help="t = Student t quantile (the honest default for a few checkpoints); normal = z.")]
 Csv = Annotated[Optional[Path], O(help="Write the main table as CSV (see the README for which).")]
@@ -51,9 +53,9 @@ def check_choice(name: str, value: str, allowed) -> None:
         raise KdprobeError(f"expected {name} one of {', '.join(allowed)}; got {value!r}")
 
 
-def reference_or_none(reference: str) -> str | None:
-    """'none' (any case) means no reference group."""
-    return None if reference.lower() == "none" else reference
+def reference_or_none(reference: str | None) -> str | None:
+    """'none' (any case) means no reference group; None (not given) is resolved once the groups are known."""
+    return None if reference is None or reference.lower() == "none" else reference
 
 
 def load_set(patterns, *, group_by: str, split: str, samples: int, arch, dataset, data_dir, device: str,
@@ -182,7 +184,7 @@ def check_reference(reference: str | None, groups) -> None:
                            "one of them with --reference (or --reference none)")
 
 
-def open_set(patterns, *, interval: str, reference: str, group_by: str, split: str, samples: int, arch, dataset,
+def open_set(patterns, *, interval: str, reference: str | None, group_by: str, split: str, samples: int, arch, dataset,
              data_dir, device: str, min_count: int = 1, command: str = "probe",
              outputs: tuple = (None, None, None), arch_kwargs=None, image_size=None) -> tuple[ProbeSet, str | None]:
     """Check the shared options, load the checkpoints and their samples, check the reference group."""
@@ -193,7 +195,10 @@ def open_set(patterns, *, interval: str, reference: str, group_by: str, split: s
     ps = load_set(patterns, group_by=group_by, split=split, samples=samples, arch=arch, dataset=dataset,
                   data_dir=data_dir, device=device, min_count=min_count, command=command, outputs=outputs,
                   arch_kwargs=arch_kwargs, image_size=image_size)
-    check_reference(ref, [m.group for m in ps.members])
+    groups = [m.group for m in ps.members]
+    if reference is None:  # the default: scratch where the set has it
+        ref = "scratch" if "scratch" in groups else None
+    check_reference(ref, groups)
     return ps, ref
 
 

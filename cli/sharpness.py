@@ -46,7 +46,7 @@ def sharpness(
                                                          "power iteration; memory about 3.5 MB per CIFAR image for "
                                                          "a ResNet-20).")] = False,
     group_by: GroupBy = "method",
-    reference: Reference = "scratch",
+    reference: Reference = None,
     confidence: Confidence = 0.99,
     interval: Interval = "t",
     seed: Seed = 0,

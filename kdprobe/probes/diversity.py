@@ -268,8 +268,10 @@ def jacobian_score_details(model: nn.Module, inputs: torch.Tensor, *, variant: s
         if units == 0:
             raise KdprobeError("expected a ReLU network for variant v2, got no ReLU calls; use variant v1")
         sign, logdet = torch.linalg.slogdet(kernel)
-        if sign <= 0:
-            same = int(((kernel == units).sum() - n) // 2)
+        # identical codes make K exactly singular, but LU rounding can still report a sign > 0 and a
+        # meaningless log-determinant: count them (K_ij = units exactly iff codes i and j agree)
+        same = int(((kernel == units).sum() - n) // 2)
+        if sign <= 0 or same:
             raise KdprobeError(
                 f"expected distinct ReLU codes, got a singular kernel ({same} pairs of inputs with identical "
                 "codes); the v2 score is undefined for this batch"

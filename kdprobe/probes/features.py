@@ -168,16 +168,15 @@ _POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d
 @torch.no_grad()
 def traced_feature_layer(model: nn.Module, x: torch.Tensor) -> str:
     """The rule for models that name no feature layer: the module whose output is the last map (N, C, H, W)
-    larger than 1x1 produced before the final nn.Linear runs, pooling modules skipped; of nested modules
-    that finish with the same tensor, the outermost (e.g. `layer4`, not `layer4.1.relu`)."""
+    produced before the final nn.Linear runs, pooling modules (nn.AdaptiveAvgPool2d, ...) skipped; of nested
+    modules that finish with the same tensor, the outermost (e.g. `layer4`, not `layer4.1.relu`)."""
     seen: list[tuple[str, object]] = []  # (name, "linear" or a 4-D tensor), in the order modules finish
     names = {m: n for n, m in model.named_modules() if n}
 
     def hook(m, args, out):
         if isinstance(m, nn.Linear):
             seen.append((names[m], "linear"))
-        elif isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-1] * out.shape[-2] > 1 \
-                and not isinstance(m, _POOLS):
+        elif isinstance(out, torch.Tensor) and out.dim() == 4 and not isinstance(m, _POOLS):
             seen.append((names[m], out))
 
     handles = [m.register_forward_hook(hook) for m in names]

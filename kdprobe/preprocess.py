@@ -164,6 +164,18 @@ def fit_input(model: nn.Module, meta: dict | None, data, image_size: int | None 
     return InputFit(shape, size, source, scale is not None)
 
 
+def pin_size(model: nn.Module, side: int) -> None:
+    """Make a model's input hook bring every batch to side x side (a teacher that takes the data's own size,
+    taught to a student that trains on resized crops, sees them resized back by the evaluation rule)."""
+    adapter = model.__dict__.get("input_adapter")
+    if adapter is not None:
+        adapter.size = side
+        return
+    adapter = InputAdapter(side)
+    model.__dict__["input_adapter"] = adapter
+    model.__dict__["_kdprobe_input_hook"] = model.register_forward_pre_hook(adapter)
+
+
 def _crop_boxes(n: int, h: int, w: int, gen: torch.Generator, device) -> torch.Tensor:
     """(n, 4) float boxes (top, left, height, width) by torchvision's RandomResizedCrop.get_params."""
     area = float(h * w)

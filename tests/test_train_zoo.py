@@ -173,6 +173,24 @@ def test_a_foreign_teacher_at_224_teaches_a_cifar_student(folder, tmp_path):
     assert ck.meta["teacher"]["arch"]["name"] == "torchvision:squeezenet1_1" and ck.meta["input_shape"] == [3, 32, 32]
 
 
+def test_a_student_at_224_gets_a_native_teacher_its_own_size(folder, tmp_path, monkeypatch):
+    import trainers.loop as loop
+
+    t_path, _ = _foreign(tmp_path, "repdistiller:resnet8x4")  # fixed 8x8 pool head: must see 32x32 images
+    seen = []
+    real = loop._teacher_info
+
+    def spy(*args):
+        model, info = real(*args)
+        model.conv1.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[-2:])))
+        return model, info
+    monkeypatch.setattr(loop, "_teacher_info", spy)
+    cfg = TrainConfig(model="torchvision:squeezenet1_1", dataset=folder, distill="label", teacher=str(t_path),
+                      epochs=1, batch_size=9)
+    ck = load_checkpoint(train(cfg, tmp_path / "s.pt").path)
+    assert ck.meta["input_shape"] == [3, 224, 224] and set(seen) == {(32, 32)}
+
+
 def test_finetune_from_a_foreign_file(folder, tmp_path):
     path, ref = _foreign(tmp_path, "repdistiller:vgg8")
     cfg = TrainConfig(model="repdistiller:vgg8", dataset=folder, init=str(path), epochs=1, batch_size=9, lr=1e-9,

@@ -45,6 +45,10 @@ def test_torchvision_file_loads_and_equals_torchvision(tmp_path, name, side):
         a, b = ck.model(x), ref(x)
     assert b.abs().max() > 1e-3
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))
+    det = load_checkpoint(tmp_path / "tv.pth")  # auto-detected among every builder
+    assert det.detection.how == "detected" and det.model.arch == ck.model.arch
+    with torch.no_grad():
+        torch.testing.assert_close(det.model(x), b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))
     assert ck.model.feature_layer.removesuffix(":in") in dict(ck.model.named_modules())
 
 

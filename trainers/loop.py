@@ -23,7 +23,7 @@ from kdprobe.inputs import check_model_data
 from kdprobe.io import atomic_write_text, save_torch, sha256_file
 from kdprobe.models import create_model
 from kdprobe.models.registry import canonical_name
-from kdprobe.preprocess import EVAL_RULE, TRAIN_RULE, fit_input, input_size_of
+from kdprobe.preprocess import EVAL_RULE, TRAIN_RULE, fit_input, input_size_of, pin_size
 from kdprobe.pruning import apply_masks, bn_sparsity_step
 from trainers.config import TrainConfig
 from trainers.distributed import DistContext, resolve_device  # noqa: F401  (re-exported for the CLI)
@@ -175,6 +175,13 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
         model = model.to(memory_format=torch.channels_last)
     masks = {k: v.to(dev) for k, v in masks.items()}
     teacher, teacher_info = _teacher_info(config, dev, data)
+    if teacher is not None and input_size_of(model) is not None and input_size_of(teacher) is None:
+        # the student trains on S x S crops; a teacher of the data's own size gets them resized back
+        h, w = data.image_size
+        if h != w:
+            raise KdprobeError(f"the student trains on {input_size_of(model)}px crops but the teacher takes the data's "
+                               f"own {h}x{w} images; pass --image-size native, or use a teacher with an image size")
+        pin_size(teacher, h)
     recipe = Recipe(config, model, teacher, data)
     size = input_size_of(model)  # recorded: a checkpoint says what size and normalization its model takes
     input_shape = [data.in_channels, size, size] if size else list(data.train_x.shape[1:])

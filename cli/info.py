@@ -65,6 +65,11 @@ def info(
         t = meta["teacher"]
         lines.append(f"teacher     {t.get('path')} ({t.get('method')}, acc {_num(t.get('test_acc'))}, "
                      f"sha256 {str(t.get('sha256'))[:16]}...)")
+    fk = meta.get("feature_kd")
+    if isinstance(fk, dict):
+        lines.append(f"feature KD  student {fk.get('student_layer')} {fk.get('student_map')} -> teacher "
+                     f"{fk.get('teacher_layer')} {fk.get('teacher_map')}, compared at {fk.get('compared_at')}, "
+                     f"beta {fk.get('beta')}")
     if meta.get("init"):
         i = meta["init"]
         lines.append(f"init        {i.get('path')} ({i.get('method')}, sha256 {str(i.get('sha256'))[:16]}...)")

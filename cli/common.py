@@ -236,33 +236,28 @@ ARCH_KWARGS_HELP = ("Keyword arguments of foreign architectures as a JSON object
                     "what is read off the tensors.")
 
 
-def _check_archs(values):
-    """typer callback: --arch values parse (NAME or FILE=NAME)."""
-    try:
-        arch_choice(values, None)
-    except KdprobeError as e:
-        raise typer.BadParameter(str(e)) from None
-    return values
+def _checked(parse: Callable) -> Callable:
+    """A typer callback that runs `parse(value)` at parse time, so a bad value is a usage error before any work."""
+
+    def callback(value):
+        try:
+            parse(value)
+        except KdprobeError as e:
+            raise typer.BadParameter(str(e)) from None
+        return value
+
+    return callback
 
 
-def _check_arch_kwargs(values):
-    """typer callback: --arch-kwargs values parse (JSON object, or FILE=JSON object)."""
-    try:
-        arch_choice(None, values)
-    except KdprobeError as e:
-        raise typer.BadParameter(str(e)) from None
-    return values
-
-
-def _check_image_size(value):
-    """typer callback: --image-size is N >= 1 or 'native'."""
+def _parse_image_size(value):
     from kdprobe.preprocess import parse_image_size
 
-    try:
-        parse_image_size(value)
-    except KdprobeError as e:
-        raise typer.BadParameter(str(e)) from None
-    return value
+    return parse_image_size(value)
+
+
+_check_archs = _checked(lambda v: arch_choice(v, None))  # NAME or FILE=NAME
+_check_arch_kwargs = _checked(lambda v: arch_choice(None, v))  # {...} or FILE={...}
+_check_image_size = _checked(_parse_image_size)  # N >= 1 or 'native'
 
 
 Arch = Annotated[Optional[list[str]], typer.Option("--arch", help=ARCH_HELP, callback=_check_archs,

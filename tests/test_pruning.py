@@ -122,7 +122,7 @@ def test_parse_skip_and_remaining():
 
 def test_l1_rejects_other_architectures():
     v = create_model("vgg19_bn", num_classes=10, in_channels=1, cfg=[4, "M", 6])
-    with pytest.raises(KdprobeError, match=r"l1 pruning supports basic-block CIFAR ResNets .*; got vgg19_bn"):
+    with pytest.raises(KdprobeError, match="l1 pruning supports CIFAR ResNets with basic blocks .*; got vgg19_bn"):
         l1_prune(v, [0.5] * 3)
 
 
@@ -382,7 +382,7 @@ def test_cli_prune_errors(tmp_path):
     from cli.prune import prune
 
     vgg = _ckpt(tmp_path, "vgg19_bn", cfg=[4, "M", 6])
-    with pytest.raises(KdprobeError, match=r"l1 pruning supports basic-block CIFAR ResNets .*; got vgg19_bn"):
+    with pytest.raises(KdprobeError, match="l1 pruning supports CIFAR ResNets with basic blocks .*; got vgg19_bn"):
         prune(vgg, method="l1", remaining="0.5", out=tmp_path / "x.pt")
     for kwargs in [dict(method="slimming", remaining="1.5"), dict(method="weight", remaining="0.4,0.5"),
                    dict(method="slimming", remaining="0.5", skip="B"), dict(method="magic", remaining="0.5")]:

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import StepLog
 from kdprobe.checkpoint import load_checkpoint
 from kdprobe.data import load_dataset
 from kdprobe.errors import KdprobeError
@@ -119,18 +120,6 @@ def test_kd_between_families_trains_and_records_the_recipe(folder, tmp_path, dis
         assert "feature_kd" not in ck.meta
 
 
-class _Steps:
-    def __init__(self):
-        self.terms = []
-
-    def start(self, *a): ...
-    def epoch(self, *a): ...
-    def close(self): ...
-
-    def step(self, n, postfix):
-        self.terms.append(postfix)
-
-
 @pytest.mark.parametrize("teacher, student", [("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"), ("vgg13", "vgg8"),
                                               ("ResNet50", "MobileNetV2"), ("resnet32x4", "ShuffleV1"),
                                               ("resnet32x4", "ShuffleV2")])
@@ -138,7 +127,7 @@ def test_the_standard_kd_pairs_take_a_feature_kd_step(folder, tmp_path, teacher,
     t_path, _ = _foreign(tmp_path, f"repdistiller:{teacher}")
     cfg = TrainConfig(model=f"repdistiller:{student}", dataset=folder, distill="feature", teacher=str(t_path),
                       epochs=1, batch_size=9)
-    steps = _Steps()
+    steps = StepLog()
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "s.pt", progress=steps, stop_after_steps=1)
     (terms,) = steps.terms

@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import SHARED_CIFAR, shared_cifar_available
+from conftest import SHARED_CIFAR, StepLog, shared_cifar_available
 
 pytestmark = pytest.mark.skipif(not shared_cifar_available(), reason="needs ../shared/data/cifar10-jpeg.tar.gz")
 DATASET = f"imagefolder:{SHARED_CIFAR}"
@@ -64,20 +64,6 @@ def test_info_landscape_and_diversity_on_a_foreign_wrn_16_2(tmp_path, cifar):
     assert doc["models"][0]["values"] == pytest.approx(want, rel=1e-6)
 
 
-class _Steps:
-    """trainers.loop.Progress that keeps every step's logged loss terms."""
-
-    def __init__(self):
-        self.terms = []
-
-    def start(self, *a): ...
-    def epoch(self, *a): ...
-    def close(self): ...
-
-    def step(self, n, postfix):
-        self.terms.append(postfix)
-
-
 @pytest.mark.parametrize("teacher, student", [("wrn_40_2", "wrn_16_2"), ("resnet32x4", "ShuffleV1")])
 @pytest.mark.parametrize("distill", ["label", "feature"])
 def test_standard_kd_pairs_train_a_few_steps(tmp_path, cifar, teacher, student, distill):
@@ -88,7 +74,7 @@ def test_standard_kd_pairs_train_a_few_steps(tmp_path, cifar, teacher, student, 
     _repdistiller_file(tmp_path / "t.pth", teacher)
     cfg = TrainConfig(model=f"repdistiller:{student}", dataset=DATASET, train_subset=64, batch_size=16, epochs=1,
                       distill=distill, teacher=str(tmp_path / "t.pth"), lr=0.05)
-    steps = _Steps()
+    steps = StepLog()
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "s.pt", progress=steps, stop_after_steps=2)
     assert len(steps.terms) == 2 and all(torch.isfinite(torch.tensor(t["loss"])) for t in steps.terms)

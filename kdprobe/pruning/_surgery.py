@@ -34,7 +34,7 @@ def is_cifar_resnet(model: nn.Module) -> bool:
     return isinstance(model, (CifarResNet, StemResNet))
 
 
-RESNETS = "basic-block CIFAR ResNets (resnetXXa/b, rnp-l1:resnetXX, repdistiller:resnet8 ... resnet110, resnet8x4, resnet32x4)"
+RESNETS = "CIFAR ResNets with basic blocks (resnetXXa/b, rnp-l1:resnetXX, repdistiller:resnet8 ... resnet110, resnet8x4, resnet32x4)"
 
 
 def resnet_blocks(model: CifarResNet) -> list[tuple[int, int, str, nn.Module]]:

@@ -97,7 +97,7 @@ class TrainConfig:
     bn_sparsity: float = 0.0            # Network Slimming: lambda of the L1 sub-gradient on BN scales
     init: str | None = None             # start from this checkpoint's weights (pruned ones included)
     seed: int = 0
-    # Added later: recorded (to_dict, fingerprint) only when set, so earlier configs keep their fingerprints.
+    # added for other codebases' models (issue 11); left out of to_dict at their defaults (_LATER)
     teacher_arch_kwargs: dict = field(default_factory=dict)  # kwargs of a foreign teacher's architecture
     init_arch: str | None = None        # architecture of a foreign --init checkpoint (default: detected)
     init_arch_kwargs: dict = field(default_factory=dict)
@@ -153,9 +153,9 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["milestones"] = list(self.milestones)
-        for name in _LATER_FIELDS:  # at their defaults they are left out: earlier fingerprints stay valid
-            if d[name] in (None, {}):
-                del d[name]
+        for k, default in _LATER.items():  # left out at their default: older configs keep their fingerprints
+            if d[k] == default:
+                del d[k]
         return d
 
     def fingerprint(self) -> str:
@@ -171,8 +171,9 @@ class TrainConfig:
         return cls(**d)
 
 
-_LATER_FIELDS = ("teacher_arch_kwargs", "init_arch", "init_arch_kwargs", "feature_layer", "teacher_feature_layer",
-                 "image_size")
+# fields added after checkpoints and study cells were first fingerprinted, with their defaults
+_LATER = {"teacher_arch_kwargs": {}, "init_arch": None, "init_arch_kwargs": {}, "feature_layer": None,
+          "teacher_feature_layer": None, "image_size": None}
 
 
 def _check(ok: bool, what: str, allowed, got):

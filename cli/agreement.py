@@ -6,7 +6,8 @@ from typing import Annotated
 import typer
 
 from cli.common import table
-from cli.probe_set import (Arch, BatchSize, Confidence, Csv, DataDir, Dataset, Device, GroupBy, Html, Interval, Json,
+from cli.probe_set import (Arch, ArchKwargs, ImageSize,
+                           BatchSize, Confidence, Csv, DataDir, Dataset, Device, GroupBy, Html, Interval, Json,
                            Reference, Samples, Seed, Split, cached_logits, fmt_ci, fmt_p, open_set, pair_type_table,
                            write_outputs)
 
@@ -28,7 +29,7 @@ def agreement(
     split: Split = "test",
     samples: Samples = 0,
     group_by: GroupBy = "method",
-    reference: Reference = "scratch",
+    reference: Reference = None,
     confidence: Confidence = 0.99,
     interval: Interval = "t",
     max_subsets: Annotated[int, O(help="Ensemble-size curve: every subset of size k when there are at most this "
@@ -40,6 +41,8 @@ def agreement(
     json: Json = None,
     html: Html = None,
     arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    image_size: ImageSize = None,
     dataset: Dataset = None,
     data_dir: DataDir = None,
     device: Device = "auto",
@@ -52,7 +55,9 @@ def agreement(
     if max_subsets < 1 or bins < 1:
         raise KdprobeError(f"expected --max-subsets >= 1 and --bins >= 1, got {max_subsets} and {bins}")
     ps, ref = open_set(checkpoints, interval=interval, reference=reference, group_by=group_by, split=split,
-                       samples=samples, arch=arch, dataset=dataset, data_dir=data_dir, device=device, command="agreement", outputs=(csv, json, html), min_count=2)
+                       samples=samples, arch=arch, arch_kwargs=arch_kwargs,
+                       image_size=image_size, dataset=dataset, data_dir=data_dir, device=device,
+                       command="agreement", outputs=(csv, json, html), min_count=2)
     cache = cached_logits(ps, batch_size)
     labels = cache.labels
     log_probs = {m.path: cache[m.path].log_probs() for m in ps.members}

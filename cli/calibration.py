@@ -6,7 +6,8 @@ from typing import Annotated
 import typer
 
 from cli.common import table
-from cli.probe_set import (Arch, BatchSize, Confidence, Csv, DataDir, Dataset, Device, GroupBy, Html, Interval, Json,
+from cli.probe_set import (Arch, ArchKwargs, ImageSize,
+                           BatchSize, Confidence, Csv, DataDir, Dataset, Device, GroupBy, Html, Interval, Json,
                            Reference, Samples, Seed, Split, cached_logits, group_table, open_set, write_outputs)
 
 O = typer.Option
@@ -28,7 +29,7 @@ def calibration(
     temperature: Annotated[bool, O("--temperature", help="Fit one temperature T by NLL on a seeded random half of "
                                                          "the samples; report before/after on the other half.")] = False,
     group_by: GroupBy = "method",
-    reference: Reference = "scratch",
+    reference: Reference = None,
     confidence: Confidence = 0.99,
     interval: Interval = "t",
     batch_size: BatchSize = 500,
@@ -37,6 +38,8 @@ def calibration(
     json: Json = None,
     html: Html = None,
     arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    image_size: ImageSize = None,
     dataset: Dataset = None,
     data_dir: DataDir = None,
     device: Device = "auto",
@@ -49,7 +52,9 @@ def calibration(
     if bins < 1:
         raise KdprobeError(f"expected --bins >= 1, got {bins}")
     ps, ref = open_set(checkpoints, interval=interval, reference=reference, group_by=group_by, split=split,
-                       samples=samples, arch=arch, dataset=dataset, data_dir=data_dir, device=device, command="calibration", outputs=(csv, json, html))
+                       samples=samples, arch=arch, arch_kwargs=arch_kwargs,
+                       image_size=image_size, dataset=dataset, data_dir=data_dir, device=device,
+                       command="calibration", outputs=(csv, json, html))
     cache = cached_logits(ps, batch_size, desc="calibration")
     part, extra = calibration_part(ps.members, {m.path: cache[m.path].logits for m in ps.members}, cache.labels,
                                    bins=bins, adaptive=adaptive, classwise=classwise, temperature=temperature,

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import expand_paths, table
-from cli.probe_set import (Arch, Confidence, Csv, DataDir, Dataset, Device, GroupBy, Html, Interval, Json, Reference,
+from cli.probe_set import (Arch, ArchKwargs, ImageSize,
+                           Confidence, Csv, DataDir, Dataset, Device, GroupBy, Html, Interval, Json, Reference,
                            Samples, Split, check_choice, open_set, pair_type_table, write_outputs)
 
 O = typer.Option
@@ -46,13 +47,15 @@ def cka(
     batch_size: Annotated[int, O(help="Samples per forward pass, and the minibatch of the minibatch estimator "
                                       "(>= 4).")] = 256,
     group_by: GroupBy = "method",
-    reference: Reference = "scratch",
+    reference: Reference = None,
     confidence: Confidence = 0.99,
     interval: Interval = "t",
     csv: Csv = None,
     json: Json = None,
     html: Html = None,
     arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    image_size: ImageSize = None,
     dataset: Dataset = None,
     data_dir: DataDir = None,
     device: Device = "auto",
@@ -69,7 +72,8 @@ def cka(
     check_choice("--estimator", estimator, ESTIMATORS)
     pair_mode = len(expand_paths(checkpoints)) == 2 and not summary  # the reference matters for a group only
     ps, ref = open_set(checkpoints, interval=interval, reference="none" if pair_mode else reference,
-                       group_by=group_by, split=split, samples=samples, arch=arch, dataset=dataset,
+                       group_by=group_by, split=split, samples=samples, arch=arch, arch_kwargs=arch_kwargs,
+                       image_size=image_size, dataset=dataset,
                        data_dir=data_dir, device=device, command="cka", outputs=(csv, json, html), min_count=2)
     inputs = NormalizedImages(ps.x, ps.data.mean, ps.data.std)
     base = {"dataset": ps.dataset, "split": split, "samples": samples, "samples_used": int(len(ps.y)),

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import csv
+import fnmatch
 import functools
 import glob
 import io
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Annotated, Callable, Optional, Sequence
 
 import typer
 from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
@@ -220,3 +222,149 @@ class TqdmProgress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+# ---- options every command that reads checkpoints or data shares (one definition each) ----
+
+ARCH_HELP = ("Architecture of foreign checkpoints (default: detected from their tensor names and shapes). "
+             "NAME for every file, or FILE=NAME for one file (FILE may be a glob; repeat the option), e.g. "
+             "--arch repdistiller:wrn_40_2 or --arch 't/*.pth=repdistiller:resnet32x4'. Names: `kdprobe models` "
+             "(kdprobe's, repdistiller:, rnp-l1:, rnp-slimming:, rnp-weight:, torchvision:). "
+             "python:MODULE:FACTORY IMPORTS AND RUNS that module of yours to build the model.")
+ARCH_KWARGS_HELP = ("Keyword arguments of foreign architectures as a JSON object, for every file or as "
+                    "FILE={...} for one (repeatable), e.g. --arch-kwargs '{\"cfg\": [16, 8]}'; they win over "
+                    "what is read off the tensors.")
+
+
+def _checked(parse: Callable) -> Callable:
+    """A typer callback that runs `parse(value)` at parse time, so a bad value is a usage error before any work."""
+
+    def callback(value):
+        try:
+            parse(value)
+        except KdprobeError as e:
+            raise typer.BadParameter(str(e)) from None
+        return value
+
+    return callback
+
+
+def _parse_image_size(value):
+    from kdprobe.preprocess import parse_image_size
+
+    return parse_image_size(value)
+
+
+_check_archs = _checked(lambda v: arch_choice(v, None))  # NAME or FILE=NAME
+_check_arch_kwargs = _checked(lambda v: arch_choice(None, v))  # {...} or FILE={...}
+_check_image_size = _checked(_parse_image_size)  # N >= 1 or 'native'
+
+
+Arch = Annotated[Optional[list[str]], typer.Option("--arch", help=ARCH_HELP, callback=_check_archs,
+                                                   metavar="NAME|FILE=NAME")]
+ArchKwargs = Annotated[Optional[list[str]], typer.Option("--arch-kwargs", help=ARCH_KWARGS_HELP, metavar="JSON|FILE=JSON",
+                                                         callback=_check_arch_kwargs)]
+Dataset = Annotated[Optional[str], typer.Option(help="Dataset: digits, cifar10, cifar100 or imagefolder:PATH (a folder "
+                                                     "or .tar.gz); default: the one recorded in the checkpoint(s).")]
+DataDir = Annotated[Optional[Path], typer.Option(help="Folder of torchvision's CIFAR files (overrides the recorded one).")]
+ImageSize = Annotated[Optional[str], typer.Option(
+    help="Side S of the images a model receives: N pixels or 'native' (no resizing). Default: what the checkpoint "
+         "records, else 224 for torchvision models and native for the CIFAR families. Batches are resized on the "
+         "device: shorter side to S/0.875, center crop S (the ImageNet evaluation recipe).",
+    callback=_check_image_size, metavar="N|native")]
+
+
+def json_kwargs(text: str, flag: str) -> dict:
+    """A JSON object of keyword arguments (one-line error otherwise)."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise KdprobeError(f"expected {flag} as a JSON object like '{{\"cfg\": [16, 8]}}', got {text!r} ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise KdprobeError(f"expected {flag} as a JSON object like '{{\"cfg\": [16, 8]}}', got {type(value).__name__} "
+                           f"{text!r}")
+    return value
+
+
+def _split_file(text: str, flag: str, json_value: bool) -> tuple[str | None, str]:
+    """'FILE=VALUE' -> (FILE, VALUE); a plain VALUE -> (None, VALUE)."""
+    t = text.strip()
+    if json_value:
+        if t.startswith("{"):
+            return None, t
+        for i, ch in enumerate(t):  # FILE={...}: the first '=' followed by a JSON object
+            if ch == "=" and t[i + 1:].lstrip().startswith("{"):
+                return t[:i], t[i + 1:]
+        raise KdprobeError(f"expected {flag} as a JSON object or FILE={{...}}, got {text!r}")
+    file, eq, name = t.rpartition("=")  # model names never hold '='
+    if not name.strip():
+        raise KdprobeError(f"expected {flag} as NAME or FILE=NAME, got {text!r}")
+    return (file, name.strip()) if eq else (None, name.strip())
+
+
+@dataclass(frozen=True)
+class ArchChoice:
+    """The --arch / --arch-kwargs of one command: defaults for every file, and FILE= entries for some."""
+
+    arch: str | None = None
+    kwargs: dict | None = None
+    per_file: tuple = ()  # (pattern, name)
+    per_file_kwargs: tuple = ()  # (pattern, dict)
+
+    @staticmethod
+    def _matches(pattern: str, path: Path) -> bool:
+        if Path(pattern).expanduser().resolve() == path.resolve():
+            return True
+        return fnmatch.fnmatch(str(path), pattern) or fnmatch.fnmatch(str(path.resolve()), pattern)
+
+    def _pick(self, entries, default, path: Path, flag: str):
+        hits = [(p, v) for p, v in entries if self._matches(p, path)]
+        if len({json.dumps(v, sort_keys=True) for _, v in hits}) > 1:
+            raise KdprobeError(f"{path} is named by several {flag} entries ({', '.join(p for p, _ in hits)}) with "
+                               f"different values; name each file once")
+        return hits[0][1] if hits else default
+
+    def for_path(self, path) -> dict:
+        """{'arch': name or None, 'arch_kwargs': dict or None} for load_checkpoint(path, **...)."""
+        path = Path(path)
+        return {"arch": self._pick(self.per_file, self.arch, path, "--arch"),
+                "arch_kwargs": self._pick(self.per_file_kwargs, self.kwargs, path, "--arch-kwargs")}
+
+    def check_used(self, paths: Sequence) -> None:
+        """Every FILE= entry must name one of the command's checkpoints (a typo would silently do nothing)."""
+        for flag, entries in (("--arch", self.per_file), ("--arch-kwargs", self.per_file_kwargs)):
+            for pattern, _ in entries:
+                if not any(self._matches(pattern, Path(p)) for p in paths):
+                    raise KdprobeError(f"{flag} {pattern}=... names none of the checkpoints given "
+                                       f"({', '.join(str(p) for p in list(paths)[:4])}); check the file name")
+
+
+def arch_choice(arch: Sequence[str] | str | None, arch_kwargs: Sequence[str] | str | None) -> ArchChoice:
+    """Parse --arch (NAME | FILE=NAME, repeatable) and --arch-kwargs (JSON | FILE=JSON, repeatable)."""
+    from kdprobe.models.registry import canonical_name
+
+    arch = [arch] if isinstance(arch, str) else list(arch or [])
+    arch_kwargs = [arch_kwargs] if isinstance(arch_kwargs, str) else list(arch_kwargs or [])
+    default, per_file, default_kw, per_file_kw = None, [], None, []
+    for text in arch:
+        file, name = _split_file(text, "--arch", json_value=False)
+        canonical_name(name)  # unknown names fail here, listing the known ones
+        if file is None:
+            if default is not None and default != name:
+                raise KdprobeError(f"expected one --arch NAME for every file, got {default} and {name}; name single "
+                                   "files as --arch FILE=NAME")
+            default = name
+        else:
+            per_file.append((file, name))
+    for text in arch_kwargs:
+        file, value = _split_file(text, "--arch-kwargs", json_value=True)
+        kw = json_kwargs(value, "--arch-kwargs")
+        if file is None:
+            if default_kw is not None and default_kw != kw:
+                raise KdprobeError("expected one --arch-kwargs {...} for every file, got two; name single files as "
+                                   "--arch-kwargs FILE={...}")
+            default_kw = kw
+        else:
+            per_file_kw.append((file, kw))
+    return ArchChoice(default, default_kw, tuple(per_file), tuple(per_file_kw))
+

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import expand_paths, table
+from cli.common import Arch, ArchKwargs, DataDir, Dataset, ImageSize, arch_choice, expand_paths, table
 
 O = typer.Option
 
@@ -38,8 +38,9 @@ def diversity(
                                    "Park et al. used); v2: log-determinant of the ReLU-code Hamming kernel.")] = "v1",
     k: Annotated[float, O(help="v1 regulariser added to each eigenvalue (Mellor et al.: 1e-5).")] = 1e-5,
     group_by: Annotated[str, O(help="Checkpoint metadata key that names a checkpoint's group.")] = "method",
-    reference: Annotated[str, O(help="Group the others are tested against (Welch t, Holm-adjusted; Hedges' g); "
-                                     "'none' for no tests.")] = "scratch",
+    reference: Annotated[Optional[str], O(help="Group the others are tested against (Welch t, Holm-adjusted; Hedges' "
+                                               "g); 'none' for no tests. Default: scratch when there is such a group "
+                                               "(e.g. not for foreign files alone), else no tests.")] = None,
     confidence: Annotated[float, O(help="Confidence level of the interval (the paper: 0.99).")] = 0.99,
     interval: Annotated[str, O(help="t = Student t quantile (4.604 at 99% with 5 models); normal = 2.576 at 99%, "
                                     "as the paper computed it.")] = "t",
@@ -47,8 +48,11 @@ def diversity(
     json: Annotated[Optional[Path], O(help="Write settings, raw scores and group statistics as JSON.")] = None,
     html: Annotated[Optional[Path], O(help="Write an offline interactive plot (plotly inlined) as HTML.")] = None,
     device: Annotated[str, O(help="auto | cpu | cuda.")] = "auto",
-    data_dir: Annotated[Optional[Path], O(help="Dataset folder (overrides the one recorded in the checkpoints).")
-                        ] = None,
+    dataset: Dataset = None,
+    data_dir: DataDir = None,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    image_size: ImageSize = None,
 ):
     """Representation diversity per group of checkpoints: mean over models, spread, interval and tests."""
     from tqdm import tqdm
@@ -59,6 +63,7 @@ def diversity(
     from kdprobe.errors import KdprobeError
     from kdprobe.outputs import check_outputs
     from kdprobe.inputs import check_model_data, require_distinct, same_data
+    from kdprobe.preprocess import input_size_of, parse_image_size
     from kdprobe.probes.diversity import BN_MODES, OUTPUTS, VARIANTS, jacobian_scores, probe_batches
     from kdprobe.stats import INTERVALS
     from kdprobe.writers.diversity_files import write_diversity_csv, write_diversity_json
@@ -71,38 +76,51 @@ def diversity(
             raise KdprobeError(f"expected {name} one of {', '.join(allowed)}; got {value!r}")
     if runs < 1 or batch_size < 2:
         raise KdprobeError(f"expected --runs >= 1 and --batch-size >= 2, got {runs} and {batch_size}")
-    ref = None if reference.lower() == "none" else reference
+    ref = None if reference is None or reference.lower() == "none" else reference
     dev = resolve_device(device)
 
+    archs, size = arch_choice(arch, arch_kwargs), parse_image_size(image_size)
     paths = expand_paths(checkpoints)
+    archs.check_used(paths)
     check_outputs("diversity", {"--csv": (csv, "csv"), "--json": (json, "json"), "--html": (html, "html")},
                   {"CHECKPOINTS": paths})
-    loaded = [load_checkpoint(p, map_location="cpu") for p in paths]
+    loaded = [load_checkpoint(p, **archs.for_path(p), map_location="cpu") for p in paths]
     unknown = [str(ck.path) for ck in loaded if not ck.meta.get("dataset")]
-    if unknown:
-        raise KdprobeError(f"expected every checkpoint to record its dataset, got none in {unknown[0]}; "
-                           "probe kdprobe checkpoints (foreign files record no dataset)")
+    if unknown and dataset is None:
+        raise KdprobeError(f"expected every checkpoint to record its dataset, got none in {unknown[0]} (a foreign "
+                           "file?); pass --dataset (and --data-dir) to probe it")
     require_distinct(loaded, "models")  # a copied file is not a second trained model
     first = loaded[0].meta
     # one dataset: equal content fingerprints (a moved folder is the same data), else equal names
-    other = next((ck for ck in loaded if same_data(ck.meta, first) is False or (
+    other = None if dataset is not None else next((ck for ck in loaded if same_data(ck.meta, first) is False or (
         same_data(ck.meta, first) is None and str(ck.meta["dataset"]) != str(first["dataset"]))), None)
     if other is not None:
         raise KdprobeError(f"expected checkpoints of one dataset, got {loaded[0].path} trained on "
                            f"{loaded[0].meta['dataset']} and {other.path} on {other.meta['dataset']} (other data); "
                            "probe each dataset separately")
-    shapes = {tuple(ck.meta["input_shape"]) for ck in loaded if ck.meta.get("input_shape") is not None}
-    if len(shapes) > 1:
-        raise KdprobeError(f"expected checkpoints with one input shape, got {sorted(shapes)}; probe them separately")
     missing = [str(ck.path) for ck in loaded if ck.meta.get(group_by) is None]
     if missing:
         raise KdprobeError(f"expected metadata key {group_by!r} in every checkpoint, missing in {missing[0]}; "
                            f"pass another --group-by (e.g. method or seed)")
-    data = load_dataset(str(first["dataset"]), data_dir or first.get("data_dir"))
+    names = sorted({str(ck.meta[group_by]) for ck in loaded})
+    if reference is None:
+        ref = "scratch" if "scratch" in names else None
+    elif ref is not None and ref not in names:  # before any scoring
+        raise KdprobeError(f"expected the reference group {ref!r} among the groups {names}; pass one of them with "
+                           "--reference (or --reference none)")
+    explicit = dataset is not None
+    data = load_dataset(*loaded[0].data_source(dataset, data_dir))
     dataset = data.name
     x_all, _ = data.split(split)
+    fits = set()
     for ck in loaded:  # input shape, classes and data identity, before any scoring
-        check_model_data(ck, data, explicit=False)
+        note = check_model_data(ck, data, explicit=explicit, image_size=size)
+        if note:
+            typer.echo(note, err=True)
+        fits.add(input_size_of(ck.model))
+    if len(fits) > 1:  # the scores are taken w.r.t. the stored images, but their models see other sizes
+        typer.echo(f"note: the checkpoints take different image sizes ({', '.join(str(f or 'native') for f in fits)}); "
+                   "every Jacobian is taken w.r.t. the stored images", err=True)
     row = x_all[0].numel() * (data.num_classes if output == "full" else 1)
     if variant == "v1" and batch_size > row - 1:
         raise KdprobeError(f"expected --batch-size <= {row - 1} for Jacobian rows of length {row} "

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import expand_paths, table, write_json, write_rows_csv
+from cli.common import (Arch, ArchKwargs, DataDir, Dataset, ImageSize, arch_choice, expand_paths, table, write_json,
+                        write_rows_csv)
 
 O = typer.Option
 
@@ -15,9 +16,11 @@ O = typer.Option
 def evaluate(
     checkpoints: Annotated[list[str], typer.Argument(help="Checkpoint files or globs ('ckpts/*.pt').")],
     split: Annotated[str, O(help="test | train | both.")] = "test",
-    dataset: Annotated[Optional[str], O(help="Evaluate on this dataset instead of the one recorded in the checkpoint.")] = None,
-    data_dir: Annotated[Optional[Path], O(help="Folder with torchvision's CIFAR files (overrides the recorded one).")] = None,
-    arch: Annotated[Optional[str], O(help="Architecture of foreign checkpoints (e.g. resnet56b).")] = None,
+    dataset: Dataset = None,
+    data_dir: DataDir = None,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    image_size: ImageSize = None,
     csv: Annotated[Optional[Path], O(help="Write the table as CSV.")] = None,
     json: Annotated[Optional[Path], O(help="Write the table as JSON.")] = None,
     device: Annotated[str, O(help="auto | cpu | cuda.")] = "auto",
@@ -31,22 +34,25 @@ def evaluate(
     from kdprobe.evaluate import evaluate as run_eval
     from kdprobe.outputs import check_outputs
     from kdprobe.inputs import check_model_data
+    from kdprobe.preprocess import parse_image_size
     from trainers.loop import resolve_device
 
     if split not in ("test", "train", "both"):
         raise KdprobeError(f"expected --split test, train or both; got {split!r}")
     dev = resolve_device(device)
+    archs, size = arch_choice(arch, arch_kwargs), parse_image_size(image_size)
     cache, rows, todo = {}, [], []
     paths = expand_paths(checkpoints)
+    archs.check_used(paths)
     check_outputs("eval", {"--csv": (csv, "csv"), "--json": (json, "json")}, {"CHECKPOINTS": paths})
     # every checkpoint is loaded and checked against its data before any evaluation runs
     for p in paths:
-        ck = load_checkpoint(p, arch=arch, map_location=dev)
+        ck = load_checkpoint(p, **archs.for_path(p), map_location=dev)
         name, ddir = ck.data_source(dataset, data_dir)
         key = (name, str(ddir))
         if key not in cache:
             cache[key] = load_dataset(name, ddir)
-        note = check_model_data(ck, cache[key], explicit=dataset is not None)
+        note = check_model_data(ck, cache[key], explicit=dataset is not None, image_size=size)
         if note:
             typer.echo(note, err=True)
         todo.append((p, ck, cache[key]))

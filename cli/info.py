@@ -6,28 +6,31 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import write_json
+from cli.common import Arch, ArchKwargs, arch_choice, write_json
 
 O = typer.Option
 
 
 def info(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file.")],
-    arch: Annotated[Optional[str], O(help="Architecture of a foreign checkpoint (default: detected from its tensor names and shapes; "
-                                          "`kdprobe models` lists them, e.g. rnp-slimming:vgg19, torchvision:resnet18; "
-                                          "python:MODULE:FACTORY imports and runs that module).")] = None,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
     json: Annotated[Optional[Path], O(help="Also write everything as JSON.")] = None,
 ):
     """Show a checkpoint: architecture, size (params, FLOPs, nonzeros), recipe, accuracies, provenance."""
     from kdprobe.checkpoint import load_checkpoint
     from kdprobe.outputs import check_outputs
+    from kdprobe.preprocess import image_size_for
     from kdprobe.pruning import count_flops, count_nonzero, count_nonzero_flops, count_params
 
+    archs = arch_choice(arch, arch_kwargs)
+    archs.check_used([checkpoint])
     check_outputs("info", {"--json": (json, "json")}, {"CHECKPOINT": checkpoint})
-    ck = load_checkpoint(checkpoint, arch=arch)
+    ck = load_checkpoint(checkpoint, **archs.for_path(checkpoint))
     bad = ck.nonfinite()  # shown, not refused: info is how one finds out what is wrong with a file
     m, meta = ck.model, ck.meta
-    shape = meta.get("input_shape") or [m.arch["kwargs"].get("in_channels", 3), 32, 32]
+    side = image_size_for(m, meta)[0] or 32  # a foreign file records no size: its family's (CIFAR: 32)
+    shape = meta.get("input_shape") or [m.arch["kwargs"].get("in_channels", 3), side, side]
     size = {"params": count_params(m), "nonzero_params": count_nonzero(m),
             "macs": count_flops(m, shape), "nonzero_macs": count_nonzero_flops(m, shape), "input_shape": shape}
     lines = [f"file        {ck.path}  (sha256 {ck.sha256[:16]}...){'  [foreign]' if ck.foreign else ''}",
@@ -38,6 +41,10 @@ def info(
     if bad is not None:
         lines.append(f"weights     NON-FINITE: nan/inf in {bad} (and maybe others); train, prune, landscape and "
                      "interpolate refuse this file")
+    if "image_size" in meta or meta.get("normalization"):
+        norm = meta.get("normalization") or {}
+        lines.append(f"input       image size {meta.get('image_size') or 'native'}"
+                     + (f", mean {norm.get('mean')}, std {norm.get('std')}" if norm else ""))
     for key in ("method", "dataset", "seed", "epochs", "test_acc", "best_acc", "best_epoch", "reported", "fingerprint"):
         if key in meta:
             v = meta[key]
@@ -58,6 +65,11 @@ def info(
         t = meta["teacher"]
         lines.append(f"teacher     {t.get('path')} ({t.get('method')}, acc {_num(t.get('test_acc'))}, "
                      f"sha256 {str(t.get('sha256'))[:16]}...)")
+    fk = meta.get("feature_kd")
+    if isinstance(fk, dict):
+        lines.append(f"feature KD  student {fk.get('student_layer')} {fk.get('student_map')} -> teacher "
+                     f"{fk.get('teacher_layer')} {fk.get('teacher_map')}, compared at {fk.get('compared_at')}, "
+                     f"beta {fk.get('beta')}")
     if meta.get("init"):
         i = meta["init"]
         lines.append(f"init        {i.get('path')} ({i.get('method')}, sha256 {str(i.get('sha256'))[:16]}...)")

@@ -13,13 +13,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import table
+from cli.common import Arch, ArchKwargs, DataDir, Dataset, ImageSize, arch_choice, table
 
 O = typer.Option
 OUT_SUFFIXES = (".vtk", ".vts", ".h5", ".html")
 # settings that must be equal for a saved partial surface to be continued
 RESUME_KEYS = ("checkpoint_sha256", "dataset", "split", "samples", "bn", "precision", "directions_sha256",
-               "seed", "include_bn", "x", "y")
+               "seed", "include_bn", "x", "y", "image_size")
 
 
 def _setup(device: str):
@@ -30,7 +30,7 @@ def _setup(device: str):
     return ctx.device, (ctx.rank, ctx.world_size)
 
 
-def _load_samples(ck, dataset, data_dir, split, samples, dev, also=()):
+def _load_samples(ck, dataset, data_dir, split, samples, dev, also=(), image_size=None):
     """The first `samples` examples of `split` (no augmentation), normalized, on `dev`; `ck` (and the
     checkpoints in `also`) checked against the data first (kdprobe.inputs.check_model_data)."""
     from kdprobe.data import load_dataset
@@ -42,7 +42,7 @@ def _load_samples(ck, dataset, data_dir, split, samples, dev, also=()):
     name, ddir = ck.data_source(dataset, data_dir)
     data = load_dataset(name, ddir)
     for c in (ck, *also):
-        note = check_model_data(c, data, explicit=dataset is not None)
+        note = check_model_data(c, data, explicit=dataset is not None, image_size=image_size)
         if note:
             typer.echo(note, err=True)
     name = data.name
@@ -157,9 +157,11 @@ def landscape(
                                          "re-running the same command resumes.")] = 10.0,
     overwrite: Annotated[bool, O("--overwrite", help="Discard an existing HDF5 file made with other settings.")
                          ] = False,
-    dataset: Annotated[Optional[str], O(help="Dataset name (default: the one recorded in the checkpoint).")] = None,
-    data_dir: Annotated[Optional[Path], O(help="Dataset folder (overrides the recorded one).")] = None,
-    arch: Annotated[Optional[str], O(help="Architecture of a foreign checkpoint (e.g. resnet56a).")] = None,
+    dataset: Dataset = None,
+    data_dir: DataDir = None,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    image_size: ImageSize = None,
     device: Annotated[str, O(help="auto | cpu | cuda.")] = "auto",
 ):
     """Loss surface of Li et al. 2018 around a checkpoint: filter-normalized random plane, HDF5 + VTK + HTML."""
@@ -170,6 +172,7 @@ def landscape(
     from kdprobe.errors import Interrupted, KdprobeError
     from kdprobe.io import WriteError
     from kdprobe.probes.distributed import shutdown
+    from kdprobe.preprocess import input_size_of, parse_image_size
     from kdprobe.probes.landscape import (check_directions, check_grid_memory, compute_surface, make_directions,
                                           parse_grid)
     from kdprobe.probes.landscape_eval import BN_MODES, resolve_precision
@@ -182,14 +185,16 @@ def landscape(
     if vtk_height not in VTK_HEIGHTS:
         raise KdprobeError(f"expected --vtk-height one of {', '.join(VTK_HEIGHTS)}, got {vtk_height!r}")
     xs, ys = parse_grid(x), parse_grid(y)
+    archs, size = arch_choice(arch, arch_kwargs), parse_image_size(image_size)
+    archs.check_used([checkpoint])
     out = out or checkpoint.with_name(checkpoint.stem + "_landscape.vtk")
     h5_path, vtk_path, html_path = _paths("landscape", out, h5, html,
                                           {"CHECKPOINT": checkpoint, "--directions": directions}, overwrite)
     check_grid_memory(xs.size * ys.size, html=html_path is not None)  # before any allocation or loading
     dev, (rank, world) = _setup(device)
     try:
-        ck = load_checkpoint(checkpoint, arch=arch, map_location=dev, finite=True)
-        name, xt, yt = _load_samples(ck, dataset, data_dir, split, samples, dev)
+        ck = load_checkpoint(checkpoint, **archs.for_path(checkpoint), map_location=dev, finite=True)
+        name, xt, yt = _load_samples(ck, dataset, data_dir, split, samples, dev, image_size=size)
         if directions:
             try:
                 dirs = read_directions(directions)
@@ -207,6 +212,7 @@ def landscape(
                     "precision": resolve_precision(precision, dev), "directions_sha256": dirs.fingerprint(),
                     "directions_file": str(directions or ""), "seed": -1 if dirs.seed is None else dirs.seed,
                     "include_bn": bool(dirs.include_bn), "x": x, "y": y, "kdprobe_version": kdprobe.__version__,
+                    "image_size": input_size_of(ck.model),  # None (native) reads back as a missing attribute
                     "method": str(ck.meta.get("method", "")), "reference": "Li et al. 2018, filter-normalized"}
         resume = None
         if h5_path.exists() and not overwrite:
@@ -215,8 +221,9 @@ def landscape(
             except KdprobeError as e:
                 raise KdprobeError(f"{h5_path} exists but cannot be resumed ({e}); pass --overwrite to replace "
                                    f"it, or choose another --out/--h5") from None
-            diff = [f"{k} (file {old.get(k)!s:.24}, now {settings[k]!s:.24})" for k in RESUME_KEYS
-                    if str(old.get(k)) != str(settings[k])]
+            shown = lambda v: "" if v is None else str(v)  # noqa: E731 - None is stored as '' (and may be absent)
+            diff = [f"{k} (file {shown(old.get(k)):.24}, now {shown(settings[k]):.24})" for k in RESUME_KEYS
+                    if shown(old.get(k)) != shown(settings[k])]
             if not diff and not (np.array_equal(resume.xcoords, xs) and np.array_equal(resume.ycoords, ys)):
                 diff = ["grid coordinates"]
             if diff:
@@ -294,9 +301,11 @@ def interpolate(
     batch_size: Annotated[Optional[int], O(help="Samples per forward pass (default 1024 on GPU; on CPU "
                                                           "64 in fp32, 128 in bf16).")] = None,
     precision: Annotated[str, O(help="fp32 (default) | bf16 | auto (see kdprobe landscape --help).")] = "fp32",
-    dataset: Annotated[Optional[str], O(help="Dataset name (default: the one recorded in checkpoint A).")] = None,
-    data_dir: Annotated[Optional[Path], O(help="Dataset folder (overrides the recorded one).")] = None,
-    arch: Annotated[Optional[str], O(help="Architecture of foreign checkpoints (e.g. resnet56a).")] = None,
+    dataset: Dataset = None,
+    data_dir: DataDir = None,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    image_size: ImageSize = None,
     device: Annotated[str, O(help="auto | cpu | cuda.")] = "auto",
 ):
     """Loss and accuracy along the straight line (1-t) A + t B between two checkpoints (BN buffers included)."""
@@ -308,6 +317,7 @@ def interpolate(
     from kdprobe.inputs import same_data
     from kdprobe.probes.barrier import barrier as path_barrier
     from kdprobe.probes.distributed import shutdown
+    from kdprobe.preprocess import input_size_of, parse_image_size
     from kdprobe.probes.landscape import check_grid_memory, interpolate as run_interpolate, parse_grid
     from kdprobe.probes.landscape_eval import BN_MODES, resolve_precision
     from kdprobe.writers.landscape_h5 import write_line_h5
@@ -321,18 +331,20 @@ def interpolate(
     if vtk_height not in VTK_HEIGHTS:
         raise KdprobeError(f"expected --vtk-height one of {', '.join(VTK_HEIGHTS)}, got {vtk_height!r}")
     ts = parse_grid(range_, num=steps)
+    archs, size = arch_choice(arch, arch_kwargs), parse_image_size(image_size)
+    archs.check_used([checkpoint_a, checkpoint_b])
     out = out or checkpoint_a.with_name(f"{checkpoint_a.stem}_to_{checkpoint_b.stem}.h5")
     h5_path, vtk_path, html_path = _paths("interpolate", out, h5, html, {"A": checkpoint_a, "B": checkpoint_b})
     check_grid_memory(ts.size, html=html_path is not None, what="path")
     dev, (rank, world) = _setup(device)
     try:
-        a = load_checkpoint(checkpoint_a, arch=arch, map_location=dev, finite=True)
-        b = load_checkpoint(checkpoint_b, arch=arch, map_location=dev, finite=True)
+        a = load_checkpoint(checkpoint_a, **archs.for_path(checkpoint_a), map_location=dev, finite=True)
+        b = load_checkpoint(checkpoint_b, **archs.for_path(checkpoint_b), map_location=dev, finite=True)
         if dataset is None and same_data(a.meta, b.meta) is False:
             raise KdprobeError(f"expected two checkpoints of one dataset, got {a.path} trained on "
                                f"{a.meta.get('dataset')} and {b.path} on {b.meta.get('dataset')} (other data); "
                                "pass --dataset to evaluate both on one")
-        name, xt, yt = _load_samples(a, dataset, data_dir, split, samples, dev, also=(b,))
+        name, xt, yt = _load_samples(a, dataset, data_dir, split, samples, dev, also=(b,), image_size=size)
         saver = _Saver(lambda r: None, ts.size, "interpolate", 1e9, rank)
         t0 = time.perf_counter()
         try:
@@ -346,7 +358,8 @@ def interpolate(
         settings = {"checkpoint_a": str(checkpoint_a), "checkpoint_b": str(checkpoint_b),
                     "checkpoint_a_sha256": a.sha256, "checkpoint_b_sha256": b.sha256, "dataset": name,
                     "split": split, "samples": int(len(yt)), "bn": bn, "range": range_, "steps": steps,
-                    "precision": resolve_precision(precision, dev), "kdprobe_version": kdprobe.__version__}
+                    "precision": resolve_precision(precision, dev), "kdprobe_version": kdprobe.__version__,
+                    "image_size": input_size_of(a.model)}
         try:
             bar, why = path_barrier(res), ""
             settings.update(loss_barrier=bar.loss_barrier, loss_barrier_t=bar.t_loss,

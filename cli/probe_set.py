@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import expand_paths
+from cli.common import Arch, ArchKwargs, DataDir, Dataset, ImageSize, arch_choice, expand_paths  # noqa: F401 (options re-exported)
 
 O = typer.Option
 
@@ -18,15 +18,14 @@ Split = Annotated[str, O(help="Probe on this split: test | train (no augmentatio
 Samples = Annotated[int, O(help="Use the first N examples of the split, in dataset order (image folders are served "
                                 "in a fixed shuffled order); 0 = the whole split.")]
 GroupBy = Annotated[str, O(help="Checkpoint metadata key that names a checkpoint's group (e.g. method, seed).")]
-Reference = Annotated[str, O(help="Group the others are tested against; 'none' for no tests.")]
+Reference = Annotated[Optional[str], O(help="Group the others are tested against; 'none' for no tests. Default: "
+                                           "scratch when there is such a group (not for foreign files alone), else "
+                                           "no tests.")]
 Confidence = Annotated[float, O(help="Confidence level of the intervals.")]
 Interval = Annotated[str, O(help="t = Student t quantile (the honest default for a few checkpoints); normal = z.")]
 Csv = Annotated[Optional[Path], O(help="Write the main table as CSV (see the README for which).")]
 Json = Annotated[Optional[Path], O(help="Write every table as one JSON document (schema in the README).")]
 Html = Annotated[Optional[Path], O(help="Write an offline interactive figure (plotly inlined, no WebGL).")]
-Arch = Annotated[Optional[str], O(help="Architecture of foreign checkpoints (e.g. resnet56a).")]
-Dataset = Annotated[Optional[str], O(help="Dataset name (default: the one recorded in the checkpoints).")]
-DataDir = Annotated[Optional[Path], O(help="Dataset folder (overrides the recorded one).")]
 Device = Annotated[str, O(help="auto | cpu | cuda.")]
 Seed = Annotated[int, O(help="Seed of every random draw of the probe (same seed, same device: same result).")]
 BatchSize = Annotated[int, O(help="Samples per forward pass.")]
@@ -54,13 +53,14 @@ def check_choice(name: str, value: str, allowed) -> None:
         raise KdprobeError(f"expected {name} one of {', '.join(allowed)}; got {value!r}")
 
 
-def reference_or_none(reference: str) -> str | None:
-    """'none' (any case) means no reference group."""
-    return None if reference.lower() == "none" else reference
+def reference_or_none(reference: str | None) -> str | None:
+    """'none' (any case) means no reference group; None (not given) is resolved once the groups are known."""
+    return None if reference is None or reference.lower() == "none" else reference
 
 
 def load_set(patterns, *, group_by: str, split: str, samples: int, arch, dataset, data_dir, device: str,
-             min_count: int = 1, command: str = "probe", outputs: tuple = (None, None, None)) -> ProbeSet:
+             min_count: int = 1, command: str = "probe", outputs: tuple = (None, None, None), arch_kwargs=None,
+             image_size=None) -> ProbeSet:
     """Check the outputs, expand globs, load every checkpoint on the CPU (finite weights, no byte-identical
     copies), require one dataset that fits every model, pick the samples."""
     from tqdm import tqdm
@@ -71,19 +71,22 @@ def load_set(patterns, *, group_by: str, split: str, samples: int, arch, dataset
     from kdprobe.inputs import check_model_data, require_distinct
     from kdprobe.outputs import check_outputs
     from kdprobe.pairs import members_from_checkpoints
+    from kdprobe.preprocess import parse_image_size
     from trainers.loop import resolve_device
 
     check_choice("--split", split, ("test", "train"))
     if samples < 0:
         raise KdprobeError(f"expected --samples >= 0 (0 = the whole split), got {samples}")
     dev = resolve_device(device)
+    archs, size = arch_choice(arch, arch_kwargs), parse_image_size(image_size)
     paths = expand_paths(patterns)
+    archs.check_used(paths)
     csv, json, html = outputs
     check_outputs(command, {"--csv": (csv, "csv"), "--json": (json, "json"), "--html": (html, "html")},
                   {"CHECKPOINTS": paths})
     if len(paths) < min_count:
         raise KdprobeError(f"expected at least {min_count} checkpoints, got {len(paths)}; pass more paths or a glob")
-    loaded = [load_checkpoint(p, arch=arch, map_location="cpu", finite=True)
+    loaded = [load_checkpoint(p, **archs.for_path(p), map_location="cpu", finite=True)
               for p in tqdm(paths, desc="load", unit="ckpt", file=sys.stderr, dynamic_ncols=True, disable=len(paths) < 8)]
     sources = {ck.data_source(dataset, data_dir) for ck in loaded}
     if len({name for name, _ in sources}) != 1:
@@ -94,7 +97,7 @@ def load_set(patterns, *, group_by: str, split: str, samples: int, arch, dataset
     members = members_from_checkpoints(loaded, group_by)
     data = load_dataset(name, ddir)
     for ck in loaded:  # input shape, classes and dataset identity, before any work
-        note = check_model_data(ck, data, explicit=dataset is not None)
+        note = check_model_data(ck, data, explicit=dataset is not None, image_size=size)
         if note:
             typer.echo(note, err=True)
     x, y = data.split(split)
@@ -181,17 +184,21 @@ def check_reference(reference: str | None, groups) -> None:
                            "one of them with --reference (or --reference none)")
 
 
-def open_set(patterns, *, interval: str, reference: str, group_by: str, split: str, samples: int, arch, dataset,
+def open_set(patterns, *, interval: str, reference: str | None, group_by: str, split: str, samples: int, arch, dataset,
              data_dir, device: str, min_count: int = 1, command: str = "probe",
-             outputs: tuple = (None, None, None)) -> tuple[ProbeSet, str | None]:
+             outputs: tuple = (None, None, None), arch_kwargs=None, image_size=None) -> tuple[ProbeSet, str | None]:
     """Check the shared options, load the checkpoints and their samples, check the reference group."""
     from kdprobe.stats import INTERVALS
 
     check_choice("--interval", interval, INTERVALS)
     ref = reference_or_none(reference)
     ps = load_set(patterns, group_by=group_by, split=split, samples=samples, arch=arch, dataset=dataset,
-                  data_dir=data_dir, device=device, min_count=min_count, command=command, outputs=outputs)
-    check_reference(ref, [m.group for m in ps.members])
+                  data_dir=data_dir, device=device, min_count=min_count, command=command, outputs=outputs,
+                  arch_kwargs=arch_kwargs, image_size=image_size)
+    groups = [m.group for m in ps.members]
+    if reference is None:  # the default: scratch where the set has it
+        ref = "scratch" if "scratch" in groups else None
+    check_reference(ref, groups)
     return ps, ref
 
 

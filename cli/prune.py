@@ -6,20 +6,23 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import table
+from cli.common import Arch, ArchKwargs, arch_choice, table
 
 O = typer.Option
 
 
 def prune(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to prune (kdprobe, or foreign with --arch).")],
-    method: Annotated[str, O(help="l1 (Li 2016, CIFAR ResNets) | slimming (Liu 2017) | weight (Han 2015).")],
+    method: Annotated[str, O(help="l1 (Li 2016; basic-block CIFAR ResNets: resnetXXa/b, rnp-l1:, repdistiller:resnet*) | "
+                                  "slimming (Liu 2017; vgg19_bn, rnp-slimming:vgg19, CIFAR ResNets, densenet40) | "
+                                  "weight (Han 2015; any model with Conv2d layers).")],
     remaining: Annotated[str, O(help="Fraction kept, in (0, 1]. l1: per stage '0.4,0.7,0.9' (one value = all stages); "
                                      "slimming: of the prunable channels; weight: of the conv weights.")],
     out: Annotated[Path, O(help="Where to write the pruned checkpoint.")],
     skip: Annotated[Optional[str], O(help="l1 only: blocks kept whole, 1-based stage.block ('1.8,1.9,2.1') or a "
                                           "preset (A, B, resnet56-B, resnet110-B).")] = None,
-    arch: Annotated[Optional[str], O(help="Architecture of a foreign checkpoint (e.g. resnet56a).")] = None,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
     overwrite: Annotated[bool, O(help="Replace an existing --out checkpoint (only a checkpoint; the new one is "
                                       "written completely before it replaces the old).")] = False,
 ):
@@ -27,8 +30,10 @@ def prune(
     from kdprobe.outputs import check_outputs
     from kdprobe.pruning import prune_checkpoint
 
+    archs = arch_choice(arch, arch_kwargs)
+    archs.check_used([checkpoint])
     check_outputs("prune", {"--out": (out, "checkpoint")}, {"CHECKPOINT": checkpoint}, overwrite=overwrite)
-    rep = prune_checkpoint(checkpoint, method, remaining, out, skip=skip, arch=arch)
+    rep = prune_checkpoint(checkpoint, method, remaining, out, skip=skip, **archs.for_path(checkpoint))
     for w in rep.warnings:
         typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"{rep.arch}: {rep.method} pruning, remaining {remaining}" + (f", skip {skip}" if skip else "")

@@ -7,7 +7,8 @@ from typing import Annotated
 import typer
 
 from cli.common import table
-from cli.probe_set import (Arch, Confidence, Csv, DataDir, Dataset, Device, GroupBy, Html, Interval, Json, Reference,
+from cli.probe_set import (Arch, ArchKwargs, ImageSize,
+                           Confidence, Csv, DataDir, Dataset, Device, GroupBy, Html, Interval, Json, Reference,
                            Samples, Seed, Split, check_choice, group_table, open_set, write_outputs)
 
 O = typer.Option
@@ -45,7 +46,7 @@ def sharpness(
                                                          "power iteration; memory about 3.5 MB per CIFAR image for "
                                                          "a ResNet-20).")] = False,
     group_by: GroupBy = "method",
-    reference: Reference = "scratch",
+    reference: Reference = None,
     confidence: Confidence = 0.99,
     interval: Interval = "t",
     seed: Seed = 0,
@@ -53,6 +54,8 @@ def sharpness(
     json: Json = None,
     html: Html = None,
     arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    image_size: ImageSize = None,
     dataset: Dataset = None,
     data_dir: DataDir = None,
     device: Device = "auto",
@@ -72,7 +75,9 @@ def sharpness(
         raise KdprobeError(f"expected --top-k, --iterations, --trace-samples >= 1 and --tol >= 0, got {top_k}, "
                            f"{iterations}, {trace_samples}, {tol}")
     ps, ref = open_set(checkpoints, interval=interval, reference=reference, group_by=group_by, split=split,
-                       samples=samples, arch=arch, dataset=dataset, data_dir=data_dir, device=device, command="sharpness", outputs=(csv, json, html))
+                       samples=samples, arch=arch, arch_kwargs=arch_kwargs,
+                       image_size=image_size, dataset=dataset, data_dir=data_dir, device=device,
+                       command="sharpness", outputs=(csv, json, html))
     x = NormalizedImages(ps.x, ps.data.mean, ps.data.std)[:]
     results = []
     budget = top_k * iterations + trace_samples + (lanczos_steps * density_runs if density else 0)

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import TqdmProgress, ranged
+from cli.common import ImageSize, TqdmProgress, json_kwargs, ranged
 from kdprobe.models.registry import WIDTH
 
 O = typer.Option
@@ -14,7 +14,7 @@ O = typer.Option
 
 def train(
     out: Annotated[Path, O("--out", "-o", help="Checkpoint to write (.pt); OUT.partial holds resume state, OUT.jsonl the per-epoch log.")],
-    model: Annotated[Optional[str], O(help="Registry name, variant included: resnet20 (=resnet20b, 1x1-conv shortcut), resnet56a (zero-pad shortcut), vgg19_bn, densenet40, pyramidnet110, ... (`kdprobe models`). Default resnet20; with --init the model comes from the init checkpoint.")] = None,
+    model: Annotated[Optional[str], O(help="Registry name, variant included: resnet20 (=resnet20b, 1x1-conv shortcut), resnet56a (zero-pad shortcut), vgg19_bn, densenet40, pyramidnet110, repdistiller:wrn_16_2, rnp-slimming:vgg19, torchvision:resnet18, python:MODULE:FACTORY (imports and runs your module), ... (`kdprobe models`). Default resnet20; with --init the model comes from the init checkpoint.")] = None,
     dataset: Annotated[str, O(help="digits (embedded, offline), cifar10, cifar100, or imagefolder:PATH (PATH/train, PATH/test; a .tar.gz works too).")] = "digits",
     data_dir: Annotated[Optional[Path], O(help="Folder with torchvision's CIFAR files.")] = None,
     download: Annotated[bool, O(help="Download CIFAR into --data-dir first (needs internet).")] = False,
@@ -32,12 +32,19 @@ def train(
     cutmix_beta: Annotated[float, O(help="CutMix: lambda ~ Beta(b, b), b > 0.", callback=ranged("cutmix_beta"))] = 1.0,
     distill: Annotated[str, O(help="none | label (Hinton KD) | feature (normalized L1 on the last feature map, 1x1 regressor).")] = "none",
     teacher: Annotated[Optional[Path], O(help="Teacher checkpoint (kdprobe's, or foreign with --teacher-arch).")] = None,
-    teacher_arch: Annotated[Optional[str], O(help="Architecture of a foreign teacher checkpoint.")] = None,
+    teacher_arch: Annotated[Optional[str], O(help="Architecture of a foreign teacher checkpoint (default: detected; names as for --arch, see `kdprobe eval --help`).")] = None,
+    teacher_arch_kwargs: Annotated[Optional[str], O(help="Keyword arguments of the teacher's architecture, a JSON object.", metavar="JSON")] = None,
+    feature_layer: Annotated[Optional[str], O(help="Feature KD: the student module whose output is tapped (NAME, or NAME:in for its input; names as in model.named_modules()). Default: the model's feature_layer (the last map before pooling), else the last (N,C,H,W) map before the classifier.")] = None,
+    teacher_feature_layer: Annotated[Optional[str], O(help="Feature KD: the teacher module tapped (default as --feature-layer).")] = None,
+    image_size: ImageSize = None,
     alpha: Annotated[float, O(help="Label KD: weight of the KL term (paper 0.9).", callback=ranged("alpha"))] = 0.9,
     temperature: Annotated[float, O(help="Label KD: temperature T (paper 4).", callback=ranged("temperature"))] = 4.0,
     beta: Annotated[Optional[float], O(help="Feature KD weight (default per family: ResNet 500, VGG 1500, DenseNet-40 1000, PyramidNet-110 1000, -200 2000).", callback=ranged("beta"))] = None,
     bn_sparsity: Annotated[float, O(help="Network Slimming: L1 sub-gradient lambda on BN scales (1e-4 VGG, 1e-5 ResNet/DenseNet).", callback=ranged("bn_sparsity"))] = 0.0,
-    init: Annotated[Optional[Path], O(help="Start from this checkpoint (e.g. a pruned one from `kdprobe prune`); the model (and its widths) come from it, so --model/--width are refused.")] = None,
+    init: Annotated[Optional[Path], O(help="Start from this checkpoint (e.g. a pruned one from `kdprobe prune`, or a foreign one); the model (and its widths) come from it, so --model/--width are refused.")] = None,
+    init_arch: Annotated[Optional[str], O(help="Architecture of a foreign --init checkpoint (default: detected).")] = None,
+    init_arch_kwargs: Annotated[Optional[str], O(help="Keyword arguments of the --init architecture, a JSON object.", metavar="JSON")] = None,
+    model_kwargs: Annotated[Optional[str], O(help="Keyword arguments of --model, a JSON object (e.g. '{\"width_mult\": 0.5}' for torchvision:mobilenet_v2); --width adds to it.", metavar="JSON")] = None,
     width: Annotated[Optional[float], O(help="Width multiplier for ResNets/VGG (> 0; tiny models for quick runs).", callback=ranged(WIDTH))] = None,
     train_subset: Annotated[Optional[int], O(help="Train on a seeded subset of this many images (>= 1).", callback=ranged("train_subset"))] = None,
     device: Annotated[str, O(help="auto | cpu | cuda | cuda:N.")] = "auto",
@@ -49,30 +56,38 @@ def train(
     from kdprobe.data import load_dataset
     from kdprobe.errors import KdprobeError
     from kdprobe.outputs import check_outputs
+    from kdprobe.preprocess import parse_image_size
     from trainers.config import make_config, parse_milestones
     from trainers.loop import log_path, partial_path, train as run_train
 
     # Everything is checked before any file is touched: flags (ranges at parse time, then the whole
     # config), output paths, the init checkpoint; the loop then loads data, model and teacher and
     # checks them before its first write. An existing OUT is only ever replaced by a complete one.
-    if init is not None and (model is not None or width is not None):
-        given = " and ".join(f for f, v in (("--model", model), ("--width", width)) if v is not None)
+    if init is not None and (model is not None or width is not None or model_kwargs is not None):
+        given = " and ".join(f for f, v in (("--model", model), ("--width", width), ("--model-kwargs", model_kwargs))
+                             if v is not None)
         raise KdprobeError(f"--init {init} gives the model and its widths, so {given} would be recorded but not "
                            f"used; drop {given}")
     check_outputs("train", {"--out": (out, "checkpoint"), "its resume state OUT.partial": (partial_path(out), "partial"),
                             "its log OUT.jsonl": (log_path(out), "jsonl")},
                   {"--teacher": teacher, "--init": init}, overwrite=overwrite,
                   keep=("--out", "its resume state OUT.partial"))
+    kwargs = {name: json_kwargs(text, flag) if text is not None else None for name, text, flag in (
+        ("model", model_kwargs, "--model-kwargs"), ("teacher", teacher_arch_kwargs, "--teacher-arch-kwargs"),
+        ("init", init_arch_kwargs, "--init-arch-kwargs"))}
     if init is not None:
-        model = load_checkpoint(init, finite=True).model.arch["name"]
+        model = load_checkpoint(init, arch=init_arch, arch_kwargs=kwargs["init"], finite=True).model.arch["name"]
     config = make_config(
-        preset, model=model or "resnet20", model_kwargs={"width": width} if width is not None else {},
+        preset, model=model or "resnet20",
+        model_kwargs={**(kwargs["model"] or {}), **({"width": width} if width is not None else {})},
         dataset=dataset, data_dir=str(data_dir) if data_dir else None, seed=seed, epochs=epochs,
         batch_size=batch_size, lr=lr, schedule=schedule, milestones=parse_milestones(milestones),
         weight_decay=weight_decay, nesterov=nesterov, augment=augment, cutmix_prob=cutmix_prob,
         cutmix_beta=cutmix_beta, distill=distill, teacher=str(teacher) if teacher else None,
         teacher_arch=teacher_arch, alpha=alpha, temperature=temperature, beta=beta, bn_sparsity=bn_sparsity,
-        init=str(init) if init else None, train_subset=train_subset,
+        init=str(init) if init else None, train_subset=train_subset, teacher_arch_kwargs=kwargs["teacher"],
+        init_arch=init_arch, init_arch_kwargs=kwargs["init"], feature_layer=feature_layer,
+        teacher_feature_layer=teacher_feature_layer, image_size=parse_image_size(image_size),
     )
     if out.exists() and not overwrite:
         typer.echo(f"{out} exists; nothing to do (pass --overwrite to retrain)")

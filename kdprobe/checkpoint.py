@@ -271,6 +271,10 @@ def load_checkpoint(path, *, arch: str | None = None, arch_kwargs: dict | None =
         name, kwargs = upgrade_arch(name, kwargs, obj["format_version"])
         if arch is not None and canonical_name(arch) != name:
             raise KdprobeError(f"{path} holds a {name}, not a {canonical_name(arch)}; drop --arch for kdprobe checkpoints")
+        differ = sorted(k for k, v in (arch_kwargs or {}).items() if kwargs.get(k) != v)
+        if differ:  # the file rebuilds its own model; kwargs that would say otherwise are a mistake
+            raise KdprobeError(f"{path} holds a {name} built with {differ[0]}={kwargs.get(differ[0], '<none>')!r}, "
+                               f"not {(arch_kwargs or {})[differ[0]]!r}; drop --arch-kwargs for kdprobe checkpoints")
         model = _build(name, kwargs, path)
         load_state_into(model, sd, str(path))
         foreign_file, detection = False, None

@@ -14,6 +14,10 @@ sides in the message:
     before fingerprints existed (and foreign ones) have none and are not refused for it;
   * finally one forward pass on one sample, which is all a foreign checkpoint (no recorded
     shape) can be checked with; its failure is reported as a message, not a traceback.
+Before comparing, the model is fitted to the data (kdprobe.preprocess.fit_input): the image size
+it takes (--image-size, its checkpoint's record, or its family's default, e.g. 224 for
+torchvision models) and the normalization it was trained with are applied to every batch it
+receives by an input hook, so the shape compared is the one the model will actually see.
 `require_distinct` refuses byte-identical copies of one checkpoint among a group's members.
 """
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 
 from kdprobe.data import TensorData
 from kdprobe.errors import KdprobeError
+from kdprobe.preprocess import fit_input
 
 _BUILTIN = ("digits", "cifar10", "cifar100")
 
@@ -58,11 +63,11 @@ def same_data(meta_a: dict, meta_b: dict) -> bool | None:
     return None
 
 
-def _forward_one(ck, data: TensorData, who: str) -> int:
-    """Run one test sample through the model (eval mode, no grad, mode restored); returns the logit count."""
+def _forward_one(ck, data: TensorData, who: str, shape: tuple) -> int:
+    """Run one test sample through the model (eval mode, no grad, mode restored); returns the logit count.
+    shape: what the model receives (after its input hook)."""
     model = ck.model
     x, _ = data.head("test", 1)
-    shape = tuple(data.test_x.shape[1:])
     try:
         device = next(model.parameters()).device
     except StopIteration:
@@ -74,8 +79,9 @@ def _forward_one(ck, data: TensorData, who: str) -> int:
             out = model(x.to(device))
     except Exception as e:  # noqa: BLE001 - any failure of a foreign forward is the user's mismatch
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise KdprobeError(f"{who} cannot take {data.name}'s {_shape_text(shape)} images: a forward pass on one "
-                           f"sample failed ({why}); pass the --dataset it was trained on (or the right --arch)") from None
+        raise KdprobeError(f"{who} cannot take {data.name}'s images as {_shape_text(shape)} inputs: a forward pass on "
+                           f"one sample failed ({why}); pass the --dataset it was trained on (or the right --arch, "
+                           "or --image-size)") from None
     finally:
         model.train(was)
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
@@ -85,31 +91,38 @@ def _forward_one(ck, data: TensorData, who: str) -> int:
     return int(out.shape[1])
 
 
-def check_model_data(ck, data: TensorData, *, explicit: bool, role: str = "checkpoint") -> str | None:
-    """Refuse a checkpoint (kdprobe.checkpoint.LoadedCheckpoint) that does not fit `data`; returns a note or None.
+def check_model_data(ck, data: TensorData, *, explicit: bool, role: str = "checkpoint",
+                     image_size: int | None = None) -> str | None:
+    """Fit a checkpoint (kdprobe.checkpoint.LoadedCheckpoint) to `data` and refuse it if it does not fit;
+    returns a note or None.
 
     explicit: the user named the dataset (--dataset), so data other than the recorded one is
     allowed (returned as a note); otherwise it is refused. role: 'checkpoint', 'teacher' or
     'init' (training refuses other data for a teacher or an init checkpoint, with no override).
+    image_size: the command's --image-size (None: the checkpoint's or the family's; 0: native).
     """
     meta = ck.meta if isinstance(ck.meta, dict) else {}
     who = f"{role} {ck.path}" if role != "checkpoint" else str(ck.path)
     recorded = meta.get("dataset")
     trained_on = f"trained on {recorded}" if recorded else "a foreign checkpoint"
-    have = tuple(int(v) for v in data.test_x.shape[1:])
-    if len(have) != 3:
-        raise KdprobeError(f"expected images of shape (C, H, W) in {data.name}, got {have}; use an image dataset")
+    stored = tuple(int(v) for v in data.test_x.shape[1:])
+    if len(stored) != 3:
+        raise KdprobeError(f"expected images of shape (C, H, W) in {data.name}, got {stored}; use an image dataset")
+    fit = fit_input(ck.model, meta, data, image_size)
+    have = fit.shape
+    served = (f"{data.name} has {_shape_text(have)} images" if fit.size is None else
+              f"{data.name}'s images are served at {_shape_text(have)} (image size {fit.size} from {fit.source})")
     fix = ("use a teacher trained on this dataset" if role == "teacher" else
            "use an --init checkpoint of this dataset" if role == "init" else
            f"pass the --dataset it was trained on{f' ({recorded})' if recorded else ''}")
     want = recorded_shape(meta)
     if want is not None and want != have:
-        raise KdprobeError(f"{who} takes {_shape_text(want)} inputs ({trained_on}), but {data.name} has "
-                           f"{_shape_text(have)} images; {fix}")
+        hint = f"pass --image-size {want[1]}" if want[0] == have[0] and want[1] == want[2] else fix
+        raise KdprobeError(f"{who} takes {_shape_text(want)} inputs ({trained_on}), but {served}; {hint}")
     n = _model_classes(ck.model)
     if n is not None and n != data.num_classes:
         raise KdprobeError(f"{who} predicts {n} classes ({trained_on}), but {data.name} has {data.num_classes}; {fix}")
-    n_out = _forward_one(ck, data, who)
+    n_out = _forward_one(ck, data, who, have)
     if n_out != data.num_classes:
         raise KdprobeError(f"{who} predicts {n_out} classes ({trained_on}), but {data.name} has {data.num_classes}; "
                            f"{fix}")

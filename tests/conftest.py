@@ -66,3 +66,17 @@ def settle_bn(model, seed: int = 0, side: int = 32):
         m.running_mean.add_(0.05 * torch.randn(m.num_features, generator=g))
         m.running_var.mul_(0.9 + 0.2 * torch.rand(m.num_features, generator=g))
     return model.eval()
+
+
+class StepLog:
+    """A trainers.loop.Progress that keeps every step's logged loss terms (for few-step training tests)."""
+
+    def __init__(self):
+        self.terms = []
+
+    def start(self, *a): ...
+    def epoch(self, *a): ...
+    def close(self): ...
+
+    def step(self, n, postfix):
+        self.terms.append(postfix)

@@ -204,6 +204,43 @@ def test_v2_counts_functional_relus_and_matches_hamming_loop():
     assert sign > 0 and det.score == pytest.approx(logdet, rel=1e-12)
 
 
+class ClippedRelus(nn.Module):
+    """ReLU6 as a module (in place) and functional, a hardtanh clipped at 0, and two that are not ReLUs."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3, self.l4 = nn.Linear(5, 7), nn.Linear(7, 6), nn.Linear(6, 4), nn.Linear(4, 3)
+        self.act = nn.ReLU6(inplace=True)
+
+    def layers(self, x):
+        a = self.act(self.l1(x) * 6)  # scaled so some units saturate at 6
+        b = F.relu6(self.l2(a))
+        c = F.hardtanh(self.l3(b), 0.0, 2.0)
+        d = F.leaky_relu(F.hardtanh(self.l4(c)))  # hardtanh(-1, 1) and leaky ReLU: no zero region, not counted
+        return [a, b, c], d
+
+    def forward(self, x):
+        return self.layers(x)[1]
+
+
+def test_v2_counts_relu6_and_clipped_relus():
+    torch.manual_seed(0)
+    m, x = ClippedRelus(), torch.randn(6, 5)
+    det = jacobian_score_details(m, x, variant="v2")
+    assert det.units_seen == 7 + 6 + 4 and det.relu_calls == 3
+    with torch.no_grad():
+        acts, _ = m.layers(x)
+        codes = torch.cat([(a > 0).flatten(1) for a in acts], 1).numpy()
+    assert (acts[0] == 6).any()  # the clip at 6 is reached, and counts as "on"
+    u = codes.shape[1]
+    kern = np.array([[u - np.sum(ci != cj) for cj in codes] for ci in codes], dtype=float)
+    sign, logdet = np.linalg.slogdet(kern)
+    assert sign > 0 and det.score == pytest.approx(logdet, rel=1e-12)
+    torch.manual_seed(6)  # this draw gives two inputs one code: K is singular, however LU rounds
+    with pytest.raises(KdprobeError, match="1 pairs of inputs with identical codes"):
+        jacobian_score_details(ClippedRelus(), torch.randn(6, 5), variant="v2")
+
+
 def test_v2_counts_resnet_units():
     det = jacobian_score_details(tiny_resnet(), torch.randn(4, 1, 8, 8), variant="v2")
     # stem 4x8x8, stage1 block 2x(4x8x8), stage2 2x(8x4x4), stage3 2x(16x2x2)

@@ -181,6 +181,26 @@ CASES = [
     ("agreement {d}/a.pt {d}/a_copy.pt", "byte-identical"),
     ("calibration {d}/nan.pt", "non-finite"),
     ("agreement {d}/a.pt {d}/flipped.pt", "corrupted"),
+    # architectures, their arguments and input sizes (issue 11)
+    ("eval {d}/a.pt --arch-kwargs {{nope", "--arch-kwargs"),
+    ("eval {d}/a.pt --arch-kwargs [1,2]", "JSON object"),
+    ("eval {d}/a.pt --arch {d}/zzz.pt=resnet8a", "names none of the checkpoints"),
+    ("eval {d}/a.pt --arch resnet8a --arch resnet8b", "one --arch NAME for every file"),
+    ("eval {d}/a.pt --arch repdistiller:wrn_99_1", "unknown model"),
+    ("eval {d}/a.pt --arch resnet8b", "holds a resnet8a, not a resnet8b"),
+    ('info {d}/a.pt --arch-kwargs {{"width":0.5}}', "drop --arch-kwargs"),
+    ('prune {d}/a.pt --method weight --remaining 0.5 --out {d}/n.pt --arch-kwargs {d}/a.pt={{"width":1}}',
+     "drop --arch-kwargs"),
+    ("eval {d}/a.pt --image-size 0", "--image-size"),
+    ("eval {d}/a.pt --image-size big", "--image-size"),
+    ("landscape {d}/a.pt --out {d}/n.vtk --image-size 16", "pass --image-size 8"),
+    ("diversity {d}/a.pt {d}/b.pt --reference cutmix", "reference group 'cutmix'"),
+    ("train --distill none --feature-layer layer3 --out {d}/n.pt", "--feature-layer"),
+    ('train --teacher-arch-kwargs {{"cfg":[1]}} --out {d}/n.pt', "--teacher-arch-kwargs"),
+    ("train --init-arch resnet8a --out {d}/n.pt", "--init-arch"),
+    ('train --init {d}/a.pt --model-kwargs {{"width":0.5}} --out {d}/n.pt', "--model-kwargs"),
+    ("train --model-kwargs [1] --out {d}/n.pt", "JSON object"),
+    ("train --model repdistiller:shufflev1 --distill feature --teacher {d}/a.pt --out {d}/n.pt", "--image-size 32"),
 ]
 
 

@@ -10,6 +10,7 @@ import torch
 
 from kdprobe.errors import KdprobeError
 from kdprobe.models import canonical_name, create_model, list_models, model_aliases
+from kdprobe.probes.features import FeatureTap
 
 
 
@@ -64,6 +65,11 @@ def test_tiny_model_forward_and_split(name):
             assert torch.isfinite(out).all()
             assert f.ndim == 4 and f.shape[0] == 2 and f.shape[1] == model.feature_channels
             assert torch.equal(out, split)
+            tap = FeatureTap(model, model.feature_layer)  # what feature KD hooks is that very map
+            with torch.no_grad():
+                model(x)
+            assert torch.equal(tap.take(), f)
+            tap.close()
 
 
 # Rebuilt (pruned) networks round-trip too: VGG's "M" markers, DenseNet's channel selection.

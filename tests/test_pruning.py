@@ -122,7 +122,7 @@ def test_parse_skip_and_remaining():
 
 def test_l1_rejects_other_architectures():
     v = create_model("vgg19_bn", num_classes=10, in_channels=1, cfg=[4, "M", 6])
-    with pytest.raises(KdprobeError, match="l1 pruning supports CIFAR ResNets; got vgg19_bn"):
+    with pytest.raises(KdprobeError, match="l1 pruning supports CIFAR ResNets with basic blocks .*; got vgg19_bn"):
         l1_prune(v, [0.5] * 3)
 
 
@@ -382,7 +382,7 @@ def test_cli_prune_errors(tmp_path):
     from cli.prune import prune
 
     vgg = _ckpt(tmp_path, "vgg19_bn", cfg=[4, "M", 6])
-    with pytest.raises(KdprobeError, match="l1 pruning supports CIFAR ResNets; got vgg19_bn"):
+    with pytest.raises(KdprobeError, match="l1 pruning supports CIFAR ResNets with basic blocks .*; got vgg19_bn"):
         prune(vgg, method="l1", remaining="0.5", out=tmp_path / "x.pt")
     for kwargs in [dict(method="slimming", remaining="1.5"), dict(method="weight", remaining="0.4,0.5"),
                    dict(method="slimming", remaining="0.5", skip="B"), dict(method="magic", remaining="0.5")]:
@@ -404,3 +404,34 @@ def test_prune_checkpoint_returns_report_and_prints_nothing(tmp_path, capsys):
     assert rep.info == load_checkpoint(tmp_path / "s.pt").meta["pruning"] and rep.info["remaining"] == 0.5
     rep = prune_checkpoint(src, "L1", "0.5,1,1", tmp_path / "l1.pt")
     assert rep.method == "l1" and rep.warnings == () and rep.info["block_cfg"] == [2, 2, 2, 8, 8, 8, 16, 16, 16]
+
+
+# ---------------------------------------------------------------- other codebases' networks (issue 11)
+
+def test_slimming_the_rnp_vgg_is_slimming_vgg19_bn_under_other_key_names():
+    cfg = [6, "M", 8, 8, "M", 10]
+    torch.manual_seed(0)
+    ours = _randomize_bn(create_model("vgg19_bn", num_classes=10, cfg=cfg)).eval()
+    theirs = create_model("rnp-slimming:vgg19", num_classes=10, cfg=cfg).eval()
+    theirs.load_state_dict({k.replace("features.", "feature."): v for k, v in ours.state_dict().items()})
+    a, b = slimming_prune(ours, 0.5), slimming_prune(theirs, 0.5)
+    assert b.arch["name"] == "rnp-slimming:vgg19" and b.arch["kwargs"]["cfg"] == a.arch["kwargs"]["cfg"]
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(b.eval()(x), a.eval()(x))
+
+
+def test_l1_on_repdistiller_resnet8x4_drops_whole_inner_channels():
+    torch.manual_seed(0)
+    model = _randomize_bn(create_model("repdistiller:resnet8x4", num_classes=10)).eval()
+    pruned = l1_prune(model, [0.5, 0.25, 0.5]).eval()
+    assert pruned.arch["kwargs"]["block_cfg"] == [32, 32, 128]  # floor(64*.5), floor(128*.25), floor(256*.5)
+    ref = copy.deepcopy(model)
+    for block, kept in zip((ref.layer1[0], ref.layer2[0], ref.layer3[0]), (32, 32, 128)):
+        score = block.conv1.weight.abs().sum((1, 2, 3))  # Li et al.: the smallest sum|W| filters go
+        dropped = torch.argsort(score, descending=True, stable=True)[kept:]
+        with torch.no_grad():
+            block.conv2.weight[:, dropped] = 0  # their post-BN-ReLU outputs no longer reach anything
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), ref(x), rtol=1e-4, atol=1e-5)

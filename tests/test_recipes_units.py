@@ -12,7 +12,7 @@ from kdprobe.errors import KdprobeError
 from trainers.augment import (CIFAR10_POLICY, AutoAugmentDraw, apply_auto_augment, auto_augment,
                               cutmix, draw_auto_augment, mixed_cross_entropy, random_crop_flip,
                               sample_beta)
-from trainers.losses import (FeatureRegressor, check_shapes, default_beta, feature_kd_loss,
+from trainers.losses import (FeatureRegressor, check_shapes, default_beta, feature_kd_loss, match_spatial,
                              label_kd_loss)
 
 
@@ -151,17 +151,32 @@ def test_feature_loss_matches_naive_loop(reduction):
 def test_feature_shape_checks_and_beta_defaults():
     with pytest.raises(KdprobeError):
         check_shapes(torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 4, 4))
-    with pytest.raises(KdprobeError):
-        FeatureRegressor(4, 8, student_shape=(4, 8, 8), teacher_shape=(8, 4, 4))
-    FeatureRegressor(4, 8, student_shape=(4, 8, 8), teacher_shape=(8, 8, 8))
-    with pytest.raises(KdprobeError):
+    with pytest.raises(KdprobeError):  # the loss itself compares maps of one size (the recipe pools first)
         feature_kd_loss(torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 4, 4), _identity_regressor(4),
                         torch.zeros(2, dtype=torch.long), None, 1.0, torch.zeros(2, 3), beta=1.0)
     assert default_beta("resnet56b") == 500 and default_beta("ResNet110") == 500
     assert default_beta("vgg19") == 1500 and default_beta("densenet40") == 1000
     assert default_beta("pyramidnet110") == 1000 and default_beta("pyramidnet200") == 2000
-    with pytest.raises(KdprobeError):
-        default_beta("mobilenetv2")
+    assert default_beta("repdistiller:wrn_40_2") == 500 and default_beta("repdistiller:resnet32x4") == 500
+    assert default_beta("repdistiller:vgg13") == 1500 and default_beta("rnp-slimming:preresnet164") == 500
+    assert default_beta("torchvision:wide_resnet50_2") == 500
+    with pytest.raises(KdprobeError, match="pass --beta"):
+        default_beta("repdistiller:mobilenetv2")
+
+
+def test_match_spatial_pools_the_larger_map_and_commutes_with_the_regressor():
+    g = gen(6)
+    big = torch.randn(2, 4, 8, 8, generator=g)
+    small = match_spatial(big, (4, 4))
+    naive = big.reshape(2, 4, 4, 2, 4, 2).mean(dim=(3, 5))  # 2x2 block means, by hand
+    torch.testing.assert_close(small, naive)
+    assert match_spatial(big, (8, 8)) is big  # equal sizes: untouched (same numbers as before)
+    odd = match_spatial(torch.arange(6.0).reshape(1, 1, 1, 6), (1, 4))  # windows [0,2) [1,3) [3,5) [4,6)
+    torch.testing.assert_close(odd.flatten(), torch.tensor([0.5, 1.5, 3.5, 4.5]))
+    torch.manual_seed(0)
+    reg = FeatureRegressor(4, 6)
+    with torch.no_grad():  # pooling and a 1x1 conv commute: pool-then-regress = regress-then-pool
+        torch.testing.assert_close(reg(match_spatial(big, (4, 4))), match_spatial(reg(big), (4, 4)))
 
 
 # ---------------------------------------------------------------- CutMix

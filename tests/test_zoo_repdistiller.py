@@ -1,8 +1,10 @@
 """RepDistiller's model_dict, as `repdistiller:NAME`: every network equals a reference-structured
 model written here from RepDistiller's module layout (keys, buffers, forward; not kdprobe's
-classes), in eval and train mode, also through a checkpoint in RepDistiller's own format."""
+classes), in eval and train mode, also through a checkpoint in RepDistiller's own format, loaded by
+name and auto-detected."""
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -374,8 +376,24 @@ def test_model_is_the_reference_network(name, tmp_path):
     assert ck.model.arch["kwargs"]["num_classes"] == K
     with torch.no_grad():
         torch.testing.assert_close(ck.model(x), expect)
+    # auto-detected: the same network (its own name, or kdprobe's resnetXb of which it is an alias), the
+    # best-epoch file and the *_last.pth file that carries an argparse.Namespace of options
+    last = tmp_path / f"{name}_last.pth"
+    torch.save({"opt": argparse.Namespace(model=name, learning_rate=0.05, epochs=240), "model": sd,
+                "optimizer": opt.state_dict()}, last)
+    for f in (path, last):
+        det = load_checkpoint(f)
+        assert det.detection.how == "detected" and det.model.arch == canonical_arch(name, K), f
+        with torch.no_grad():
+            torch.testing.assert_close(det.model(x), expect)
+    assert det.meta["foreign_options"]["model"] == name
     again = json.loads(json.dumps(ck.model.arch))  # what a kdprobe checkpoint would store
     assert create_model(again["name"], **again["kwargs"]).state_dict().keys() == own.keys()
+
+
+def canonical_arch(name, k):
+    """The arch record detection must give: repdistiller:NAME, or resnetXb for the resnet8 ... resnet110 aliases."""
+    return create_model(f"repdistiller:{name}", num_classes=k).arch
 
 
 def meta_state_dict(name, **kw):

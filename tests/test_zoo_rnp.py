@@ -410,6 +410,7 @@ def test_rnp_l1_pruned_file_equals_reference_forward_and_backward(tmp_path, dept
         assert ck.model.arch["name"] == f"resnet{depth}a" and ck.model.arch["kwargs"]["block_cfg"] == cfg
         assert_same_keys(ck.model, ref)
         assert_logits_close(logits(ck.model, x), logits(ref, x))
+        assert_detected(tmp_path / f, ck.model.arch, logits(ref, x), also=f"rnp-l1:resnet{depth}")
     # train mode: same logits, same input and weight gradients (none through the shortcut)
     model = ck.model.train()
     ref.train()
@@ -422,6 +423,14 @@ def test_rnp_l1_pruned_file_equals_reference_forward_and_backward(tmp_path, dept
     gref = dict(ref.named_parameters())
     for k, p in model.named_parameters():
         torch.testing.assert_close(p.grad, gref[k].grad, rtol=1e-3, atol=1e-4 * float(gref[k].grad.abs().max()) + 1e-12)
+
+
+def assert_detected(path, arch, expect, also=None):
+    """Loaded without --arch: the same architecture and widths, the same logits."""
+    det = load_checkpoint(path)
+    assert det.detection.how == "detected" and det.model.arch == arch, (det.model.arch, arch)
+    assert also is None or also in det.detection.same_function
+    assert_logits_close(logits(det.model, x32()), expect)
 
 
 def test_subsample_variant_is_not_the_reference():
@@ -495,6 +504,9 @@ def test_rnp_slimming_vgg19_unpruned_pruned_and_finetuned_without_cfg(tmp_path):
     assert ck.model.arch["kwargs"]["cfg"] == VGG_PRUNED
     assert_logits_close(logits(ck.model, x), logits(pruned, x))
     assert infer_kwargs("rnp-slimming:vgg19", full.state_dict()) == {"num_classes": 100, "in_channels": 3}
+    for f in ("pruned.pth.tar", "ft.pth.tar"):
+        assert_detected(tmp_path / f, ck.model.arch, logits(pruned, x))
+    assert_detected(tmp_path / "full.pth.tar", create_model("rnp-slimming:vgg19", num_classes=100).arch, logits(full, x))
 
 
 def _preresnet_cfg(n, seed):
@@ -534,6 +546,8 @@ def test_rnp_slimming_preresnet_pruned_with_and_without_cfg(tmp_path):
     ck = load_checkpoint(tmp_path / "ft.pth.tar", arch="rnp-slimming:preresnet164")  # main_finetune.py: no cfg
     assert {k: ck.model.arch["kwargs"][k] for k in kw} == kw
     assert_logits_close(logits(ck.model, x), logits(ref, x))
+    for f in ("pruned.pth.tar", "ft.pth.tar"):
+        assert_detected(tmp_path / f, ck.model.arch, logits(ref, x))
 
 
 def _densenet_cfg(depth, growth, seed):
@@ -573,6 +587,8 @@ def test_rnp_slimming_densenet_pruned_with_and_without_cfg(tmp_path):
     ck = load_checkpoint(tmp_path / "ft.pth.tar", arch="rnp-slimming:densenet40")  # main_finetune.py: no cfg
     assert {k: ck.model.arch["kwargs"][k] for k in kw} == kw
     assert_logits_close(logits(ck.model, x), logits(ref, x))
+    for f in ("pruned.pth.tar", "ft.pth.tar"):
+        assert_detected(tmp_path / f, ck.model.arch, logits(ref, x))
     # train mode and gradients through the selections
     model, ref = ck.model.train(), ref.train()
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -612,6 +628,7 @@ def test_rnp_weight_resnet_is_the_bottleneck_network(tmp_path, depth):
     ck = load_checkpoint(tmp_path / "ck.pth.tar", arch=f"rnp-weight:resnet{depth}")
     assert_same_keys(ck.model, ref)
     assert_logits_close(logits(ck.model, x32()), logits(ref, x32()))
+    assert_detected(tmp_path / "ck.pth.tar", ck.model.arch, logits(ref, x32()))
     assert infer_kwargs(f"rnp-weight:resnet{depth}", ref.state_dict()) == {"num_classes": 100, "in_channels": 3}
 
 

@@ -45,7 +45,11 @@ def test_torchvision_file_loads_and_equals_torchvision(tmp_path, name, side):
         a, b = ck.model(x), ref(x)
     assert b.abs().max() > 1e-3
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))
-    assert ck.model.feature_layer in dict(ck.model.named_modules())
+    det = load_checkpoint(tmp_path / "tv.pth")  # auto-detected among every builder
+    assert det.detection.how == "detected" and det.model.arch == ck.model.arch
+    with torch.no_grad():
+        torch.testing.assert_close(det.model(x), b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))
+    assert ck.model.feature_layer.removesuffix(":in") in dict(ck.model.named_modules())
 
 
 def test_torchvision_vgg11_bn_equals_torchvision():
@@ -68,7 +72,7 @@ def test_every_builder_resolves_on_the_meta_device(name):
     sd = model.state_dict()
     assert all(v.is_meta for v in sd.values())
     assert sd[FAMILIES[family(name)][1]].shape[0] == 7  # the classifier key of the family's rule
-    assert model.feature_layer in dict(model.named_modules())
+    assert model.feature_layer.removesuffix(":in") in dict(model.named_modules())
     assert infer_kwargs(f"torchvision:{name}", sd)["num_classes"] == 7
     assert json.loads(json.dumps(model.arch)) == {"name": f"torchvision:{name}", "kwargs": {"num_classes": 7, "in_channels": 3}}
 

@@ -105,6 +105,13 @@ class TrainConfig:
     bn_sparsity: float = 0.0            # Network Slimming: lambda of the L1 sub-gradient on BN scales
     init: str | None = None             # start from this checkpoint's weights (pruned ones included)
     seed: int = 0
+    # added for other codebases' models (issue 11); left out of to_dict at their defaults (_LATER)
+    teacher_arch_kwargs: dict = field(default_factory=dict)  # kwargs of a foreign teacher's architecture
+    init_arch: str | None = None        # architecture of a foreign --init checkpoint (default: detected)
+    init_arch_kwargs: dict = field(default_factory=dict)
+    feature_layer: str | None = None    # feature KD: student module to tap (NAME or NAME:in); None = model's own
+    teacher_feature_layer: str | None = None  # feature KD: teacher module to tap
+    image_size: int | None = None       # side S (px) the student trains at; 0 = native; None = family default
 
     def __post_init__(self):
         _check(self.augment in AUGMENTS, "augment", AUGMENTS, self.augment)
@@ -125,9 +132,23 @@ class TrainConfig:
         if self.teacher and self.distill == "none":
             raise KdprobeError(f"--teacher {self.teacher} is used only for distillation, but --distill is none; "
                                "pass --distill label|feature, or drop --teacher")
-        if self.teacher_arch and not self.teacher:
-            raise KdprobeError(f"--teacher-arch {self.teacher_arch} names the architecture of a --teacher, but no "
-                               "--teacher was given; pass --teacher or drop --teacher-arch")
+        for flag_name, given, needs in (("--teacher-arch", self.teacher_arch, "teacher"),
+                                        ("--teacher-arch-kwargs", self.teacher_arch_kwargs, "teacher"),
+                                        ("--init-arch", self.init_arch, "init"),
+                                        ("--init-arch-kwargs", self.init_arch_kwargs, "init")):
+            if given and not getattr(self, needs):
+                raise KdprobeError(f"{flag_name} describes the architecture of an --{needs} checkpoint, but no --{needs} "
+                                   f"was given; pass --{needs} or drop {flag_name}")
+        for flag_name, given in (("--feature-layer", self.feature_layer),
+                                 ("--teacher-feature-layer", self.teacher_feature_layer)):
+            if given and self.distill != "feature":
+                raise KdprobeError(f"{flag_name} {given} is used only by feature KD, but --distill is {self.distill}; "
+                                   f"pass --distill feature, or drop {flag_name}")
+        for name in ("teacher_arch_kwargs", "init_arch_kwargs"):
+            if not isinstance(getattr(self, name), dict):
+                raise KdprobeError(f"expected {flag(name)} as a JSON object, got {getattr(self, name)!r}")
+        if self.image_size is not None and (type(self.image_size) is not int or self.image_size < 0):
+            raise KdprobeError(f"expected --image-size as a side in pixels (e.g. 224) or 'native', got {self.image_size!r}")
 
     @property
     def method(self) -> str:
@@ -163,7 +184,9 @@ class TrainConfig:
 
 
 # fields added after checkpoints and study cells were first fingerprinted, with their defaults
-_LATER = {"subset_rule": "random", "subset_seed": None, "eval_subset": None}
+_LATER = {"subset_rule": "random", "subset_seed": None, "eval_subset": None,
+          "teacher_arch_kwargs": {}, "init_arch": None, "init_arch_kwargs": {}, "feature_layer": None,
+          "teacher_feature_layer": None, "image_size": None}
 
 
 def _check(ok: bool, what: str, allowed, got):

@@ -23,6 +23,7 @@ from kdprobe.inputs import check_model_data
 from kdprobe.io import atomic_write_text, save_torch, sha256_file
 from kdprobe.models import create_model
 from kdprobe.models.registry import canonical_name
+from kdprobe.preprocess import EVAL_RULE, TRAIN_RULE, fit_input, input_size_of, pin_size
 from kdprobe.pruning import apply_masks, bn_sparsity_step
 from trainers.config import TrainConfig
 from trainers.distributed import DistContext, resolve_device  # noqa: F401  (re-exported for the CLI)
@@ -92,8 +93,10 @@ def _lr_factor(config: TrainConfig, epoch: int) -> float:
 def _teacher_info(config: TrainConfig, device, data: TensorData):
     if not config.teacher:
         return None, None
-    ck = load_checkpoint(config.teacher, arch=config.teacher_arch, map_location=device, finite=True)
-    check_model_data(ck, data, explicit=False, role="teacher")  # shapes, classes and dataset identity
+    ck = load_checkpoint(config.teacher, arch=config.teacher_arch, arch_kwargs=config.teacher_arch_kwargs or None,
+                         map_location=device, finite=True)
+    # shapes, classes and dataset identity; the teacher takes its own image size (record or family)
+    check_model_data(ck, data, explicit=False, role="teacher")
     for p in ck.model.parameters():
         p.requires_grad_(False)  # the teacher is never trained: no grads, eval mode
     info = {"path": str(config.teacher), "sha256": ck.sha256, "arch": ck.model.arch,
@@ -104,8 +107,10 @@ def _teacher_info(config: TrainConfig, device, data: TensorData):
 
 def _build_model(config: TrainConfig, data: TensorData):
     if config.init:
-        ck = load_checkpoint(config.init, map_location=data.train_x.device, finite=True)
-        check_model_data(ck, data, explicit=False, role="init")  # shapes, classes and dataset identity
+        ck = load_checkpoint(config.init, arch=config.init_arch, arch_kwargs=config.init_arch_kwargs or None,
+                             map_location=data.train_x.device, finite=True)
+        # shapes, classes and dataset identity; the input hook the student keeps for training
+        check_model_data(ck, data, explicit=False, role="init", image_size=config.image_size)
         model = ck.model
         if canonical_name(config.model) != model.arch["name"]:
             raise KdprobeError(f"the config names model {config.model}, but --init {config.init} holds a "
@@ -120,6 +125,7 @@ def _build_model(config: TrainConfig, data: TensorData):
                 "test_acc": ck.meta.get("test_acc"), "pruning": ck.meta.get("pruning")}
         return model.train(), dict(ck.extra.get("masks", {})), init
     model = create_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels, **config.model_kwargs)
+    fit_input(model, {}, data, config.image_size)  # torchvision models: 224 px batches by default
     return model, {}, None
 
 
@@ -197,7 +203,16 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
         model = model.to(memory_format=torch.channels_last)
     masks = {k: v.to(dev) for k, v in masks.items()}
     teacher, teacher_info = _teacher_info(config, dev, data)
+    if teacher is not None and input_size_of(model) is not None and input_size_of(teacher) is None:
+        # the student trains on S x S crops; a teacher of the data's own size gets them resized back
+        h, w = data.image_size
+        if h != w:
+            raise KdprobeError(f"the student trains on {input_size_of(model)}px crops but the teacher takes the data's "
+                               f"own {h}x{w} images; pass --image-size native, or use a teacher with an image size")
+        pin_size(teacher, h)
     recipe = Recipe(config, model, teacher, data)
+    size = input_size_of(model)  # recorded: a checkpoint says what size and normalization its model takes
+    input_shape = [data.in_channels, size, size] if size else list(data.train_x.shape[1:])
     student = recipe.student(model)
     opt = torch.optim.SGD(student.parameters(), lr=config.lr, momentum=config.momentum,
                           nesterov=config.nesterov, weight_decay=config.weight_decay)
@@ -242,7 +257,11 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
             "made_by": "train", "method": config.method, "recipe": config.method, "config": config.to_dict(),
             "fingerprint": config.fingerprint(), "seed": config.seed, "dataset": data.name,
             "data_fingerprint": data.fingerprint,
-            "data_dir": str(Path(config.data_dir).resolve()) if config.data_dir else None, "input_shape": list(data.train_x.shape[1:]), "num_classes": data.num_classes,
+            "data_dir": str(Path(config.data_dir).resolve()) if config.data_dir else None,
+            "input_shape": input_shape, "image_size": size, "num_classes": data.num_classes,
+            "normalization": {"mean": list(data.mean), "std": list(data.std)},
+            **({"input_rule": {"eval": EVAL_RULE, "train": TRAIN_RULE}} if size else {}),
+            **({"feature_kd": recipe.feature} if recipe.feature else {}),
             "epochs": config.epochs, "epoch": hist[-1]["epoch"], "reported": "last-epoch",
             "test_acc": hist[-1]["test_acc"], "train_acc": hist[-1]["train_acc"], "best_acc": best["test_acc"],
             "best_epoch": best["epoch"], "history": hist, "teacher": teacher_info, "init": init_info,
@@ -331,6 +350,7 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
                           f"partial work is saved in {ppath} (epoch {saved_at:.2f} of {config.epochs})") from None
     finally:
         progress.close()
+        recipe.close()
     model.to(memory_format=torch.contiguous_format)
     write_checkpoint(out)
     ddp.barrier()

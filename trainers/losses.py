@@ -45,38 +45,35 @@ def check_shapes(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> None
     """Raise KdprobeError unless both maps are (N, C, H, W) with the same N, H and W."""
     if student_feat.dim() != 4 or teacher_feat.dim() != 4:
         raise KdprobeError(f"expected feature maps (N, C, H, W), got {tuple(student_feat.shape)} "
-                           f"and {tuple(teacher_feat.shape)}; pass forward_features(x) outputs")
+                           f"and {tuple(teacher_feat.shape)}; pass --feature-layer / --teacher-feature-layer naming "
+                           "a layer that outputs a convolutional map (or use --distill label)")
     s, t = student_feat.shape, teacher_feat.shape
     if s[0] != t[0] or s[2:] != t[2:]:
         raise KdprobeError(f"expected student and teacher maps with equal batch and HxW, got "
-                           f"student {tuple(s)} and teacher {tuple(t)}; feature KD needs models "
-                           "with the same downsampling (the regressor is a 1x1 conv)")
+                           f"student {tuple(s)} and teacher {tuple(t)}; bring them to one size first "
+                           "(match_spatial)")
+
+
+def match_spatial(feat: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """A map brought to spatial size hw by adaptive average pooling (unchanged when it already is hw).
+
+    Feature KD between architectures whose last maps differ in size (resnet32x4 8x8 vs ShuffleV1
+    4x4) pools the larger map down to the smaller one, per dimension, before the 1x1 regressor;
+    pooling and a 1x1 conv commute, so pooling the student before regressing is the same as after."""
+    return feat if tuple(feat.shape[-2:]) == tuple(hw) else F.adaptive_avg_pool2d(feat, hw)
 
 
 class FeatureRegressor(nn.Module):
     """R: a plain 1x1 conv (no bias, no BN) mapping student channels to teacher channels."""
 
-    def __init__(self, student_channels: int, teacher_channels: int, *,
-                 student_shape: tuple[int, ...] | None = None,
-                 teacher_shape: tuple[int, ...] | None = None):
+    def __init__(self, student_channels: int, teacher_channels: int):
         super().__init__()
         if student_channels < 1 or teacher_channels < 1:
             raise KdprobeError(f"expected positive channel counts, got {student_channels} -> "
-                               f"{teacher_channels}; pass model.feature_channels")
-        if student_shape is not None and teacher_shape is not None:
-            # (C, H, W) or (H, W): only the spatial part must agree
-            if tuple(student_shape[-2:]) != tuple(teacher_shape[-2:]):
-                raise KdprobeError(f"expected equal student/teacher feature HxW, got "
-                                   f"{tuple(student_shape[-2:])} and {tuple(teacher_shape[-2:])}; "
-                                   "feature KD needs models with the same downsampling")
+                               f"{teacher_channels}; tap layers that output feature maps")
         self.student_channels = student_channels
         self.teacher_channels = teacher_channels
         self.conv = nn.Conv2d(student_channels, teacher_channels, kernel_size=1, bias=False)
-
-    @classmethod
-    def for_models(cls, student: nn.Module, teacher: nn.Module) -> "FeatureRegressor":
-        """Regressor sized from the registry models' `feature_channels`."""
-        return cls(int(student.feature_channels), int(teacher.feature_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map a student map (N, Cs, H, W) to (N, Ct, H, W)."""
@@ -121,18 +118,21 @@ def feature_kd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor,
     return {"loss": ce + feat, "ce": ce, "feat": feat, "feat_raw": raw}
 
 
+_BETAS = (("resnet", 500.0), ("preresnet", 500.0), ("wrn", 500.0), ("wide_resnet", 500.0), ("resnext", 500.0),
+          ("vgg", 1500.0), ("densenet", 1000.0))  # the paper's values (ResNets 500, VGG 1500, DenseNet-40 1000)
+
+
 def default_beta(arch_name: str) -> float:
-    """Feature-KD weight from the paper: 500 ResNet, 1500 VGG, 1000 DenseNet/PyramidNet-110, 2000 PyramidNet-200."""
-    name = arch_name.strip().lower()
-    if name.startswith("resnet"):
-        return 500.0
-    if name.startswith("vgg"):
-        return 1500.0
-    if name.startswith("densenet"):
-        return 1000.0
+    """Feature-KD weight from the paper by family: 500 ResNets (wide, pre-activation and source-named ones too),
+    1500 VGG, 1000 DenseNet and PyramidNet-110, 2000 PyramidNet-200; a source prefix (repdistiller:) is ignored."""
+    name = arch_name.strip().lower().rpartition(":")[2]
     m = re.match(r"pyramidnet[_-]?(\d+)", name)
     if m:
         # paper: 1000 for depth 110, 2000 for depth 200; deeper than 110 -> the 200 value
         return 1000.0 if int(m.group(1)) <= 110 else 2000.0
-    raise KdprobeError(f"expected an arch of family resnet*, vgg*, densenet* or pyramidnet<depth>, "
-                       f"got {arch_name!r}; pass beta explicitly")
+    for prefix, beta in _BETAS:
+        if name.startswith(prefix):
+            return beta
+    raise KdprobeError(f"expected an arch of family resnet*, wrn*, vgg*, densenet* or pyramidnet<depth> for the "
+                       f"default feature-KD weight, got {arch_name!r}; pass --beta (it should make both loss terms "
+                       "about equal at the first step; both are logged)")

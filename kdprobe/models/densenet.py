@@ -105,6 +105,8 @@ class DenseNet(nn.Module):
                              persistent=False)
         self.feature_channels = widths[i] if keep[i] is None else len(keep[i])
         self.bn = nn.BatchNorm2d(self.feature_channels)
+        self.relu = nn.ReLU()  # a module, so feature KD can hook the map after the final BN-ReLU
+        self.feature_layer = "relu"
         self.fc = nn.Linear(self.feature_channels, num_classes)
         self.bn_widths = widths  # unselected input width of each BN layer, for slimming code
         for m in self.modules():
@@ -122,7 +124,7 @@ class DenseNet(nn.Module):
         x = self.dense3(self.trans2(self.dense2(self.trans1(self.dense1(x)))))
         if self.keep_final is not None:
             x = x.index_select(1, self.keep_final)
-        return F.relu(self.bn(x))
+        return self.relu(self.bn(x))
 
     def forward_head(self, f: torch.Tensor) -> torch.Tensor:
         """Global average pool + Linear."""

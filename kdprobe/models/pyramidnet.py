@@ -87,8 +87,10 @@ class PyramidNet(nn.Module):
             stages.append(nn.Sequential(*units))
         self.layer1, self.layer2, self.layer3 = stages
         self.bn_final = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()  # a module, so feature KD can hook the map after the final BN-ReLU
         self.fc = nn.Linear(c, num_classes)
         self.feature_channels = c
+        self.feature_layer = "relu"
         for m in self.modules():
             if isinstance(m, nn.Conv2d):  # N(0, 2/(k*k*out)) as in the reference
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -100,7 +102,7 @@ class PyramidNet(nn.Module):
         """Map after the final BN+ReLU, before pooling: (N, C, 8, 8) on 32x32."""
         x = self.bn1(self.conv1(x))
         x = self.layer3(self.layer2(self.layer1(x)))
-        return F.relu(self.bn_final(x))
+        return self.relu(self.bn_final(x))
 
     def forward_head(self, f: torch.Tensor) -> torch.Tensor:
         """Global average pool + Linear."""

@@ -11,7 +11,7 @@ Every model built here carries `model.arch = {"name": canonical_name, "kwargs": 
 which is exactly what a checkpoint stores to rebuild it (pruned widths included). kdprobe's
 own families also provide forward_features(x) / forward_head(f) / feature_channels; every
 model may name the module whose output is its last feature map before pooling in
-`model.feature_layer` (a dotted module name; feature KD and probes hook it).
+`model.feature_layer` (a dotted module name, or NAME:in for its input; feature KD hooks it).
 
 Auto-detection of foreign checkpoints (kdprobe.detect) needs, per family, a function that
 reads the constructor's keyword arguments off a state_dict (`register_model(..., infer=fn)`),

@@ -13,7 +13,9 @@ kdprobe's losses apply (the auxiliary heads keep their weights, and get no gradi
 regnets compute their block widths with torch ops that cannot run on the meta device, so on
 meta that one step runs on the CPU (auto-detection builds candidates on meta).
 
-`feature_layer` names the module whose output feeds the global pool / head, per family.
+`feature_layer` names the module whose output feeds the global pool / head, per family (a
+layer spec as kdprobe.probes.features reads it: `NAME`, or `NAME:in` for a module's input); a
+ViT's is its encoder's token sequence, which feature KD refuses (it needs an (N, C, H, W) map).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "efficientnet": ("features", "classifier.1.weight"),
     "googlenet": ("inception5b", "fc.weight"),
     "inception": ("Mixed_7c", "fc.weight"),
-    "maxvit": ("blocks", "classifier.5.weight"),
+    "maxvit": ("classifier:in", "classifier.5.weight"),  # blocks is a ModuleList: the last block's output
     "mnasnet": ("layers", "classifier.1.weight"),
     "mobilenet_v2": ("features", "classifier.1.weight"),
     "mobilenet_v3": ("features", "classifier.3.weight"),
@@ -47,7 +49,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "wide_resnet": ("layer4", "fc.weight"),
     "shufflenet": ("conv5", "fc.weight"),
     "squeezenet": ("features", "classifier.1.weight"),  # a 1x1 conv: dim 0 is still the classes
-    "swin": ("norm", "head.weight"),  # (N, H, W, C): swin keeps channels last until its head
+    "swin": ("permute", "head.weight"),  # swin keeps channels last until `permute` makes them (N, C, H, W)
     "vgg": ("features", "classifier.6.weight"),
     "vit": ("encoder", "heads.head.weight"),  # tokens (N, 1 + L, D), no spatial map
 }

@@ -61,6 +61,7 @@ class SlimVGG(nn.Module):
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(c, num_classes)
         self.feature_channels = c
+        self.feature_layer = "features"  # its output is the last conv-BN-ReLU map (feature KD hooks it)
         self.cfg = list(cfg)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):  # N(0, 2/(k*k*out)) as in the slimming reference

@@ -5,7 +5,9 @@ input; C = corrcoef(J) (float64); v = eigenvalues of C (symmetric solver);
 score = -sum_i(log(v_i + k) + 1/(v_i + k)), k = 1e-5. An identity C gives
 -N(log(1+k) + 1/(1+k)) ~= -N; higher = less correlated = more diverse.
 v2 (the revised paper): binary ReLU on/off codes of every input over all ReLU units,
-K_ij = #units - Hamming(c_i, c_j), score = log|det K|.
+K_ij = #units - Hamming(c_i, c_j), score = log|det K|. A "ReLU" is any call of nn.ReLU, F.relu,
+torch.relu, Tensor.relu (and their in-place variants), nn.ReLU6 / F.relu6, or a hardtanh clipped
+below at 0, wherever the model makes it (module or functional); a unit is "on" when its output > 0.
 
 BN handling (`bn`): "eval" uses running statistics, so samples do not interact and one
 backward of the summed output gives exact per-sample gradients; "batch-frozen" computes
@@ -34,8 +36,19 @@ from kdprobe.errors import KdprobeError
 VARIANTS = ("v1", "v2")
 BN_MODES = ("eval", "batch-frozen", "train")
 OUTPUTS = ("sum", "full", "pred")
-# Every Python-level spelling of ReLU; nn.ReLU calls F.relu, F.relu_ is torch.relu_.
-_RELU_FUNCS = frozenset({F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_})
+# Every Python-level spelling of ReLU; nn.ReLU(inplace) calls F.relu, F.relu_ is torch.relu_. ReLU6
+# (F.relu6; nn.ReLU6 calls F.hardtanh(x, 0, 6)) and any hardtanh clipped below at 0 count too: they are
+# ReLUs with an upper clip, and their on/off code (output > 0) is the ReLU's.
+_RELU_FUNCS = frozenset({F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_, F.relu6})
+
+
+def _is_relu(func, args, kwargs) -> bool:
+    if func in _RELU_FUNCS:
+        return True
+    if func is F.hardtanh:
+        low = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
+        return float(low) == 0.0
+    return False
 # |corr| this close to 1 means two Jacobian rows are collinear up to float32 rounding.
 _COLLINEAR_TOL = 1e-9
 
@@ -225,8 +238,9 @@ def _relu_kernel(model: nn.Module, x: torch.Tensor, bn: str) -> tuple[torch.Tens
 
     class _Recorder(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))  # the mode is off inside: F.relu's inner call is not counted
-            if func in _RELU_FUNCS and isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == n:
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)  # the mode is off inside: F.relu's inner call is not counted
+            if _is_relu(func, args, kwargs) and isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == n:
                 # agreements = on-on + off-off = U - s_i - s_j + 2 c_i.c_j (s = units on); one matmul.
                 # 0/1 in float32 (exact also under TF32) with sums <= U < 2^24: integers stay exact.
                 flat = (out.detach() > 0).reshape(n, -1)
@@ -254,8 +268,10 @@ def jacobian_score_details(model: nn.Module, inputs: torch.Tensor, *, variant: s
         if units == 0:
             raise KdprobeError("expected a ReLU network for variant v2, got no ReLU calls; use variant v1")
         sign, logdet = torch.linalg.slogdet(kernel)
-        if sign <= 0:
-            same = int(((kernel == units).sum() - n) // 2)
+        # identical codes make K exactly singular, but LU rounding can still report a sign > 0 and a
+        # meaningless log-determinant: count them (K_ij = units exactly iff codes i and j agree)
+        same = int(((kernel == units).sum() - n) // 2)
+        if sign <= 0 or same:
             raise KdprobeError(
                 f"expected distinct ReLU codes, got a singular kernel ({same} pairs of inputs with identical "
                 "codes); the v2 score is undefined for this batch"

@@ -1,9 +1,11 @@
-"""Features of named layers of any nn.Module, taken with forward hooks, for representation probes (CKA).
+"""Features of named layers of any nn.Module, taken with forward hooks, for representation probes (CKA)
+and for feature KD (`FeatureTap`, `feature_layer`).
 
 A layer is named as in `dict(model.named_modules())`: "name" is the module's output, "name:in"
 its first positional input (e.g. "fc:in", the penultimate representation of a CIFAR ResNet).
-Features are flattened per sample and returned in float64. The model runs in eval mode
-without gradients; its train/eval flags are restored and the hooks removed afterwards.
+For probes, features are flattened per sample and returned in float64; the model runs in eval
+mode without gradients; its train/eval flags are restored and the hooks removed afterwards.
+A FeatureTap keeps the map itself, with its gradient, for a training loss.
 """
 from __future__ import annotations
 
@@ -130,3 +132,77 @@ class NormalizedImages:
         from kdprobe.data import normalize
 
         return normalize(self.images[index], self.mean, self.std)
+
+
+class FeatureTap:
+    """The output (or, for 'NAME:in', the first input) of one module in the latest forward pass, gradient kept.
+
+    A module that runs several times per forward (a shared ReLU) leaves its last call's tensor."""
+
+    def __init__(self, model: nn.Module, spec: str):
+        self.spec, self.value = spec, None
+        mod, on_input = _module(model, spec)
+        if on_input:
+            self.handle = mod.register_forward_pre_hook(lambda m, args: self._keep(args[0]))
+        else:
+            self.handle = mod.register_forward_hook(lambda m, args, out: self._keep(out))
+
+    def _keep(self, t) -> None:
+        self.value = t[0] if isinstance(t, (tuple, list)) else t
+
+    def take(self) -> torch.Tensor:
+        """The tensor the layer produced in the latest forward pass (then forgotten)."""
+        v, self.value = self.value, None
+        if not isinstance(v, torch.Tensor):
+            raise KdprobeError(f"expected layer {self.spec} to run in the forward pass and give a tensor, got "
+                               f"{type(v).__name__}; pick another --feature-layer")
+        return v
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d)
+
+
+@torch.no_grad()
+def traced_feature_layer(model: nn.Module, x: torch.Tensor) -> str:
+    """The rule for models that name no feature layer: the module whose output is the last map (N, C, H, W)
+    produced before the final nn.Linear runs, pooling modules (nn.AdaptiveAvgPool2d, ...) skipped; of nested
+    modules that finish with the same tensor, the outermost (e.g. `layer4`, not `layer4.1.relu`)."""
+    seen: list[tuple[str, object]] = []  # (name, "linear" or a 4-D tensor), in the order modules finish
+    names = {m: n for n, m in model.named_modules() if n}
+
+    def hook(m, args, out):
+        if isinstance(m, nn.Linear):
+            seen.append((names[m], "linear"))
+        elif isinstance(out, torch.Tensor) and out.dim() == 4 and not isinstance(m, _POOLS):
+            seen.append((names[m], out))
+
+    handles = [m.register_forward_hook(hook) for m in names]
+    try:
+        with modes_preserved(model):
+            model.eval()
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    last_linear = max((i for i, (_, v) in enumerate(seen) if isinstance(v, str)), default=len(seen))
+    maps = [name for name, v in seen[:last_linear] if not isinstance(v, str)]
+    if not maps:
+        raise KdprobeError(f"{(getattr(model, 'arch', None) or {}).get('name', type(model).__name__)} has no module "
+                           "that outputs a (N, C, H, W) map before its classifier; pass --feature-layer NAME "
+                           "(or NAME:in for a module's input)")
+    return maps[-1]
+
+
+def feature_layer(model: nn.Module, x: torch.Tensor, given: str | None = None) -> str:
+    """The layer feature KD taps: `given`, else `model.feature_layer` (every kdprobe and zoo model sets it;
+    torchvision models per family), else traced_feature_layer's rule on the probe batch x."""
+    if given:
+        _module(model, given)  # one-line error for an unknown name
+        return given
+    own = getattr(model, "feature_layer", None)
+    if isinstance(own, str) and own in dict(model.named_modules()):
+        return own
+    return traced_feature_layer(model, x)

@@ -4,8 +4,9 @@ The landscape probes (kdprobe.probes.landscape) hand this engine stacked paramet
 sets: every parameter and buffer name -> tensor of shape (P, *shape), P points. Speed
 comes from four things, each optional and each exact up to float rounding:
   * eval-mode BatchNorm is folded into the preceding convolution per point
-    (W' = W * g/sqrt(var+eps), b' = (b - mean) * g/sqrt(var+eps) + beta), traced with
-    torch.fx; models fx cannot trace run unfolded;
+    (W' = W * g/sqrt(var+eps), b' = (b - mean) * g/sqrt(var+eps) + beta) wherever
+    kdprobe.probes.bn_fold proves the pair (torch.fx, or a recorded forward for models fx
+    cannot trace) and the folded copy agrees with the model on the samples; else unfolded;
   * 4-D inputs are kept channels-last (oneDNN / cuDNN's fast layout);
   * precision "bf16" runs the forward under torch.autocast; logits, loss and counts
     are accumulated in fp32. The default is "fp32" on every device, the surface the
@@ -23,15 +24,14 @@ import copy
 from contextlib import nullcontext
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
 from kdprobe.errors import KdprobeError
+from kdprobe.probes.bn_fold import agrees, fold_plan, fold_state
 
 _BN = nn.modules.batchnorm._BatchNorm
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BN_MODES = ("eval", "recompute")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -68,48 +68,6 @@ def default_chunking(device: torch.device, precision: str = "fp32") -> tuple[int
     return 1, (128 if precision == "bf16" else 64)
 
 
-def _fold_plan(model: nn.Module):
-    """Trace a private copy of `model` and fold each conv->BN pair; returns (module, pairs)."""
-    try:
-        gm = fx.symbolic_trace(copy.deepcopy(model))
-    except Exception:  # untraceable forward (data-dependent control flow): run unfolded
-        return None, []
-    mods = dict(gm.named_modules())
-    uses: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            uses[node.target] = uses.get(node.target, 0) + 1
-    pairs = []
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(mods[node.target], _BN):
-            continue
-        bn, src = mods[node.target], node.args[0] if node.args else None
-        if (len(node.args) != 1 or node.kwargs or not isinstance(src, fx.Node) or src.op != "call_module"
-                or not isinstance(mods[src.target], _CONV) or len(src.users) != 1
-                or uses[src.target] != 1 or uses[node.target] != 1 or bn.running_mean is None
-                or mods[src.target].out_channels != bn.num_features):
-            continue
-        conv = mods[src.target]
-        fused = copy.deepcopy(conv)
-        if fused.bias is None:
-            fused.bias = nn.Parameter(torch.zeros(conv.out_channels, device=conv.weight.device,
-                                                   dtype=conv.weight.dtype))
-        parent, _, leaf = src.target.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, leaf, fused)
-        node.replace_all_uses_with(src)
-        gm.graph.erase_node(node)
-        pairs.append((src.target, node.target, conv.bias is not None, bn.eps, bn.affine))
-    gm.graph.lint()
-    gm.recompile()
-    gm.delete_all_unused_submodules()
-    return gm.eval(), pairs
-
-
-def _bcast(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """View per-channel (P, C) factors so they broadcast against (P, C, ...) weights."""
-    return s.reshape(s.shape + (1,) * (like.dim() - s.dim()))
-
-
 class PointEvaluator:
     """Evaluate `model`'s architecture on fixed data (x, y) at stacked parameter sets."""
 
@@ -128,7 +86,9 @@ class PointEvaluator:
         self.x = x.to(self.device)
         self.y = y.to(self.device, torch.long)
         self.names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
-        self.eval_module, self.pairs = _fold_plan(model) if fold_bn else (None, [])
+        self.eval_module, self.pairs, self.fold = fold_plan(model, self.x[:4]) if fold_bn else (None, [], "none")
+        if self.eval_module is not None and not agrees(model, self.eval_module, self.pairs, self.x[:4]):
+            self.eval_module, self.pairs, self.fold = None, [], "none"  # unproven in effect: run unfolded
         self.eval_keys = set(self.eval_module.state_dict()) if self.eval_module is not None else None
         if self.eval_module is None:
             self.eval_module = copy.deepcopy(model).eval()
@@ -166,20 +126,7 @@ class PointEvaluator:
         return out
 
     def _fold(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.eval_keys is None:
-            return t
-        out = {k: v for k, v in t.items() if k in self.eval_keys}
-        for conv, bn, has_bias, eps, affine in self.pairs:
-            w, mean, var = t[conv + ".weight"], t[bn + ".running_mean"], t[bn + ".running_var"]
-            s = torch.rsqrt(var + eps)
-            beta = torch.zeros_like(s)
-            if affine:
-                s, beta = s * t[bn + ".weight"], t[bn + ".bias"]
-            b = t[conv + ".bias"] if has_bias else torch.zeros_like(s)
-            out[conv + ".weight"] = w * _bcast(s, w)
-            out[conv + ".bias"] = (b - mean) * s + beta
-        assert set(out) == self.eval_keys, sorted(self.eval_keys ^ set(out))
-        return out
+        return t if self.eval_keys is None else fold_state(t, self.pairs, self.eval_keys)
 
     @torch.no_grad()
     def __call__(self, stacked: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,8 +27,14 @@ def arch_of(model: nn.Module) -> tuple[str, dict]:
 
 
 def is_cifar_resnet(model: nn.Module) -> bool:
-    """True for the registry's CIFAR ResNets (option A and B)."""
-    return isinstance(model, CifarResNet)
+    """True for the basic-block CIFAR ResNets with a `block_cfg`: kdprobe's option A and B (= rnp-l1:resnetXX,
+    repdistiller:resnet8 ... resnet110) and repdistiller:resnet8x4 / resnet32x4."""
+    from kdprobe.models.repdistiller.resnet import StemResNet
+
+    return isinstance(model, (CifarResNet, StemResNet))
+
+
+RESNETS = "CIFAR ResNets with basic blocks (resnetXXa/b, rnp-l1:resnetXX, repdistiller:resnet8 ... resnet110, resnet8x4, resnet32x4)"
 
 
 def resnet_blocks(model: CifarResNet) -> list[tuple[int, int, str, nn.Module]]:

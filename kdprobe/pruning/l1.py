@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from kdprobe.errors import KdprobeError
-from kdprobe.pruning._surgery import arch_of, floor_count, is_cifar_resnet, rebuild_resnet_inner, resnet_blocks
+from kdprobe.pruning._surgery import RESNETS, arch_of, floor_count, is_cifar_resnet, rebuild_resnet_inner, resnet_blocks
 
 Block = tuple[int, int]  # (stage, block), both 1-based
 
@@ -87,7 +87,7 @@ def parse_skip(text: str | None, depth: int | None = None) -> list[Block]:
 def _check_resnet(model: nn.Module, method: str) -> None:
     if not is_cifar_resnet(model):
         name = getattr(model, "arch", {}).get("name", type(model).__name__)
-        raise KdprobeError(f"{method} pruning supports CIFAR ResNets; got {name}")
+        raise KdprobeError(f"{method} pruning supports {RESNETS}; got {name} (use --method slimming or weight)")
 
 
 def resnet_depth(model: nn.Module) -> int:

@@ -14,6 +14,7 @@ from typing import Sequence
 
 from kdprobe.checkpoint import load_checkpoint, save_checkpoint
 from kdprobe.errors import KdprobeError
+from kdprobe.preprocess import image_size_for
 from kdprobe.pruning.flops import count_flops, count_nonzero, count_nonzero_flops, count_params
 from kdprobe.pruning.l1 import l1_prune, parse_remaining, parse_skip, resnet_depth
 from kdprobe.pruning.slimming import slimming_prune, slimming_record, slimming_was_trained
@@ -64,15 +65,16 @@ def sizes(model, input_shape) -> dict:
 
 
 def prune_checkpoint(src, method: str, remaining: str | Sequence[float], out, *, skip: str | None = None,
-                     arch: str | None = None) -> PruneReport:
-    """Prune checkpoint `src` (kdprobe, or foreign with `arch`) by `method` and write `out` atomically."""
+                     arch: str | None = None, arch_kwargs: dict | None = None) -> PruneReport:
+    """Prune checkpoint `src` (kdprobe, or foreign: `arch` or detected) by `method` and write `out` atomically."""
     method, fractions = check_prune_args(method, remaining, skip)
-    ck = load_checkpoint(src, arch=arch, finite=True)
+    ck = load_checkpoint(src, arch=arch, arch_kwargs=arch_kwargs, finite=True)
     model, meta = ck.model, ck.meta
     if ck.extra.get("masks") and method != "weight":
         raise KdprobeError(f"{src} is weight-pruned (it has masks); expected a dense checkpoint for {method} "
                            "pruning; prune the unpruned checkpoint instead")
-    shape = meta.get("input_shape") or [model.arch["kwargs"].get("in_channels", 3), 32, 32]
+    side = image_size_for(model, meta)[0] or 32  # a foreign file records no shape: its family's size (CIFAR: 32)
+    shape = meta.get("input_shape") or [model.arch["kwargs"].get("in_channels", 3), side, side]
     before = sizes(model, shape)
     info: dict = {"method": method}
     extra: dict = {}

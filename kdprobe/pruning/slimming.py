@@ -16,10 +16,10 @@ One stated difference: a BN layer that would lose every channel keeps its larges
 The population is the |gamma| of the prunable BNs of the architecture (below). What is
 physically removed, per architecture:
 
-- VGG (`vgg19_bn`): every conv-BN layer is prunable; the network is rebuilt from a smaller
+- VGG (`vgg19_bn`, `rnp-slimming:vgg19`): every conv-BN layer is prunable; the network is rebuilt from a smaller
   `cfg`: conv output rows and the next conv's input columns, BN entries (running stats
   included) and the classifier's input columns of the dropped channels.
-- CIFAR ResNet (`resnetXXa/b`): only bn1 of each basic block (the block's inner width) is
+- CIFAR ResNet (`resnetXXa/b`, rnp-l1:, repdistiller:resnet8 ... resnet110, resnet8x4, resnet32x4): only bn1 of each basic block (the block's inner width) is
   prunable and in the population; the residual trunk (stem BN, bn2, shortcut BNs) keeps its
   16/32/64 channels, since every block adds into it. Rebuilt through `block_cfg`: conv1
   rows, bn1 entries, conv2 input columns (the same surgery as L1 pruning, other scores).
@@ -36,7 +36,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from kdprobe.errors import KdprobeError
-from kdprobe.pruning._surgery import arch_of, is_cifar_resnet, rebuild, rebuild_resnet_inner, resnet_blocks
+from kdprobe.pruning._surgery import RESNETS, arch_of, is_cifar_resnet, rebuild, rebuild_resnet_inner, resnet_blocks
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var")
 
@@ -62,8 +62,14 @@ def slimming_was_trained(meta: dict) -> bool:
         return False
 
 
+def _vgg_seq(model) -> tuple[str, nn.Sequential]:
+    """The conv-BN-ReLU Sequential of a slimming VGG: `features` (vgg19_bn) or `feature` (rnp-slimming:vgg19)."""
+    return ("features", model.features) if hasattr(model, "features") else ("feature", model.feature)
+
+
 def _vgg_bns(model) -> list[tuple[str, nn.Module]]:
-    return [(f"features.{i}", m) for i, m in enumerate(model.features) if isinstance(m, nn.BatchNorm2d)]
+    name, seq = _vgg_seq(model)
+    return [(f"{name}.{i}", m) for i, m in enumerate(seq) if isinstance(m, nn.BatchNorm2d)]
 
 
 def _densenet_bns(model) -> list[tuple[str, nn.Module]]:
@@ -73,17 +79,21 @@ def _densenet_bns(model) -> list[tuple[str, nn.Module]]:
     return out + [("bn", model.bn)]
 
 
+SUPPORTED = f"vgg19_bn, rnp-slimming:vgg19, densenet40 and {RESNETS}"
+
+
 def _family(model: nn.Module) -> str:
     from kdprobe.models.densenet import DenseNet
+    from kdprobe.models.rnp.vgg import SlimmingVGG
     from kdprobe.models.vgg import SlimVGG
 
-    if isinstance(model, SlimVGG):
+    if isinstance(model, (SlimVGG, SlimmingVGG)):
         return "vgg"
     if isinstance(model, DenseNet):
         return "densenet"
     if is_cifar_resnet(model):
         return "resnet"
-    raise KdprobeError(f"slimming pruning supports vgg19_bn, CIFAR ResNets and densenet40; got {arch_of(model)[0]}")
+    raise KdprobeError(f"slimming pruning supports {SUPPORTED}; got {arch_of(model)[0]} (--method weight prunes any model)")
 
 
 def prunable_bns(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -155,16 +165,18 @@ def _rebuild_vgg(model, plan: dict[str, torch.Tensor]) -> nn.Module:
     src = model.state_dict()
     state = dict(src)
     _, kwargs = arch_of(model)
+    seq_name, seq = _vgg_seq(model)
     cfg, prev = [], None  # prev: kept channels of the previous conv's output
-    for i, m in enumerate(model.features):
+    for i, m in enumerate(seq):
         if isinstance(m, nn.MaxPool2d):
             cfg.append(POOL)
         elif isinstance(m, nn.Conv2d):
-            idx = plan[f"features.{i + 1}"]  # the BN right after this conv
-            w = _take(src[f"features.{i}.weight"], 0, idx)
-            state[f"features.{i}.weight"] = w if prev is None else _take(w, 1, prev)
+            conv, bn = f"{seq_name}.{i}", f"{seq_name}.{i + 1}"  # the BN right after this conv
+            idx = plan[bn]
+            w = _take(src[f"{conv}.weight"], 0, idx)
+            state[f"{conv}.weight"] = w if prev is None else _take(w, 1, prev)
             for k in BN_KEYS:
-                state[f"features.{i + 1}.{k}"] = _take(src[f"features.{i + 1}.{k}"], 0, idx)
+                state[f"{bn}.{k}"] = _take(src[f"{bn}.{k}"], 0, idx)
             cfg.append(int(idx.numel()))
             prev = idx
     state["classifier.weight"] = _take(src["classifier.weight"], 1, prev)

@@ -41,7 +41,7 @@ class SourceNet(nn.Module):
                     f"{name} expects 32x32 input images: its head averages a fixed {kernel}x{kernel} window "
                     f"(as the RepDistiller reference does), one value per channel only on a feature map of "
                     f"{1 if ceil_mode else kernel} to {kernel if ceil_mode else 2 * kernel - 1} pixels a side, "
-                    f"got {h}x{w}; resize the images to 32x32")
+                    f"got {h}x{w}; resize the images to 32x32 (--image-size 32)")
             f = F.avg_pool2d(f, kernel, ceil_mode=ceil_mode)
         else:
             f = F.adaptive_avg_pool2d(f, 1)

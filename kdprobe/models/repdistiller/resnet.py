@@ -22,25 +22,34 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdprobe.errors import KdprobeError
 from kdprobe.models.registry import register_alias
 from kdprobe.models.repdistiller._common import PREFIX, SourceNet, conv_bn, init_conv_bn, register
 from kdprobe.models.resnet import BasicBlock  # the reference's basic block (option B), shared
 
 
 class StemResNet(SourceNet):
-    """CIFAR ResNet 6n+2 whose stem width (filters[0]) may differ from stage 1 (filters[1])."""
+    """CIFAR ResNet 6n+2 whose stem width (filters[0]) may differ from stage 1 (filters[1]).
 
-    def __init__(self, depth: int, filters: list[int], num_classes: int, in_channels: int):
+    block_cfg (3n widths, optional): the inner width of every basic block, as L1 filter pruning and
+    Network Slimming leave it (kdprobe.pruning); the residual trunk keeps filters[1:]."""
+
+    def __init__(self, depth: int, filters: list[int], num_classes: int, in_channels: int,
+                 block_cfg: list[int] | None = None):
         super().__init__()
         n = (depth - 2) // 6
+        mids = [int(c) for c in block_cfg] if block_cfg is not None else [p for p in filters[1:] for _ in range(n)]
+        if len(mids) != 3 * n or min(mids) < 1:
+            raise KdprobeError(f"expected block_cfg of {3 * n} positive widths for depth {depth}, got {block_cfg}")
         self.conv1, self.bn1 = conv_bn(in_channels, filters[0], 3)
         inp, stages = filters[0], []
         for s, planes in enumerate(filters[1:]):
             blocks = []
             for b in range(n):
-                blocks.append(BasicBlock(inp, planes, planes, 2 if s > 0 and b == 0 else 1, "B"))
+                blocks.append(BasicBlock(inp, mids[s * n + b], planes, 2 if s > 0 and b == 0 else 1, "B"))
                 inp = planes
             stages.append(nn.Sequential(*blocks))
+        self.blocks_per_stage = n
         self.layer1, self.layer2, self.layer3 = stages
         self.fc = nn.Linear(filters[3], num_classes)
         self.feature_layer, self.feature_channels = "layer3", filters[3]
@@ -58,8 +67,8 @@ class StemResNet(SourceNet):
 
 def _stem_resnet(depth: int, name: str):
     @register(name, "conv1.weight", "fc.weight")
-    def factory(num_classes: int = 100, in_channels: int = 3) -> StemResNet:
-        return StemResNet(depth, [32, 64, 128, 256], num_classes, in_channels)
+    def factory(num_classes: int = 100, in_channels: int = 3, block_cfg: list[int] | None = None) -> StemResNet:
+        return StemResNet(depth, [32, 64, 128, 256], num_classes, in_channels, block_cfg)
 
     factory.__doc__ = f"RepDistiller {name}: CIFAR ResNet-{depth}, filters [32, 64, 128, 256]."
     return factory

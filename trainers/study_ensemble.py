@@ -59,7 +59,11 @@ class _Run:
         return out
 
     def model(self, rel: str):
-        return load_checkpoint(self.cells[rel].path(self.out), map_location=self.dev).model
+        from kdprobe.preprocess import fit_input
+
+        ck = load_checkpoint(self.cells[rel].path(self.out), map_location=self.dev)
+        fit_input(ck.model, ck.meta, self.data)  # the input size/normalization the cell was trained with
+        return ck.model
 
     def each(self, label: str, members: list[Member]):
         """Yield (member, model on the device) with a progress bar."""

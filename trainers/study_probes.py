@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from kdprobe.checkpoint import library_versions, load_checkpoint, read_payload
+from kdprobe.preprocess import fit_input
 from kdprobe.data import load_dataset
 from kdprobe.diversity_table import DiversitySettings, DiversityTable, ModelScore, summarize_groups
 from kdprobe.errors import KdprobeError
@@ -136,7 +137,9 @@ def _diversity(spec: StudySpec, cells, out: Path, dev: torch.device, progress) -
     scores = []
     try:
         for c in chosen:
-            model = load_checkpoint(c.path(out), map_location=dev).model
+            ck = load_checkpoint(c.path(out), map_location=dev)
+            fit_input(ck.model, ck.meta, data)  # the input size/normalization the cell was trained with
+            model = ck.model
             vals = jacobian_scores(model, batches, variant=d.variant, bn=d.bn, output=d.output, k=d.k)
             scores.append(ModelScore.from_values(c.rel, c.method, c.seed, vals))
             bar.step(1, {})
@@ -222,6 +225,7 @@ def _landscapes(spec: StudySpec, cells, out: Path, dev: torch.device, progress) 
     try:
         for group, c, epoch, path in todo:
             ck = load_checkpoint(path, map_location=dev)
+            fit_input(ck.model, ck.meta, data)
             dirs = make_directions(ck.model, seed=ls.seed, include_bn=ls.include_bn)
             h5 = out / "landscapes" / c.method / f"{c.method}-{path.stem}-{tag}.h5"  # the method in the name too
             vtk = h5.with_suffix(".vtk")

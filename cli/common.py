@@ -1,11 +1,9 @@
 """Shared CLI plumbing: error handling, globs, tables, progress bars."""
 from __future__ import annotations
 
-import csv
 import fnmatch
 import functools
 import glob
-import io
 import json
 import os
 import sys
@@ -182,14 +180,9 @@ def _is_number(text: str) -> bool:
 
 def write_rows_csv(rows: Sequence[dict], path: Path) -> None:
     """CSV with a header from the union of keys (pandas.read_csv reads it)."""
-    cols: list[str] = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    from kdprobe.writers.probe_files import write_records_csv
+
+    write_records_csv(rows, path)
 
 
 def write_json(obj, path: Path) -> None:

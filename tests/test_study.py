@@ -367,3 +367,27 @@ def test_spec_toml_with_a_bom_loads_and_other_encodings_are_one_line(tmp_path):
     with pytest.raises(KdprobeError, match=r"bom.toml:1: expected a UTF-8 TOML file, got byte 0xe9") as e:
         load_spec(str(p))
     assert "\n" not in str(e.value)
+
+
+def test_report_markdown_holds_the_reports_tables_and_the_landscape_page_its_figure(done):
+    _, out, res = done
+    md = (out / "report.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    section = md.split("## Test accuracy", 1)[1].split("\n## ", 1)[0]
+    rows = {ln.split("|")[1].strip(): ln for ln in section.splitlines() if ln.startswith("| ")}
+    for g in summary["accuracy"]:  # each group's row carries the summary's mean and std, as the HTML shows them
+        assert f"| {g['mean']:.2f} ± {g['std']:.2f} |" in rows[g["group"]]
+    assert "## Test accuracy" in md and "## Loss landscapes" in md and "newPlot" not in md and "<" not in md
+    assert "|---|---:|" in md  # text columns left, numbers right
+    page = (out / "landscapes.html").read_text()
+    assert page.count("* plotly.js v") == 1 and '"type":"contour"' in page.replace(" ", "")
+
+
+def test_html_to_markdown_by_hand():
+    from kdprobe.writers.report_markdown import html_to_markdown
+
+    page = ("<html><head><style>td{}</style><script>var x=1;</script></head><body><h1>T</h1><nav><a>skip</a></nav>"
+            "<p class='note'>a  <b>b</b><br>c</p><table><tr><th>m</th><th>acc</th></tr>"
+            "<tr><td>kd|x</td><td>1.50 ± 0.20</td></tr></table><pre>{\n  \"k\": 1\n}</pre></body></html>")
+    assert html_to_markdown(page) == ("# T\n\na b c\n\n| m | acc |\n|---|---:|\n| kd\\|x | 1.50 ± 0.20 |\n\n"
+                                      "```\n{\n  \"k\": 1\n}\n```\n")

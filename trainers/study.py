@@ -325,7 +325,8 @@ def _cell_main(job_file: str) -> int:
 def run_study(spec: StudySpec, out, *, device: str = "auto", jobs: int = 1, nproc_per_cell: int = 1,
               spec_text: str | None = None, progress: StudyProgress | None = None):
     """Train (or resume) every cell, run the spec's probes, write summary.json and report.html."""
-    from kdprobe.writers.report import write_cells_csv, write_report, write_summary_json
+    from kdprobe.writers.report import write_cells_csv, write_landscape_page, write_report, write_summary_json
+    from kdprobe.writers.report_markdown import write_report_markdown
     from trainers.study_probes import assemble, check_probes
 
     if jobs < 1 or nproc_per_cell < 1:
@@ -355,6 +356,9 @@ def run_study(spec: StudySpec, out, *, device: str = "auto", jobs: int = 1, npro
         write_cells_csv(result, out / "cells.csv")
         write_summary_json(result, out / "summary.json")
         write_report(result, out / "report.html")
+        write_report_markdown(result, out / "report.md")
+        if result.landscapes:
+            write_landscape_page(result, out / "landscapes.html")
         return result
     finally:
         torch.set_num_threads(threads)

@@ -295,7 +295,8 @@ def assemble(spec: StudySpec, out: Path, cells, info: dict, dev: torch.device, p
     records = _cell_records(cells, out, info)
     conf, interval = (spec.diversity.confidence, spec.diversity.interval) if spec.diversity else (0.99, "t")
     accuracy, acc_ref = _accuracy(spec, records, conf, interval)
-    files = {"summary.json": "summary.json", "cells.csv": "cells.csv", "spec.toml": "spec.toml"}
+    files = {"summary.json": "summary.json", "cells.csv": "cells.csv", "spec.toml": "spec.toml",
+             "report.md": "report.md"}
     diversity = None
     if spec.diversity is not None:
         diversity, more = _diversity(spec, cells, out, dev, progress)
@@ -303,6 +304,8 @@ def assemble(spec: StudySpec, out: Path, cells, info: dict, dev: torch.device, p
     probes, verdicts, more = ensemble_probes(spec, cells, out, dev, progress)
     files.update(more)
     landscapes = _landscapes(spec, cells, out, dev, progress) if spec.landscape is not None else []
+    if landscapes:
+        files["landscapes.html"] = "landscapes.html"
     pruning = _pruning(spec, out, device, progress) if spec.pruning else []
     ls = spec.landscape
     display = {} if ls is None else {"log": ls.log, "zmax": ls.zmax, "directions": DIRECTIONS_NOTE.format(seed=ls.seed)}

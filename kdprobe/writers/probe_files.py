@@ -17,9 +17,9 @@ def write_probe_json(tables, path: str | os.PathLike) -> None:
     atomic_write_text(path, json.dumps(doc, indent=1, allow_nan=False) + "\n")
 
 
-def write_probe_csv(tables, name: str, path: str | os.PathLike) -> None:
-    """One table as CSV (header = the union of the records' keys, in order of appearance); nan/None as empty."""
-    rows = tables.table(name)
+def write_records_csv(rows, path: str | os.PathLike) -> None:
+    """Records as CSV that pandas reads: header = the union of their keys in order of appearance; floats
+    written exactly (repr), None as empty."""
     cols: list[str] = []
     for r in rows:
         cols += [k for k in r if k not in cols]
@@ -29,3 +29,8 @@ def write_probe_csv(tables, name: str, path: str | os.PathLike) -> None:
     for r in rows:
         w.writerow({k: repr(v) if isinstance(v, float) else ("" if v is None else v) for k, v in r.items()})
     atomic_write_text(path, buf.getvalue())
+
+
+def write_probe_csv(tables, name: str, path: str | os.PathLike) -> None:
+    """One table of a probe's tables as CSV (see write_records_csv)."""
+    write_records_csv(tables.table(name), path)

@@ -290,6 +290,16 @@ def write_report(result: StudyResult, path: str | os.PathLike) -> None:
     atomic_write_text(path, report_html(result))
 
 
+def write_landscape_page(result: StudyResult, path: str | os.PathLike) -> None:
+    """landscapes.html: only the report's loss-landscape section (contours on one scale, 3-D below), a page
+    small enough to share or screenshot."""
+    from kdprobe.writers.landscape_plot import page
+
+    body = (f"<style>{_CSS}</style><h1>kdprobe study {_e(result.name)}: loss landscapes</h1>"
+            f"<p class='note'>scale {_e(result.scale or 'as written')} · {_e(result.title)}</p>{_landscapes(result)}")
+    atomic_write_text(path, page(f"kdprobe study {result.name}: loss landscapes", body))
+
+
 def write_summary_json(result: StudyResult, path: str | os.PathLike) -> None:
     """summary.json: every number of the study (nan as null); kdprobe.study_result.from_dict reads it back."""
     atomic_write_text(path, json.dumps(to_dict(result), indent=1, allow_nan=False) + "\n")

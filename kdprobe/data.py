@@ -233,6 +233,22 @@ def cache_dir() -> Path:
 _IMAGE_EXT = {".jpg", ".jpeg", ".png"}
 
 
+def _publish_extracted(tmp: Path, dest: Path) -> None:
+    """Move a finished extraction into place. Another process may have finished the same archive first
+    and be reading it now: then keep its copy and drop ours, never delete a complete one."""
+    if (dest / ".complete").exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    if dest.exists():  # a killed run's incomplete copy
+        shutil.rmtree(dest, ignore_errors=True)
+    try:
+        os.replace(tmp, dest)
+    except OSError:
+        if not (dest / ".complete").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # lost the race to an equal copy
+
+
 def _extract_archive(archive: Path) -> Path:
     st = archive.stat()
     key = hashlib.sha256(f"{archive.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -249,9 +265,7 @@ def _extract_archive(archive: Path) -> Path:
             raise KdprobeError(f"imagefolder:{archive} is a file but not a readable tar archive ({why}); pass a folder "
                                "ROOT/train/<class>/*.jpg or a .tar/.tar.gz of one") from None
         (tmp / ".complete").touch()
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        _publish_extracted(tmp, dest)
     roots = [p for p in dest.iterdir() if p.is_dir()]
     if (dest / "train").is_dir():
         return dest

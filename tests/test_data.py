@@ -118,6 +118,29 @@ def test_a_file_that_is_not_a_tar_archive_is_one_line(tmp_path):
     assert not list((cache_dir() / "extracted").glob("*.tmp*"))
 
 
+def test_two_runs_extracting_one_archive_never_delete_the_copy_the_other_reads(tmp_path):
+    # Two studies started together both extract the shared archive; the one finishing second used to
+    # delete the first one's complete copy while it was being read ("has no test/ subfolder").
+    from kdprobe.data import _publish_extracted
+
+    dest = tmp_path / "key"
+    first, second = tmp_path / "key.tmp1", tmp_path / "key.tmp2"
+    for d in (first, second):
+        (d / "root" / "test").mkdir(parents=True)
+        (d / ".complete").touch()
+    (first / "root" / "test" / "mine").touch()
+    _publish_extracted(first, dest)
+    _publish_extracted(second, dest)  # finished later: its copy is dropped, the published one stays
+    assert (dest / "root" / "test" / "mine").exists() and not first.exists() and not second.exists()
+    incomplete = tmp_path / "half"  # a killed run's incomplete copy is replaced
+    (incomplete / "junk").mkdir(parents=True)
+    third = tmp_path / "half.tmp3"
+    (third / "root").mkdir(parents=True)
+    (third / ".complete").touch()
+    _publish_extracted(third, incomplete)
+    assert (incomplete / ".complete").exists() and not (incomplete / "junk").exists()
+
+
 def test_download_offline_is_one_line(tmp_path, monkeypatch):
     import urllib.error
 

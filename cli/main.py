@@ -24,7 +24,7 @@ import sys  # noqa: E402
 
 import typer  # noqa: E402
 
-from cli import (agreement, calibration, cka, diversity, evaluate, info, landscape, pipeline, prune,  # noqa: E402
+from cli import (agreement, calibration, cka, compare, diversity, evaluate, info, landscape, pipeline, prune,  # noqa: E402
                  sharpness, study, surplus, train)
 from cli.common import KdprobeGroup, handle_errors, interrupted_line  # noqa: E402
 
@@ -48,6 +48,7 @@ COMMANDS = [
     ("calibration", calibration.calibration),
     ("sharpness", sharpness.sharpness),
     ("study", study.study),
+    ("compare", compare.compare),
 ]
 for _name, _fn in COMMANDS:
     app.command(_name)(handle_errors(_fn))

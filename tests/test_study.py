@@ -391,3 +391,19 @@ def test_html_to_markdown_by_hand():
             "<tr><td>kd|x</td><td>1.50 ± 0.20</td></tr></table><pre>{\n  \"k\": 1\n}</pre></body></html>")
     assert html_to_markdown(page) == ("# T\n\na b c\n\n| m | acc |\n|---|---:|\n| kd\\|x | 1.50 ± 0.20 |\n\n"
                                       "```\n{\n  \"k\": 1\n}\n```\n")
+
+
+def test_a_fresh_rerun_reproduces_the_summary_number_for_number(done, tmp_path):
+    """issue 13's promise at digits scale: same spec, same seeds, same machine -> `kdprobe compare` finds
+    every number equal (cells retrained from nothing, probes recomputed)."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    tmp, out, _ = done
+    spec, text = _spec(tmp_path)
+    again = tmp_path / "again"
+    study.run_study(spec, again, device="cpu", spec_text=text)
+    r = CliRunner().invoke(app, ["compare", str(out), str(again)])
+    assert r.exit_code == 0, r.output
+    assert ": the same (" in r.output

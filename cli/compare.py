@@ -1,0 +1,52 @@
+"""`kdprobe compare`: did a rerun of a study reproduce a summary, number for number?"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import ranged
+from kdprobe.ranges import Range
+
+O = typer.Option
+_TOL = Range(float, 0.0)
+
+
+def _show(v) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def compare(
+    a: Annotated[Path, typer.Argument(metavar="STUDY_A", help="A study folder or its summary.json (e.g. the committed one).")],
+    b: Annotated[Path, typer.Argument(metavar="STUDY_B", help="Another study folder or summary.json (e.g. your rerun).")],
+    rtol: Annotated[float, O(help="Relative tolerance for numbers (0: bit-equal, as the same seed on the same "
+                                  "machine type gives).", callback=ranged(_TOL, "--rtol"))] = 0.0,
+    atol: Annotated[float, O(help="Absolute tolerance for numbers.", callback=ranged(_TOL, "--atol"))] = 0.0,
+    show: Annotated[int, O(help="How many differences to list.", callback=ranged(Range(int, 0),
+                                                                                  "--show"))] = 20,
+):
+    """Compare two study summaries number by number; exit 0 when they agree, 1 when they differ.
+
+    Wall-clock times, creation dates, reuse of cells and the machine's paths (dataset, spec source, platform) are expected to change between runs: they are listed as notes, not as differences.
+    """
+    from kdprobe.summary_diff import compare as diff
+    from kdprobe.summary_diff import load_summary
+
+    sa, sb = load_summary(a), load_summary(b)
+    d = diff(sa, sb, rtol=rtol, atol=atol)
+    tol = "bit-equal" if rtol == 0 and atol == 0 else f"rtol {rtol:g}, atol {atol:g}"
+    for path, x, y in d.notes[:show]:
+        typer.echo(f"note  {path}: {_show(x)} -> {_show(y)} (expected to vary)")
+    if len(d.notes) > show:
+        typer.echo(f"note  ... and {len(d.notes) - show} more expected changes")
+    for path, x, y in d.differences[:show]:
+        typer.echo(f"DIFF  {path}: {_show(x)} != {_show(y)}")
+    if len(d.differences) > show:
+        typer.echo(f"DIFF  ... and {len(d.differences) - show} more")
+    verdict = "the same" if d.equal else f"DIFFERENT in {len(d.differences):,} places"
+    typer.echo(f"{a} vs {b}: {verdict} ({d.numbers:,} numbers and {d.strings:,} other values compared, {tol}; "
+               f"largest number difference {d.max_abs:.3g} absolute, {d.max_rel:.3g} relative)")
+    if not d.equal:
+        raise typer.Exit(1)

@@ -1,0 +1,94 @@
+"""kdprobe compare: two study summaries number by number (kdprobe.summary_diff)."""
+import copy
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from kdprobe.errors import KdprobeError
+from kdprobe.summary_diff import compare, load_summary
+
+BASE = {"format": "kdprobe-study", "name": "t", "created": "2026-01-01T00:00:00", "wall_seconds": 10.0,
+        "source": "/a/spec.toml",
+        "cells": [{"method": "scratch", "seed": 0, "test_acc": 51.63, "seconds": 3.0, "action": "trained",
+                   "dataset": "imagefolder:/a/data.tar.gz"}],
+        "accuracy": [{"group": "scratch", "mean": 52.946666666666665, "p_value": None, "ok": True}],
+        "versions": {"torch": "2.14.1", "platform": "Linux-a"}}
+
+
+def _changed(**where):
+    d = copy.deepcopy(BASE)
+    for path, v in where.items():
+        node = d
+        *head, last = path.split("__")
+        for k in head:
+            node = node[int(k)] if k.isdigit() else node[k]
+        node[int(last) if last.isdigit() else last] = v
+    return d
+
+
+def test_identical_summaries_are_the_same_and_every_leaf_is_counted():
+    d = compare(BASE, copy.deepcopy(BASE))
+    assert d.equal and not d.notes
+    assert d.numbers == 5  # wall_seconds, seed, test_acc, seconds, mean
+    # format, name, created, source, method, action, dataset, group, p_value (None), ok (True), torch, platform
+    assert d.strings == 12
+    assert d.max_abs == 0
+
+
+def test_a_changed_number_is_a_difference_with_its_place():
+    d = compare(BASE, _changed(cells__0__test_acc=51.64))
+    assert d.differences == [("cells[0].test_acc", 51.63, 51.64)]
+    assert d.max_abs == pytest.approx(0.01) and d.max_rel == pytest.approx(0.01 / 51.64)
+
+
+def test_tolerances_are_absolute_plus_relative():
+    b = _changed(cells__0__test_acc=51.63 + 1e-9)
+    assert not compare(BASE, b).equal
+    assert compare(BASE, b, rtol=1e-9).equal
+    assert compare(BASE, b, atol=2e-9).equal
+    assert not compare(BASE, b, atol=1e-10, rtol=1e-12).equal
+
+
+def test_run_to_run_fields_are_notes_not_differences():
+    b = _changed(created="2027", wall_seconds=99.0, cells__0__seconds=4.5, cells__0__action="existing",
+                 cells__0__dataset="imagefolder:/b/data.tar.gz", source="/b/spec.toml", versions__platform="Linux-b")
+    d = compare(BASE, b)
+    assert d.equal and len(d.notes) == 7
+    assert ("cells[0].action", "trained", "existing") in d.notes
+
+
+def test_structure_changes_are_differences():
+    b = copy.deepcopy(BASE)
+    b["cells"].append(dict(b["cells"][0]))
+    del b["accuracy"][0]["ok"]
+    b["versions"]["torch"] = "2.15"
+    b["name"] = ["t"]
+    d = compare(BASE, b)
+    assert ("cells (length)", 1, 2) in d.differences
+    assert ("accuracy[0].ok", True, "<missing>") in d.differences
+    assert ("versions.torch", "2.14.1", "2.15") in d.differences
+    assert ("name", "str", "list") in d.differences
+
+
+def test_cli_exit_codes_and_one_line_errors(tmp_path):
+    runner = CliRunner()
+    a, b = tmp_path / "a", tmp_path / "b.json"
+    a.mkdir()
+    (a / "summary.json").write_text(json.dumps(BASE))
+    b.write_text(json.dumps(_changed(accuracy__0__mean=53.0)))
+    same = runner.invoke(app, ["compare", str(a), str(a / "summary.json")])
+    assert same.exit_code == 0 and ": the same (" in same.output
+    diff = runner.invoke(app, ["compare", str(a), str(b)])
+    assert diff.exit_code == 1
+    assert "DIFF  accuracy[0].mean: 52.946666666666665 != 53.0" in diff.output
+    assert "DIFFERENT in 1 places" in diff.output
+    junk = tmp_path / "junk.json"
+    junk.write_text('{"format": "other"}')
+    for bad, msg in ((junk, "is not a kdprobe study summary"), (tmp_path / "none", "does not exist")):
+        r = runner.invoke(app, ["compare", str(a), str(bad)])
+        assert r.exit_code == 1 and msg in r.output and len(r.output.strip().splitlines()) == 1
+    with pytest.raises(KdprobeError, match="not valid JSON"):
+        junk.write_bytes(b"\xff\xfe{")
+        load_summary(junk)

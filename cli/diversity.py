@@ -84,7 +84,7 @@ def diversity(
     archs.check_used(paths)
     check_outputs("diversity", {"--csv": (csv, "csv"), "--json": (json, "json"), "--html": (html, "html")},
                   {"CHECKPOINTS": paths})
-    loaded = [load_checkpoint(p, **archs.for_path(p), map_location="cpu") for p in paths]
+    loaded = [load_checkpoint(p, **archs.for_path(p), map_location="cpu", finite=True) for p in paths]
     unknown = [str(ck.path) for ck in loaded if not ck.meta.get("dataset")]
     if unknown and dataset is None:
         raise KdprobeError(f"expected every checkpoint to record its dataset, got none in {unknown[0]} (a foreign "

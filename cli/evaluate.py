@@ -47,7 +47,7 @@ def evaluate(
     check_outputs("eval", {"--csv": (csv, "csv"), "--json": (json, "json")}, {"CHECKPOINTS": paths})
     # every checkpoint is loaded and checked against its data before any evaluation runs
     for p in paths:
-        ck = load_checkpoint(p, **archs.for_path(p), map_location=dev)
+        ck = load_checkpoint(p, **archs.for_path(p), map_location=dev, finite=True)
         name, ddir = ck.data_source(dataset, data_dir)
         key = (name, str(ddir))
         if key not in cache:

@@ -165,6 +165,8 @@ CASES = [
     ("info {d}/wide.pt", "GiB"),
     ("eval {d}/int_weights.pt", "stored as torch.int64"),
     ("prune {d}/nan.pt --method l1 --remaining 0.5 --out {d}/n.pt", "non-finite"),
+    ("eval {d}/nan.pt", "non-finite"),
+    ("diversity {d}/a.pt {d}/nan.pt", "non-finite"),
     ("landscape {d}/nan.pt --out {d}/n.vtk", "non-finite"),
     ("interpolate {d}/a.pt {d}/nan.pt --out {d}/n.h5", "non-finite"),
     ("eval {d}/flipped.pt", "corrupted"),

@@ -106,7 +106,8 @@ def write_error(path: str | os.PathLike, exc: BaseException) -> WriteError | Non
 
 
 def _stale_temps(path: Path) -> list[Path]:
-    pat = re.compile(rf"^\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp$")
+    # .NAME.XXXXXXXX.tmp, and the side files a writer library adds to it (.tmp.vts: see locked_side_file)
+    pat = re.compile(rf"^\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp(\.[a-z0-9]{{1,8}})?$")
     try:
         return [p for p in path.parent.iterdir() if pat.match(p.name)]
     except OSError:
@@ -147,6 +148,22 @@ def _locked_temp(path: Path) -> tuple[int, Path]:
             return fd, Path(tmp)
         os.close(fd)
     raise OSError(errno.EEXIST, f"could not create a temporary file next to {path}")
+
+
+@contextmanager
+def locked_side_file(tmp: Path, suffix: str) -> Iterator[Path]:
+    """`tmp` + suffix, created and locked now, for a library that insists on naming its own output
+    (pyevtk appends ".vts"): a kill leaves a file that the next run's stale cleanup recognizes and,
+    unlike a live writer's, can lock. Removed on the way out."""
+    side = Path(str(tmp) + suffix)
+    fd = os.open(side, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # the library reopens the same inode: the lock stays on it
+        yield side
+    finally:
+        os.close(fd)
+        side.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -240,6 +240,31 @@ def test_temp_files_of_a_killed_run_are_removed_by_the_next_write(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, live.name, "r.json"])
 
 
+def test_the_vts_writer_side_file_is_locked_and_a_killed_runs_copy_is_cleaned(tmp_path):
+    """pyevtk names its own output (TMP + ".vts"): kdprobe creates and locks that name first, so a
+    kill leaves a file the next run recognizes as stale, while a live writer's is left alone."""
+    import fcntl
+
+    from kdprobe.probes.landscape import Directions, SurfaceResult
+    from kdprobe.writers.landscape_vtk import write_surface_vtk
+
+    stale = tmp_path / ".s.vts.k1ll3d_x.tmp.vts"
+    stale.write_text("half")
+    live = tmp_path / ".s.vts.w0rk1ng_.tmp.vts"
+    live.write_text("in progress")
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    d = Directions({"w": torch.ones(2)}, {"w": torch.ones(2)}, 0, False)
+    g = np.arange(6.0).reshape(2, 3) + 1
+    try:
+        write_surface_vtk(SurfaceResult(np.arange(2.0), np.arange(3.0), g, g, g > 0, d, "eval", "fp32", 4),
+                          tmp_path / "s.vts")
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "s.vts"])
+    assert (tmp_path / "s.vts").read_bytes().startswith(b"<?xml")
+
+
 # ---- item 2: the rule's file sniffing (kinds) ---------------------------------------------
 
 def test_sniff_tells_every_kind_apart(tmp_path):

@@ -14,12 +14,13 @@ so "Warp By Scalar" on loss gives the true heights.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from kdprobe.errors import KdprobeError
-from kdprobe.io import atomic_path
+from kdprobe.io import atomic_path, locked_side_file
 from kdprobe.probes.landscape import LineResult, SurfaceResult
 
 VTK_SUFFIXES = (".vtk", ".vts")
@@ -77,14 +78,11 @@ def _write_vts(path: Path, x3: np.ndarray, y3: np.ndarray, z3: np.ndarray, data:
     """XML structured grid through pyevtk; arrays shaped (nx, ny, nz), index [i, j, k]."""
     from pyevtk.hl import gridToVTK  # imported here: only .vts output needs it
 
-    with atomic_path(path) as tmp:
-        base = str(tmp.with_suffix(""))  # gridToVTK appends ".vts" itself
-        try:
-            written = gridToVTK(base, *(np.asfortranarray(a, np.float64) for a in (x3, y3, z3)),
-                                pointData={k: np.asfortranarray(v, np.float64) for k, v in data.items()})
-            os.replace(written, tmp)
-        finally:
-            Path(base + ".vts").unlink(missing_ok=True)
+    with atomic_path(path) as tmp, locked_side_file(tmp, ".vts") as side:  # gridToVTK appends ".vts" itself
+        written = gridToVTK(str(tmp), *(np.asfortranarray(a, np.float64) for a in (x3, y3, z3)),
+                            pointData={k: np.asfortranarray(v, np.float64) for k, v in data.items()})
+        assert Path(written) == side, (written, side)
+        shutil.copyfile(side, tmp)  # into the locked temp file itself (a few hundred KB at most)
 
 
 def _check_suffix(path: Path) -> str:

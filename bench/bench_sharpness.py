@@ -19,7 +19,8 @@ across power-iteration steps too; eval-mode BN evaluated as an affine map) with
 kdprobe.probes.spectral.power_iteration and hutchinson, i.e. what `kdprobe sharpness` runs.
 
 Run: .venv/bin/python bench/bench_sharpness.py [--images 1024 --iterations 20 --vectors 100]
-     [--batch-size 128] [--device cpu|cuda] [--keep-graphs] [--mode reuse|jvp] [--json out.json]
+     [--batch-size 128] [--device cpu|cuda] [--keep-graphs | --both] [--mode reuse|jvp] [--json out.json]
+(--both: kdprobe with and without --keep-graphs, against one baseline measurement.)
 """
 from __future__ import annotations
 
@@ -110,6 +111,8 @@ def main() -> None:
     ap.add_argument("--vectors-per-pass", type=int, default=25)
     ap.add_argument("--mode", default="reuse", choices=("reuse", "jvp"))
     ap.add_argument("--keep-graphs", action="store_true", help="kdprobe keeps the per-batch graphs across calls")
+    ap.add_argument("--both", action="store_true",
+                    help="time kdprobe with and without --keep-graphs against one baseline measurement")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "0")) or None)
     ap.add_argument("--checkpoint", default=None, help="a resnet20 checkpoint instead of a random init")
@@ -130,52 +133,63 @@ def main() -> None:
         model = create_model("resnet20", num_classes=data.num_classes, in_channels=data.in_channels).to(dev)
     model.eval()
 
-    op = HessianOperator(model, x, y, batch_size=args.batch_size, mode=args.mode, keep_graphs=args.keep_graphs)
+    kinds = [False, True] if args.both else [args.keep_graphs]
+    ops = {keep: HessianOperator(model, x, y, batch_size=args.batch_size, mode=args.mode, keep_graphs=keep)
+           for keep in kinds}
+    dim = ops[kinds[0]].dim
     base = PyHessianStyle(model, x, y, args.batch_size)
     gen = torch.Generator().manual_seed(args.seed)
-    v0 = torch.randn(op.dim, generator=gen)
-    chunks = [rademacher((min(args.vectors_per_pass, args.vectors - i), op.dim), gen)
+    v0 = torch.randn(dim, generator=gen)
+    chunks = [rademacher((min(args.vectors_per_pass, args.vectors - i), dim), gen)
               for i in range(0, args.vectors, args.vectors_per_pass)]
     vecs = torch.cat(chunks).to(dev)
 
-    def ours_eig():
+    def ours_eig(op):
         return power_iteration(op.hvp, op.dim, k=1, iterations=args.iterations, tol=0.0,
                                generator=torch.Generator().manual_seed(args.seed), device=dev)[0].value
 
-    def ours_trace():
+    def ours_trace(op):
         g = torch.Generator().manual_seed(args.seed)
         torch.randn(op.dim, generator=g)  # skip the start vector, as `sharpness` does
         return hutchinson(op.hvp_many, op.dim, samples=args.vectors, chunk=args.vectors_per_pass, generator=g,
                           device=dev)
 
+    def row(eig, tr, t_eig, t_tr):
+        return dict(eigenvalue=eig, trace=sum(tr) / len(tr), per_vector=tr, eig_wall=t_eig[0], eig_cpu=t_eig[1],
+                    trace_wall=t_tr[0], trace_cpu=t_tr[1])
+
     rows = {}
-    (b_eig, bw1, bc1) = _timed(lambda: base.eigenvalue(v0.to(dev), args.iterations))
-    (k_eig, kw1, kc1) = _timed(ours_eig)
-    (b_tr, bw2, bc2) = _timed(lambda: base.trace(vecs))
-    (k_tr, kw2, kc2) = _timed(ours_trace)
-    b_trace, k_trace = sum(b_tr) / len(b_tr), sum(k_tr) / len(k_tr)
-    rows["pyhessian"] = dict(eigenvalue=b_eig, trace=b_trace, eig_wall=bw1, eig_cpu=bc1, trace_wall=bw2, trace_cpu=bc2)
-    rows["kdprobe"] = dict(eigenvalue=k_eig, trace=k_trace, eig_wall=kw1, eig_cpu=kc1, trace_wall=kw2, trace_cpu=kc2)
+    (b_eig, *te) = _timed(lambda: base.eigenvalue(v0.to(dev), args.iterations))
+    (b_tr, *tt) = _timed(lambda: base.trace(vecs))
+    rows["pyhessian"] = row(b_eig, b_tr, te, tt)
+    for keep in kinds:
+        o = ops.pop(keep)  # dropped after its turn: kept graphs hold GBs
+        (k_eig, *te) = _timed(lambda: ours_eig(o))
+        (k_tr, *tt) = _timed(lambda: ours_trace(o))
+        rows["kdprobe --keep-graphs" if keep else "kdprobe"] = row(k_eig, k_tr, te, tt)
+        del o
     print(f"resnet20, {args.images} images, batch {args.batch_size}, {args.iterations} power iterations, "
-          f"{args.vectors} Hutchinson vectors, device {dev}, {torch.get_num_threads()} threads, mode {args.mode}, "
-          f"keep_graphs {args.keep_graphs}")
-    print(f"{'method':<10} {'top eigenvalue':>15} {'trace':>13} {'eig s (wall/cpu)':>18} {'trace s (wall/cpu)':>19}")
+          f"{args.vectors} Hutchinson vectors, device {dev}, {torch.get_num_threads()} threads, mode {args.mode}")
+    print(f"{'method':<22} {'top eigenvalue':>15} {'trace':>13} {'eig s (wall/cpu)':>18} {'trace s (wall/cpu)':>19}"
+          f" {'x faster (wall/cpu)':>20} {'rel diff eig/trace/per-vector':>30}")
+    b = rows["pyhessian"]
+    scale = sum(abs(v) for v in b["per_vector"]) / len(b["per_vector"])  # per-vector values can nearly cancel
+    summary = {}
     for name, r in rows.items():
-        print(f"{name:<10} {r['eigenvalue']:>15.6f} {r['trace']:>13.4f} {r['eig_wall']:>8.1f}/{r['eig_cpu']:<9.1f}"
-              f" {r['trace_wall']:>8.1f}/{r['trace_cpu']:<9.1f}")
-    rel_eig = abs(k_eig - b_eig) / abs(b_eig)
-    rel_tr = abs(k_trace - b_trace) / abs(b_trace)
-    scale = sum(abs(b) for b in b_tr) / len(b_tr)  # per-vector values can nearly cancel: compare on their scale
-    rel_vec = max(abs(a - b) for a, b in zip(k_tr, b_tr)) / scale
-    tb, tk = bw1 + bw2, kw1 + kw2
-    cb, ck = bc1 + bc2, kc1 + kc2
-    print(f"relative difference: top eigenvalue {rel_eig:.2e}, trace {rel_tr:.2e}, per-vector v^T H v at most "
-          f"{rel_vec:.2e} of their mean |v^T H v|")
-    print(f"total wall {tb:.1f}s vs {tk:.1f}s: kdprobe {tb / tk:.2f}x faster; cpu {cb:.1f}s vs {ck:.1f}s: {cb / ck:.2f}x")
+        tw, tc = r["eig_wall"] + r["trace_wall"], r["eig_cpu"] + r["trace_cpu"]
+        bw, bc = b["eig_wall"] + b["trace_wall"], b["eig_cpu"] + b["trace_cpu"]
+        rel = (abs(r["eigenvalue"] - b["eigenvalue"]) / abs(b["eigenvalue"]),
+               abs(r["trace"] - b["trace"]) / abs(b["trace"]),
+               max(abs(u - v) for u, v in zip(r["per_vector"], b["per_vector"])) / scale)
+        summary[name] = dict(speedup_wall=bw / tw, speedup_cpu=bc / tc, rel_eig=rel[0], rel_trace=rel[1],
+                             rel_vec=rel[2])
+        print(f"{name:<22} {r['eigenvalue']:>15.6f} {r['trace']:>13.4f} {r['eig_wall']:>8.1f}/{r['eig_cpu']:<9.1f}"
+              f" {r['trace_wall']:>8.1f}/{r['trace_cpu']:<9.1f} {bw / tw:>9.2f}x/{bc / tc:<9.2f}"
+              f" {rel[0]:.1e}/{rel[1]:.1e}/{rel[2]:.1e}")
+    print("x faster = PyHessian's total (eigenvalue + trace) time / this row's; rel diff = relative to PyHessian's "
+          "values (per-vector: largest |v^T H v| difference over their mean |v^T H v|)")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(vars(args), results=rows, rel_eig=rel_eig, rel_trace=rel_tr,
-                                                   rel_vec=rel_vec,
-                                                   speedup_wall=tb / tk, speedup_cpu=cb / ck), indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(dict(vars(args), results=rows, summary=summary), indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -11,4 +11,4 @@ run pruning   bench/bench_pruning.py --rounds 5
 run diversity bench/bench_diversity.py --repeats 3
 run landscape bench/bench_landscape.py --rounds 3
 run augment   bench/bench_augment.py --batches 5
-run sharpness bench/bench_sharpness.py --keep-graphs --json bench/out/sharpness.json
+run sharpness bench/bench_sharpness.py --both --json bench/out/sharpness.json

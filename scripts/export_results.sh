@@ -35,7 +35,7 @@ shoot() {  # page, png, WIDTHxHEIGHT: the top of the page, where the 2-D figure 
     rm -rf "$profile"
     [ -s "$2" ] && echo "wrote $2"
 }
-[ -f "$src/landscapes.html" ] && shoot "$src/landscapes.html" "$dest/landscapes.png" 1400x${LANDSCAPE_HEIGHT:-800}
-[ -f "$src/diversity.html" ] && shoot "$src/diversity.html" "$dest/diversity.png" 1000x600
+[ -f "$src/landscapes.html" ] && shoot "$src/landscapes.html" "$dest/landscapes.png" 1400x${LANDSCAPE_HEIGHT:-700}
+[ -f "$src/diversity.html" ] && shoot "$src/diversity.html" "$dest/diversity.png" 1000x450
 for f in "$src"/pruning/*/surplus.csv; do [ -f "$f" ] && cp "$f" "$dest/$(basename "$(dirname "$f")")-surplus.csv"; done
 echo "exported $src -> $dest"

@@ -29,7 +29,7 @@ def compare(
 ):
     """Compare two study summaries number by number; exit 0 when they agree, 1 when they differ.
 
-    Wall-clock times, creation dates, reuse of cells and the machine's paths (dataset, spec source, platform) are expected to change between runs: they are listed as notes, not as differences.
+    Wall-clock times, creation dates, reuse of cells, the machine's paths (dataset, spec source, platform) and checkpoint sha256s (a KD student records its teacher's absolute path) are expected to change between runs: they are listed as notes, not as differences. Every number computed from the weights is compared.
     """
     from kdprobe.summary_diff import compare as diff
     from kdprobe.summary_diff import load_summary

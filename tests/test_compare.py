@@ -54,8 +54,11 @@ def test_tolerances_are_absolute_plus_relative():
 def test_run_to_run_fields_are_notes_not_differences():
     b = _changed(created="2027", wall_seconds=99.0, cells__0__seconds=4.5, cells__0__action="existing",
                  cells__0__dataset="imagefolder:/b/data.tar.gz", source="/b/spec.toml", versions__platform="Linux-b")
-    d = compare(BASE, b)
-    assert d.equal and len(d.notes) == 7
+    b["cells"][0]["sha256"] = "b" * 64
+    a = copy.deepcopy(BASE)
+    a["cells"][0]["sha256"] = "a" * 64
+    d = compare(a, b)
+    assert d.equal and len(d.notes) == 8
     assert ("cells[0].action", "trained", "existing") in d.notes
 
 

@@ -435,3 +435,64 @@ def test_l1_on_repdistiller_resnet8x4_drops_whole_inner_channels():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+def _mask_selected(model, plan):
+    """Reference for the rnp-slimming families: zero gamma and beta of every dropped channel, where a
+    selection BN's plan indices are positions among the channels it selects now."""
+    from kdprobe.models.rnp._common import ChannelSelection
+
+    ref = copy.deepcopy(model)
+    sel = {(n[: -len("select")] + "bn1" if n != "select" else "bn"): m.keep.tolist()
+           for n, m in ref.named_modules() if isinstance(m, ChannelSelection)}
+    bns = dict(prunable_bns(ref))
+    for name, local in plan.items():
+        chans = sel.get(name, list(range(bns[name].num_features)))
+        keep = {chans[i] for i in local.tolist()}
+        drop = [c for c in range(bns[name].num_features) if c not in keep]
+        with torch.no_grad():
+            bns[name].weight[drop] = 0
+            bns[name].bias[drop] = 0
+    return ref
+
+
+@pytest.mark.parametrize("arch,kw", [("rnp-slimming:preresnet164", {"depth": 20}),
+                                     ("rnp-slimming:densenet40", {"depth": 10, "growth": 4})])
+def test_slimming_rnp_selection_networks_as_the_reference_prunes_them(arch, kw, tmp_path):
+    """resprune.py / denseprune.py: every BN in the population; a BN before a selection stays whole and
+    its dropped channels are switched off in `indexes`; the result computes what the masked net does."""
+    from kdprobe.checkpoint import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    m = _randomize_bn(create_model(arch, num_classes=10, **kw)).eval()
+    x = torch.randn(3, 3, 32, 32)
+    bns = [mod for mod in m.modules() if isinstance(mod, nn.BatchNorm2d)]
+    n = sum(b.num_features for b in bns)
+    assert sum(b.weight.numel() for _, b in prunable_bns(m)) == n  # the population: every BN
+    plan, thr = slimming_plan(m, 0.5)
+    flat = torch.cat([b.weight.detach().abs() for b in bns])
+    assert thr == float(torch.sort(flat).values[int(n * 0.5)])  # the reference's threshold index
+    assert sum(v.numel() for v in plan.values()) == int((flat > thr).sum())  # no layer emptied here
+    p = slimming_prune(m, 0.5).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(p(x), _mask_selected(m, plan)(x), atol=1e-5, rtol=1e-5)
+    cfg = p.arch["kwargs"]["cfg"]
+    assert cfg[-1] == p.fc.in_features == plan["bn"].numel()
+    assert p.bn.num_features == m.bn.num_features  # kept whole: the selection switches channels off
+    assert int(p.select.indexes.sum()) == plan["bn"].numel()
+    assert count_params(p) < count_params(m)
+    if "layer1.0.bn2" in plan:  # the pre-ResNet's bottleneck BNs shrink physically
+        assert p.layer1[0].conv1.out_channels == p.layer1[0].bn2.num_features == plan["layer1.0.bn2"].numel()
+        assert p.layer1[0].conv3.in_channels == plan["layer1.0.bn3"].numel() < m.layer1[0].conv3.in_channels
+    # the file round-trips and is detected without --arch (cfg read off the tensors)
+    save_checkpoint(tmp_path / "p.pt", p, {"method": "scratch"})
+    back = load_checkpoint(tmp_path / "p.pt").model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), p(x))
+    # prune the pruned network again: switched-off channels stay off, only selected ones compete
+    plan2, _ = slimming_plan(p, 0.7)
+    p2 = slimming_prune(p, 0.7).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(p2(x), _mask_selected(p, plan2)(x), atol=1e-5, rtol=1e-5)
+    assert torch.all(p2.select.indexes <= p.select.indexes)
+    assert count_params(p2) < count_params(p)

@@ -28,6 +28,16 @@ physically removed, per architecture:
   selection (`selection` kwarg): the BN entries and the following conv's input columns
   (the classifier's for the final BN) are removed, while the concatenation itself keeps
   every channel, as in the reference's channel_selection layer.
+- Network Slimming's own networks with channel-selection layers (`rnp-slimming:densenet40`,
+  `rnp-slimming:preresnet164`), as its denseprune.py / resprune.py do: every BN is in the
+  population. A BN followed by a channel selection keeps all its entries (the trunk needs
+  them); its dropped channels are switched off in the selection's `indexes` and removed from
+  the next conv's input columns (the classifier's after the final BN). The pre-ResNet's bn2
+  and bn3 (inside a bottleneck) are removed physically: conv1/conv2 output rows, their BN
+  entries, conv2/conv3 input columns. The trunk (conv3 outputs, downsample convs) keeps its
+  widths. The new widths go to `cfg`, the reference's format. One stated extension: on a file
+  that is already pruned, a selection's population is only the channels it still selects (a
+  switched-off channel stays off; the reference scripts assume an unpruned input).
 """
 from __future__ import annotations
 
@@ -79,7 +89,39 @@ def _densenet_bns(model) -> list[tuple[str, nn.Module]]:
     return out + [("bn", model.bn)]
 
 
-SUPPORTED = f"vgg19_bn, rnp-slimming:vgg19, densenet40 and {RESNETS}"
+SUPPORTED = (f"vgg19_bn, rnp-slimming:vgg19, densenet40, rnp-slimming:densenet40, rnp-slimming:preresnet164 "
+             f"and {RESNETS}")
+
+
+def _select_units(model) -> list[tuple[str, str, nn.Module, str]]:
+    """(BN prefix, selection prefix, selection, consumer weight key) for every BN -> channel
+    selection pair of an rnp-slimming DenseNet or pre-ResNet, in forward order."""
+    from kdprobe.models.rnp._common import ChannelSelection
+
+    units = []
+    for name, m in model.named_modules():
+        if isinstance(m, ChannelSelection):
+            base = name[: -len("select")]  # "dense1.0." / "layer1.0." or "" for the final one
+            bn = f"{base}bn1" if base else "bn"
+            units.append((bn, name, m, f"{base}conv1.weight" if base else "fc.weight"))
+    return units
+
+
+def _preresnet_inner(model) -> list[tuple[str, str, str]]:
+    """(BN prefix, producing conv weight, consuming conv weight) of bn2 and bn3 in every bottleneck."""
+    out = []
+    for name, m in model.named_modules():
+        if hasattr(m, "bn3") and hasattr(m, "select"):
+            out += [(f"{name}.bn2", f"{name}.conv1.weight", f"{name}.conv2.weight"),
+                    (f"{name}.bn3", f"{name}.conv2.weight", f"{name}.conv3.weight")]
+    return out
+
+
+def _selected(model) -> dict[str, torch.Tensor]:
+    """BN prefix -> the channels its selection passes on now (rnp-slimming families; else empty)."""
+    if _family(model) not in ("rnp-densenet", "rnp-preresnet"):
+        return {}
+    return {bn: sel.keep.detach().cpu() for bn, _, sel, _ in _select_units(model)}
 
 
 def _family(model: nn.Module) -> str:
@@ -91,6 +133,13 @@ def _family(model: nn.Module) -> str:
         return "vgg"
     if isinstance(model, DenseNet):
         return "densenet"
+    from kdprobe.models.rnp.densenet import SlimmingDenseNet
+    from kdprobe.models.rnp.preresnet import SlimmingPreResNet
+
+    if isinstance(model, SlimmingDenseNet):
+        return "rnp-densenet"
+    if isinstance(model, SlimmingPreResNet):
+        return "rnp-preresnet"
     if is_cifar_resnet(model):
         return "resnet"
     raise KdprobeError(f"slimming pruning supports {SUPPORTED}; got {arch_of(model)[0]} (--method weight prunes any model)")
@@ -103,6 +152,8 @@ def prunable_bns(model: nn.Module) -> list[tuple[str, nn.Module]]:
         return _vgg_bns(model)
     if fam == "densenet":
         return _densenet_bns(model)
+    if fam in ("rnp-densenet", "rnp-preresnet"):  # every BN, as denseprune.py / resprune.py
+        return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
     return [(p + "bn1", blk.bn1) for _, _, p, blk in resnet_blocks(model)]
 
 
@@ -121,8 +172,10 @@ def _plan(model: nn.Module, remaining: float):
     remaining = float(remaining)
     if not 0.0 < remaining <= 1.0:
         raise KdprobeError(f"expected remaining in (0, 1] (fraction of prunable channels kept), got {remaining}")
-    bns = prunable_bns(model)
+    bns, selected = prunable_bns(model), _selected(model)
     scales = [bn.weight.detach().abs().float().cpu() for _, bn in bns]
+    # a selection's BN: only the channels it still passes on (plan indices point into those)
+    scales = [s[selected[name]] if name in selected else s for (name, _), s in zip(bns, scales)]
     flat = torch.cat(scales)
     percent = _percent(remaining)
     index = int(flat.numel() * percent)  # the reference's thre_index, float product truncated as in Python
@@ -148,8 +201,10 @@ def slimming_record(model: nn.Module, remaining: float) -> dict:
     """What the pruning record says about a slimming cut: rule, percent, threshold (index and value),
     channels kept of prunable, and the layers the never-empty guard kept alive."""
     plan, threshold, rec = _plan(model, remaining)
+    selected = _selected(model)
     rec.update(channels_kept=sum(int(v.numel()) for v in plan.values()),
-               channels_prunable=sum(bn.weight.numel() for _, bn in prunable_bns(model)))
+               channels_prunable=sum(int(selected[n].numel()) if n in selected else bn.weight.numel()
+                                     for n, bn in prunable_bns(model)))
     if threshold is not None:
         rec["threshold"] = threshold
     return rec
@@ -205,6 +260,35 @@ def _rebuild_densenet(model, plan: dict[str, torch.Tensor]) -> nn.Module:
     return rebuild(model, kwargs, state)
 
 
+def _rebuild_selecting(model, plan: dict[str, torch.Tensor]) -> nn.Module:
+    """rnp-slimming DenseNet / pre-ResNet: selections switch channels off, bottleneck BNs shrink."""
+    src = model.state_dict()
+    state = dict(src)
+    _, kwargs = arch_of(model)
+    width = {}  # BN prefix -> the width it leaves for the next layer (the new cfg entry)
+    for bn, sel_name, sel, consumer in _select_units(model):
+        local = plan[bn]  # positions among the channels selected now
+        kept = sel.keep.detach().cpu()[local.cpu()]
+        mask = torch.zeros_like(src[f"{sel_name}.indexes"])
+        mask[kept.to(mask.device)] = 1.0
+        state[f"{sel_name}.indexes"] = mask
+        state[consumer] = _take(src[consumer], 1, local)
+        width[bn] = int(local.numel())
+    for bn, producer, consumer in _preresnet_inner(model):
+        idx = plan[bn]
+        state[producer] = _take(state[producer], 0, idx)  # state: conv2 may have lost columns already
+        state[consumer] = _take(state[consumer], 1, idx)
+        for k in BN_KEYS:
+            state[f"{bn}.{k}"] = _take(src[f"{bn}.{k}"], 0, idx)
+        width[bn] = int(idx.numel())
+    if _family(model) == "rnp-densenet":
+        kwargs["cfg"] = [width[bn] for bn, *_ in _select_units(model)]
+    else:  # per block [select, conv1 out, conv2 out], then the final select
+        kwargs["cfg"] = [width[b] for bn, *_ in _select_units(model)[:-1]
+                         for b in (bn, bn[: -len("bn1")] + "bn2", bn[: -len("bn1")] + "bn3")] + [width["bn"]]
+    return rebuild(model, kwargs, state)
+
+
 def slimming_prune(model: nn.Module, remaining: float) -> nn.Module:
     """Liu et al. 2017 channel pruning by global |gamma| ranking; returns the rebuilt, smaller model."""
     plan, _ = slimming_plan(model, remaining)
@@ -213,4 +297,6 @@ def slimming_prune(model: nn.Module, remaining: float) -> nn.Module:
         return _rebuild_vgg(model, plan)
     if fam == "densenet":
         return _rebuild_densenet(model, plan)
+    if fam in ("rnp-densenet", "rnp-preresnet"):
+        return _rebuild_selecting(model, plan)
     return rebuild_resnet_inner(model, [plan[p + "bn1"] for _, _, p, _ in resnet_blocks(model)])

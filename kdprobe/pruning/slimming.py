@@ -169,6 +169,7 @@ def _percent(remaining: float) -> float:
 
 
 def _plan(model: nn.Module, remaining: float):
+    """(plan, threshold, record, population size): the population is what the threshold ranks."""
     remaining = float(remaining)
     if not 0.0 < remaining <= 1.0:
         raise KdprobeError(f"expected remaining in (0, 1] (fraction of prunable channels kept), got {remaining}")
@@ -187,24 +188,22 @@ def _plan(model: nn.Module, remaining: float):
             k[int(torch.argmax(s))] = True
             guarded.append(name)
         plan[name] = torch.nonzero(k).flatten()
-    return plan, threshold, {"rule": RULE, "percent": percent, "threshold_index": index, "guarded_layers": guarded}
+    rec = {"rule": RULE, "percent": percent, "threshold_index": index, "guarded_layers": guarded}
+    return plan, threshold, rec, int(flat.numel())
 
 
 def slimming_plan(model: nn.Module, remaining: float) -> tuple[dict[str, torch.Tensor], float | None]:
     """Kept channel indices (ascending) per prunable BN prefix, and the global |gamma| threshold
     (None for remaining = 1, which keeps everything)."""
-    plan, threshold, _ = _plan(model, remaining)
+    plan, threshold, _, _ = _plan(model, remaining)
     return plan, threshold
 
 
 def slimming_record(model: nn.Module, remaining: float) -> dict:
     """What the pruning record says about a slimming cut: rule, percent, threshold (index and value),
     channels kept of prunable, and the layers the never-empty guard kept alive."""
-    plan, threshold, rec = _plan(model, remaining)
-    selected = _selected(model)
-    rec.update(channels_kept=sum(int(v.numel()) for v in plan.values()),
-               channels_prunable=sum(int(selected[n].numel()) if n in selected else bn.weight.numel()
-                                     for n, bn in prunable_bns(model)))
+    plan, threshold, rec, population = _plan(model, remaining)
+    rec.update(channels_kept=sum(int(v.numel()) for v in plan.values()), channels_prunable=population)
     if threshold is not None:
         rec["threshold"] = threshold
     return rec

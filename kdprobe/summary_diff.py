@@ -2,12 +2,13 @@
 
 Every number and string in the two files is compared at the same place in the tree, except what
 is expected to change between runs of one study: wall-clock times (`seconds`, `wall_seconds`),
-when it was made (`created`), whether a cell was trained or reused (`action`), and where things
-live on this machine (`source`, `dataset` strings, `versions.platform`), and checkpoint files'
+when it was made (`created`), whether a cell was trained or reused (`action`), where things live
+on this machine (`source`, `dataset` strings, `versions.platform`), and checkpoint files'
 `sha256` (a KD student records its teacher's absolute path as provenance, so the same weights
 trained into another folder hash differently; every number computed from the weights is still
-compared). Those are listed as notes, never as differences. Numbers are equal when |a - b| <= atol + rtol * |b| (both 0 by
-default: the same seed on the same machine type gives the same bits).
+compared). Those are listed as notes, never as differences. Numbers are equal when
+|a - b| <= atol + rtol * |b| (both 0 by default: the same seed on the same machine type gives
+the same bits).
 """
 from __future__ import annotations
 

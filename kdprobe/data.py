@@ -21,9 +21,11 @@ Cost: one pass of sha256 over the images, about 0.1 s for CIFAR-10's 184 MB.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import shutil
+import stat
 import tarfile
+import time
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,8 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdprobe.cache import cache_dir, entry_lock, extracted
+from kdprobe.cache import publish_extracted as _publish_extracted  # noqa: F401 - its old name, tests use it
 from kdprobe.errors import KdprobeError
-from kdprobe.io import atomic_path
+from kdprobe.images import decode_image, describe_kind, read_image_bytes
+from kdprobe.io import atomic_path, atomic_write_text
 
 # Per-channel statistics of the training sets (fractions of 255), the values the reference
 # codebases normalize with (RepDistiller for CIFAR-100, the CutMix/pruning code for CIFAR-10).
@@ -225,47 +230,18 @@ def _cifar(name: str, data_dir, download: bool) -> TensorData:
                       fingerprint=data_fingerprint(classes, trx, try_, tex, tey))
 
 
-def cache_dir() -> Path:
-    """Where decoded datasets and extracted archives are kept ($KDPROBE_CACHE or ~/.cache/kdprobe)."""
-    return Path(os.environ.get("KDPROBE_CACHE", Path.home() / ".cache" / "kdprobe"))
-
-
 _IMAGE_EXT = {".jpg", ".jpeg", ".png"}
-
-
-def _publish_extracted(tmp: Path, dest: Path) -> None:
-    """Move a finished extraction into place. Another process may have finished the same archive first
-    and be reading it now: then keep its copy and drop ours, never delete a complete one."""
-    if (dest / ".complete").exists():
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    if dest.exists():  # a killed run's incomplete copy
-        shutil.rmtree(dest, ignore_errors=True)
-    try:
-        os.replace(tmp, dest)
-    except OSError:
-        if not (dest / ".complete").exists():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)  # lost the race to an equal copy
+DECODE_VERSION = 2  # in every decode-cache key: tensors decoded by older rules (2: 16-bit, palette, CMYK) are redone
+RACY_NS = 3_000_000_000  # a file changed this recently (ns) may change again within one timestamp tick: see _cache_key
 
 
 def _extract_archive(archive: Path) -> Path:
-    st = archive.stat()
-    key = hashlib.sha256(f"{archive.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    dest = cache_dir() / "extracted" / key
-    if not (dest / ".complete").exists():
-        tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        try:
-            with tarfile.open(archive) as tf:
-                tf.extractall(tmp, filter="data")  # 'data' filter: no absolute paths, links or devices
-        except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-            raise KdprobeError(f"imagefolder:{archive} is a file but not a readable tar archive ({why}); pass a folder "
-                               "ROOT/train/<class>/*.jpg or a .tar/.tar.gz of one") from None
-        (tmp / ".complete").touch()
-        _publish_extracted(tmp, dest)
+    """Extract an image-folder archive into the cache (once per content) and return its ROOT folder."""
+    with extracted(archive) as (dest, _):
+        return _archive_root(dest, archive)
+
+
+def _archive_root(dest: Path, archive: Path) -> Path:
     roots = [p for p in dest.iterdir() if p.is_dir()]
     if (dest / "train").is_dir():
         return dest
@@ -275,43 +251,139 @@ def _extract_archive(archive: Path) -> Path:
 
 
 def _list_split(root: Path, split: str, classes: list[str] | None) -> tuple[list[str], list[Path], list[int]]:
+    """Class names, image files and labels of one split. Every class folder must hold images (a missing or
+    empty one would silently change the classes or train a class it never tests), and no two class folders
+    may be the same folder (a symlink would put the same images under two labels)."""
     d = root / split
     if not d.is_dir():
         raise KdprobeError(f"image folder {root} has no {split}/ subfolder; expected {root}/{split}/<class>/<image>")
     found = sorted(p.name for p in d.iterdir() if p.is_dir())
+    if not found:
+        raise KdprobeError(f"{d} has no class folders; expected {d}/<class>/<image>, one folder per class")
     classes = classes or found
     if found != classes:
-        raise KdprobeError(f"{d} has classes {found}, but train/ has {classes}; both splits need the same class folders")
+        other = "train/" if split == "test" else "test/"
+        diff = [f"{c} only in {split}/" for c in found if c not in classes] + \
+               [f"{c} only in {other}" for c in classes if c not in found]
+        raise KdprobeError(f"{d} has other class folders than {root / other} ({', '.join(diff)}); both splits need the "
+                           "same class folders: add the missing ones (with images) or remove the extra ones")
+    same: dict[tuple[int, int], str] = {}
     files, labels = [], []
     for i, c in enumerate(classes):
-        fs = sorted(p for p in (d / c).iterdir() if p.suffix.lower() in _IMAGE_EXT)
+        st = os.stat(d / c)
+        if (st.st_dev, st.st_ino) in same:
+            raise KdprobeError(f"class folders {d / same[(st.st_dev, st.st_ino)]} and {d / c} are the same folder (one "
+                               "is a link to the other), so its images would carry two labels; remove one of them")
+        same[(st.st_dev, st.st_ino)] = c
+        entries = list((d / c).iterdir())
+        fs = sorted(p for p in entries if p.suffix.lower() in _IMAGE_EXT)
+        if not fs:
+            what = f" (it holds {len(entries)} other files)" if entries else ""
+            raise KdprobeError(f"class folder {d / c} has no .jpg/.png images{what}; every class needs images in both "
+                               "train/ and test/: add some, or remove this class's folder from both splits")
         files += fs
         labels += [i] * len(fs)
-    if not files:
-        raise KdprobeError(f"no .jpg/.png images under {d}")
     return classes, files, labels
 
 
-def _decode(files: list[Path]) -> torch.Tensor:
-    """Decode images with Pillow into one uint8 (N, C, H, W) tensor; all must share a size."""
-    from PIL import Image, UnidentifiedImageError
+def _check_files(splits: dict[str, tuple[list[Path], list[int], list[str]]]) -> list[os.stat_result]:
+    """stat of every listed image (train, then test). Only regular files are read (a FIFO would block forever,
+    a device stream forever), and no file may be listed twice: under two labels it is one image with two
+    answers, in both splits a test image the model trained on."""
+    seen: dict[tuple[int, int], tuple[str, Path, int]] = {}
+    stats = []
+    for split, (files, labels, classes) in splits.items():
+        for f, y in zip(files, labels):
+            try:
+                st = os.stat(f)
+            except FileNotFoundError:
+                raise KdprobeError(f"image {f} is a link to nothing (or vanished); fix or remove it") from None
+            except OSError as e:
+                raise KdprobeError(f"cannot read image {f}: {(e.strerror or str(e)).lower()}; fix or remove it") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise KdprobeError(f"image folder entry {f} is {describe_kind(st.st_mode)}, not a regular file; "
+                                   "only image files are read: remove it")
+            k = (st.st_dev, st.st_ino)
+            if k in seen:
+                s0, f0, y0 = seen[k]
+                why = ("the test split would measure an image the model trained on" if s0 != split else
+                       f"one image would carry two labels ({classes[y0]} and {classes[y]})" if y0 != y else
+                       "one image would count twice")
+                raise KdprobeError(f"{f0} and {f} are the same file (linked), so {why}; keep one of them")
+            seen[k] = (split, f, y)
+            stats.append(st)
+    return stats
 
-    out, shape = None, None
+
+def _available_memory() -> int | None:
+    """Bytes of memory the kernel says are available (MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _decode(files: list[Path]) -> tuple[torch.Tensor, list[bytes]]:
+    """Decode images (kdprobe.images' mode rules) into one uint8 (N, C, H, W) tensor, all of one size and
+    channel count; also each file's sha256 digest, of the bytes as read."""
+    out, shape, first, digests = None, None, None, []
     for i, f in enumerate(files):
-        try:
-            with Image.open(f) as im:
-                a = np.asarray(im.convert("L") if im.mode in ("L", "I", "1") else im.convert("RGB"))
-        except (OSError, UnidentifiedImageError) as e:
-            raise KdprobeError(f"cannot decode image {f}: {e}") from None
-        a = a[:, :, None] if a.ndim == 2 else a
+        data = read_image_bytes(f)
+        digests.append(hashlib.sha256(data).digest())
+        a = decode_image(f, data)
         if out is None:
-            shape = a.shape
+            shape, first = a.shape, f
+            need, avail = len(files) * a.size, _available_memory()
+            if avail is not None and need > avail:
+                raise KdprobeError(f"{len(files):,} images of {a.shape[1]}x{a.shape[0]}x{a.shape[2]} (as {first}) need "
+                                   f"{need / 2**30:.1f} GiB of memory, more than the {avail / 2**30:.1f} GiB available; "
+                                   "resize the images to the size the model takes, or use a machine with more memory")
             out = torch.empty((len(files), a.shape[2], a.shape[0], a.shape[1]), dtype=torch.uint8)
+        elif a.shape[2] != shape[2]:
+            kind = {1: "grayscale (1 channel)", 3: "colour (3 channels)"}
+            raise KdprobeError(f"image {f} is {kind[a.shape[2]]} but {first} is {kind[shape[2]]}; a folder needs one "
+                               "kind: convert the images to all RGB or all grayscale")
         elif a.shape != shape:
-            raise KdprobeError(f"image {f} is {a.shape[1]}x{a.shape[0]}x{a.shape[2]} but earlier images are "
-                               f"{shape[1]}x{shape[0]}x{shape[2]}; resize the folder to one size first")
-        out[i] = torch.as_tensor(np.array(a)).permute(2, 0, 1)  # copy: PIL buffers are read-only
-    return out
+            raise KdprobeError(f"image {f} is {a.shape[1]}x{a.shape[0]} pixels but {first} is {shape[1]}x{shape[0]}; "
+                               "resize the folder to one size first")
+        out[i] = torch.from_numpy(a).permute(2, 0, 1)
+    return out, digests
+
+
+def content_digest_of(file_digests: list[bytes]) -> str:
+    """sha256 over the files' own sha256 digests, in listing order."""
+    h = hashlib.sha256(b"kdprobe-files-v1\n")
+    for d in file_digests:
+        h.update(d)
+    return h.hexdigest()
+
+
+def _files_digest(files: list[Path]) -> str:
+    return content_digest_of([hashlib.sha256(read_image_bytes(f)).digest() for f in files])
+
+
+def _cache_key(root: Path, files: list[Path], stats: list[os.stat_result], archive_sha: str | None,
+               looked_at: int) -> tuple[str, bool]:
+    """(decode-cache key, racy). An archive's images are named by the archive's sha256 (its extracted copy never
+    changes). A folder's by every file's name, size, mtime, inode and ctime: a replaced or rewritten file gets a
+    new ctime or inode, which no user can set back (unlike mtime), so a changed file is never served from the
+    cache. One gap remains (git's "racy" files): a file changed within one timestamp tick of its previous change
+    keeps its ctime. So when a file changed less than RACY_NS before we looked (looked_at, ns), the cache records the files' byte
+    digest and checks it on use until the files are older (_still_fresh)."""
+    h = hashlib.sha256(f"kdprobe-decode-v{DECODE_VERSION}\n".encode())
+    if archive_sha is not None:
+        h.update(f"archive {archive_sha}\n".encode())
+        for f in files:
+            h.update(f"{f.relative_to(root)}\n".encode())
+        return h.hexdigest()[:20], False
+    h.update(f"folder {root.resolve()}\n".encode())
+    for f, st in zip(files, stats):
+        h.update(f"{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}|{st.st_dev}|{st.st_ino}|{st.st_ctime_ns}\n".encode())
+    return h.hexdigest()[:20], any(st.st_ctime_ns > looked_at - RACY_NS for st in stats)
 
 
 def _read_cache(cache: Path, n_train: int, n_test: int) -> dict | None:
@@ -324,33 +396,89 @@ def _read_cache(cache: Path, n_train: int, n_test: int) -> dict | None:
               and blob["test_x"].dtype == torch.uint8 and blob["test_x"].shape[1:] == blob["train_x"].shape[1:]
               and len(blob["train_x"]) == len(blob["train_y"]) == n_train
               and len(blob["test_x"]) == len(blob["test_y"]) == n_test
-              and len(blob.get("mean", ())) == len(blob.get("std", ())) == blob["train_x"].shape[1])
+              and len(blob.get("mean", ())) == len(blob.get("std", ())) == blob["train_x"].shape[1]
+              and isinstance(blob.get("content"), str))
     except Exception:  # noqa: BLE001 - truncated, garbage or foreign: any failure means rebuild
         return None
     return blob if ok else None
 
 
+def _still_fresh(blob: dict, cache: Path, files: list[Path]) -> bool:
+    """A blob decoded from racy files (see _cache_key) is served only if the files still hold the same bytes;
+    once that is checked with every file older than RACY_NS, the side file records it and checks stop."""
+    side = cache.with_suffix(".json")
+    if not blob.get("racy") or _side(side).get("verified") == blob["content"]:
+        return True
+    t0 = time.time_ns()
+    stats = [os.stat(f) for f in files]
+    if _files_digest(files) != blob["content"]:
+        return False
+    if all(st.st_ctime_ns <= t0 - RACY_NS for st in stats):
+        _write_side(side, dict(_side(side), verified=blob["content"]))
+    return True
+
+
+def _side(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_side(path: Path, d: dict) -> None:
+    try:
+        atomic_write_text(path, json.dumps(d) + "\n")
+    except KdprobeError:
+        pass  # a read-only cache: the check simply runs again next time
+
+
 def _imagefolder(path: str) -> TensorData:
     root = Path(path).expanduser()
-    if not root.exists():
-        raise KdprobeError(f"image folder {root} does not exist; expected PATH/train/<class>/ and PATH/test/<class>/ (or a .tar.gz of them)")
+    try:
+        st = os.stat(root)
+    except FileNotFoundError:
+        raise KdprobeError(f"image folder {root} does not exist; expected PATH/train/<class>/ and PATH/test/<class>/ "
+                           "(or a .tar.gz of them)") from None
+    except OSError as e:
+        raise KdprobeError(f"cannot read image folder {root}: {(e.strerror or str(e)).lower()}; check the path") from None
     name = canonical_dataset(f"imagefolder:{path}")  # absolute: the same folder from any working directory
-    if root.is_file():
-        root = _extract_archive(root)
+    if stat.S_ISDIR(st.st_mode):
+        return _load_folder(root, name, None)
+    if not stat.S_ISREG(st.st_mode):
+        raise KdprobeError(f"imagefolder:{root} is {describe_kind(st.st_mode)}; pass a folder ROOT/train/<class>/*.jpg "
+                           "or a .tar/.tar.gz of one")
+    if not os.access(root, os.R_OK):
+        raise KdprobeError(f"cannot read archive {root}: permission denied; fix its permissions")
+    with extracted(root) as (dest, sha):  # held while its files are read: `kdprobe cache clear` leaves it alone
+        return _load_folder(_archive_root(dest, root), name, sha)
+
+
+def _load_folder(root: Path, name: str, archive_sha: str | None) -> TensorData:
     classes, trf, trl = _list_split(root, "train", None)
     _, tef, tel = _list_split(root, "test", classes)
-    # Cache key: every file's name, size and mtime, so any change re-decodes.
-    h = hashlib.sha256(str(root.resolve()).encode())
-    for f in trf + tef:
-        st = f.stat()
-        h.update(f"{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    cache = cache_dir() / "imagefolder" / f"{h.hexdigest()[:20]}.pt"
-    blob = _read_cache(cache, len(trf), len(tef)) if cache.exists() else None
-    if blob is None:  # no cache, or a truncated/garbage one (killed write, disk error): decode again
-        blob = {"train_x": _decode(trf), "train_y": torch.tensor(trl), "test_x": _decode(tef), "test_y": torch.tensor(tel)}
-        blob["mean"], blob["std"] = _channel_stats(blob["train_x"])
-        with atomic_path(cache) as tmp:
-            torch.save(blob, tmp)
+    looked_at = time.time_ns()
+    stats = _check_files({"train": (trf, trl, classes), "test": (tef, tel, classes)})
+    key, racy = _cache_key(root, trf + tef, stats, archive_sha, looked_at)
+    cache = cache_dir() / "imagefolder" / f"{key}.pt"
+    with entry_lock(f"imagefolder/{key}"):  # shared: `kdprobe cache clear` skips it while it is read or written
+        blob = _read_cache(cache, len(trf), len(tef)) if cache.exists() else None
+        if blob is not None and not _still_fresh(blob, cache, trf + tef):
+            blob = None
+        if blob is None:  # no cache, a truncated/garbage one (killed write, disk error), or changed racy files
+            (trx, d_tr), (tex, d_te) = _decode(trf), _decode(tef)
+            blob = {"train_x": trx, "train_y": torch.tensor(trl), "test_x": tex, "test_y": torch.tensor(tel),
+                    "content": content_digest_of(d_tr + d_te), "racy": racy}
+            blob["mean"], blob["std"] = _channel_stats(blob["train_x"])
+            _write_side(cache.with_suffix(".json"), {"source": name, "images": len(trf) + len(tef),
+                                                     "shape": list(trx.shape[1:])})
+            with atomic_path(cache) as tmp:
+                torch.save(blob, tmp)
+        else:
+            try:
+                os.utime(cache)  # last used, for `kdprobe cache list`
+            except OSError:
+                pass
     mean, std = tuple(blob["mean"]), tuple(blob["std"])
     fp = data_fingerprint(classes, blob["train_x"], blob["train_y"], blob["test_x"], blob["test_y"])
     # Folders list images class by class; a fixed seeded shuffle makes "the first N examples"

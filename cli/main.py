@@ -24,8 +24,8 @@ import sys  # noqa: E402
 
 import typer  # noqa: E402
 
-from cli import (agreement, calibration, cka, compare, diversity, evaluate, info, landscape, pipeline, prune,  # noqa: E402
-                 sharpness, study, surplus, train)
+from cli import (agreement, cache, calibration, cka, compare, diversity, evaluate, info, landscape, pipeline,  # noqa: E402
+                 prune, sharpness, study, surplus, train)
 from cli.common import KdprobeGroup, handle_errors, interrupted_line  # noqa: E402
 
 app = typer.Typer(
@@ -53,6 +53,7 @@ COMMANDS = [
 for _name, _fn in COMMANDS:
     app.command(_name)(handle_errors(_fn))
 app.add_typer(pipeline.pipeline_app, name="pipeline")
+app.add_typer(cache.cache_app, name="cache")
 
 
 def main() -> None:

@@ -68,15 +68,32 @@ class ForeignPayload:
     info: dict = field(default_factory=dict)  # epoch, best accuracy, options, container keys
 
 
-def strip_prefixes(sd: dict) -> dict:
-    """Drop DataParallel `module.` and torch.compile `_orig_mod.` prefixes."""
-    out = {}
+def strip_prefixes(sd: dict, path="the file") -> dict:
+    """Drop DataParallel `module.` and torch.compile `_orig_mod.` prefixes; two keys that become one
+    (`fc.bias` and `module.fc.bias`) are an error, never a silent override."""
+    bad = next((k for k in sd if not isinstance(k, str)), None)
+    if bad is not None:
+        raise KdprobeError(f"{path}: its state_dict has a key {_show_key(bad)}, expected tensor names (strings); "
+                           "the file is damaged or not a state_dict: re-save it with torch.save(model.state_dict())")
+    out, origin = {}, {}
     for k, v in sd.items():
-        for p in ("module.", "_orig_mod."):
-            while k.startswith(p):
-                k = k[len(p):]
-        out[k] = v
+        name = k
+        changed = True
+        while changed:
+            changed = False
+            for p in ("module.", "_orig_mod."):
+                if name.startswith(p):
+                    name, changed = name[len(p):], True
+        if name in out:
+            raise KdprobeError(f"{path}: keys {origin[name]!r} and {k!r} are both {name!r} once the module./_orig_mod. "
+                               "prefixes are dropped; expected one tensor per name: keep one of them and re-save")
+        out[name], origin[name] = v, k
     return out
+
+
+def _show_key(k) -> str:
+    text = repr(k)
+    return f"{type(k).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
 
 
 def _is_state_dict(d) -> bool:
@@ -109,7 +126,7 @@ def unpack(obj: dict, path) -> ForeignPayload:
                 break
     cfg = obj.get("cfg") if where is not None else None
     cfg = to_plain(cfg) if isinstance(cfg, (list, tuple)) else None
-    return ForeignPayload(strip_prefixes(sd), cfg, info)
+    return ForeignPayload(strip_prefixes(sd, path), cfg, info)
 
 
 @dataclass(frozen=True)

@@ -43,15 +43,21 @@ EVAL_RULE = "shorter side to int(S/0.875), bilinear antialiased, center crop SxS
 TRAIN_RULE = "RandomResizedCrop(S, scale 0.08-1, ratio 3/4-4/3) + horizontal flip, bilinear, uint8"
 
 
+# Largest image side accepted from a flag or a file: 4x a 1024-px input. One 3 x 4096 x 4096 image is
+# 200 MB as float32 before any layer; a side from a file beyond this is damage or an attack, not a model.
+MAX_SIDE = 4096
+
+
 def parse_image_size(text: str | int | None) -> int | None:
-    """--image-size: None (not given), 0 for 'native', or a side N >= 1 in pixels."""
+    """--image-size: None (not given), 0 for 'native', or a side 1 <= N <= MAX_SIDE in pixels."""
     if text is None:
         return None
     t = str(text).strip().lower()
     if t == "native":
         return 0
-    if not t.isdigit() or int(t) < 1:
-        raise KdprobeError(f"expected --image-size as a side in pixels (e.g. 224) or 'native', got {text!r}")
+    if not t.isdigit() or len(t) > 9 or not 1 <= int(t) <= MAX_SIDE:
+        raise KdprobeError(f"expected --image-size as a side in pixels from 1 to {MAX_SIDE} (e.g. 224) or 'native', "
+                           f"got {text!r}")
     return int(t)
 
 

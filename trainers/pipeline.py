@@ -36,7 +36,7 @@ from kdprobe.data import load_dataset
 from kdprobe.errors import KdprobeError
 from kdprobe.io import atomic_write_text, sha256_file
 from kdprobe.models import create_model
-from kdprobe.models.registry import canonical_name
+from kdprobe.models.registry import canonical_name, names_code
 from kdprobe.probes.surplus import COLUMNS, SurplusRow, compute_surplus, read_results_csv
 from kdprobe.pruning import l1_plan, ops as prune_ops, parse_skip, resnet_depth, slimming_plan
 from kdprobe.writers.surplus_files import write_surplus_csv, write_surplus_json
@@ -206,9 +206,13 @@ def cell_config(spec: PipelineSpec, cell: Cell, out_dir: Path) -> TrainConfig:
     path = lambda name: str(out_dir / f"seed{cell.seed}" / f"{name}.pt") if name else None  # noqa: E731
     common = dict(model=spec.model, model_kwargs=dict(spec.model_kwargs), dataset=spec.dataset, data_dir=spec.data_dir,
                   train_subset=spec.train_subset, seed=cell.seed, distill=cell.distill, teacher=path(cell.teacher))
+    if names_code(spec.model):  # the user typed this python: model; its own cells rebuild under that name
+        common.update({"teacher_arch": spec.model} if cell.teacher else {})
     if cell.source is None:  # initial training: the sparsity term goes into every row alike
         return make_config(spec.preset, **spec.train_overrides, **common, bn_sparsity=spec.resolved_bn_sparsity)
     # fine-tuning has no sparsity term: it only serves to pick channels before pruning (reference --refine runs)
+    if names_code(spec.model):
+        common["init_arch"] = spec.model
     return make_config(spec.finetune_preset, **spec.finetune_overrides, **common, init=path(cell.source),
                        bn_sparsity=0.0)
 
@@ -290,7 +294,7 @@ def run_pruning_pipeline(spec: PipelineSpec, out_dir, *, device: str = "auto",
         elif cell.kind == "prune":
             emit(CellEvent(i, len(cells), cell, "prune", "start"))
             rep = prune_ops.prune_checkpoint(path.with_name(f"{cell.source}.pt"), spec.method, spec.remaining, path,
-                                             skip=spec.skip)
+                                             skip=spec.skip, arch=spec.model if names_code(spec.model) else None)
             meta, action, warn = read_payload(path)["meta"], "pruned", rep.warnings
         else:
             emit(CellEvent(i, len(cells), cell, "train", "start"))

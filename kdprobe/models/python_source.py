@@ -5,6 +5,10 @@ Naming this architecture IMPORTS AND RUNS that module (the user's explicit choic
 `in_channels=...` only when the factory has a parameter of that name. The module is looked
 up on sys.path, and in the current directory when it is not found there. Names are kept as
 written (module paths are case-sensitive); these models are never auto-detected.
+
+A file never chooses code: a checkpoint whose recorded architecture is `python:...` is refused
+unless the user names the same architecture (`--arch python:MODULE:FACTORY`); see
+`registry.names_code` and `kdprobe.checkpoint.load_checkpoint`.
 """
 from __future__ import annotations
 
@@ -102,4 +106,5 @@ def _resolve(rest: str):
     return factory
 
 
-register_source(Source(prefix="python", resolve=_resolve, canonical=_canonical, names=lambda: [], usage=USAGE))
+register_source(Source(prefix="python", resolve=_resolve, canonical=_canonical, names=lambda: [], usage=USAGE,
+                       runs_code=True))

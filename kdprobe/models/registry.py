@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import inspect
 import os
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Callable
 
@@ -49,6 +51,7 @@ class Source:
     infer: Callable[[str, dict], dict | None] | None = None  # (REST, state_dict) -> kwargs
     detectable: Callable[[], list[str]] | None = None  # REST values auto-detection tries
     usage: str = ""  # how to write a name, for listings (e.g. "python:MODULE:FACTORY")
+    runs_code: bool = False  # building imports code the name chooses: honoured only when the user typed it
 
 
 def register_model(name: str, *aliases: str, infer: Callable[[dict], dict | None] | None = None,
@@ -151,6 +154,18 @@ def detectable_models() -> list[str]:
     return names
 
 
+def names_code(name: str) -> bool:
+    """True when building `name` imports and runs code that the name itself chooses (python:MODULE:FACTORY).
+
+    Such a name is honoured only when the user typed it (--arch, --model, a spec they wrote); a name read
+    from a file (a checkpoint's arch record) never is: see kdprobe.checkpoint.load_checkpoint. No import
+    happens here."""
+    if not isinstance(name, str):
+        return False
+    dyn = _split_source(name)
+    return dyn is not None and dyn[0].runs_code
+
+
 def list_models(include_aliases: bool = False) -> list[str]:
     """Names of all registered models (canonical; aliases optionally); dynamic sources not expanded."""
     names = sorted(_FACTORIES)
@@ -216,18 +231,42 @@ class _SkipInit(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _memory_bytes() -> int | None:
+def available_memory() -> int | None:
+    """Bytes of memory free for a new allocation now (MemAvailable; total memory where that is unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
 
 
+# (bytes, why) a model built now may take at most, besides free memory: set while a file's record is
+# rebuilt, so a few kilobytes that declare 10^8 classes cannot make kdprobe allocate gigabytes.
+_BUDGET: ContextVar[tuple[int, str] | None] = ContextVar("kdprobe_weight_budget", default=None)
+
+
+@contextmanager
+def weight_budget(nbytes: int, why: str):
+    """Within this block, create_model refuses a model whose weights and buffers exceed `nbytes` (`why` says
+    where the bound comes from, e.g. "what the 96 KB file holds")."""
+    token = _BUDGET.set((int(nbytes), why))
+    try:
+        yield
+    finally:
+        _BUDGET.reset(token)
+
+
 def _check_size(cname: str, fn, bound: inspect.BoundArguments) -> None:
-    """Refuse a model whose parameters alone would not fit in this machine's memory, before allocating
-    (e.g. width 2000): the network is first built on the meta device, which allocates nothing."""
-    limit = _memory_bytes()
-    if limit is None:
+    """Refuse a model whose weights alone would not fit in free memory (e.g. width 2000), or exceed the budget
+    of the file it is rebuilt from, before allocating: it is first built on the meta device (no memory)."""
+    free, budget = available_memory(), _BUDGET.get()
+    if free is None and budget is None:
         return
     try:
         with torch.device("meta"), _SkipInit():
@@ -235,10 +274,19 @@ def _check_size(cname: str, fn, bound: inspect.BoundArguments) -> None:
         n = sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers()))
     except Exception:  # noqa: BLE001 - a factory that cannot build on meta: the real build will say
         return
-    if n > limit:
-        kw = {k: v for k, v in bound.arguments.items() if k not in ("num_classes", "in_channels") and v is not None}
-        raise KdprobeError(f"model {cname} with {kw} would need {n / 2**30:,.1f} GiB for its weights alone, more "
-                           f"than this machine's {limit / 2**30:,.1f} GiB of memory; expected a smaller width/size")
+    kw = {k: v for k, v in bound.arguments.items() if k not in ("in_channels",) and v is not None}
+    shown = " ".join(repr(kw).split())[:200]
+    if budget is not None and n > budget[0]:
+        raise KdprobeError(f"model {cname} with {shown} would need {_size(n)} of weights, more than {budget[1]} can "
+                           f"justify ({_size(budget[0])}); the file's architecture record is damaged or hostile: "
+                           "re-create the checkpoint")
+    if free is not None and n > free:
+        raise KdprobeError(f"model {cname} with {shown} would need {_size(n)} for its weights alone, more than the "
+                           f"{_size(free)} of memory free now; expected a smaller width/size")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
 
 
 def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
@@ -249,6 +297,13 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwarg
     bound.apply_defaults()
     _check_size(cname, fn, bound)
     model = fn(*bound.args, **bound.kwargs)
+    if not isinstance(model, nn.Module):
+        raise KdprobeError(f"model {cname} was built as a {type(model).__name__}, expected a torch.nn.Module")
+    lazy = next((n for n, p in model.named_parameters() if nn.parameter.is_lazy(p)), None)
+    if lazy is not None:  # shapes unknown until a first forward: no size check, no state_dict to match
+        raise KdprobeError(f"model {cname} has an uninitialized lazy parameter {lazy!r} (nn.LazyLinear, "
+                           "nn.LazyConv2d, ...); expected a model with known shapes: use nn.Linear/nn.Conv2d, or "
+                           "run one forward pass inside the factory before returning the model")
     # Record every argument, defaults included: a later change of a factory default must not
     # silently rebuild an old checkpoint as a different network. A factory's **kwargs
     # (torchvision:, python:) are recorded flat, so create_model(name, **kwargs) rebuilds it.

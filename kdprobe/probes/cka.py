@@ -109,7 +109,18 @@ def _cka(hxy: float, hxx: float, hyy: float) -> float:
     den = hxx * hyy
     if not den > 0:
         return math.nan  # a constant feature (or too few samples): CKA is undefined
-    return hxy / math.sqrt(den)
+    # HSIC_1 is an inner product of U-centred Gram matrices (Szekely & Rizzo 2014), so |CKA| <= 1 by
+    # Cauchy-Schwarz; features are shifted before summing (see _shift), and what rounding leaves is clipped.
+    return min(1.0, max(-1.0, hxy / math.sqrt(den)))
+
+
+def _shift(x: torch.Tensor, ref: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x - ref, ref), ref = x's column means when not yet set. Linear-kernel HSIC (biased and unbiased) does not
+    change when every sample's features move by one vector, but sums of raw products lose every digit to a large
+    common offset (a logit offset of 1e4 gave CKA 1.0122): summing shifted features keeps them."""
+    if ref is None:
+        ref = x.mean(dim=0)
+    return x - ref, ref
 
 
 def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
@@ -146,6 +157,7 @@ class _Accumulator:
         if biased and estimator != "exact":
             raise KdprobeError("expected estimator exact for the biased (plain) CKA formula, got minibatch")
         self.la, self.lb, self.estimator, self.biased = list(layers_a), list(layers_b), estimator, biased
+        self.shifts: dict = {}
         if estimator == "exact":
             self.sa = {k: _LayerSums(dims[k], device) for k in self.la}
             self.sb = {k: _LayerSums(dims[k], device) for k in self.lb}
@@ -157,6 +169,8 @@ class _Accumulator:
 
     def update(self, fa: dict, fb: dict) -> None:
         """Add one batch of features (layer name -> (m, p) float64) of A and of B on the same samples."""
+        fa = {k: self._center(("a", k), fa[k]) for k in self.la}
+        fb = {k: self._center(("b", k), fb[k]) for k in self.lb}
         if self.estimator == "exact":
             a = {k: self.sa[k].update(fa[k]) for k in self.la}
             b = {k: self.sb[k].update(fb[k]) for k in self.lb}
@@ -166,6 +180,13 @@ class _Accumulator:
         ka = [fa[k] @ fa[k].T for k in self.la]
         kb = [fb[k] @ fb[k].T for k in self.lb]
         self.add_grams(ka, kb)
+
+    def _center(self, key, x: torch.Tensor) -> torch.Tensor:
+        """Exact: one shift per layer for the whole split (its first batch's means); minibatch: each batch its own."""
+        if self.estimator == "minibatch":
+            return _shift(x, None)[0]
+        x, self.shifts[key] = _shift(x, self.shifts.get(key))
+        return x
 
     def add_grams(self, ka: Sequence[torch.Tensor], kb: Sequence[torch.Tensor]) -> None:
         """Add one minibatch given as Gram matrices (minibatch estimator)."""
@@ -265,6 +286,8 @@ class CkaCache:
                 x = f[layer]
                 if self.estimator is None:  # fixed by the first checkpoint's feature size
                     self.estimator = resolve_estimator(self.requested, [x.shape[1]], [x.shape[1]])
+                if self.estimator == "minibatch":
+                    x = _shift(x.to(torch.float64), None)[0]  # HSIC_1 is shift-invariant; the Gram keeps its digits
                 parts.append(x.float().cpu() if self.estimator == "exact" else (x @ x.T).cpu())
         if self.estimator == "exact":
             self.store[key] = torch.cat(parts)

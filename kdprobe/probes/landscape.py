@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from kdprobe.errors import KdprobeError
+from kdprobe.models.registry import available_memory
 from kdprobe.probes.distributed import broadcast_array, run_points
 from kdprobe.probes.landscape_eval import PointEvaluator, default_chunking
 
@@ -144,21 +144,6 @@ def check_grid_memory(n_points: int, *, html: bool = False, what: str = "grid") 
 
 def _gb(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n < 2**40 else f"{n / 2**40:.1f} TiB"
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to this process now (Linux MemAvailable), else physical memory, else None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 @dataclass(frozen=True, eq=False)

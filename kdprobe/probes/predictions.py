@@ -53,7 +53,14 @@ def model_logits(model: nn.Module, x: torch.Tensor, *, mean=None, std=None, batc
             if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[0] != xb.shape[0]:
                 got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
                 raise KdprobeError(f"expected the model to return logits of shape (N, classes), got {got}")
-            out.append(z.float().cpu())
+            z = z.float().cpu()
+            bad = ~torch.isfinite(z).all(dim=1)
+            if bool(bad.any()):  # finite weights, non-finite outputs: every metric of it would be nan or dropped
+                raise KdprobeError(f"the model's outputs are nan/inf on {int(bad.sum())} of the {len(z)} samples "
+                                   f"{i}..{i + len(z) - 1} (first: sample {i + int(bad.nonzero()[0, 0])}) although its "
+                                   "weights are finite; expected finite logits: check the checkpoint with kdprobe "
+                                   "eval, or probe another one")
+            out.append(z)
     finally:
         for m, flag in modes:
             m.training = flag
@@ -77,7 +84,10 @@ class LogitCache:
         """The cached logits for key; runs `model` (or the model a zero-argument loader returns) only once."""
         if key not in self._store:
             m = model if isinstance(model, nn.Module) else model()
-            z = model_logits(m, self.x, mean=self.mean, std=self.std, batch_size=self.batch_size)
+            try:
+                z = model_logits(m, self.x, mean=self.mean, std=self.std, batch_size=self.batch_size)
+            except KdprobeError as e:
+                raise KdprobeError(f"{key}: {e}") from None
             self.forward_passes += 1
             self._store[key] = Logits(z, self.labels)
         return self._store[key]

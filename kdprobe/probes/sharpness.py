@@ -219,11 +219,16 @@ def sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, top_k: int 
         raise KdprobeError(f"expected at least 1 Hutchinson sample, got {trace_samples}")
     op = HessianOperator(model, x, y, bn=bn, batch_size=batch_size, mode=mode, keep_graphs=keep_graphs,
                          progress=progress)
+    loss = op.loss()  # one forward pass, first: a model whose outputs are nan/inf has no Hessian to measure
+    if not math.isfinite(loss):
+        raise KdprobeError(f"the model's mean loss on these {op.n} samples is {loss} (its outputs are nan/inf on some "
+                           "inputs although its weights are finite); expected finite outputs: check the checkpoint "
+                           "with kdprobe eval, or probe another one")
     gen = torch.Generator().manual_seed(int(seed))  # one stream: eigenvectors, then trace, then density
     kw = dict(generator=gen, device=op.device, dtype=op.dtype)
     pairs = power_iteration(op.hvp, op.dim, k=top_k, iterations=iterations, tol=tol, **kw)
     samples = hutchinson(op.hvp_many, op.dim, samples=trace_samples, chunk=vectors_per_pass, **kw)
     dens = slq_density(op.hvp, op.dim, steps=lanczos_steps, runs=density_runs, **kw) if density else None
     se = float(np.std(samples, ddof=1) / math.sqrt(len(samples))) if len(samples) > 1 else math.nan
-    return SharpnessResult(op.loss(), tuple(pairs), float(np.mean(samples)), se, tuple(samples), dens, op.n, op.dim,
+    return SharpnessResult(loss, tuple(pairs), float(np.mean(samples)), se, tuple(samples), dens, op.n, op.dim,
                            op.products, bn, op.batch_size, int(seed))

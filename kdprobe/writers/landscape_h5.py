@@ -120,7 +120,34 @@ def _open(path, kind: str) -> h5py.File:
     if missing:
         f.close()
         raise KdprobeError(f"{path} is not a complete kdprobe {kind} file (missing {', '.join(missing[:3])})")
+    try:
+        _check_declared_size(f, Path(path))
+    except KdprobeError:
+        f.close()
+        raise
     return f
+
+
+def _check_declared_size(f: h5py.File, path: Path) -> None:
+    """Refuse, before reading, datasets that declare more data than the file can justify: an HDF5 dataset can
+    declare 10^12 elements in a kilobyte (chunked, unwritten: read back as fill values), and reading allocates
+    what it declares. kdprobe writes its arrays uncompressed; 64x the file (or 64 MiB) leaves room for a file
+    repacked with compression, and the memory free now is a hard limit."""
+    from kdprobe.models.registry import available_memory
+
+    sizes: list[tuple[str, int]] = []
+    f.visititems(lambda name, obj: sizes.append((name, int(obj.size) * int(obj.dtype.itemsize)))
+                 if isinstance(obj, h5py.Dataset) else None)
+    total = sum(n for _, n in sizes)
+    limit = max(64 * path.stat().st_size, 64 << 20)
+    free = available_memory()
+    if free is not None:
+        limit = min(limit, free)
+    if total > limit:
+        name = max(sizes, key=lambda s: s[1])[0]
+        raise KdprobeError(f"{path} declares {total / 2**20:,.1f} MiB of arrays (largest: {name!r}) in a "
+                           f"{path.stat().st_size / 2**20:,.2f} MiB file, more than kdprobe will read "
+                           f"({limit / 2**20:,.1f} MiB); the file is damaged or hostile: re-create it")
 
 
 def _read(path, kind: str, fn):

@@ -1,4 +1,4 @@
-"""`kdprobe cache list|clear`: what kdprobe's cache folder holds (extracted archives, decoded images), and removing it."""
+"""`kdprobe cache list|clear`: what kdprobe's cache folder holds (extracted archives, decoded images); removing it."""
 from __future__ import annotations
 
 from typing import Annotated, List, Optional

@@ -5,10 +5,15 @@ Names:
                     ships inside scikit-learn, so it works offline everywhere.
   cifar10/cifar100  torchvision's binary format under --data-dir (--download if online).
   imagefolder:PATH  PATH/train/<class>/* and PATH/test/<class>/*; PATH may also be a .tar.gz
-                    holding such a folder (extracted once into the cache). Decoded tensors are
-                    cached, so 60,000 JPEGs are decoded once, not on every run. Images are
-                    served in a fixed seeded shuffle (not class by class). The name is stored
-                    with the absolute path, so it means the same folder from any directory.
+                    holding such a folder (extracted once per content into the cache, under a
+                    size cap: kdprobe.archives). Decoded tensors are cached, so 60,000 JPEGs are
+                    decoded once, not on every run; the cache key follows the files' content
+                    (_cache_key), never just their names, sizes and times. Images are served in
+                    a fixed seeded shuffle (not class by class). The name is stored with the
+                    absolute path, so it means the same folder from any directory. How each
+                    pixel mode is read (16-bit, palette, CMYK, alpha): kdprobe.images. Both
+                    splits must have the same class folders, each with images; no file may be
+                    listed twice (linked class folders or files); only regular files are read.
 Images are uint8 (N, C, H, W); `normalize` turns a batch into the float model input.
 
 Every dataset carries a content fingerprint (`TensorData.fingerprint`): sha256 over the class
@@ -33,8 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdprobe.cache import cache_dir, entry_lock, extracted
-from kdprobe.cache import publish_extracted as _publish_extracted  # noqa: F401 - its old name, tests use it
+from kdprobe.archives import extracted
+from kdprobe.archives import publish_extracted as _publish_extracted  # noqa: F401 - its old name, tests use it
+from kdprobe.cache import cache_dir, entry_lock, human, touch
 from kdprobe.errors import KdprobeError
 from kdprobe.images import decode_image, describe_kind, read_image_bytes
 from kdprobe.io import atomic_path, atomic_write_text
@@ -276,9 +282,10 @@ def _list_split(root: Path, split: str, classes: list[str] | None) -> tuple[list
                                "is a link to the other), so its images would carry two labels; remove one of them")
         same[(st.st_dev, st.st_ino)] = c
         entries = list((d / c).iterdir())
-        fs = sorted(p for p in entries if p.suffix.lower() in _IMAGE_EXT)
+        # by name: the same order as sorting the Paths (one folder), 5x faster for 5,000 files
+        fs = sorted((p for p in entries if p.suffix.lower() in _IMAGE_EXT), key=lambda p: p.name)
         if not fs:
-            what = f" (it holds {len(entries)} other files)" if entries else ""
+            what = f" (only {len(entries)} other file{'s' * (len(entries) != 1)})" if entries else ""
             raise KdprobeError(f"class folder {d / c} has no .jpg/.png images{what}; every class needs images in both "
                                "train/ and test/: add some, or remove this class's folder from both splits")
         files += fs
@@ -299,7 +306,8 @@ def _check_files(splits: dict[str, tuple[list[Path], list[int], list[str]]]) -> 
             except FileNotFoundError:
                 raise KdprobeError(f"image {f} is a link to nothing (or vanished); fix or remove it") from None
             except OSError as e:
-                raise KdprobeError(f"cannot read image {f}: {(e.strerror or str(e)).lower()}; fix or remove it") from None
+                why = (e.strerror or str(e)).lower()
+                raise KdprobeError(f"cannot read image {f}: {why}; fix or remove it") from None
             if not stat.S_ISREG(st.st_mode):
                 raise KdprobeError(f"image folder entry {f} is {describe_kind(st.st_mode)}, not a regular file; "
                                    "only image files are read: remove it")
@@ -340,7 +348,7 @@ def _decode(files: list[Path]) -> tuple[torch.Tensor, list[bytes]]:
             need, avail = len(files) * a.size, _available_memory()
             if avail is not None and need > avail:
                 raise KdprobeError(f"{len(files):,} images of {a.shape[1]}x{a.shape[0]}x{a.shape[2]} (as {first}) need "
-                                   f"{need / 2**30:.1f} GiB of memory, more than the {avail / 2**30:.1f} GiB available; "
+                                   f"{human(need)} of memory, more than the {human(avail)} available; "
                                    "resize the images to the size the model takes, or use a machine with more memory")
             out = torch.empty((len(files), a.shape[2], a.shape[0], a.shape[1]), dtype=torch.uint8)
         elif a.shape[2] != shape[2]:
@@ -372,17 +380,18 @@ def _cache_key(root: Path, files: list[Path], stats: list[os.stat_result], archi
     changes). A folder's by every file's name, size, mtime, inode and ctime: a replaced or rewritten file gets a
     new ctime or inode, which no user can set back (unlike mtime), so a changed file is never served from the
     cache. One gap remains (git's "racy" files): a file changed within one timestamp tick of its previous change
-    keeps its ctime. So when a file changed less than RACY_NS before we looked (looked_at, ns), the cache records the files' byte
-    digest and checks it on use until the files are older (_still_fresh)."""
+    keeps its ctime. So when a file changed less than RACY_NS before we looked (looked_at, ns), the cache records
+    the files' byte digest and checks it on use until the files are older (_still_fresh)."""
     h = hashlib.sha256(f"kdprobe-decode-v{DECODE_VERSION}\n".encode())
+    cut = len(os.path.join(root, ""))  # every file is root/<split>/<class>/<name>: str(f)[cut:] is relative
     if archive_sha is not None:
         h.update(f"archive {archive_sha}\n".encode())
         for f in files:
-            h.update(f"{f.relative_to(root)}\n".encode())
+            h.update(f"{str(f)[cut:]}\n".encode())
         return h.hexdigest()[:20], False
     h.update(f"folder {root.resolve()}\n".encode())
     for f, st in zip(files, stats):
-        h.update(f"{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}|{st.st_dev}|{st.st_ino}|{st.st_ctime_ns}\n".encode())
+        h.update(f"{str(f)[cut:]}|{st.st_size}|{st.st_mtime_ns}|{st.st_dev}|{st.st_ino}|{st.st_ctime_ns}\n".encode())
     return h.hexdigest()[:20], any(st.st_ctime_ns > looked_at - RACY_NS for st in stats)
 
 
@@ -441,7 +450,8 @@ def _imagefolder(path: str) -> TensorData:
         raise KdprobeError(f"image folder {root} does not exist; expected PATH/train/<class>/ and PATH/test/<class>/ "
                            "(or a .tar.gz of them)") from None
     except OSError as e:
-        raise KdprobeError(f"cannot read image folder {root}: {(e.strerror or str(e)).lower()}; check the path") from None
+        why = (e.strerror or str(e)).lower()
+        raise KdprobeError(f"cannot read image folder {root}: {why}; check the path") from None
     name = canonical_dataset(f"imagefolder:{path}")  # absolute: the same folder from any working directory
     if stat.S_ISDIR(st.st_mode):
         return _load_folder(root, name, None)
@@ -475,10 +485,7 @@ def _load_folder(root: Path, name: str, archive_sha: str | None) -> TensorData:
             with atomic_path(cache) as tmp:
                 torch.save(blob, tmp)
         else:
-            try:
-                os.utime(cache)  # last used, for `kdprobe cache list`
-            except OSError:
-                pass
+            touch(cache)  # last used, for `kdprobe cache list`
     mean, std = tuple(blob["mean"]), tuple(blob["std"])
     fp = data_fingerprint(classes, blob["train_x"], blob["train_y"], blob["test_x"], blob["test_y"])
     # Folders list images class by class; a fixed seeded shuffle makes "the first N examples"

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 import kdprobe.data as kd
 from cli.main import app
-from kdprobe.cache import cache_dir, entry_lock, list_cache
+from kdprobe.cache import entry_lock, list_cache
 from kdprobe.data import load_dataset
 from kdprobe.errors import KdprobeError
 from kdprobe.images import MAX_PIXELS, decode_image
@@ -213,6 +213,15 @@ def test_grayscale_and_colour_mixed_says_so(tmp_path):
         load_dataset(f"imagefolder:{tmp_path / 'f'}")
 
 
+def test_a_folder_too_big_for_memory_is_refused_before_allocating(tmp_path, monkeypatch):
+    _folder(tmp_path / "f", _save_gray)
+    monkeypatch.setattr(kd, "_available_memory", lambda: 100)  # bytes: less than 4 train images of 6x5x1
+    with pytest.raises(KdprobeError, match=r"4 images of 5x6x1 \(as .*\) need 120 B of memory, more than the 100 B "):
+        load_dataset(f"imagefolder:{tmp_path / 'f'}")
+    monkeypatch.setattr(kd, "_available_memory", lambda: 120)  # exactly 4 x 30 bytes fits
+    assert load_dataset(f"imagefolder:{tmp_path / 'f'}").train_x.shape == (4, 1, 6, 5)
+
+
 # ---- files that must not be read ----
 
 def _timeout(signum, frame):
@@ -265,7 +274,7 @@ def _bad_folder(tmp_path, damage) -> tuple[Path, str]:
         for p in (root / "train" / "c").iterdir():
             p.unlink()
         (root / "train" / "c" / "notes.txt").write_text("todo\n")
-        return root, f"{root / 'train' / 'c'} has no .jpg/.png images (it holds 1 other files)"
+        return root, f"{root / 'train' / 'c'} has no .jpg/.png images (only 1 other file)"
     if damage == "class missing in test":
         for p in (root / "test" / "c").iterdir():
             p.unlink()
@@ -439,8 +448,9 @@ def test_an_archive_over_the_extraction_cap_is_refused_before_writing(tmp_path, 
     assert arc.stat().st_size < 1 << 20  # 64 MiB from well under one
     monkeypatch.setenv("KDPROBE_EXTRACT_LIMIT", "16M")
     r = _invoke("train", "--dataset", f"imagefolder:{arc}", "--out", tmp_path / "n.pt")
-    line = _one_line_error(r, f"archive {arc} would extract 64.")
-    assert "counted from its headers, before extracting" in line and "KDPROBE_EXTRACT_LIMIT=" in line
+    line = _one_line_error(r, f"archive {arc} (")
+    assert "would extract more than the extraction cap of 16.0 MiB: 64.1 MiB in its first" in line
+    assert "counted from its headers, before extracting" in line and "KDPROBE_EXTRACT_LIMIT=1G" in line
     assert not (own_cache / "extracted").exists() or not any((own_cache / "extracted").iterdir())
     monkeypatch.setenv("KDPROBE_EXTRACT_LIMIT", "1G")  # what the message says to do
     _served(load_dataset(f"imagefolder:{arc}"), src, expected)
@@ -455,7 +465,7 @@ def test_a_bad_extraction_limit_is_one_line(tmp_path, monkeypatch):
 
 
 def test_the_disk_filling_up_while_extracting_stops_the_extraction(tmp_path, own_cache, monkeypatch):
-    import kdprobe.cache as kc
+    import kdprobe.archives as kc
 
     arc = tmp_path / "big.tar.gz"
     _zeros_archive(arc, 80 << 20, tail=2)

@@ -16,7 +16,7 @@ from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageErro
 from typer.core import TyperGroup
 
 from kdprobe.errors import Interrupted, KdprobeError
-from kdprobe.io import atomic_write_text
+from kdprobe.io import atomic_write_text, run_scope
 
 
 def interrupted_line(e: BaseException) -> str:
@@ -40,12 +40,14 @@ def _error(text: str) -> None:
 
 
 def handle_errors(fn: Callable) -> Callable:
-    """Turn library errors into one stderr line and exit 1 (no traceback); exit 2 only for our bugs."""
+    """Turn library errors into one stderr line and exit 1 (no traceback); exit 2 only for our bugs.
+    The command runs in one kdprobe.io.run_scope: the outputs check_outputs locks stay locked until it ends."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with run_scope():
+                return fn(*args, **kwargs)
         except KdprobeError as e:
             _error(str(e))
             raise typer.Exit(1) from None

@@ -14,7 +14,10 @@
   replaces a checkpoint only when the same command made it (meta["made_by"]: a `prune
   --overwrite` never replaces a trained model);
 - a folder where a file is expected, a file where a folder is expected, and an unwritable
-  place are one-line errors before any work.
+  place are one-line errors before any work;
+- inside a run scope (kdprobe.io.run_scope: every CLI command runs in one) every output is locked
+  for the rest of the run before its existing file is judged, so a second run to the same output
+  fails at once: "another kdprobe run (pid N, started T, ...) is writing OUT".
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from kdprobe.errors import KdprobeError
-from kdprobe.io import nearest_existing
+from kdprobe.io import hold_output_locks, nearest_existing
 
 KINDS = {
     "checkpoint": "a kdprobe checkpoint",
@@ -215,7 +218,8 @@ def check_outputs(command: str, outputs: Mapping[str, tuple], inputs: Mapping[st
     outputs: role (how the user names it: "--out", "--h5", "OUT.partial") -> (path or None, kind),
     kind a key of KINDS ("folder" for a folder the command fills). inputs: role -> a path, a list of
     paths or None. overwrite: the user passed --overwrite. keep: roles whose existing file the command
-    resumes or skips itself (so it is not refused for existing)."""
+    resumes or skips itself (so it is not refused for existing). Inside kdprobe.io.run_scope the
+    outputs stay locked until the scope ends."""
     outs = {role: (Path(p), kind) for role, (p, kind) in outputs.items() if p is not None}
     ins = [(role, p) for role, v in (inputs or {}).items() for p in _paths(v)]
     for role, (p, kind) in outs.items():
@@ -231,6 +235,10 @@ def check_outputs(command: str, outputs: Mapping[str, tuple], inputs: Mapping[st
             if _same(p1, p2):
                 raise KdprobeError(f"{r1} {p1} is also the input {r2}; writing it would destroy that input; "
                                    f"choose another path for {r1}")
+    # one writer per output: the checks below and the whole run happen under the lock (a refusal
+    # releases it and removes the lock file again)
+    hold_output_locks([(p, kind == "folder", role if role.startswith("--") else "--out", command)
+                       for role, (p, kind) in outs.items()])
     for role, (p, kind) in outs.items():
         if kind == "folder" or not p.exists():
             continue

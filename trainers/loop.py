@@ -20,7 +20,7 @@ from kdprobe.data import TensorData, load_dataset
 from kdprobe.errors import Interrupted, KdprobeError
 from kdprobe.evaluate import evaluate
 from kdprobe.inputs import check_model_data
-from kdprobe.io import atomic_write_text, save_torch, sha256_file
+from kdprobe.io import atomic_write_text, output_lock, save_torch, sha256_file
 from kdprobe.models import create_model
 from kdprobe.models.registry import canonical_name
 from kdprobe.preprocess import EVAL_RULE, TRAIN_RULE, fit_input, input_size_of, pin_size
@@ -175,6 +175,10 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
           snapshot_epochs: tuple[int, ...] = (), overwrite: bool = False) -> TrainResult:
     """Train per `config`, resuming from OUT.partial if a killed run left one; returns the result.
 
+    OUT, OUT.partial and OUT.jsonl are locked for the whole run (kdprobe.io.output_lock): a second
+    run to the same OUT fails at once, and the final rename never replaces a file that another
+    program put at OUT meanwhile (an OUT that was there at the start is replaced as before).
+
     Everything (dataset, model, teacher, init) is loaded and checked before the first write. An
     existing OUT is replaced only when the new checkpoint is complete (atomic rename); with
     `overwrite`, an OUT.partial of another config is replaced by this run's first saved state.
@@ -183,6 +187,14 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
     ranks with DistributedDataParallel; lr applies to the global batch, unscaled, so K
     processes train the same recipe as one (up to per-rank BatchNorm statistics).
     """
+    out = Path(out)
+    with output_lock((out, partial_path(out), log_path(out)), command="train"):
+        return _train(config, out, device=device, progress=progress, save_interval_s=save_interval_s,
+                      stop_after_steps=stop_after_steps, snapshot_epochs=snapshot_epochs, overwrite=overwrite)
+
+
+def _train(config: TrainConfig, out: Path, *, device: str, progress: Progress | None, save_interval_s: float,
+           stop_after_steps: int | None, snapshot_epochs: tuple[int, ...], overwrite: bool) -> TrainResult:
     out, progress = Path(out), progress or Progress()
     ddp = DistContext.from_env(device)
     dev = ddp.device

@@ -6,6 +6,8 @@ as the teacher cell's own content-named path (so it covers the whole teacher cha
 not depend on where DIR lives). A re-run skips cells whose file exists, continues interrupted
 ones from their .partial state (trainers.loop), and a changed spec value gives new file names
 (new cells) and leaves the old files alone. Probes and the report run after the training.
+DIR/cells.sha256 records every cell file as it was made; a reused cell must still be that file
+(trainers.study_hashes), so the report never mixes recorded numbers with other weights.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -22,12 +25,13 @@ import torch
 from kdprobe.checkpoint import read_payload
 from kdprobe.data import load_dataset
 from kdprobe.errors import KdprobeError
-from kdprobe.io import atomic_write_text
+from kdprobe.io import atomic_write_text, output_lock
 from kdprobe.study_data import locate_data
 from kdprobe.study_spec import StudySpec
 from trainers.cells import check_cell
 from trainers.config import AUGMENTS, DISTILLS, TrainConfig, make_config
 from trainers.loop import Progress, log_path, partial_path, resolve_device, snapshot_path, train
+from trainers.study_hashes import record_hashes, verify_hashes
 
 # set by the study for every cell; a spec's overrides may set any other TrainConfig field
 _OWNED = ("model", "model_kwargs", "dataset", "data_dir", "preset", "augment", "distill", "teacher", "seed", "init")
@@ -221,6 +225,7 @@ def train_cells(cells: list[Cell], out: Path, *, device: str = "auto", jobs: int
         t0 = time.monotonic()
         res = train(cell.config, cell.path(out), device=device, snapshot_epochs=cell.snapshots,
                     progress=_EpochForwarder(progress.training(cell.label), progress))
+        record_hashes([cell], out)
         info[cell.rel] = {"action": action, "seconds": round(time.monotonic() - t0, 3)}
         progress.note(f"      {cell.label}: test accuracy {res.test_acc:.2f}% (last epoch), "
                       f"{info[cell.rel]['seconds']:.1f}s")
@@ -296,6 +301,7 @@ def _train_parallel(todo: list[Cell], out: Path, device: str, jobs: int, progres
                     failed = failed or f"cell {c.label} failed (exit {rc}); see {c.path(out).with_suffix('.log')}"
                     continue
                 info[rel] = {"action": action, "seconds": round(time.monotonic() - t0, 3)}
+                record_hashes([c], out)
                 progress.note(f"done: cell {c.label} in {info[rel]['seconds']:.1f}s")
             if failed and not running:
                 raise KdprobeError(failed + "; fix it and run the same command again to resume")
@@ -339,19 +345,23 @@ def run_study(spec: StudySpec, out, *, device: str = "auto", jobs: int = 1, npro
         # tiny models on a few cores: one intra-op thread per process is several times faster
         # (no oversubscription); parallelism comes from --jobs instead
         torch.set_num_threads(1)
+    locks = ExitStack()
     try:
         cells = plan_cells(spec, out)
         check_probes(spec)  # the data and every probe setting: a mistake fails now, before DIR is made
+        locks.enter_context(output_lock(folders=(out,), command="study"))  # one study per folder at a time
         out.mkdir(parents=True, exist_ok=True)
         if spec_text is not None:
             atomic_write_text(out / "spec.toml", spec_text)
         existing = [c for c in cells if _files(c, out)]
-        if existing:  # before any training: every file already there must be its cell
+        if existing:  # before any training: every file already there must be its cell, and the file recorded
             verify_existing(existing, out, load_dataset(spec.train.dataset, spec.train.data_dir).fingerprint)
+            verify_hashes(existing, out)
         info = train_cells(cells, out, device=device, jobs=jobs, nproc_per_cell=nproc_per_cell,
                            progress=progress) if cells else {}
         # a reused cell whose teacher was (re)trained just now: its recorded teacher sha256 must match
         verify_existing([c for c in existing if c.teacher], out, None)
+        verify_hashes(cells, out)  # what the probes read is what the accuracy table's numbers came with
         result = assemble(spec, out, cells, info, dev, progress, t0, device)
         write_cells_csv(result, out / "cells.csv")
         write_summary_json(result, out / "summary.json")
@@ -361,6 +371,7 @@ def run_study(spec: StudySpec, out, *, device: str = "auto", jobs: int = 1, npro
             write_landscape_page(result, out / "landscapes.html")
         return result
     finally:
+        locks.close()
         torch.set_num_threads(threads)
         progress.close()
 

@@ -23,7 +23,7 @@ def list_entries():
         typer.echo(f"cache {listing.root} is empty")
         return
     rows = [{"entry": e.name, "kind": e.kind, "size": human(e.bytes), "last used": since(e.last_used),
-             "source": e.source or "-"} for e in listing.entries]
+             "source": e.source or "(not recorded)"} for e in listing.entries]
     typer.echo(table(rows))
     typer.echo(f"{len(rows)} entries, {human(listing.bytes)} in {listing.root}")
 

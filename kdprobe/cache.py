@@ -247,7 +247,7 @@ def _find(listing: CacheListing, name: str) -> CacheEntry:
     if len(hits) != 1:
         why = "no cache entry" if not hits else "more than one cache entry"
         raise KdprobeError(f"{why} named {name!r} in {listing.root}; `kdprobe cache list` shows the entries "
-                           "(pass a NAME from its first column)")
+                           "(its entry column)")
     return hits[0]
 
 

@@ -163,9 +163,10 @@ class _Accumulator:
             self.sb = {k: _LayerSums(dims[k], device) for k in self.lb}
             self.pairs = {(i, j): _PairSums(dims[i], dims[j], device) for i in self.la for j in self.lb}
         else:
-            self.hab = torch.zeros(len(self.la), len(self.lb), dtype=torch.float64)
-            self.haa = torch.zeros(len(self.la), dtype=torch.float64)
-            self.hbb = torch.zeros(len(self.lb), dtype=torch.float64)
+            # on the features' device: summed there batch by batch, copied to the host once in matrix()
+            self.hab = torch.zeros(len(self.la), len(self.lb), dtype=torch.float64, device=device)
+            self.haa = torch.zeros(len(self.la), dtype=torch.float64, device=device)
+            self.hbb = torch.zeros(len(self.lb), dtype=torch.float64, device=device)
 
     def update(self, fa: dict, fb: dict) -> None:
         """Add one batch of features (layer name -> (m, p) float64) of A and of B on the same samples."""
@@ -190,18 +191,22 @@ class _Accumulator:
 
     def add_grams(self, ka: Sequence[torch.Tensor], kb: Sequence[torch.Tensor]) -> None:
         """Add one minibatch given as Gram matrices (minibatch estimator)."""
+        # no host copy here (a GPU sync per layer pair and minibatch): the sums stay on the device
+        dev = self.hab.device
         for i, K in enumerate(ka):
-            self.haa[i] += hsic1(K, K).cpu()
+            K = K.to(dev)
+            self.haa[i] += hsic1(K, K)
             for j, L in enumerate(kb):
-                self.hab[i, j] += hsic1(K, L).cpu()
+                self.hab[i, j] += hsic1(K, L.to(dev))
         for j, L in enumerate(kb):
-            self.hbb[j] += hsic1(L, L).cpu()
+            L = L.to(dev)
+            self.hbb[j] += hsic1(L, L)
 
     def matrix(self) -> list[list[float]]:
         """CKA[i][j] for layer i of A and layer j of B."""
         if self.estimator == "minibatch":
-            return [[_cka(float(self.hab[i, j]), float(self.haa[i]), float(self.hbb[j])) for j in range(len(self.lb))]
-                    for i in range(len(self.la))]
+            hab, haa, hbb = (t.cpu().tolist() for t in (self.hab, self.haa, self.hbb))  # the one host copy
+            return [[_cka(hab[i][j], haa[i], hbb[j]) for j in range(len(self.lb))] for i in range(len(self.la))]
         hxx = {k: _self_hsic(t, self.biased) for k, t in self.sa.items()}
         hyy = {k: _self_hsic(t, self.biased) for k, t in self.sb.items()}
         out = []

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from kdprobe.errors import KdprobeError
+from kdprobe.precision import fp32_exact
 
 VARIANTS = ("v1", "v2")
 BN_MODES = ("eval", "batch-frozen", "train")
@@ -180,6 +181,7 @@ def _grad(y: torch.Tensor, x: torch.Tensor, retain: bool) -> torch.Tensor:
     return g.reshape(x.shape[0], -1)
 
 
+@fp32_exact()  # TF32 off on every device (a GPU's cuDNN default moved a score by 6.7%)
 def input_jacobian(model: nn.Module, inputs: torch.Tensor, *, bn: str = "eval", output: str = "sum") -> torch.Tensor:
     """Rows of the input Jacobian, shape (N, D) for "sum"/"pred" or (N, classes*D) for "full"."""
     _check_options("v1", bn, output, 1e-5)
@@ -256,6 +258,7 @@ def _relu_kernel(model: nn.Module, x: torch.Tensor, bn: str) -> tuple[torch.Tens
     return kernel, seen["units"], seen["calls"]
 
 
+@fp32_exact()  # TF32 off on every device (a GPU's cuDNN default moved a score by 6.7%)
 def jacobian_score_details(model: nn.Module, inputs: torch.Tensor, *, variant: str = "v1", bn: str = "eval",
                            output: str = "sum", k: float = 1e-5) -> ScoreDetail:
     """Mellor et al. 2020 score of `model` on one batch, with the quantities it came from."""

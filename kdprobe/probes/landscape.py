@@ -23,8 +23,8 @@ import torch.nn as nn
 
 from kdprobe.errors import KdprobeError
 from kdprobe.models.registry import available_memory
-from kdprobe.probes.distributed import broadcast_array, run_points
-from kdprobe.probes.landscape_eval import PointEvaluator, default_chunking
+from kdprobe.probes.distributed import broadcast_array, rank_world, run_points
+from kdprobe.probes.landscape_eval import PointEvaluator, default_chunking, free_memory, plan_chunks
 
 _EPS = 1e-10  # guards 0/0 when a direction filter is all zeros (Li et al. use the same)
 # Two directions closer than this (|cosine| over all entries) span a line, not a plane. Independent
@@ -213,7 +213,7 @@ def compute_surface(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, xcoor
     check_grid_memory(xc.size * yc.size)
     check_directions(model, directions)
     ev = PointEvaluator(model, x, y, bn=bn, precision=precision, batch_size=batch_size)
-    P = _points_per_batch(points_per_batch, ev.device)
+    P = _points_per_batch(points_per_batch, ev)
     ny, nx = yc.size, xc.size
     state = np.stack([np.full((ny, nx), np.nan), np.full((ny, nx), np.nan), np.zeros((ny, nx))])
     if resume is not None:
@@ -252,8 +252,13 @@ def compute_surface(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, xcoor
     return snapshot()
 
 
-def _points_per_batch(p: int | None, device: torch.device) -> int:
-    p = default_chunking(device)[0] if p is None else int(p)
+def _points_per_batch(p: int | None, ev: PointEvaluator) -> int:
+    if p is None and rank_world()[1] > 1:  # every rank must use one figure (run_points pads to it)
+        p = default_chunking(ev.device)[0]
+    elif p is None:  # the device's default, fewer where one sample at that many points would not fit in memory
+        p, _ = plan_chunks(free_memory(ev.device), ev.per_sample_bytes, default_chunking(ev.device)[0], 1,
+                           point_bytes=ev.point_bytes)
+    p = int(p)
     if p < 1:
         raise KdprobeError(f"expected points_per_batch >= 1, got {p}; pass a positive number")
     return p
@@ -275,7 +280,7 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor, y: torc
         raise KdprobeError(f"expected two checkpoints of the same architecture, got differences at "
                            f"{', '.join(bad[:3])}; interpolate between checkpoints of one model")
     ev = PointEvaluator(model_a, x, y, bn=bn, precision=precision, batch_size=batch_size)
-    P = _points_per_batch(points_per_batch, ev.device)
+    P = _points_per_batch(points_per_batch, ev)
     A = {n: t.detach() for n, t in sa.items()}
     B = {n: sb[n].detach().to(ev.device) for n in sa}
     ct = torch.as_tensor(ts, device=ev.device)

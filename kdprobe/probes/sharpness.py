@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, jvp, replace_all_batch_norm_modules_, vjp
 
 from kdprobe.errors import KdprobeError
+from kdprobe.precision import fp32_exact
 from kdprobe.probes.spectral import Density, Eigenpair, hutchinson, power_iteration, slq_density
 
 BN_MODES = ("eval", "train")
@@ -209,6 +210,7 @@ class SharpnessResult:
         return self.eigenpairs[0].value
 
 
+@fp32_exact()  # Hessian-vector products in true fp32: TF32 off on every device
 def sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, top_k: int = 1, iterations: int = 100,
               tol: float = 1e-3, trace_samples: int = 100, density: bool = False, lanczos_steps: int = 80,
               density_runs: int = 1, bn: str = "eval", batch_size: int = 256, vectors_per_pass: int = 25,

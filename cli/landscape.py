@@ -149,10 +149,12 @@ def landscape(
                                                       "default 8 on GPU, 1 on CPU where vmap is slower.")] = None,
     batch_size: Annotated[Optional[int], O(help="Samples per forward pass (default 1024 on GPU; on CPU "
                                                           "64 in fp32, 128 in bf16).")] = None,
-    precision: Annotated[str, O(help="fp32 | bf16 | auto. fp32 (default, every device) = the exact surface the "
-                                      "reference computes; bf16 = bf16 autocast, faster on GPUs and AVX512-BF16/AMX "
-                                      "CPUs but moves losses by up to ~1%; auto = bf16 where the hardware has bf16 "
-                                      "units, else fp32. Loss sums are fp32 in every case.")] = "fp32",
+    precision: Annotated[str, O(help="fp32 | tf32 | bf16 | auto. fp32 (default, every device) = the exact surface "
+                                      "the reference computes, with TF32 off on GPUs; tf32 = a GPU's TF32 matmuls "
+                                      "and convolutions (10-bit mantissas, recorded in the file); bf16 = bf16 "
+                                      "autocast, faster on GPUs and AVX512-BF16/AMX CPUs but moves losses by up to "
+                                      "~1%; auto = bf16 where the hardware has bf16 units, else fp32. Loss sums are "
+                                      "fp32 in every case.")] = "fp32",
     save_every: Annotated[float, O(help="Save partial results to the HDF5 file at most this often (seconds); "
                                          "re-running the same command resumes.")] = 10.0,
     overwrite: Annotated[bool, O("--overwrite", help="Discard an existing HDF5 file made with other settings.")
@@ -300,7 +302,7 @@ def interpolate(
     points_per_batch: Annotated[Optional[int], O(help="Points per forward pass (default 8 GPU, 1 CPU).")] = None,
     batch_size: Annotated[Optional[int], O(help="Samples per forward pass (default 1024 on GPU; on CPU "
                                                           "64 in fp32, 128 in bf16).")] = None,
-    precision: Annotated[str, O(help="fp32 (default) | bf16 | auto (see kdprobe landscape --help).")] = "fp32",
+    precision: Annotated[str, O(help="fp32 (default) | tf32 | bf16 | auto (see kdprobe landscape --help).")] = "fp32",
     dataset: Dataset = None,
     data_dir: DataDir = None,
     arch: Arch = None,

@@ -48,6 +48,7 @@ def train(
     width: Annotated[Optional[float], O(help="Width multiplier for ResNets/VGG (> 0; tiny models for quick runs).", callback=ranged(WIDTH))] = None,
     train_subset: Annotated[Optional[int], O(help="Train on a seeded subset of this many images (>= 1).", callback=ranged("train_subset"))] = None,
     device: Annotated[str, O(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    deterministic: Annotated[bool, O("--deterministic/--no-deterministic", help="On a GPU: deterministic cuDNN/cuBLAS kernels (default), so the same seed gives the same checkpoint on the same GPU model and versions; --no-deterministic lets cuDNN autotune (faster, differs run to run). No effect on a CPU.")] = True,
     overwrite: Annotated[bool, O(help="Retrain although OUT exists: OUT is replaced when the new checkpoint is complete (never deleted up front), and a partial state of another configuration is replaced by the new run's first save.")] = False,
     quiet: Annotated[bool, O(help="No progress bar.")] = False,
 ):
@@ -94,7 +95,8 @@ def train(
         return
     if download:
         load_dataset(dataset, data_dir, download=True)
-    res = run_train(config, out, device=device, progress=TqdmProgress(not quiet), overwrite=overwrite)
+    res = run_train(config, out, device=device, progress=TqdmProgress(not quiet), overwrite=overwrite,
+                    deterministic=deterministic)
     resumed = f" (resumed from epoch {res.resumed_from_epoch:.2f})" if res.resumed_from_epoch is not None else ""
     typer.echo(f"{config.method} {config.model} seed {seed}: test accuracy {res.test_acc:.2f}% (last epoch; best {res.best_acc:.2f}%){resumed}")
     typer.echo(f"checkpoint: {out}   log: {log_path(out)}")

@@ -28,7 +28,50 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise KdprobeError(f"expected --device auto, cpu, cuda or cuda:N; got {device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise KdprobeError(f"--device {device} asked for a GPU but CUDA is not available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise KdprobeError(f"--device {device} names GPU {dev.index} but this machine has {n} GPU(s) "
+                           f"(cuda:0 to cuda:{n - 1}); pick one of them")
     return dev
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a study's child processes run: CUDA_VISIBLE_DEVICES per job slot (None: inherit) and their --device."""
+
+    slots: tuple[str | None, ...]
+    child_device: str
+
+
+def _physical(k: int) -> str:
+    """GPU k as this process sees it, named for a child's CUDA_VISIBLE_DEVICES (which counts physical GPUs)."""
+    mine = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if mine is None or not mine.strip():
+        return str(k)
+    return [d.strip() for d in mine.split(",") if d.strip()][k]
+
+
+def plan_placement(device: str, jobs: int, nproc: int) -> Placement:
+    """Which GPUs each of `jobs` concurrent cells (each `nproc` torchrun ranks) gets; impossible ones are refused.
+
+    cpu: no restriction. cuda / auto on a GPU machine: job slot s gets GPUs (s*nproc + i) mod count, i < nproc:
+    disjoint sets when jobs x nproc <= count, else slots share GPUs (each cell's ranks still on distinct
+    ones, as NCCL needs). cuda:N: every job on GPU N, one rank each. A child sees only its GPUs, so it asks
+    for `cuda` (its first visible GPU; torchrun ranks take cuda:LOCAL_RANK among them)."""
+    dev = resolve_device(device)
+    if dev.type != "cuda":
+        return Placement((None,) * jobs, device)
+    count = torch.cuda.device_count()
+    if dev.index is not None:
+        if nproc > 1:
+            raise KdprobeError(f"--device {device} pins one GPU but --nproc-per-cell {nproc} needs {nproc} (one "
+                               "per rank); use --device cuda, or --nproc-per-cell 1")
+        return Placement((_physical(dev.index),) * jobs, "cuda")
+    if nproc > count:
+        raise KdprobeError(f"--nproc-per-cell {nproc} needs {nproc} GPUs (NCCL runs one rank per GPU) but this "
+                           f"machine has {count}; use --nproc-per-cell {count} or fewer, or --device cpu")
+    return Placement(tuple(",".join(_physical((s * nproc + i) % count) for i in range(nproc)) for s in range(jobs)),
+                     "cuda")
 
 
 @dataclass(frozen=True)
@@ -51,6 +94,9 @@ class DistContext:
             return cls(0, 1, resolve_device(device))
         dev = resolve_device(device)
         if dev.type == "cuda":
+            if local_rank() >= torch.cuda.device_count():
+                raise KdprobeError(f"torchrun rank {local_rank()} needs GPU cuda:{local_rank()} but this process sees "
+                                   f"{torch.cuda.device_count()} GPU(s); run at most that many ranks per node")
             dev = torch.device("cuda", local_rank())
             torch.cuda.set_device(dev)
         rank, world = init_from_env(dev)  # the same process-group setup the landscape probe uses

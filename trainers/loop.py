@@ -2,14 +2,21 @@
 
 Data lives on the device as uint8 tensors and is shuffled/augmented there with one seeded
 generator, so a run is a pure function of (config, device): the same command after a kill
-resumes from `OUT.partial` and ends with the same checkpoint as an uninterrupted run.
+resumes from `OUT.partial` and ends with the same checkpoint as an uninterrupted run. What the
+model itself draws (dropout) comes from torch's global CPU and CUDA generators: OUT.partial saves
+their states and a resumed run restores them. On a GPU that holds only with deterministic kernels
+(kdprobe.precision.deterministic: the default, `deterministic=False` lets cuDNN autotune instead)
+and TF32 off for what autocast leaves in fp32 (kdprobe.precision.fp32_exact); both are recorded in
+the checkpoint's metadata under "numerics".
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +30,8 @@ from kdprobe.inputs import check_model_data
 from kdprobe.io import atomic_write_text, output_lock, save_torch, sha256_file
 from kdprobe.models import create_model
 from kdprobe.models.registry import canonical_name
+from kdprobe.precision import deterministic as deterministic_kernels
+from kdprobe.precision import determinism_state, fp32_exact, nondeterministic_op, set_cublas_workspace, tf32_enabled
 from kdprobe.preprocess import EVAL_RULE, TRAIN_RULE, fit_input, input_size_of, pin_size
 from kdprobe.pruning import apply_masks, bn_sparsity_step
 from trainers.config import TrainConfig
@@ -80,6 +89,23 @@ def partial_path(out: Path) -> Path:
 
 def log_path(out: Path) -> Path:
     return out.with_suffix(".jsonl")
+
+
+def rng_states(device: torch.device) -> dict:
+    """torch's global generators (dropout and any other draw a model makes): CPU, and the device's CUDA one."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng_states(states: dict | None, device: torch.device) -> None:
+    """Put back what rng_states saved (a partial from before they were saved has none: nothing to restore)."""
+    if not states:
+        return
+    torch.set_rng_state(states["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"].cpu(), device)
 
 
 def _lr_factor(config: TrainConfig, epoch: int) -> float:
@@ -170,6 +196,31 @@ def _resumable(ppath: Path, key: str, overwrite: bool) -> dict | None:
                        "to start afresh")
 
 
+def _numerics(train_fn):
+    """Run train() with TF32 off and, on a GPU, deterministic kernels unless deterministic=False (see the module
+    docstring); an op without a deterministic CUDA kernel fails with the flag that lets it run."""
+
+    @functools.wraps(train_fn)
+    def run(config: TrainConfig, out, *, device: str = "auto", deterministic: bool = True, **kwargs):
+        dev = resolve_device(device)
+        with ExitStack() as stack:
+            stack.enter_context(fp32_exact())  # what autocast leaves in fp32 (BN, loss, optimizer) is IEEE fp32
+            if dev.type == "cuda":  # CPU kernels are deterministic already (same machine type and threads)
+                set_cublas_workspace()  # before this run's first cuBLAS call
+                stack.enter_context(deterministic_kernels(deterministic))
+            try:
+                return train_fn(config, out, device=device, **kwargs)
+            except RuntimeError as e:
+                msg = nondeterministic_op(e)
+                if msg is None:
+                    raise
+                raise KdprobeError(f"{msg}; this model runs an op without a deterministic CUDA kernel: pass "
+                                   "--no-deterministic (deterministic=False) to train it, not reproducibly") from None
+
+    return run
+
+
+@_numerics
 def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress | None = None,
           save_interval_s: float = 60.0, stop_after_steps: int | None = None,
           snapshot_epochs: tuple[int, ...] = (), overwrite: bool = False) -> TrainResult:
@@ -186,6 +237,9 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
     Under torchrun (WORLD_SIZE > 1) the global batch `config.batch_size` is split across the
     ranks with DistributedDataParallel; lr applies to the global batch, unscaled, so K
     processes train the same recipe as one (up to per-rank BatchNorm statistics).
+
+    deterministic (keyword, default True): on a GPU, deterministic kernels (see `_numerics`); False lets
+    cuDNN autotune instead, faster and not reproducible run to run. No effect on a CPU.
     """
     out = Path(out)
     with output_lock((out, partial_path(out), log_path(out)), command="train"):
@@ -241,6 +295,7 @@ def _train(config: TrainConfig, out: Path, *, device: str, progress: Progress | 
         student.load_state_dict(saved["student"])
         opt.load_state_dict(saved["optimizer"])
         gen.set_state(saved["gen"])
+        restore_rng_states(saved.get("rng"), dev)  # dropout continues where the killed run was
         masks = {k: v.to(dev) for k, v in saved.get("masks", {}).items()} or masks
         state = {k: saved[k] for k in state}
         if state["perm"] is not None:
@@ -257,7 +312,7 @@ def _train(config: TrainConfig, out: Path, *, device: str, progress: Progress | 
         if not ddp.is_main:
             return
         payload = {"version": STATE_VERSION, "run_key": key, "student": student.state_dict(),
-                   "optimizer": opt.state_dict(), "gen": gen.get_state(), "masks": masks,
+                   "optimizer": opt.state_dict(), "gen": gen.get_state(), "masks": masks, "rng": rng_states(dev),
                    **dict(state, sums=torch.as_tensor(state["sums"]).tolist())}
         save_torch(payload, ppath)
         saved_at = state["epoch"] + state["step"] / steps_per_epoch
@@ -281,6 +336,9 @@ def _train(config: TrainConfig, out: Path, *, device: str, progress: Progress | 
             "train_images": n, "train_subset_rule": subset_rule(config), "test_eval": test_eval_rule(config),
             "per_rank_batch": math.ceil(bs / ddp.world_size), "lr_rule": "lr is per global batch; not scaled with world size",
             "device": dev.type, "cpu_threads": torch.get_num_threads(), "versions": library_versions(),
+            # what decides whether a GPU rerun gives the same bits (kdprobe.precision)
+            "numerics": {"autocast": "bf16", "tf32": tf32_enabled(), **determinism_state()} if dev.type == "cuda"
+            else {"autocast": None, "tf32": tf32_enabled()},
         }
 
     def write_checkpoint(path: Path):

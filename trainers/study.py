@@ -30,6 +30,7 @@ from kdprobe.study_data import locate_data
 from kdprobe.study_spec import StudySpec
 from trainers.cells import check_cell
 from trainers.config import AUGMENTS, DISTILLS, TrainConfig, make_config
+from trainers.distributed import plan_placement
 from trainers.loop import Progress, log_path, partial_path, resolve_device, snapshot_path, train
 from trainers.study_hashes import record_hashes, verify_hashes
 
@@ -247,13 +248,6 @@ def _command(job: Path, nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *cell]
 
 
-def _gpu_slots(dev: torch.device, jobs: int, nproc: int) -> list[str | None]:
-    """CUDA_VISIBLE_DEVICES per job slot: disjoint GPU sets when there are enough GPUs, else shared."""
-    if dev.type != "cuda" or torch.cuda.device_count() < jobs * nproc:
-        return [None] * jobs
-    return [",".join(str(s * nproc + i) for i in range(nproc)) for s in range(jobs)]
-
-
 def _train_parallel(todo: list[Cell], out: Path, device: str, jobs: int, progress: StudyProgress,
                     nproc: int = 1) -> dict:
     """Up to `jobs` cells at once, each `python -m trainers.study --cell JOB.json` (log next to the cell)."""
@@ -263,7 +257,8 @@ def _train_parallel(todo: list[Cell], out: Path, device: str, jobs: int, progres
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    slots = _gpu_slots(dev, jobs, nproc)
+    placement = plan_placement(device, jobs, nproc)  # a child sees only its GPUs and asks for placement.child_device
+    slots = placement.slots
     free = list(range(jobs))
     pending, running, info = list(todo), {}, {}
     seen = {c.rel: _epochs_logged(c, out) for c in todo}
@@ -276,7 +271,8 @@ def _train_parallel(todo: list[Cell], out: Path, device: str, jobs: int, progres
                 pending.remove(c)
                 job = c.path(out).with_suffix(".job.json")
                 job.parent.mkdir(parents=True, exist_ok=True)
-                job.write_text(json.dumps({"config": c.config.to_dict(), "out": str(c.path(out)), "device": device,
+                job.write_text(json.dumps({"config": c.config.to_dict(), "out": str(c.path(out)),
+                                           "device": placement.child_device,
                                            "threads": threads, "snapshots": list(c.snapshots)}))
                 log = open(c.path(out).with_suffix(".log"), "a")
                 action = "resumed" if partial_path(c.path(out)).exists() else "trained"
@@ -340,6 +336,8 @@ def run_study(spec: StudySpec, out, *, device: str = "auto", jobs: int = 1, npro
     out, progress, spec = Path(out).resolve(), progress or StudyProgress(), locate_data(spec)
     t0 = time.monotonic()
     dev = resolve_device(device)
+    if jobs > 1 or nproc_per_cell > 1:  # an impossible placement fails now, before anything is written
+        plan_placement(device, jobs, nproc_per_cell)
     threads = torch.get_num_threads()
     if dev.type == "cpu":
         # tiny models on a few cores: one intra-op thread per process is several times faster

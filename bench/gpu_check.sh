@@ -8,10 +8,15 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
-# hard cap below 8 minutes; the script itself needs about 3-6 (compilation included)
-timeout -s INT 470 "$PY" bench/gpu_check.py "$@"
+# The python that runs is the one named here; it may carry another torch than the project's .venv
+# (the script prints the versions it ran with, and installs nothing).
+"$PY" -c 'import sys, torch; print("gpu_check: python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)' || exit 1
+# hard cap below 8 minutes; the script itself needs about 3-6 (compilation included). SIGINT first
+# (the script then writes what it has), SIGKILL 15 s later if it does not stop (-k): every finished
+# row is already in the JSON file, which is rewritten after each one.
+timeout -k 15 -s INT 470 "$PY" bench/gpu_check.py "$@"
 rc=$?
-if [ $rc -eq 124 ] || [ $rc -eq 130 ]; then
-    echo "gpu_check: stopped at the 470 s cap; rerun with --no-compile or --seconds 3" >&2
+if [ $rc -eq 124 ] || [ $rc -eq 130 ] || [ $rc -eq 137 ]; then
+    echo "gpu_check: stopped at the 470 s cap (rows so far are in the JSON); rerun with --no-compile or --seconds 3" >&2
 fi
 exit $rc

@@ -7,7 +7,9 @@ Run on a machine with CUDA (one short call, about 2-4 minutes for the defaults):
 Smoke test without a GPU:  python bench/landscape_gpu.py --device cpu --quick
 Data: the cached CIFAR-10 subset of bench_landscape.py when it holds enough images
 (carry bench/out to the GPU machine), else random normal inputs: speed does not depend
-on pixel values. Writes bench/out/landscape_gpu.json.
+on pixel values. Writes bench/out/landscape_gpu.json after every row (a stopped run keeps them).
+The serial reference runs in true fp32 (TF32 off, as kdprobe's "fp32"), so "max rel diff" of the
+fp32 rows is rounding and that of the tf32 and bf16 rows is what those precisions cost.
 """
 from __future__ import annotations
 
@@ -45,7 +47,14 @@ def data(n: int, dev: torch.device):
 
 
 def serial(model, x, y, dirs, coords, batch=128):
-    """Li et al.-style: weights set in place, model.eval(), batches of 128, .item() per batch."""
+    """Li et al.-style: weights set in place, model.eval(), batches of 128, .item() per batch; TF32 off."""
+    from kdprobe.precision import fp32_exact
+
+    with fp32_exact():
+        return _serial(model, x, y, dirs, coords, batch)
+
+
+def _serial(model, x, y, dirs, coords, batch):
     crit = torch.nn.CrossEntropyLoss()
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     out = []
@@ -82,14 +91,23 @@ def main() -> None:
     from kdprobe.probes.landscape import compute_surface, make_directions, parse_grid
 
     dev = torch.device(args.device)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    # cuDNN autotuning stays off (torch's default), as `kdprobe landscape` runs: measure what the command runs
     x, y, source = data(args.samples, dev)
     grid = parse_grid(f"-1:1:{args.steps}")
     n = grid.size ** 2
     coords = [(a, b) for b in grid for a in grid]
     rows = []
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    out = ROOT / "bench" / "out" / "landscape_gpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(rows, complete=False):
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps({"device": name, "torch": torch.__version__, "samples": args.samples,
+                                   "data": source, "grid": f"{args.steps}x{args.steps}", "rows": rows,
+                                   "complete": complete}, indent=2) + "\n")
+        tmp.replace(out)
+
     print(f"{name}, {args.samples} samples ({source}), {args.steps}x{args.steps} grid", flush=True)
     for model_name in args.models:
         torch.manual_seed(0)
@@ -102,13 +120,15 @@ def main() -> None:
         _sync(dev)
         base = n / (time.perf_counter() - t0)
         rows.append({"model": model_name, "method": "serial loop (batch 128)", "points_per_s": base})
+        write(rows)
         print(f"{model_name:<10} serial loop, batch 128          {base:9.2f} points/s", flush=True)
-        for precision in ("bf16", "fp32"):
+        for precision in ("bf16", "tf32", "fp32"):
             for P in args.points:
                 for B in args.batches:
                     kw = dict(directions=dirs, precision=precision, points_per_batch=P, batch_size=B)
                     try:
-                        compute_surface(model, x, y, xcoords=grid[:1], ycoords=grid[:min(P, grid.size)], **kw)
+                        # warm-up on exactly P points: the vmap width the timed grid runs
+                        compute_surface(model, x, y, xcoords=np.linspace(-1, 1, P), ycoords=grid[:1], **kw)
                         _sync(dev)
                         t0 = time.perf_counter()
                         res = compute_surface(model, x, y, xcoords=grid, ycoords=grid, **kw)
@@ -122,12 +142,10 @@ def main() -> None:
                     rows.append({"model": model_name, "method": "kdprobe", "precision": precision,
                                  "points_per_batch": P, "batch_size": B, "points_per_s": pps,
                                  "speedup_vs_serial": pps / base, "max_rel_diff_vs_serial": rel})
+                    write(rows)
                     print(f"{model_name:<10} kdprobe {precision} P={P:<3} B={B:<5}     {pps:9.2f} points/s "
                           f"x{pps / base:5.1f}  max rel diff {rel:.1e}", flush=True)
-    out = ROOT / "bench" / "out" / "landscape_gpu.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": name, "samples": args.samples, "data": source,
-                               "grid": f"{args.steps}x{args.steps}", "rows": rows}, indent=2) + "\n")
+    write(rows, complete=True)
     print(f"wrote {out}")
 
 

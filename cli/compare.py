@@ -32,9 +32,11 @@ def compare(
     Wall-clock times, creation dates, reuse of cells, the machine's paths (dataset, spec source, platform) and checkpoint sha256s (a KD student records its teacher's absolute path) are expected to change between runs: they are listed as notes, not as differences. Every number computed from the weights is compared.
     """
     from kdprobe.summary_diff import compare as diff
-    from kdprobe.summary_diff import load_summary
+    from kdprobe.summary_diff import gpu_reasons, load_summary
 
     sa, sb = load_summary(a), load_summary(b)
+    for line in gpu_reasons(sa, sb):  # one or both ran on a GPU: what decides whether they can agree bit for bit
+        typer.echo(f"gpu   {line}")
     d = diff(sa, sb, rtol=rtol, atol=atol)
     tol = "bit-equal" if rtol == 0 and atol == 0 else f"rtol {rtol:g}, atol {atol:g}"
     for path, x, y in d.notes[:show]:

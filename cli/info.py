@@ -85,7 +85,11 @@ def info(
     if ck.extra:
         lines.append("extra       " + ", ".join(sorted(ck.extra)))
     if meta.get("versions"):
-        lines.append("versions    " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
+        from kdprobe.machine import describe, machine_of
+
+        lines.append("versions    " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if k != "machine"))
+        if machine_of(meta["versions"]):
+            lines.append("machine     " + describe(machine_of(meta["versions"])))
     typer.echo("\n".join(lines))
     if json:
         det = None if ck.detection is None else {"name": ck.detection.name, "how": ck.detection.how,

@@ -75,13 +75,15 @@ class LoadedCheckpoint:
 
 
 def library_versions() -> dict:
-    """Versions that decide whether a result reproduces."""
+    """Versions and the machine (kdprobe.machine: CPU, ATen capability, threads) that decide whether a result reproduces."""
     import torchvision
 
     import kdprobe
+    from kdprobe.machine import machine
 
+    # the same seed gives the same bits only with these versions on the same machine type
     return {"kdprobe": kdprobe.__version__, "torch": str(torch.__version__),
-            "torchvision": str(torchvision.__version__), "python": platform.python_version()}
+            "torchvision": str(torchvision.__version__), "python": platform.python_version(), "machine": machine()}
 
 
 def plain(obj):

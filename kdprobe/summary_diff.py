@@ -104,3 +104,27 @@ def compare(a, b, rtol: float = 0.0, atol: float = 0.0) -> SummaryDiff:
 
     walk("", "", a, b)
     return out
+
+
+def gpu_reasons(a, b) -> list[str]:
+    """Why two summaries of which one or both ran on a GPU may differ: what holds on a GPU, and the recorded
+    fields (GPU model, capability, torch, device) that differ between them; [] when neither ran on a GPU."""
+    va, vb = (s.get("versions") if isinstance(s, dict) and isinstance(s.get("versions"), dict) else {} for s in (a, b))
+    dev = [str(s.get("device", "")) if isinstance(s, dict) else "" for s in (a, b)]
+    if not any(d.startswith("cuda") for d in dev):
+        return []
+    ma, mb = (v.get("machine") if isinstance(v.get("machine"), dict) else {} for v in (va, vb))
+    fields = (("device", dev[0], dev[1]),
+              ("GPU", ma.get("cuda", va.get("device_name")), mb.get("cuda", vb.get("device_name"))),
+              ("compute capability", ma.get("cuda_capability"), mb.get("cuda_capability")),
+              ("torch", va.get("torch"), vb.get("torch")), ("torchvision", va.get("torchvision"), vb.get("torchvision")))
+    differ = [f"{name} {x} vs {y}" for name, x, y in fields if x != y]
+    lines = ["GPU runs give the same bits only on the same GPU model with the same torch, CUDA and cuDNN, with "
+             "deterministic kernels (kdprobe train's default; each checkpoint records it under meta.numerics, "
+             "--no-deterministic lets cuDNN autotune and differs run to run) and the same --nproc-per-cell "
+             "(ranks normalize BatchNorm over their own slice); probes run with TF32 off unless a landscape asked "
+             "for tf32"]
+    lines.append("these two differ in: " + "; ".join(differ) if differ else
+                 "these two record the same device, GPU and versions: look for --no-deterministic, another "
+                 "--nproc-per-cell or another CUDA/cuDNN build (not recorded in the summary)")
+    return lines

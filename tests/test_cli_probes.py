@@ -108,7 +108,7 @@ def _assert_svg_only(doc):
     from kdprobe.writers.probe_plots import probe_figure
 
     tables = ProbeTables(doc["command"], doc["settings"],
-                         {k: v for k, v in doc.items() if k not in ("command", "settings", "kdprobe_version")})
+                         {k: v for k, v in doc.items() if k not in ("command", "settings", "kdprobe_version", "machine")})
     fig = probe_figure(tables)
     assert fig.data and {t.type for t in fig.data} <= {"scatter", "heatmap"}
     assert set(fig.layout.template.data.to_plotly_json()) <= {"scatter", "heatmap"}

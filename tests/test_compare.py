@@ -14,7 +14,8 @@ BASE = {"format": "kdprobe-study", "name": "t", "created": "2026-01-01T00:00:00"
         "cells": [{"method": "scratch", "seed": 0, "test_acc": 51.63, "seconds": 3.0, "action": "trained",
                    "dataset": "imagefolder:/a/data.tar.gz"}],
         "accuracy": [{"group": "scratch", "mean": 52.946666666666665, "p_value": None, "ok": True}],
-        "versions": {"torch": "2.14.1", "platform": "Linux-a"}}
+        "versions": {"torch": "2.14.1", "platform": "Linux-a",
+                     "machine": {"cpu": "Intel(R) Xeon(R)", "cpu_capability": "AVX512", "threads": 2}}}
 
 
 def _changed(**where):
@@ -31,9 +32,10 @@ def _changed(**where):
 def test_identical_summaries_are_the_same_and_every_leaf_is_counted():
     d = compare(BASE, copy.deepcopy(BASE))
     assert d.equal and not d.notes
-    assert d.numbers == 5  # wall_seconds, seed, test_acc, seconds, mean
-    # format, name, created, source, method, action, dataset, group, p_value (None), ok (True), torch, platform
-    assert d.strings == 12
+    assert d.numbers == 6  # wall_seconds, seed, test_acc, seconds, mean, machine threads
+    # format, name, created, source, method, action, dataset, group, p_value (None), ok (True), torch, platform,
+    # machine cpu and cpu_capability
+    assert d.strings == 14
     assert d.max_abs == 0
 
 
@@ -95,3 +97,58 @@ def test_cli_exit_codes_and_one_line_errors(tmp_path):
     with pytest.raises(KdprobeError, match="not valid JSON"):
         junk.write_bytes(b"\xff\xfe{")
         load_summary(junk)
+
+
+def _other_machine(d=None, **fields):
+    d = copy.deepcopy(BASE if d is None else d)
+    d["versions"]["machine"].update(fields)
+    return d
+
+
+def test_same_machine_is_bit_equal_other_machine_gets_the_stated_tolerance():
+    from kdprobe.summary_diff import CROSS_MACHINE_ATOL, CROSS_MACHINE_RTOL
+
+    close = BASE["cells"][0]["test_acc"] * (1 + CROSS_MACHINE_RTOL / 10)  # a rounding-size change
+    far = BASE["cells"][0]["test_acc"] * (1 + CROSS_MACHINE_RTOL * 10)  # a real change
+    same = compare(BASE, _changed(cells__0__test_acc=close))
+    assert not same.equal and same.tolerance.why == "same machine" and same.tolerance.bit_equal
+    for fields in ({"cpu_capability": "AVX2"}, {"threads": 1}, {"cpu": "AMD EPYC"}):
+        b = _other_machine(_changed(cells__0__test_acc=close), **fields)
+        d = compare(BASE, b)
+        assert d.equal, fields  # rounding-size changes pass ...
+        assert (d.tolerance.rtol, d.tolerance.atol, d.tolerance.why) == (CROSS_MACHINE_RTOL, CROSS_MACHINE_ATOL,
+                                                                         "machines differ")
+        # ... the machine fields are notes (they chose the tolerance), and a real change is still a difference
+        key = next(iter(fields))
+        assert d.notes == [(f"versions.machine.{key}", BASE["versions"]["machine"][key], fields[key])]
+        assert compare(BASE, _other_machine(_changed(cells__0__test_acc=far), **fields)).differences == [
+            ("cells[0].test_acc", 51.63, far)]
+        assert not compare(BASE, b, rtol=0, atol=0).equal  # bit-equality can still be asked for
+    torch_b = _changed(cells__0__test_acc=close, versions__torch="2.15.0")  # same machine, other torch: not bits
+    d = compare(BASE, torch_b)
+    assert d.tolerance.why == "torch versions differ" and d.differences == [("versions.torch", "2.14.1", "2.15.0")]
+
+
+def test_a_summary_without_a_machine_record_is_not_assumed_to_match():
+    old = copy.deepcopy(BASE)
+    del old["versions"]["machine"]  # summaries written before machines were recorded
+    d = compare(old, _changed(cells__0__test_acc=51.63 * (1 + 1e-6)))
+    assert d.equal and d.tolerance.why == "machine not recorded" and not d.tolerance.bit_equal
+    assert d.notes == [("versions.machine", "<missing>", BASE["versions"]["machine"])]
+
+
+def test_cli_states_the_tolerance_and_why(tmp_path):
+    runner = CliRunner()
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    a.write_text(json.dumps(BASE))
+    b.write_text(json.dumps(_other_machine(_changed(accuracy__0__mean=52.946666666666665 * (1 + 1e-6)),
+                                           cpu_capability="AVX2")))
+    c.write_text(json.dumps(_changed(accuracy__0__mean=52.946666666666665 * (1 + 1e-6))))
+    r = runner.invoke(app, ["compare", str(a), str(b)])
+    assert r.exit_code == 0, r.output
+    assert "rtol 0.0001, atol 1e-06, not bit-equal: machines differ" in r.output
+    assert "AVX512" in r.output and "AVX2" in r.output and "note  versions.machine.cpu_capability" in r.output
+    r = runner.invoke(app, ["compare", str(a), str(c)])
+    assert r.exit_code == 1 and "numbers compared bit-equal: both ran on Intel(R) Xeon(R) (AVX512, 2 threads)" in r.output
+    r = runner.invoke(app, ["compare", str(a), str(b), "--rtol", "0"])
+    assert r.exit_code == 1 and "numbers compared bit-equal (as given)" in r.output

@@ -3,6 +3,12 @@
 Every function works on whatever device its input lives on and takes an explicit
 `torch.Generator` on that same device, so a run is reproducible from its seed. No Python
 `random` and no global torch RNG are used anywhere.
+
+On a GPU the training loop syncs with the host only every 25 steps, so nothing here reads a
+random draw back per step where it can be avoided: CutMix on a GPU builds its box as a mask on
+the device from the same draws (lam stays a device tensor); AutoAugment must group images by
+sub-policy on the host, so its draws come back in one copy per batch and the index tensors go
+out without waiting (pinned, non_blocking).
 """
 from __future__ import annotations
 
@@ -190,8 +196,11 @@ def apply_auto_augment(x: torch.Tensor, draw: AutoAugmentDraw, policy: str = "ci
                            "draw with n = x.shape[0]")
     fills = [float(fill)] * c
     ops, key_of = _op_keys(policy, h, w)
-    # one host copy of the draws: grouping on CPU, gathers/scatters on x's device
-    pol, applied, positive = (t.cpu() for t in (draw.policy, draw.applied, draw.positive))
+    # one host copy of the draws (one sync on a GPU): grouping on CPU, gathers/scatters on x's device
+    packed = torch.cat([draw.policy[:, None], draw.applied.long(), draw.positive.long()], 1).cpu()
+    pol, applied, positive = packed[:, 0], packed[:, 1:3].bool(), packed[:, 3:5].bool()
+    to_device = ((lambda t: t.pin_memory().to(x.device, non_blocking=True)) if x.device.type == "cuda"
+                 else (lambda t: t.to(x.device)))
     out = x.clone()
     # Step j of every image is applied before step j+1 of any; within a step each image gets
     # at most one op, so images sharing (op, signed magnitude) across sub-policies form one
@@ -208,7 +217,7 @@ def apply_auto_augment(x: torch.Tensor, draw: AutoAugmentDraw, policy: str = "ci
             if members.numel() == n:
                 out = _apply_op(out, op, mag, fills)
             else:
-                idx = members.to(x.device)
+                idx = to_device(members)
                 out[idx] = _apply_op(out[idx], op, mag, fills)
     return out
 
@@ -247,8 +256,8 @@ class MixedBatch:
     x: torch.Tensor
     y_a: torch.Tensor
     y_b: torch.Tensor
-    lam: float
-    perm: torch.Tensor | None = None  # partner index of each image; None when not mixed
+    lam: float | torch.Tensor  # a 0-d float64 tensor when drawn on a GPU (reading it back would sync)
+    perm: torch.Tensor | None = None  # partner index of each image; None when not mixed (CPU)
 
 
 def sample_beta(a: float, b: float, generator: torch.Generator, n: int = 1) -> torch.Tensor:
@@ -271,6 +280,8 @@ def cutmix(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
     if not 0.0 <= prob <= 1.0:
         raise KdprobeError(f"expected prob in [0, 1], got {prob}; use 0.5 as in the reference")
     dev = x.device
+    if dev.type != "cpu":
+        return _cutmix_on_device(x, y, generator, prob, beta)
     # one coin per batch, as clovaai/CutMix-PyTorch train.py (r < cutmix_prob)
     if not float(torch.rand(1, generator=generator, device=dev)) < prob:
         return MixedBatch(x=x, y_a=y, y_b=y, lam=1.0)
@@ -290,10 +301,39 @@ def cutmix(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
     return MixedBatch(x=mixed, y_a=y, y_b=y[perm], lam=lam, perm=perm)
 
 
+def _cutmix_on_device(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, prob: float,
+                      beta: float) -> MixedBatch:
+    """cutmix() without reading a draw back: the same draws in the same order, the box as a mask.
+
+    Where the coin says mix, the image, labels and lam equal cutmix()'s on the same generator state;
+    where it does not, the batch is returned as is (lam 1, y_b = y) but the box is still drawn, so the
+    stream moves on further than cutmix()'s. Used on GPUs (and tested on a CPU)."""
+    n, _, h, w = x.shape
+    dev = x.device
+    apply = torch.rand(1, generator=generator, device=dev)[0] < prob
+    lam0 = sample_beta(beta, beta, generator)[0]  # float64
+    perm = torch.randperm(n, generator=generator, device=dev)
+    cy = torch.randint(h, (), generator=generator, device=dev)
+    cx = torch.randint(w, (), generator=generator, device=dev)
+    ratio = torch.sqrt(1.0 - lam0)  # float64, as math.sqrt in cutmix()
+    half_h, half_w = torch.floor(h * ratio).long() // 2, torch.floor(w * ratio).long() // 2
+    y1, y2 = (cy - half_h).clamp(min=0), (cy + half_h).clamp(max=h)
+    x1, x2 = (cx - half_w).clamp(min=0), (cx + half_w).clamp(max=w)
+    rows, cols = torch.arange(h, device=dev), torch.arange(w, device=dev)
+    box = ((rows >= y1) & (rows < y2))[:, None] & ((cols >= x1) & (cols < x2))[None, :] & apply  # (H, W)
+    mixed = torch.where(box, x[perm], x)
+    area = ((y2 - y1) * (x2 - x1)).double()
+    lam = torch.where(apply, 1.0 - area / (h * w), torch.ones((), dtype=torch.float64, device=dev))
+    return MixedBatch(x=mixed, y_a=y, y_b=torch.where(apply, y[perm], y), lam=lam, perm=perm)
+
+
 def mixed_cross_entropy(logits: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor | None,
-                        lam: float) -> torch.Tensor:
+                        lam: float | torch.Tensor) -> torch.Tensor:
     """lam*CE(logits, y_a) + (1-lam)*CE(logits, y_b), each averaged over the batch."""
     ce_a = F.cross_entropy(logits, y_a)
+    if isinstance(lam, torch.Tensor):  # drawn on the device: testing lam == 1 would sync; lam 1 gives ce_a exactly
+        ce_b = F.cross_entropy(logits, y_a if y_b is None else y_b)
+        return lam.to(ce_a.dtype) * ce_a + (1.0 - lam).to(ce_a.dtype) * ce_b
     if y_b is None or lam == 1.0:
         return ce_a
     return lam * ce_a + (1.0 - lam) * F.cross_entropy(logits, y_b)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from kdprobe.checkpoint import library_versions, load_checkpoint, read_payload
+from kdprobe.machine import machine
 from kdprobe.preprocess import fit_input
 from kdprobe.data import load_dataset
 from kdprobe.diversity_table import DiversitySettings, DiversityTable, ModelScore, summarize_groups
@@ -285,6 +286,7 @@ def _versions(dev: torch.device) -> dict:
 
     v = dict(library_versions(), numpy=np.__version__, scipy=scipy.__version__, plotly=plotly.__version__,
              h5py=h5py.__version__, platform=platform.platform())
+    v["machine"] = machine(dev)  # where the probes ran (the CUDA device too): kdprobe compare's tolerance follows it
     v["device_name"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or "cpu")
     return v
 

@@ -10,10 +10,12 @@ from kdprobe.io import atomic_write_text
 
 
 def write_probe_json(tables, path: str | os.PathLike) -> None:
-    """{kdprobe_version, command, settings, <table name>: [records]}; nan written as null."""
+    """{kdprobe_version, machine, command, settings, <table name>: [records]}; nan written as null."""
     from kdprobe import __version__
+    from kdprobe.machine import machine
 
-    doc = {"kdprobe_version": __version__, "command": tables.command, "settings": tables.settings, **tables.tables}
+    doc = {"kdprobe_version": __version__, "machine": machine(), "command": tables.command, "settings": tables.settings,
+           **tables.tables}
     atomic_write_text(path, json.dumps(doc, indent=1, allow_nan=False) + "\n")
 
 

@@ -248,8 +248,13 @@ def _cells(r: StudyResult) -> str:
           "its own content-named file), so a changed setting makes a new cell instead of reusing an old one.</p>")
 
 
+def _flat(v) -> str:
+    """A versions entry as text: the machine record (a dict) as 'cpu ..., cpu_capability AVX512, threads 2'."""
+    return ", ".join(f"{k} {_flat(x)}" for k, x in v.items()) if isinstance(v, dict) else str(v)
+
+
 def _settings(r: StudyResult) -> str:
-    vers = _table(["library", "version"], [[_e(k), _e(v)] for k, v in r.versions.items()])
+    vers = _table(["library", "version"], [[_e(k), _e(_flat(v))] for k, v in r.versions.items()])
     files = " · ".join(_link(p) for p in r.files.values())
     notes = "".join(f"<li>{_e(n)}</li>" for n in r.notes)
     return (f"<h2 id='settings'>Settings</h2>{'<ul class=note>' + notes + '</ul>' if notes else ''}"

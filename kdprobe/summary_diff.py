@@ -7,8 +7,14 @@ on this machine (`source`, `dataset` strings, `versions.platform`), and checkpoi
 `sha256` (a KD student records its teacher's absolute path as provenance, so the same weights
 trained into another folder hash differently; every number computed from the weights is still
 compared). Those are listed as notes, never as differences. Numbers are equal when
-|a - b| <= atol + rtol * |b| (both 0 by default: the same seed on the same machine type gives
-the same bits).
+|a - b| <= atol + rtol * |b|.
+
+The tolerance follows from the machines (kdprobe.machine: CPU model and instruction sets, ATen
+CPU capability, threads, CUDA device; each summary records its own under versions.machine) and
+the torch versions. Both the same: rtol = atol = 0, since the same seed on the same machine type
+gives the same bits. Different, or not recorded on either side: CROSS_MACHINE_RTOL/ATOL, and the
+result says so (float32 kernels of another vector width or thread count add in another order).
+Given rtol/atol always win. The machine fields themselves are notes: they choose the tolerance.
 """
 from __future__ import annotations
 
@@ -21,6 +27,66 @@ from kdprobe.errors import KdprobeError
 
 #: keys whose values change from run to run by design (time, the machine's paths, reuse of cells, file hashes)
 VARYING = frozenset({"created", "wall_seconds", "seconds", "action", "source", "dataset", "platform", "sha256"})
+#: where a summary says which machine it was computed on: notes (all under them), as they choose the tolerance
+MACHINE_PATHS = frozenset({"device", "versions.machine", "versions.device_name"})
+
+#: Tolerance between summaries of two machine types. The same weights probed with other float32 kernels differ
+#: by rounding: u = 6e-8 per operation, and a probe's reductions over up to ~1e4 samples or features stay within
+#: ~1e-5 relative (worst case n u, typically sqrt(n) u); 1e-4 leaves a margin, and atol covers numbers that are
+#: ~0 (differences of equal means, p-values of 1e-12). Training amplifies rounding step by step, so a study that
+#: trains on two machine types gives other weights: its numbers agree only within their run-to-run spread, and
+#: compare then reports them as differences (read the conclusions with their intervals instead).
+CROSS_MACHINE_RTOL = 1e-4
+CROSS_MACHINE_ATOL = 1e-6
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol: float
+    why: str  # "same machine", "machines differ", "machine not recorded", "given"
+    machine_a: dict | None = None
+    machine_b: dict | None = None
+
+    @property
+    def bit_equal(self) -> bool:
+        return self.rtol == 0 and self.atol == 0
+
+    def describe(self) -> str:
+        """One line: which tolerance, and why."""
+        from kdprobe.machine import describe
+
+        tol = "bit-equal" if self.bit_equal else f"rtol {self.rtol:g}, atol {self.atol:g}"
+        if self.why == "given":
+            return f"numbers compared {tol} (as given)"
+        if self.why == "same machine":
+            return f"numbers compared {tol}: both ran on {describe(self.machine_a)}"
+        return (f"numbers compared with {tol}, not bit-equal: {self.why} (A {describe(self.machine_a)}; "
+                f"B {describe(self.machine_b)}), and float results are bit-reproducible only on the same machine "
+                "type; pass --rtol 0 --atol 0 to ask for bit-equality anyway")
+
+
+def _versions(summary) -> dict:
+    v = summary.get("versions") if isinstance(summary, dict) else None
+    return v if isinstance(v, dict) else {}
+
+
+def choose_tolerance(a, b, rtol: float | None = None, atol: float | None = None) -> Tolerance:
+    """Bit-equality when both summaries record the same machine type and torch; the cross-machine tolerance when
+    they differ or either does not say; a given rtol/atol (the other then 0) wins over both."""
+    from kdprobe.machine import machine_of, same_machine
+
+    va, vb = _versions(a), _versions(b)
+    ma, mb = machine_of(va), machine_of(vb)
+    if rtol is not None or atol is not None:
+        return Tolerance(rtol or 0.0, atol or 0.0, "given", ma, mb)
+    device = [s.get("device") if isinstance(s, dict) else None for s in (a, b)]
+    if same_machine(ma, mb, va.get("torch"), vb.get("torch")) and device[0] == device[1]:
+        return Tolerance(0.0, 0.0, "same machine", ma, mb)
+    why = "machine not recorded" if ma is None or mb is None else "machines differ"
+    if ma is not None and mb is not None and ma == mb:
+        why = "torch versions differ" if va.get("torch") != vb.get("torch") else "devices differ"
+    return Tolerance(CROSS_MACHINE_RTOL, CROSS_MACHINE_ATOL, why, ma, mb)
 
 
 @dataclass
@@ -31,6 +97,7 @@ class SummaryDiff:
     notes: list[tuple[str, object, object]] = field(default_factory=list)  # differing VARYING fields
     max_abs: float = 0.0
     max_rel: float = 0.0
+    tolerance: Tolerance | None = None  # what was applied, and why
 
     @property
     def equal(self) -> bool:
@@ -57,18 +124,21 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def compare(a, b, rtol: float = 0.0, atol: float = 0.0) -> SummaryDiff:
-    """Walk two JSON trees side by side; see the module docstring for what counts as a difference."""
-    out = SummaryDiff()
+def compare(a, b, rtol: float | None = None, atol: float | None = None) -> SummaryDiff:
+    """Walk two JSON trees side by side; see the module docstring for what counts as a difference and for the
+    tolerance (None: chosen from the two summaries' machines by choose_tolerance)."""
+    tol = choose_tolerance(a, b, rtol, atol)
+    rtol, atol = tol.rtol, tol.atol
+    out = SummaryDiff(tolerance=tol)
 
-    def leaf(path: str, key: str, x, y) -> None:
+    def leaf(path: str, key: str, x, y, note: bool = False) -> None:
         if _is_number(x) and _is_number(y):
             out.numbers += 1
             if math.isnan(x) and math.isnan(y):
                 return
             d = abs(x - y)
             same = x == y or d <= atol + rtol * abs(y)
-            if key in VARYING:
+            if note or key in VARYING:
                 if not same:
                     out.notes.append((path, x, y))
                 return
@@ -81,26 +151,27 @@ def compare(a, b, rtol: float = 0.0, atol: float = 0.0) -> SummaryDiff:
             return
         out.strings += 1
         if x != y:
-            (out.notes if key in VARYING else out.differences).append((path, x, y))
+            (out.notes if note or key in VARYING else out.differences).append((path, x, y))
 
-    def walk(path: str, key: str, x, y) -> None:
+    def walk(path: str, key: str, x, y, note: bool = False) -> None:
+        note = note or path in MACHINE_PATHS
         if isinstance(x, dict) and isinstance(y, dict):
             for k in list(x) + [k for k in y if k not in x]:
                 p = f"{path}.{k}" if path else k
                 if k not in x or k not in y:
-                    (out.notes if k in VARYING else out.differences).append(
-                        (p, x.get(k, "<missing>"), y.get(k, "<missing>")))
+                    quiet = note or k in VARYING or p in MACHINE_PATHS
+                    (out.notes if quiet else out.differences).append((p, x.get(k, "<missing>"), y.get(k, "<missing>")))
                 else:
-                    walk(p, k, x[k], y[k])
+                    walk(p, k, x[k], y[k], note)
         elif isinstance(x, list) and isinstance(y, list):
             if len(x) != len(y):
-                out.differences.append((f"{path} (length)", len(x), len(y)))
+                (out.notes if note else out.differences).append((f"{path} (length)", len(x), len(y)))
             for i, (u, v) in enumerate(zip(x, y)):
-                walk(f"{path}[{i}]", key, u, v)
+                walk(f"{path}[{i}]", key, u, v, note)
         elif isinstance(x, (dict, list)) or isinstance(y, (dict, list)):
-            out.differences.append((path, type(x).__name__, type(y).__name__))
+            (out.notes if note else out.differences).append((path, type(x).__name__, type(y).__name__))
         else:
-            leaf(path, key, x, y)
+            leaf(path, key, x, y, note)
 
     walk("", "", a, b)
     return out

@@ -20,7 +20,7 @@ def prune(
                                      "slimming: of the prunable channels; weight: of the conv weights.")],
     out: Annotated[Path, O(help="Where to write the pruned checkpoint.")],
     skip: Annotated[Optional[str], O(help="l1 only: blocks kept whole, 1-based stage.block ('1.8,1.9,2.1') or a "
-                                          "preset (A, B, resnet56-B, resnet110-B).")] = None,
+                                          "preset for ResNet-56 and ResNet-110 (A, B, resnet56-B, resnet110-B).")] = None,
     arch: Arch = None,
     arch_kwargs: ArchKwargs = None,
     overwrite: Annotated[bool, O(help="Replace an existing --out checkpoint (only a checkpoint; the new one is "

@@ -57,29 +57,46 @@ def parse_remaining(text: str) -> list[float]:
     return out
 
 
+def _skip_error(what: str, depth: int | None, got: str) -> KdprobeError:
+    """A refused --skip, listing what a ResNet of this depth accepts (presets only where the paper has them)."""
+    if depth is None:
+        return KdprobeError(f"expected {what} as a preset ({', '.join(SKIP_PRESETS)}, or A/B with the model's depth) "
+                            f"or 1-based stage.block items like 1.8,1.9,2.1, got {got}")
+    n = (depth - 2) // 6
+    example = "1.8,1.9,2.1" if n >= 9 else ",".join(f"{s}.1" for s in (1, 2))
+    items = f"1-based stage.block items (stage 1..3, block 1..{n}; e.g. {example})"
+    presets = [k for k in SKIP_PRESETS if k.startswith(f"resnet{depth}-")]
+    if presets:
+        return KdprobeError(f"expected {what} as A, B ({', '.join(presets)}) or {items}, got {got}")
+    return KdprobeError(f"expected {what} as {items}, got {got}; the presets A/B are the paper's for ResNet-56 and "
+                        "ResNet-110 only")
+
+
 def parse_skip(text: str | None, depth: int | None = None) -> list[Block]:
     """Parse a skip list: "" / "none", a preset ("B" with `depth`, or "resnet56-B"), or "1.8,1.9,2.1"."""
     if text is None or str(text).strip().lower() in ("", "none"):
         return []
     t = str(text).strip()
+    shown = repr(t) if len(t) <= 60 else repr(t[:57] + "...")
+    what = "--skip" if depth is None else f"--skip for this ResNet-{depth}"
     if t.upper() in ("A", "B"):
         if depth is None:
             raise KdprobeError(f"expected a model depth to resolve skip preset {t!r}, got none; name it fully, e.g. resnet56-{t.upper()}")
         t = f"resnet{depth}-{t.upper()}"
+        if t not in SKIP_PRESETS:
+            raise _skip_error(what, depth, shown)
     key = next((k for k in SKIP_PRESETS if k.lower() == t.lower()), None)
     if key is not None:
         preset_depth = int(key[len("resnet"):key.index("-")])
         if depth is not None and depth != preset_depth:
-            raise KdprobeError(f"expected a skip preset for ResNet-{depth}, got {key}; presets: {', '.join(SKIP_PRESETS)}")
+            raise _skip_error(what, depth, f"{key} (a preset for ResNet-{preset_depth})")
         return list(SKIP_PRESETS[key])
     out = []
     for item in t.split(","):
         s, dot, b = item.strip().partition(".")
-        if not (dot and s.isdigit() and b.isdigit() and int(s) >= 1 and int(b) >= 1):
-            raise KdprobeError(
-                f"expected --skip as a preset ({', '.join(SKIP_PRESETS)}, or A/B) or 1-based stage.block items "
-                f"like 1.8,1.9,2.1, got {text!r}"
-            )
+        # at most 6 digits each: no network has a million blocks, and int() of 5,000 digits raises ValueError
+        if not (dot and s.isdigit() and b.isdigit() and len(s) <= 6 and len(b) <= 6 and int(s) >= 1 and int(b) >= 1):
+            raise _skip_error(what, depth, shown)
         out.append((int(s), int(b)))
     return out
 

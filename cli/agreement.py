@@ -8,8 +8,8 @@ import typer
 from cli.common import table
 from cli.probe_set import (Arch, ArchKwargs, ImageSize,
                            BatchSize, Confidence, Csv, DataDir, Dataset, Device, GroupBy, Html, Interval, Json,
-                           Reference, Samples, Seed, Split, cached_logits, fmt_ci, fmt_p, open_set, pair_type_table,
-                           write_outputs)
+                           Reference, Samples, Seed, Split, cached_logits, fmt_ci, fmt_p, in_range, open_set,
+                           pair_type_table, write_outputs)
 
 O = typer.Option
 
@@ -33,8 +33,10 @@ def agreement(
     confidence: Confidence = 0.99,
     interval: Interval = "t",
     max_subsets: Annotated[int, O(help="Ensemble-size curve: every subset of size k when there are at most this "
-                                       "many, else this many distinct subsets drawn with --seed.")] = 100,
-    bins: Annotated[int, O(help="Equal-width confidence bins of the ECE (Guo et al.: 15).")] = 15,
+                                       "many, else this many distinct subsets drawn with --seed.",
+                                  callback=in_range("max_subsets"))] = 100,
+    bins: Annotated[int, O(help="Equal-width confidence bins of the ECE (Guo et al.: 15; at most 10,000).",
+                           callback=in_range("bins"))] = 15,
     batch_size: BatchSize = 500,
     seed: Seed = 0,
     csv: Csv = None,

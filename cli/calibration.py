@@ -8,7 +8,7 @@ import typer
 from cli.common import table
 from cli.probe_set import (Arch, ArchKwargs, ImageSize,
                            BatchSize, Confidence, Csv, DataDir, Dataset, Device, GroupBy, Html, Interval, Json,
-                           Reference, Samples, Seed, Split, cached_logits, group_table, open_set, write_outputs)
+                           Reference, Samples, Seed, Split, cached_logits, group_table, in_range, open_set, write_outputs)
 
 O = typer.Option
 
@@ -23,7 +23,8 @@ def calibration(
                                                           " every metric is computed from them.")],
     split: Split = "test",
     samples: Samples = 0,
-    bins: Annotated[int, O(help="Confidence bins (Guo et al.: 15 equal-width, top-label).")] = 15,
+    bins: Annotated[int, O(help="Confidence bins (Guo et al.: 15 equal-width, top-label; at most 10,000).",
+                           callback=in_range("bins"))] = 15,
     adaptive: Annotated[bool, O("--adaptive", help="Also the adaptive (equal-mass bins) ECE.")] = False,
     classwise: Annotated[bool, O("--classwise", help="Also the classwise ECE (Kull et al. 2019).")] = False,
     temperature: Annotated[bool, O("--temperature", help="Fit one temperature T by NLL on a seeded random half of "

@@ -6,12 +6,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import expand_paths, table
+from cli.common import expand_paths, ranged, table
+from kdprobe.ranges import MAX_BATCH, Range
 from cli.probe_set import (Arch, ArchKwargs, ImageSize,
                            Confidence, Csv, DataDir, Dataset, Device, GroupBy, Html, Interval, Json, Reference,
                            Samples, Split, check_choice, open_set, pair_type_table, write_outputs)
 
 O = typer.Option
+_CKA_BATCH = Range(int, 4, MAX_BATCH)  # the unbiased HSIC needs n >= 4 (kdprobe.probes.cka.MIN_BATCH)
 
 
 def _names(spec: Optional[str]) -> list[str] | None:
@@ -45,7 +47,7 @@ def cka(
                                      "size; depends slightly on --batch-size). auto: exact when the sums fit in "
                                      "256 MB.")] = "auto",
     batch_size: Annotated[int, O(help="Samples per forward pass, and the minibatch of the minibatch estimator "
-                                      "(>= 4).")] = 256,
+                                      "(>= 4).", callback=ranged(_CKA_BATCH))] = 256,
     group_by: GroupBy = "method",
     reference: Reference = None,
     confidence: Confidence = 0.99,

@@ -17,6 +17,7 @@ from typer.core import TyperGroup
 
 from kdprobe.errors import Interrupted, KdprobeError
 from kdprobe.io import atomic_write_text, run_scope
+from kdprobe.ranges import abbreviate, parse_json
 
 
 def interrupted_line(e: BaseException) -> str:
@@ -36,7 +37,23 @@ def folder_interrupted(e: KeyboardInterrupt, out: Path) -> Interrupted:
 
 def _error(text: str) -> None:
     one_line = " ".join(line.strip() for line in str(text).splitlines())  # a message never spans lines
+    # a pasted 5,000-digit number or 30,000 brackets stay readable: very long words are cut, their length told
+    one_line = " ".join(w if len(w) <= 200 else f"{w[:60]}...({len(w):,} characters)" for w in one_line.split(" "))
     typer.secho(f"error: {one_line}", fg=typer.colors.RED, err=True)
+
+
+BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE: what the shell reports for any tool whose reader went away
+
+
+def stdout_closed() -> None:
+    """The reader of stdout went away (`kdprobe models | head -1`): a normal end, not an error. Point stdout
+    at /dev/null so no later write or the interpreter's final flush fails again, and print nothing."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real file descriptor (a test runner's buffer): nothing to redirect
+        pass
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -54,6 +71,8 @@ def handle_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt as e:
             typer.secho(interrupted_line(e), err=True)
             raise typer.Exit(130) from None
+        except BrokenPipeError:  # stdout's reader went away: the command group ends quietly
+            raise
         except FileNotFoundError as e:
             _error(f"file not found: {e.filename}; check the path")
             raise typer.Exit(1) from None
@@ -79,6 +98,12 @@ def _internal(e: Exception) -> typer.Exit:
     _error(f"internal error {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''} "
            "(rerun with KDPROBE_DEBUG=1 for the traceback and please report it)")
     return typer.Exit(2)
+
+
+# --help as plain text (click's formatter), not typer's rich panels: those squeeze every description into a
+# narrow last column, print <bool> after flags and read help text as rich markup, eating `[scales.NAME]`,
+# `[[pruning]]` and `[train]`. Lines use the terminal's width up to 120 columns.
+HELP_SETTINGS = {"rich_markup_mode": None, "context_settings": {"max_content_width": 120}}
 
 
 class KdprobeGroup(TyperGroup):
@@ -111,9 +136,34 @@ class KdprobeGroup(TyperGroup):
         except KeyboardInterrupt as e:
             typer.secho(interrupted_line(e), err=True)
             code = 130
+        except BrokenPipeError:
+            stdout_closed()
+            code = BROKEN_PIPE_EXIT
+        try:
+            sys.stdout.flush()  # what is still buffered goes now, while a closed pipe can still end quietly
+        except BrokenPipeError:
+            stdout_closed()
+            code = BROKEN_PIPE_EXIT
+        except (OSError, ValueError):
+            pass
         if not standalone_mode:
             return code
         sys.exit(code)
+
+    def format_commands(self, ctx, formatter) -> None:
+        """Each command with the first paragraph of its help, whole: click's own cut stops at the first '. '
+        (so 'Loss surface of Li et al. 2018 ...' became 'Loss surface of Li et al.') or at a width."""
+        import inspect
+
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                text = cmd.short_help or inspect.cleandoc(cmd.help or "").split("\n\n")[0]
+                rows.append((name, " ".join(text.split())))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
 
 def ranged(rng, flag: str | None = None) -> Callable:
@@ -130,6 +180,14 @@ def ranged(rng, flag: str | None = None) -> Callable:
         return value
 
     return check
+
+
+def in_range(name: str) -> Callable:
+    """A parse-time check of a probe option against its range in kdprobe.ranges.PROBE_RANGES (the same
+    range a study spec's probe table is checked against)."""
+    from kdprobe.ranges import PROBE_RANGES
+
+    return ranged(PROBE_RANGES[name])
 
 
 def expand_paths(patterns: Sequence[str]) -> list[Path]:
@@ -231,7 +289,7 @@ ARCH_KWARGS_HELP = ("Keyword arguments of foreign architectures as a JSON object
                     "what is read off the tensors.")
 
 
-def _checked(parse: Callable) -> Callable:
+def checked(parse: Callable) -> Callable:
     """A typer callback that runs `parse(value)` at parse time, so a bad value is a usage error before any work."""
 
     def callback(value):
@@ -250,9 +308,9 @@ def _parse_image_size(value):
     return parse_image_size(value)
 
 
-_check_archs = _checked(lambda v: arch_choice(v, None))  # NAME or FILE=NAME
-_check_arch_kwargs = _checked(lambda v: arch_choice(None, v))  # {...} or FILE={...}
-_check_image_size = _checked(_parse_image_size)  # N >= 1 or 'native'
+_check_archs = checked(lambda v: arch_choice(v, None))  # NAME or FILE=NAME
+_check_arch_kwargs = checked(lambda v: arch_choice(None, v))  # {...} or FILE={...}
+_check_image_size = checked(_parse_image_size)  # N >= 1 or 'native'
 
 
 Arch = Annotated[Optional[list[str]], typer.Option("--arch", help=ARCH_HELP, callback=_check_archs,
@@ -271,13 +329,10 @@ ImageSize = Annotated[Optional[str], typer.Option(
 
 def json_kwargs(text: str, flag: str) -> dict:
     """A JSON object of keyword arguments (one-line error otherwise)."""
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise KdprobeError(f"expected {flag} as a JSON object like '{{\"cfg\": [16, 8]}}', got {text!r} ({e.msg})") from None
+    value = parse_json(text, flag)  # nesting, digit counts and non-finite numbers refused before json recurses
     if not isinstance(value, dict):
         raise KdprobeError(f"expected {flag} as a JSON object like '{{\"cfg\": [16, 8]}}', got {type(value).__name__} "
-                           f"{text!r}")
+                           f"{abbreviate(text)}")
     return value
 
 
@@ -290,10 +345,10 @@ def _split_file(text: str, flag: str, json_value: bool) -> tuple[str | None, str
         for i, ch in enumerate(t):  # FILE={...}: the first '=' followed by a JSON object
             if ch == "=" and t[i + 1:].lstrip().startswith("{"):
                 return t[:i], t[i + 1:]
-        raise KdprobeError(f"expected {flag} as a JSON object or FILE={{...}}, got {text!r}")
+        raise KdprobeError(f"expected {flag} as a JSON object or FILE={{...}}, got {abbreviate(text)}")
     file, eq, name = t.rpartition("=")  # model names never hold '='
     if not name.strip():
-        raise KdprobeError(f"expected {flag} as NAME or FILE=NAME, got {text!r}")
+        raise KdprobeError(f"expected {flag} as NAME or FILE=NAME, got {abbreviate(text)}")
     return (file, name.strip()) if eq else (None, name.strip())
 
 

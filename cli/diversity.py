@@ -8,7 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import Arch, ArchKwargs, DataDir, Dataset, ImageSize, arch_choice, expand_paths, table
+from cli.common import (Arch, ArchKwargs, DataDir, Dataset, ImageSize, arch_choice, expand_paths, in_range, ranged,
+                        table)
+from kdprobe.ranges import MAX_BATCH, Range
 
 O = typer.Option
 
@@ -20,11 +22,14 @@ def _f(v: float, fmt: str = ".3f") -> str:
 def diversity(
     checkpoints: Annotated[list[str], typer.Argument(
         help="Checkpoint files or globs ('runs/*/final.pt'); all must share one dataset and input shape.")],
-    runs: Annotated[int, O(help="R: probe batches per checkpoint; every raw score is kept.")] = 5,
-    batch_size: Annotated[int, O(help="N: inputs per probe batch (the paper: 128). For v1 it must be below the "
-                                      "length of a Jacobian row (D = C*H*W, or classes*D with --output full).")] = 128,
+    runs: Annotated[int, O(help="R: probe batches per checkpoint; every raw score is kept.",
+                           callback=in_range("runs"))] = 5,
+    batch_size: Annotated[int, O(help="N: inputs per probe batch (the paper: 128; >= 2). For v1 it must be below the "
+                                      "length of a Jacobian row (D = C*H*W, or classes*D with --output full).",
+                                 callback=ranged(Range(int, 2, MAX_BATCH)))] = 128,
     split: Annotated[str, O(help="Draw the probe images from this split: train | test.")] = "train",
-    seed: Annotated[int, O(help="Seed of the probe-batch draw; every checkpoint sees the same R batches.")] = 0,
+    seed: Annotated[int, O(help="Seed of the probe-batch draw; every checkpoint sees the same R batches.",
+                           callback=in_range("seed"))] = 0,
     bn: Annotated[str, O(help="BatchNorm during the probe: eval | batch-frozen | train. eval: running statistics; "
                               "one backward gives exact per-sample gradients. batch-frozen: the probe batch's own "
                               "statistics, computed once and then frozen (exact per-sample gradients). train: BN in "
@@ -36,12 +41,14 @@ def diversity(
                       ] = "sum",
     variant: Annotated[str, O(help="v1: eigenvalues of the Jacobian correlation, -sum(log(v+k)+1/(v+k)) (the paper "
                                    "Park et al. used); v2: log-determinant of the ReLU-code Hamming kernel.")] = "v1",
-    k: Annotated[float, O(help="v1 regulariser added to each eigenvalue (Mellor et al.: 1e-5).")] = 1e-5,
+    k: Annotated[float, O(help="v1 regulariser added to each eigenvalue (Mellor et al.: 1e-5; > 0).",
+                          callback=in_range("k"))] = 1e-5,
     group_by: Annotated[str, O(help="Checkpoint metadata key that names a checkpoint's group.")] = "method",
     reference: Annotated[Optional[str], O(help="Group the others are tested against (Welch t, Holm-adjusted; Hedges' "
                                                "g); 'none' for no tests. Default: scratch when there is such a group "
                                                "(e.g. not for foreign files alone), else no tests.")] = None,
-    confidence: Annotated[float, O(help="Confidence level of the interval (the paper: 0.99).")] = 0.99,
+    confidence: Annotated[float, O(help="Confidence level of the interval, in (0, 1) (the paper: 0.99).",
+                                   callback=in_range("confidence"))] = 0.99,
     interval: Annotated[str, O(help="t = Student t quantile (4.604 at 99% with 5 models); normal = 2.576 at 99%, "
                                     "as the paper computed it.")] = "t",
     csv: Annotated[Optional[Path], O(help="Write every raw score (one row per checkpoint per batch) as CSV.")] = None,

@@ -13,9 +13,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import Arch, ArchKwargs, DataDir, Dataset, ImageSize, arch_choice, table
+from cli.common import Arch, ArchKwargs, DataDir, Dataset, ImageSize, arch_choice, checked, in_range, table
+from kdprobe.ranges import check_extent
 
 O = typer.Option
+
+
+def _extent(flag: str):
+    """Parse-time check that a min:max[:num] range stays within kdprobe.ranges.PROBE_RANGES['extent']."""
+    return checked(lambda text: check_extent(text, flag))
+
+
 OUT_SUFFIXES = (".vtk", ".vts", ".h5", ".html")
 # settings that must be equal for a saved partial surface to be continued
 RESUME_KEYS = ("checkpoint_sha256", "dataset", "split", "samples", "bn", "precision", "directions_sha256",
@@ -123,14 +131,17 @@ def landscape(
     out: Annotated[Optional[Path], O(help="Output file; its extension picks the format: .vtk (legacy VTK, binary), "
                                           ".vts (XML VTK structured grid), .h5, .html. The HDF5 file is always "
                                           "written too (same name, .h5). Default: <checkpoint>_landscape.vtk.")] = None,
-    x: Annotated[str, O("--x", help="Grid along direction 1 as min:max:num.")] = "-1:1:51",
-    y: Annotated[str, O("--y", help="Grid along direction 2 as min:max:num (need not match --x).")] = "-1:1:51",
+    x: Annotated[str, O("--x", help="Grid along direction 1 as min:max:num (ends within +-10000).",
+                        callback=_extent("--x"))] = "-1:1:51",
+    y: Annotated[str, O("--y", help="Grid along direction 2 as min:max:num (need not match --x).",
+                        callback=_extent("--y"))] = "-1:1:51",
     split: Annotated[str, O(help="Evaluate on train | test (no augmentation).")] = "train",
-    samples: Annotated[int, O(help="Use the first N examples of the split, in dataset order; 0 = all.")] = 2048,
+    samples: Annotated[int, O(help="Use the first N examples of the split, in dataset order; 0 = all.",
+                              callback=in_range("samples"))] = 2048,
     bn: Annotated[str, O(help="BatchNorm statistics: eval = the checkpoint's running statistics; recompute = "
                               "re-estimated at every grid point on the samples (train-mode pass, cumulative "
                               "average), then eval. recompute is about twice as slow.")] = "eval",
-    seed: Annotated[int, O(help="Seed of the two Gaussian directions.")] = 0,
+    seed: Annotated[int, O(help="Seed of the two Gaussian directions.", callback=in_range("seed"))] = 0,
     include_bn: Annotated[bool, O("--include-bn", help="Also perturb 1-D parameters (biases, BN scale/shift), "
                                                         "each scaled to its own norm; default: zero there.")] = False,
     directions: Annotated[Optional[Path], O(help="Reuse the directions saved in this kdprobe landscape .h5 "
@@ -144,11 +155,14 @@ def landscape(
                                       "is a needle); raw = the height itself. The point arrays loss, log_loss, "
                                       "accuracy are never changed.")] = "scaled",
     zmax: Annotated[Optional[float], O(help="Clip the loss at this value (loss units, before --log) for the "
-                                            "height; the stored arrays are never clipped.")] = None,
+                                            "height; the stored arrays are never clipped.", callback=in_range("zmax"))
+                    ] = None,
     points_per_batch: Annotated[Optional[int], O(help="Grid points per forward pass (torch.func.vmap); "
-                                                      "default 8 on GPU, 1 on CPU where vmap is slower.")] = None,
+                                                      "default 8 on GPU, 1 on CPU where vmap is slower.",
+                                                 callback=in_range("points_per_batch"))] = None,
     batch_size: Annotated[Optional[int], O(help="Samples per forward pass (default 1024 on GPU; on CPU "
-                                                          "64 in fp32, 128 in bf16).")] = None,
+                                                          "64 in fp32, 128 in bf16).", callback=in_range("batch_size"))
+                          ] = None,
     precision: Annotated[str, O(help="fp32 | tf32 | bf16 | auto. fp32 (default, every device) = the exact surface "
                                       "the reference computes, with TF32 off on GPUs; tf32 = a GPU's TF32 matmuls "
                                       "and convolutions (10-bit mantissas, recorded in the file); bf16 = bf16 "
@@ -156,7 +170,8 @@ def landscape(
                                       "~1%; auto = bf16 where the hardware has bf16 units, else fp32. Loss sums are "
                                       "fp32 in every case.")] = "fp32",
     save_every: Annotated[float, O(help="Save partial results to the HDF5 file at most this often (seconds); "
-                                         "re-running the same command resumes.")] = 10.0,
+                                         "re-running the same command resumes.", callback=in_range("save_every"))
+                          ] = 10.0,
     overwrite: Annotated[bool, O("--overwrite", help="Discard an existing HDF5 file made with other settings.")
                          ] = False,
     dataset: Dataset = None,
@@ -285,12 +300,14 @@ def interpolate(
     checkpoint_b: Annotated[Path, typer.Argument(help="Checkpoint B (t = 1), same architecture.")],
     out: Annotated[Optional[Path], O(help="Output file: .vtk | .vts | .h5 | .html; the HDF5 file is always "
                                           "written too. Default: <A>_to_<B>.h5.")] = None,
-    steps: Annotated[int, O(help="Number of t values.")] = 41,
-    range_: Annotated[str, O("--range", help="t interval as min:max; theta(t) = (1-t) A + t B. Default 0:1 "
+    steps: Annotated[int, O(help="Number of t values (>= 2).", callback=in_range("steps"))] = 41,
+    range_: Annotated[str, O("--range", callback=_extent("--range"),
+                             help="t interval as min:max; theta(t) = (1-t) A + t B. Default 0:1 "
                                              "(both end points on the path); e.g. -0.5:1.5 with --steps 81 "
                                              "extrapolates and still hits t = 0 and 1.")] = "0:1",
     split: Annotated[str, O(help="Evaluate on train | test (no augmentation).")] = "train",
-    samples: Annotated[int, O(help="Use the first N examples of the split, in dataset order; 0 = all.")] = 2048,
+    samples: Annotated[int, O(help="Use the first N examples of the split, in dataset order; 0 = all.",
+                              callback=in_range("samples"))] = 2048,
     bn: Annotated[str, O(help="eval = interpolated running statistics (BN buffers follow the path too); "
                               "recompute = re-estimated at every t on the samples.")] = "eval",
     h5: Annotated[Optional[Path], O(help="Where to write the HDF5 file (default: --out with .h5).")] = None,
@@ -298,10 +315,13 @@ def interpolate(
     log: Annotated[bool, O("--log", help="Height z = log(loss) in the VTK/HTML output.")] = False,
     vtk_height: Annotated[str, O(help="VTK z: scaled (default, to [0, the t extent]) | raw (see kdprobe "
                                       "landscape --help).")] = "scaled",
-    zmax: Annotated[Optional[float], O(help="Clip the loss at this value for the VTK/HTML height.")] = None,
-    points_per_batch: Annotated[Optional[int], O(help="Points per forward pass (default 8 GPU, 1 CPU).")] = None,
+    zmax: Annotated[Optional[float], O(help="Clip the loss at this value for the VTK/HTML height.",
+                                       callback=in_range("zmax"))] = None,
+    points_per_batch: Annotated[Optional[int], O(help="Points per forward pass (default 8 GPU, 1 CPU).",
+                                                 callback=in_range("points_per_batch"))] = None,
     batch_size: Annotated[Optional[int], O(help="Samples per forward pass (default 1024 on GPU; on CPU "
-                                                          "64 in fp32, 128 in bf16).")] = None,
+                                                          "64 in fp32, 128 in bf16).", callback=in_range("batch_size"))
+                          ] = None,
     precision: Annotated[str, O(help="fp32 (default) | tf32 | bf16 | auto (see kdprobe landscape --help).")] = "fp32",
     dataset: Dataset = None,
     data_dir: DataDir = None,

@@ -26,10 +26,11 @@ import typer  # noqa: E402
 
 from cli import (agreement, cache, calibration, cka, compare, diversity, evaluate, info, landscape, pipeline,  # noqa: E402
                  prune, sharpness, study, surplus, train)
-from cli.common import KdprobeGroup, handle_errors, interrupted_line  # noqa: E402
+from cli.common import HELP_SETTINGS, KdprobeGroup, handle_errors, interrupted_line  # noqa: E402
 
 app = typer.Typer(
     name="kdprobe", cls=KdprobeGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    **HELP_SETTINGS,
     help="Train and probe image-classifier checkpoints: what did distillation, pruning or augmentation do to my network?",
 )
 

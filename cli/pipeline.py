@@ -6,19 +6,29 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import TqdmProgress, folder_interrupted, handle_errors, ranged, table
+from cli.common import HELP_SETTINGS, KdprobeGroup, TqdmProgress, folder_interrupted, handle_errors, ranged, table
 from cli.surplus import surplus_table
 from kdprobe.models.registry import WIDTH
+from kdprobe.ranges import SEED, abbreviate
 
 O = typer.Option
 
 pipeline_app = typer.Typer(
-    no_args_is_help=True,
+    cls=KdprobeGroup, no_args_is_help=True, **HELP_SETTINGS,
     help="Multi-step experiments that train their own teachers, skip finished cells (re-run to resume) and "
          "write one results table.",
 )
 
 VALUE_COLUMNS = ("unpruned", "finetuned", "post_distill", "pre_post", "self_distill")
+
+
+def _check_seeds(text: str) -> str:
+    """--seeds at parse time: every item a seed in SEED's range (no 5,000-digit integer reaches int())."""
+    items = [t.strip() for t in str(text).split(",")]
+    if not all(t.isdigit() and len(t) <= 19 and SEED.ok(int(t)) for t in items):
+        raise typer.BadParameter(f"expected seeds from 0 to 2**63-1 separated by commas (e.g. 0,1,2), got "
+                                 f"{abbreviate(text)}")
+    return text
 
 
 def pruning(
@@ -37,7 +47,7 @@ def pruning(
     skip: Annotated[Optional[str], O(help="l1 only: blocks kept whole, stage.block list or preset A/B.")] = None,
     distill: Annotated[str, O(help="KD types, comma list: label (Hinton) and/or feature; each gets its own row.")] = "label",
     seeds: Annotated[str, O(help="Seeds, comma list (e.g. 0,1,2): each seed runs every cell; the surplus "
-                                 "averages over seeds.")] = "0",
+                                 "averages over seeds.", callback=_check_seeds)] = "0",
     preset: Annotated[str, O(help="Schedule of the initial trainings: rnp (pruning reference, 160 epochs, lr 0.1), "
                                   "repdistiller, cutmix, fast.")] = "rnp",
     epochs: Annotated[Optional[int], O(help="Initial trainings: epochs (default: the preset's).",

@@ -10,25 +10,27 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import Arch, ArchKwargs, DataDir, Dataset, ImageSize, arch_choice, expand_paths  # noqa: F401 (options re-exported)
+from cli.common import (Arch, ArchKwargs, DataDir, Dataset, ImageSize, arch_choice, expand_paths,  # noqa: F401 (re-exported)
+                        in_range)
 
 O = typer.Option
 
 Split = Annotated[str, O(help="Probe on this split: test | train (no augmentation).")]
 Samples = Annotated[int, O(help="Use the first N examples of the split, in dataset order (image folders are served "
-                                "in a fixed shuffled order); 0 = the whole split.")]
+                                "in a fixed shuffled order); 0 = the whole split.", callback=in_range("samples"))]
 GroupBy = Annotated[str, O(help="Checkpoint metadata key that names a checkpoint's group (e.g. method, seed).")]
 Reference = Annotated[Optional[str], O(help="Group the others are tested against; 'none' for no tests. Default: "
                                            "scratch when there is such a group (not for foreign files alone), else "
                                            "no tests.")]
-Confidence = Annotated[float, O(help="Confidence level of the intervals.")]
+Confidence = Annotated[float, O(help="Confidence level of the intervals, in (0, 1).", callback=in_range("confidence"))]
 Interval = Annotated[str, O(help="t = Student t quantile (the honest default for a few checkpoints); normal = z.")]
 Csv = Annotated[Optional[Path], O(help="Write the main table as CSV (see the README for which).")]
 Json = Annotated[Optional[Path], O(help="Write every table as one JSON document (schema in the README).")]
 Html = Annotated[Optional[Path], O(help="Write an offline interactive figure (plotly inlined, no WebGL).")]
 Device = Annotated[str, O(help="auto | cpu | cuda.")]
-Seed = Annotated[int, O(help="Seed of every random draw of the probe (same seed, same device: same result).")]
-BatchSize = Annotated[int, O(help="Samples per forward pass.")]
+Seed = Annotated[int, O(help="Seed of every random draw of the probe (same seed, same device: same result).",
+                         callback=in_range("seed"))]
+BatchSize = Annotated[int, O(help="Samples per forward pass.", callback=in_range("batch_size"))]
 
 
 @dataclass

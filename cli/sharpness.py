@@ -9,7 +9,7 @@ import typer
 from cli.common import table
 from cli.probe_set import (Arch, ArchKwargs, ImageSize,
                            Confidence, Csv, DataDir, Dataset, Device, GroupBy, Html, Interval, Json, Reference,
-                           Samples, Seed, Split, check_choice, group_table, open_set, write_outputs)
+                           Samples, Seed, Split, check_choice, group_table, in_range, open_set, write_outputs)
 
 O = typer.Option
 
@@ -25,21 +25,28 @@ def sharpness(
                                                           " (Welch + Holm, Hedges' g; unit = one checkpoint).")],
     split: Split = "train",
     samples: Samples = 1024,
-    top_k: Annotated[int, O(help="Number of top eigenvalues (largest magnitude; power iteration with deflation).")] = 1,
-    iterations: Annotated[int, O(help="Power-iteration cap per eigenvalue (PyHessian: 100).")] = 100,
+    top_k: Annotated[int, O(help="Number of top eigenvalues (largest magnitude; power iteration with deflation; "
+                                 "at most 1,000 and the model's parameter count).", callback=in_range("top_k"))] = 1,
+    iterations: Annotated[int, O(help="Power-iteration cap per eigenvalue (PyHessian: 100; at most 10,000).",
+                                 callback=in_range("iterations"))] = 100,
     tol: Annotated[float, O(help="Stop when the eigenvalue's relative change is below this (0 = always --iterations; "
-                                 "PyHessian: 1e-3).")] = 1e-3,
-    trace_samples: Annotated[int, O(help="Hutchinson Rademacher vectors for the trace (each value is kept).")] = 100,
+                                 "PyHessian: 1e-3).", callback=in_range("tol"))] = 1e-3,
+    trace_samples: Annotated[int, O(help="Hutchinson Rademacher vectors for the trace (each value is kept).",
+                                    callback=in_range("trace_samples"))] = 100,
     density: Annotated[bool, O("--density", help="Also the eigenvalue density by stochastic Lanczos quadrature.")] = False,
-    lanczos_steps: Annotated[int, O(help="Lanczos steps per density run.")] = 80,
-    density_runs: Annotated[int, O(help="Random starts averaged in the density.")] = 1,
+    lanczos_steps: Annotated[int, O(help="Lanczos steps per density run (at most 10,000 and the model's parameter "
+                                         "count).", callback=in_range("lanczos_steps"))] = 80,
+    density_runs: Annotated[int, O(help="Random starts averaged in the density.", callback=in_range("density_runs"))
+                            ] = 1,
     bn: Annotated[str, O(help="eval (default): BN with the checkpoint's running statistics, every sample's loss its "
                               "own; train: BN with each minibatch's statistics (running ones unused, untouched), so the "
                               "loss and its Hessian depend on how samples are grouped into --batch-size batches.")
                   ] = "eval",
-    batch_size: Annotated[int, O(help="Samples per minibatch; with --bn eval the result does not depend on it.")] = 128,
+    batch_size: Annotated[int, O(help="Samples per minibatch; with --bn eval the result does not depend on it.",
+                                 callback=in_range("batch_size"))] = 128,
     vectors_per_pass: Annotated[int, O(help="Hutchinson vectors that share one forward+gradient pass per minibatch "
-                                            "(memory: 2 x this x parameters).")] = 25,
+                                            "(memory: 2 x this x parameters).", callback=in_range("vectors_per_pass"))
+                                ] = 25,
     hvp: Annotated[str, O(help="reuse: vjp of grad, forward+gradient once per minibatch for many vectors; jvp: "
                                "forward-over-reverse, recomputed per vector. Both exact.")] = "reuse",
     keep_graphs: Annotated[bool, O("--keep-graphs", help="Keep every minibatch's graph for the whole run (faster "
@@ -71,13 +78,16 @@ def sharpness(
 
     check_choice("--bn", bn, BN_MODES)
     check_choice("--hvp", hvp, HVP_MODES)
-    if top_k < 1 or iterations < 1 or trace_samples < 1 or tol < 0:
-        raise KdprobeError(f"expected --top-k, --iterations, --trace-samples >= 1 and --tol >= 0, got {top_k}, "
-                           f"{iterations}, {trace_samples}, {tol}")
     ps, ref = open_set(checkpoints, interval=interval, reference=reference, group_by=group_by, split=split,
                        samples=samples, arch=arch, arch_kwargs=arch_kwargs,
                        image_size=image_size, dataset=dataset, data_dir=data_dir, device=device,
                        command="sharpness", outputs=(csv, json, html))
+    for ck in ps.loaded:  # options bounded by the model's size: checked once loaded, before any Hessian product
+        n = sum(p.numel() for p in ck.model.parameters() if p.requires_grad)
+        for flag, value, used in (("--top-k", top_k, True), ("--lanczos-steps", lanczos_steps, density)):
+            if used and value > n:
+                raise KdprobeError(f"expected {flag} <= the {n:,} trainable parameters of {ck.path} (a Hessian of "
+                                   f"size n has n eigenvalues), got {value:,}; pass {flag} {min(n, 10)}")
     x = NormalizedImages(ps.x, ps.data.mean, ps.data.std)[:]
     results = []
     budget = top_k * iterations + trace_samples + (lanczos_steps * density_runs if density else 0)

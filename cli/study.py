@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import TqdmProgress, folder_interrupted, table
+from cli.common import TqdmProgress, folder_interrupted, ranged, table
+from kdprobe.ranges import Range
+from kdprobe.study_spec import builtin_specs
 
 O = typer.Option
 
@@ -92,8 +94,8 @@ def _list_specs() -> None:
 
 
 def study(
-    spec: Annotated[Optional[str], typer.Argument(help="Built-in study name (table6, table7, pruning-l1; see --list) "
-                                                       "or a path to a study .toml file.")] = None,
+    spec: Annotated[Optional[str], typer.Argument(help=f"Built-in study name ({', '.join(builtin_specs())}; see "
+                                                       "--list) or a path to a study .toml file.")] = None,
     out: Annotated[Optional[Path], O("--out", "-o", help="Study folder: cells/, landscapes/, pruning/, "
                                                          "report.html, summary.json. Re-running resumes.")] = None,
     scale: Annotated[Optional[str], O(help="Which [scales.NAME] of the spec to apply: digits (tiny models on the "
@@ -116,10 +118,12 @@ def study(
     device: Annotated[str, O(help="auto | cpu | cuda | cuda:N (cells and probes).")] = "auto",
     jobs: Annotated[int, O(help="Cells trained at once, each in its own process (`python -m trainers.study "
                                 "--cell`); on one GPU several small cells fit. On CPU each process uses "
-                                "cores/jobs threads; --jobs 1 uses one thread (fastest for tiny models).")] = 1,
+                                "cores/jobs threads; --jobs 1 uses one thread (fastest for tiny models).",
+                                callback=ranged(Range(int, 1, 256)))] = 1,
     nproc_per_cell: Annotated[int, O(help="Train each cell under `torchrun --standalone --nproc-per-node K` "
                                           "(DistributedDataParallel; global batch and lr as in the spec). With "
-                                          "--jobs J and at least J*K GPUs, every cell gets its own K GPUs.")] = 1,
+                                          "--jobs J and at least J*K GPUs, every cell gets its own K GPUs.",
+                                     callback=ranged(Range(int, 1, 1024)))] = 1,
     quiet: Annotated[bool, O(help="No progress bars or per-cell lines.")] = False,
 ):
     """Run a whole study: train every method x seed cell (content-named, resumable), then accuracy, diversity,

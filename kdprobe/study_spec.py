@@ -27,7 +27,6 @@ fields) are checked by trainers.study when it plans the cells, again naming the 
 from __future__ import annotations
 
 import copy
-import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -36,6 +35,8 @@ from pathlib import Path
 
 from kdprobe.errors import KdprobeError
 from kdprobe.io import read_text
+from kdprobe.ranges import (CONFIDENCE, MAX_BATCH, MAX_NESTING, PROBE_RANGES as P, SEED, Range, abbreviate,
+                            check_extent, check_text, check_tree, parse_toml)
 
 _TOP = ("name", "title", "default_scale", "seeds", "train", "methods", "diversity", "landscape", "agreement",
         "ensembles", "calibration", "cka", "sharpness", "pruning", "scales")
@@ -151,10 +152,7 @@ def read_spec(spec: str) -> tuple[dict, str, str]:
             raise KdprobeError(f"expected a built-in study ({', '.join(builtins)}) or a .toml file, got {spec!r}; "
                                "see `kdprobe study --list`")
     text = read_text(path, "TOML file")  # a byte-order mark is fine, other encodings are one-line errors
-    try:
-        tree = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise KdprobeError(f"{path}: expected valid TOML, got a syntax error: {e}; fix the file") from None
+    tree = parse_toml(text, str(path))  # syntax, nesting, digit counts, non-finite numbers: one-line errors
     tree.setdefault("name", path.stem)
     return tree, str(path), text
 
@@ -163,12 +161,19 @@ def parse_set(item: str) -> tuple[list[str], object]:
     """'a.b.c=VALUE' -> (['a','b','c'], value); VALUE is read as TOML (2, 0.5, "x", [1, 2]) or else a string."""
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
-        raise KdprobeError(f"expected --set KEY=VALUE (e.g. train.overrides.epochs=3), got {item!r}")
+        raise KdprobeError(f"expected --set KEY=VALUE (e.g. train.overrides.epochs=3), got {abbreviate(item)}")
+    parts = key.strip().split(".")  # each part one level of the spec's tables
+    if len(parts) > MAX_NESTING:
+        raise KdprobeError(f"expected --set KEY with at most {MAX_NESTING} dotted parts, got {len(parts):,}; "
+                           "name a key of the spec")
+    key = key.strip()
+    what = f"--set {key if len(key) <= 60 else key[:57] + '...'}"
+    check_text(value, what, toml=True)  # before tomllib recurses or converts a 5,000-digit integer
     try:
         v = tomllib.loads(f"v = {value.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         v = value.strip()
-    return [p for p in key.strip().split(".")], v
+    return parts, check_tree(v, what)
 
 
 def _apply_set(tree: dict, parts: list[str], value) -> None:
@@ -217,6 +222,10 @@ class _Keys:
     def fail(self, k: str, want: str, got) -> None:
         raise KdprobeError(f"{self.src}: {self.key(k)}: expected {want}, got {got!r}; fix the spec")
 
+    def ranged(self, k: str, rng: Range, default):
+        """A number of the spec checked against one declared Range (kdprobe.ranges), named by its key."""
+        return self.get(k, rng.kind, default, check=rng.ok, want=rng.describe())
+
     def get(self, k: str, kind, default=None, *, required=False, choices=None, check=None, want=None):
         if k not in self.t:
             if required:
@@ -240,8 +249,8 @@ def _int_list(r: _Keys, k: str, default=None) -> tuple[int, ...] | None:
     v = r.get(k, list, default, want="a list of integers like [0, 1, 2]")
     if v is None:
         return None
-    if not v or not all(isinstance(s, int) and not isinstance(s, bool) for s in v) or len(set(v)) != len(v):
-        r.fail(k, "a non-empty list of distinct integers like [0, 1, 2]", v)
+    if not v or not all(SEED.ok(s) for s in v) or len(set(v)) != len(v):
+        r.fail(k, f"a non-empty list of distinct seeds like [0, 1, 2] (each {SEED.describe()})", v)
     return tuple(v)
 
 
@@ -300,13 +309,11 @@ def _parse_diversity(src: str, t, names: tuple[str, ...]) -> DiversitySpec:
     if ref is not None and ref not in names:
         r.fail("reference", f"one of the methods ({', '.join(names)}) or 'none'", ref)
     return DiversitySpec(
-        r.get("batch_size", int, d["batch_size"], check=lambda v: v >= 2, want="an integer >= 2"),
-        r.get("runs", int, d["runs"], check=lambda v: v >= 1, want="an integer >= 1"),
+        r.ranged("batch_size", Range(int, 2, MAX_BATCH), d["batch_size"]), r.ranged("runs", P["runs"], d["runs"]),
         r.get("split", str, d["split"], choices=("train", "test")), r.get("bn", str, d["bn"], choices=BN_MODES),
         r.get("output", str, d["output"], choices=OUTPUTS), r.get("variant", str, d["variant"], choices=VARIANTS),
-        r.get("k", float, d["k"], check=lambda v: v > 0 and math.isfinite(v), want="a number > 0"),
-        r.get("seed", int, d["seed"]),
-        r.get("confidence", float, d["confidence"], check=lambda v: 0 < v < 1, want="a number in (0, 1)"),
+        r.ranged("k", P["k"], d["k"]), r.ranged("seed", SEED, d["seed"]),
+        r.ranged("confidence", CONFIDENCE, d["confidence"]),
         r.get("interval", str, d["interval"], choices=INTERVALS), ref, _name_list(r, "methods", names))
 
 
@@ -322,15 +329,16 @@ def _parse_landscape(src: str, t, names: tuple[str, ...], seeds: tuple[int, ...]
     for k in ("x", "y"):
         grids[k] = r.get(k, str, d[k], want="a range min:max:num like '-1:1:51'")
         try:
+            check_extent(grids[k], "the grid")  # first: numpy warns on stderr about a linspace to 1e308
             parse_grid(grids[k])
         except KdprobeError as e:
             raise KdprobeError(f"{src}: landscape.{k}: {e}") from None
-    zmax = r.get("zmax", float, None, check=lambda v: v > 0, want="a loss value > 0")
+    zmax = r.ranged("zmax", P["zmax"], None)
     return LandscapeSpec(
         _name_list(r, "methods", names), ls_seeds, grids["x"], grids["y"],
-        r.get("samples", int, d["samples"], check=lambda v: v >= 0, want="an integer >= 0 (0 = whole split)"),
+        r.ranged("samples", P["samples"], d["samples"]),
         r.get("split", str, d["split"], choices=("train", "test")), r.get("bn", str, d["bn"], choices=BN_MODES),
-        r.get("precision", str, d["precision"], choices=PRECISIONS), r.get("seed", int, d["seed"]),
+        r.get("precision", str, d["precision"], choices=PRECISIONS), r.ranged("seed", SEED, d["seed"]),
         r.get("include_bn", bool, d["include_bn"]), r.get("at", str, d["at"], choices=LANDSCAPE_AT),
         r.get("log", bool, d["log"]), zmax)
 

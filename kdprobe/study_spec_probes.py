@@ -17,7 +17,6 @@ Parsing is pure, like the rest of the spec: every mistake is a KdprobeError nami
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 PROBES = ("agreement", "ensembles", "calibration", "cka", "sharpness")
@@ -57,22 +56,26 @@ class ProbeSpec:
 
 
 def _checks():
-    """(kind, check, want) of every option; imported lazily so parsing a spec stays cheap."""
+    """(kind, check, want) of every option; imported lazily so parsing a spec stays cheap. Numbers use the
+    ranges the matching CLI options declare (kdprobe.ranges.PROBE_RANGES), so both refuse the same values."""
     from kdprobe.probes.cka import ESTIMATORS, MIN_BATCH
     from kdprobe.probes.sharpness import BN_MODES, HVP_MODES
+    from kdprobe.ranges import MAX_BATCH, PROBE_RANGES, Range
 
-    pos = (int, lambda v: v >= 1, "an integer >= 1")
+    def num(rng):
+        return rng.kind, rng.ok, rng.describe()
+
     flag = (bool, None, "true or false")
     return {
-        "bins": pos, "max_subsets": pos, "top_k": pos, "iterations": pos, "trace_samples": pos,
-        "lanczos_steps": pos, "density_runs": pos, "vectors_per_pass": pos, "batch_size": pos,
+        **{k: num(PROBE_RANGES[k]) for k in ("bins", "max_subsets", "top_k", "iterations", "trace_samples",
+                                              "lanczos_steps", "density_runs", "vectors_per_pass", "batch_size",
+                                              "tol", "samples", "confidence", "seed", "alpha")},
         "adaptive": flag, "classwise": flag, "temperature": flag, "density": flag,
-        "tol": (float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0"),
         "layer": (str, lambda v: bool(v.strip()), "a module name as in model.named_modules() (NAME:in = its input)"),
         "estimator": (str, lambda v: v in ESTIMATORS, f"one of {', '.join(ESTIMATORS)}"),
         "bn": (str, lambda v: v in BN_MODES, f"one of {', '.join(BN_MODES)}"),
         "hvp": (str, lambda v: v in HVP_MODES, f"one of {', '.join(HVP_MODES)}"),
-        "cka_batch_size": (int, lambda v: v >= MIN_BATCH, f"an integer >= {MIN_BATCH}"),
+        "cka_batch_size": num(Range(int, MIN_BATCH, MAX_BATCH)),
     }
 
 
@@ -97,15 +100,12 @@ def parse_probe(src: str, name: str, table, names: tuple[str, ...]) -> ProbeSpec
             continue
         kind, check, want = checks["cka_batch_size" if (name, k) == ("cka", "batch_size") else k]
         options[k] = r.get(k, kind, default, check=check, want=want)
+    shared = {k: r.get(k, checks[k][0], defaults[k], check=checks[k][1], want=checks[k][2])
+              for k in ("samples", "confidence", "seed", "alpha")}
     return ProbeSpec(
-        name, r.get("split", str, defaults["split"], choices=("train", "test")),
-        r.get("samples", int, defaults["samples"], check=lambda v: v >= 0, want="an integer >= 0 (0 = whole split)"),
-        methods, ref,
-        r.get("confidence", float, defaults["confidence"], check=lambda v: 0 < v < 1, want="a number in (0, 1)"),
-        r.get("interval", str, defaults["interval"], choices=INTERVALS),
-        r.get("seed", int, defaults["seed"], check=lambda v: v >= 0, want="an integer >= 0"),
-        r.get("alpha", float, defaults["alpha"], check=lambda v: 0 < v < 1, want="a number in (0, 1)"),
-        options)
+        name, r.get("split", str, defaults["split"], choices=("train", "test")), shared["samples"], methods, ref,
+        shared["confidence"], r.get("interval", str, defaults["interval"], choices=INTERVALS), shared["seed"],
+        shared["alpha"], options)
 
 
 def parse_probes(src: str, tree: dict, names: tuple[str, ...]) -> dict[str, ProbeSpec]:

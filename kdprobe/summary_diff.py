@@ -18,12 +18,12 @@ Given rtol/atol always win. The machine fields themselves are notes: they choose
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdprobe.errors import KdprobeError
+from kdprobe.ranges import parse_json
 
 #: keys whose values change from run to run by design (time, the machine's paths, reuse of cells, file hashes)
 VARYING = frozenset({"created", "wall_seconds", "seconds", "action", "source", "dataset", "platform", "sha256"})
@@ -112,9 +112,13 @@ def load_summary(path: str | Path) -> dict:
     if not p.is_file():
         raise KdprobeError(f"{p} does not exist; pass a study folder or its summary.json")
     try:
-        data = json.loads(p.read_text(encoding="utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
         raise KdprobeError(f"{p} is not valid JSON ({type(e).__name__}: {str(e)[:80]}); pass a study's summary.json") from None
+    try:  # the shared parser: deep nesting and huge numbers are refused before json recurses; NaN is kept
+        data = parse_json(text, str(p), finite=False)
+    except KdprobeError as e:
+        raise KdprobeError(f"{p} is not valid JSON ({str(e)[len(str(p)) + 2:]}); pass a study's summary.json") from None
     if not isinstance(data, dict) or data.get("format") != "kdprobe-study":
         raise KdprobeError(f"{p} is not a kdprobe study summary (no \"format\": \"kdprobe-study\"); pass a study's summary.json")
     return data

@@ -10,33 +10,36 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from kdprobe.errors import KdprobeError
 from kdprobe.models.registry import check_model_kwargs
-from kdprobe.ranges import INT64_MAX, POSITIVE, Range
+from kdprobe.ranges import FLOAT32_MAX, INT64_MAX, MAX_BATCH, SEED, Range
 
 AUGMENTS = ("standard", "cutmix", "autoaugment", "none")
 SUBSET_RULES = ("random", "balanced")
 DISTILLS = ("none", "label", "feature")
 SCHEDULES = ("step", "cosine", "constant")
+MAX_EPOCHS = 10_000  # the longest reference schedule is 300; a typo like 1e12 is refused, not planned
 
 # The valid range of every numeric training option, declared once: TrainConfig checks it (so the
 # CLI, study specs and the pruning pipeline all refuse the same values), and the CLI flags check it
 # at parse time through cli.common.ranged(). Model kwargs (width) are checked by the model registry.
 RANGES: dict[str, Range] = {
-    "train_subset": Range(int, 1, optional=True),
+    "train_subset": Range(int, 1, 10**9, optional=True),  # images; more than the split = all of it
     "subset_seed": Range(int, 0, INT64_MAX, optional=True),
-    "eval_subset": Range(int, 1, optional=True),
-    "epochs": Range(int, 1),
-    "batch_size": Range(int, 1),
-    "lr": POSITIVE,
+    "eval_subset": Range(int, 1, 10**9, optional=True),
+    "epochs": Range(int, 1, MAX_EPOCHS),
+    "batch_size": Range(int, 1, MAX_BATCH),
+    # no useful lr is near 1, but a huge one is how a diverging run is provoked (the loop stops it with its
+    # nan guard); beyond float32's range it cannot even be applied to the float32 weights
+    "lr": Range(float, 0, FLOAT32_MAX, low_open=True),
     "momentum": Range(float, 0, 1, high_open=True),
-    "weight_decay": Range(float, 0),
+    "weight_decay": Range(float, 0, 1),  # L2 factor; the references use 1e-4 to 5e-4
     "gamma": Range(float, 0, 1, low_open=True),
     "cutmix_prob": Range(float, 0, 1),
-    "cutmix_beta": POSITIVE,
+    "cutmix_beta": Range(float, 0, 1000, low_open=True),
     "alpha": Range(float, 0, 1),
-    "temperature": POSITIVE,
-    "beta": Range(float, 0, optional=True),
-    "bn_sparsity": Range(float, 0),
-    "seed": Range(int, 0, INT64_MAX),
+    "temperature": Range(float, 0, 1000, low_open=True),  # KD softmax temperature (paper 4)
+    "beta": Range(float, 0, 1e6, optional=True),  # feature KD weight (family defaults 500 to 2000)
+    "bn_sparsity": Range(float, 0, 1),  # Network Slimming lambda (paper 1e-5 to 1e-4)
+    "seed": SEED,
 }
 MILESTONES_HELP = "comma-separated epochs (150,180) or fractions of the run below 1 (0.5,0.75)"
 
@@ -63,10 +66,10 @@ def parse_milestones(text: str | None) -> tuple | None:
 
 def _check_milestones(ms) -> None:
     for m in ms:
-        whole = Range(float, 1).ok(m) and float(m).is_integer()
+        whole = Range(float, 1, MAX_EPOCHS).ok(m) and float(m).is_integer()
         if not (whole or Range(float, 0, 1, low_open=True, high_open=True).ok(m)):
             raise KdprobeError(f"expected --milestones as {MILESTONES_HELP}, got {list(ms)} ({m!r} is neither a "
-                               "whole epoch >= 1 nor a fraction between 0 and 1)")
+                               f"whole epoch from 1 to {MAX_EPOCHS:,} nor a fraction between 0 and 1)")
 
 
 @dataclass(frozen=True)

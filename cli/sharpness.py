@@ -96,11 +96,14 @@ def sharpness(
         ck.model.to(ps.device)
         with tqdm(total=budget, desc="  Hessian-vector products (at most)", unit="hvp", file=sys.stderr, leave=False,
                   dynamic_ncols=True, mininterval=1.0) as bar:
-            results.append(measure(ck.model, x, ps.y, top_k=top_k, iterations=iterations, tol=tol,
-                                   trace_samples=trace_samples, density=density, lanczos_steps=lanczos_steps,
-                                   density_runs=density_runs, bn=bn, batch_size=batch_size,
-                                   vectors_per_pass=vectors_per_pass, mode=hvp, keep_graphs=keep_graphs, seed=seed,
-                                   progress=bar.update))
+            try:
+                results.append(measure(ck.model, x, ps.y, top_k=top_k, iterations=iterations, tol=tol,
+                                       trace_samples=trace_samples, density=density, lanczos_steps=lanczos_steps,
+                                       density_runs=density_runs, bn=bn, batch_size=batch_size,
+                                       vectors_per_pass=vectors_per_pass, mode=hvp, keep_graphs=keep_graphs,
+                                       seed=seed, progress=bar.update))
+            except KdprobeError as e:  # name the checkpoint the probe refused
+                raise KdprobeError(f"{ck.path}: {e}") from None
         ck.model.to("cpu")
     part = sharpness_part(ps.members, results, reference=ref, confidence=confidence, interval=interval)
     rows = part["checkpoints"]

@@ -77,7 +77,8 @@ def train(
         ("model", model_kwargs, "--model-kwargs"), ("teacher", teacher_arch_kwargs, "--teacher-arch-kwargs"),
         ("init", init_arch_kwargs, "--init-arch-kwargs"))}
     if init is not None:
-        model = load_checkpoint(init, arch=init_arch, arch_kwargs=kwargs["init"], finite=True).model.arch["name"]
+        model = load_checkpoint(init, arch=init_arch, arch_kwargs=kwargs["init"], finite=True,
+                                arch_flag="--init-arch").model.arch["name"]
     config = make_config(
         preset, model=model or "resnet20",
         model_kwargs={**(kwargs["model"] or {}), **({"width": width} if width is not None else {})},

@@ -28,8 +28,11 @@ from kdprobe import foreign
 from kdprobe.io import atomic_write_bytes, require_regular_file, sha256_file, torch_bytes
 from kdprobe.models import create_model
 from kdprobe.models.legacy import upgrade_arch  # old formats' arch names -> today's
-from kdprobe.models.registry import canonical_name
+from kdprobe.models.registry import canonical_name, names_code, weight_budget
 from kdprobe.outputs import torch_container
+from kdprobe.preprocess import MAX_SIDE
+
+MAX_CHANNELS = 1024  # input channels a file may declare (hyperspectral images have a few hundred)
 
 FORMAT = "kdprobe-checkpoint"
 FORMAT_VERSION = 2  # 2: resnetXXa is Li et al.'s avgpool shortcut (models.legacy)
@@ -211,18 +214,32 @@ def check_payload(obj: dict, path) -> tuple[str, dict, dict, dict, dict]:
             raise bad(f"extra.{key}", "a dict of name -> tensor", extra[key])
     shape = meta.get("input_shape")
     if shape is not None and not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
-        raise bad("meta.input_shape", "[channels, height, width] of positive integers", shape)
+            isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= lim
+            for d, lim in zip(shape, (MAX_CHANNELS, MAX_SIDE, MAX_SIDE)))):
+        raise bad("meta.input_shape", f"[channels <= {MAX_CHANNELS}, height, width <= {MAX_SIDE}] of positive integers",
+                  shape)
+    size = meta.get("image_size")
+    if size is not None and not (type(size) is int and 0 <= size <= MAX_SIDE):
+        raise bad("meta.image_size", f"a side in pixels from 0 (native) to {MAX_SIDE}", size)
     for key in ("dataset", "method", "data_dir"):
         if meta.get(key) is not None and not isinstance(meta[key], str):
             raise bad(f"meta.{key}", "a string", meta[key])
     return name, dict(kwargs), sd, dict(meta), dict(extra)
 
 
+def file_budget(path: Path) -> tuple[int, str]:
+    """The most weight bytes a checkpoint file can justify: its tensors are stored uncompressed, so a model
+    rebuilt from it is at most twice its size (16-bit weights loaded as float32), plus slack for tiny files."""
+    size = path.stat().st_size
+    return 2 * size + (16 << 20), f"the {size / 2**20:,.2f} MiB file {path.name}"
+
+
 def _build(name: str, kwargs: dict, path) -> nn.Module:
-    """create_model from a file's arch record; any failure is the file's, said in one line."""
+    """create_model from a file's arch record (or the tensors' shapes), within what the file can justify;
+    any failure is the file's, said in one line."""
     try:
-        return create_model(name, **kwargs)
+        with weight_budget(*file_budget(Path(path))):
+            return create_model(name, **kwargs)
     except KdprobeError as e:
         raise KdprobeError(f"{path}: cannot rebuild its model: {e}") from None
     except Exception as e:  # noqa: BLE001 - the kwargs come from the file: a factory that chokes on them
@@ -238,19 +255,18 @@ def load_state_into(model: nn.Module, sd: dict, source: str) -> None:
     if junk is not None:
         raise KdprobeError(f"{source}: state_dict entry {junk!r} is {_show(sd[junk])}, expected a tensor; the file is "
                            "damaged or not a checkpoint")
-    if set(own) != set(sd):
-        # Other codebases name layers differently; if the tensors line up one-to-one by
-        # order and shape, the mapping is unambiguous.
-        own_t = [(k, v) for k, v in own.items() if not k.endswith("num_batches_tracked")]
-        src_t = [(k, v) for k, v in sd.items() if not k.endswith("num_batches_tracked")]
-        if len(own_t) == len(src_t) and all(a.shape == b.shape for (_, a), (_, b) in zip(own_t, src_t)):
-            sd = {ka: vb for (ka, _), (_, vb) in zip(own_t, src_t)}
-        else:
-            missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
-            unexpected = [k for k in sd if k not in own]
-            what = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}" if unexpected else ""
-            if what:
-                raise KdprobeError(f"{source} does not fit architecture {model.arch['name']}: {what}; check --arch and its variant")
+    # Keys match by name, never by position: equal shapes in equal order do not make equal roles
+    # (a BN weight and bias have one shape: loading by order would swap them silently). Files from
+    # PyTorch < 0.4.1 lack the BN step counters, which carry no weights.
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        def few(keys):
+            return ", ".join(map(repr, keys[:3])) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        what = "; ".join(part for part in (f"missing {few(missing)}" if missing else "",
+                                           f"unexpected {few(unexpected)}" if unexpected else "") if part)
+        raise KdprobeError(f"{source} does not fit architecture {model.arch['name']} (keys match by name): {what}; "
+                           "check --arch and its variant, or rename the file's keys")
     for k, v in own.items():
         if k in sd and tuple(sd[k].shape) != tuple(v.shape):
             raise KdprobeError(f"{source} does not fit architecture {model.arch['name']}: {k} is {tuple(sd[k].shape)} in the file but {tuple(v.shape)} in the model; check --arch, its variant and widths")
@@ -261,16 +277,32 @@ def load_state_into(model: nn.Module, sd: dict, source: str) -> None:
     model.load_state_dict(sd, strict=False)
 
 
+def refuse_code_from_file(name: str, arch: str | None, path, arch_flag: str = "--arch") -> None:
+    """A file never chooses code: an architecture that imports a module by name (python:MODULE:FACTORY) is
+    built only when the user named that same architecture (`arch`), never because a file recorded it."""
+    if not names_code(name):
+        return
+    if arch is not None and names_code(arch) and canonical_name(arch) == canonical_name(name):
+        return  # the user typed this very name: their explicit choice, as with --model python:...
+    shown = " ".join(name.split())[:120]
+    raise KdprobeError(f"{path} records the architecture {shown!r}, which would import and run that Python code; "
+                       f"kdprobe never runs code a file names: if you trust it, pass {arch_flag} {shown} yourself")
+
+
 def load_checkpoint(path, *, arch: str | None = None, arch_kwargs: dict | None = None,
-                    map_location: str | torch.device = "cpu", finite: bool = False) -> LoadedCheckpoint:
+                    map_location: str | torch.device = "cpu", finite: bool = False,
+                    arch_flag: str = "--arch") -> LoadedCheckpoint:
     """Rebuild a model from a kdprobe or foreign checkpoint; the model comes back in eval mode.
 
-    finite=True refuses weights holding nan/inf (commands whose outputs would be all-nan)."""
+    finite=True refuses weights holding nan/inf (commands whose outputs would be all-nan). A checkpoint
+    whose architecture would import code (python:...) loads only with that same `arch` given by the
+    user; `arch_flag` is the option the refusal tells them to use (--arch, --teacher-arch, ...)."""
     path = Path(path)
     obj = read_payload(path)
     if obj.get("format") == FORMAT:
         name, kwargs, sd, meta, extra = check_payload(obj, path)
         name, kwargs = upgrade_arch(name, kwargs, obj["format_version"])
+        refuse_code_from_file(name, arch, path, arch_flag)
         if arch is not None and canonical_name(arch) != name:
             raise KdprobeError(f"{path} holds a {name}, not a {canonical_name(arch)}; drop --arch for kdprobe checkpoints")
         differ = sorted(k for k, v in (arch_kwargs or {}).items() if kwargs.get(k) != v)
@@ -284,7 +316,7 @@ def load_checkpoint(path, *, arch: str | None = None, arch_kwargs: dict | None =
         payload = foreign.unpack(obj, path)
         det = (foreign.named(payload, arch, arch_kwargs, path) if arch is not None
                else foreign.detect(payload, path, arch_kwargs))
-        model = create_model(det.name, **det.kwargs)
+        model = _build(det.name, det.kwargs, path)
         load_state_into(model, payload.state_dict, str(path))
         meta = {"method": "foreign", "arch_source": det.source, "arch_detected": det.how == "detected",
                 **{k: v for k, v in payload.info.items() if k != "options"}}

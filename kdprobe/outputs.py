@@ -143,13 +143,13 @@ def _text_kind(path: Path, text: str, size: int) -> str:
         try:
             json.loads(body)
             return "json"
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting too deep to be any output of ours
             pass
         try:
             rows = [json.loads(ln) for ln in body.splitlines() if ln.strip()]
             if rows and all(isinstance(r, dict) for r in rows):
                 return "jsonl"
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
     first = text.splitlines()[0] if text else ""
     return "csv" if "," in first else "text"

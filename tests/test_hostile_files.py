@@ -323,3 +323,24 @@ def test_an_hdf5_file_declaring_more_than_it_holds_is_refused_before_reading(tmp
     msg = _one_line_error(r, "declares")
     assert "'xdirection/huge'" in msg
     assert _hashes(tmp_path) == before
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--width", "1e308"], "--width"),
+    (["--model-kwargs", '{"width": 1e300}'], "<= 10000"),
+    (["--model", "vgg19_bn", "--model-kwargs", '{"cfg": [1e30]}'], "cannot be built"),
+    (["--model", "vgg19_bn", "--model-kwargs", '{"cfg": [4611686018427387904, "M"]}'], "cannot be built"),
+])
+def test_model_arguments_beyond_what_can_be_built_are_one_line(tmp_path, args, expected):
+    r = _invoke("train", *args, "--epochs", "1", "--out", tmp_path / "n.pt")
+    _one_line_error(r, expected)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_deeply_nested_json_file_at_an_output_path_is_told_apart_without_recursion(tmp_path):
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "a.pt", create_model("resnet8a", num_classes=10, in_channels=1, width=0.25), META)
+    (tmp_path / "deep.json").write_text("[" * 30000 + "]" * 30000)
+    before = _hashes(tmp_path)
+    _one_line_error(_invoke("eval", tmp_path / "a.pt", "--json", tmp_path / "deep.json"), "deep.json")
+    assert _hashes(tmp_path) == before

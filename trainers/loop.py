@@ -120,7 +120,7 @@ def _teacher_info(config: TrainConfig, device, data: TensorData):
     if not config.teacher:
         return None, None
     ck = load_checkpoint(config.teacher, arch=config.teacher_arch, arch_kwargs=config.teacher_arch_kwargs or None,
-                         map_location=device, finite=True)
+                         map_location=device, finite=True, arch_flag="--teacher-arch")
     # shapes, classes and dataset identity; the teacher takes its own image size (record or family)
     check_model_data(ck, data, explicit=False, role="teacher")
     for p in ck.model.parameters():
@@ -134,7 +134,7 @@ def _teacher_info(config: TrainConfig, device, data: TensorData):
 def _build_model(config: TrainConfig, data: TensorData):
     if config.init:
         ck = load_checkpoint(config.init, arch=config.init_arch, arch_kwargs=config.init_arch_kwargs or None,
-                             map_location=data.train_x.device, finite=True)
+                             map_location=data.train_x.device, finite=True, arch_flag="--init-arch")
         # shapes, classes and dataset identity; the input hook the student keeps for training
         check_model_data(ck, data, explicit=False, role="init", image_size=config.image_size)
         model = ck.model

@@ -26,6 +26,7 @@ from kdprobe.checkpoint import read_payload
 from kdprobe.data import load_dataset
 from kdprobe.errors import KdprobeError
 from kdprobe.io import atomic_write_text, output_lock
+from kdprobe.models.registry import names_code
 from kdprobe.study_data import locate_data
 from kdprobe.study_spec import StudySpec
 from trainers.cells import check_cell
@@ -97,7 +98,9 @@ def _cell_config(spec: StudySpec, i: int, seed: int, teacher: str | None) -> Tra
         over["milestones"] = tuple(over["milestones"])
     try:
         return make_config(t.preset, **over, model=t.model, model_kwargs=dict(t.model_kwargs), dataset=t.dataset,
-                           data_dir=t.data_dir, augment=m.augment, distill=m.distill, teacher=teacher, seed=seed)
+                           data_dir=t.data_dir, augment=m.augment, distill=m.distill, teacher=teacher, seed=seed,
+                           # the spec (typed by the user) names the model: a python: teacher cell is theirs
+                           **({"teacher_arch": t.model} if teacher and names_code(t.model) else {}))
     except (KdprobeError, TypeError) as e:
         raise KdprobeError(f"{spec.source}: methods[{i}] ({m.name}) with train: {e}") from None
 

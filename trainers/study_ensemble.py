@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from kdprobe.checkpoint import load_checkpoint, read_payload
+from kdprobe.models.registry import names_code
 from kdprobe.ensemble_reading import verdicts
 from kdprobe.io import sha256_file
 from kdprobe.pairs import Member
@@ -22,6 +23,11 @@ from kdprobe.probe_sets import AGREEMENT_NOTES, CALIBRATION_NOTES, PAIR_UNIT, ag
 from kdprobe.probe_tables import ProbeTables, ensemble_tables
 from kdprobe.study_spec import StudySpec
 from kdprobe.study_spec_probes import ProbeSpec
+
+
+def spec_arch(spec: StudySpec) -> str | None:
+    """The spec's model when it is user code (python:...): the user typed it, so its cells may rebuild it."""
+    return spec.train.model if names_code(spec.train.model) else None
 
 
 def _member(cell, out: Path) -> Member:
@@ -61,7 +67,7 @@ class _Run:
     def model(self, rel: str):
         from kdprobe.preprocess import fit_input
 
-        ck = load_checkpoint(self.cells[rel].path(self.out), map_location=self.dev)
+        ck = load_checkpoint(self.cells[rel].path(self.out), map_location=self.dev, arch=spec_arch(self.spec))
         fit_input(ck.model, ck.meta, self.data)  # the input size/normalization the cell was trained with
         return ck.model
 

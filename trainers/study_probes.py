@@ -28,7 +28,7 @@ from kdprobe.errors import KdprobeError
 from kdprobe.study_result import CellRecord, LandscapeRecord, PruningBlock, StudyResult
 from kdprobe.study_spec import StudySpec
 from trainers.cells import model_label
-from trainers.study_ensemble import ensemble_probes
+from trainers.study_ensemble import ensemble_probes, spec_arch
 
 SAVE_EVERY_S = 10.0  # partial landscape HDF5 saves (a killed study loses at most this much)
 DIRECTIONS_NOTE = ("d1, d2 = the same seeded Gaussian draw for every checkpoint (seed {seed}), filter-normalized "
@@ -138,7 +138,7 @@ def _diversity(spec: StudySpec, cells, out: Path, dev: torch.device, progress) -
     scores = []
     try:
         for c in chosen:
-            ck = load_checkpoint(c.path(out), map_location=dev)
+            ck = load_checkpoint(c.path(out), map_location=dev, arch=spec_arch(spec))
             fit_input(ck.model, ck.meta, data)  # the input size/normalization the cell was trained with
             model = ck.model
             vals = jacobian_scores(model, batches, variant=d.variant, bn=d.bn, output=d.output, k=d.k)
@@ -225,7 +225,7 @@ def _landscapes(spec: StudySpec, cells, out: Path, dev: torch.device, progress) 
     records = []
     try:
         for group, c, epoch, path in todo:
-            ck = load_checkpoint(path, map_location=dev)
+            ck = load_checkpoint(path, map_location=dev, arch=spec_arch(spec))
             fit_input(ck.model, ck.meta, data)
             dirs = make_directions(ck.model, seed=ls.seed, include_bn=ls.include_bn)
             h5 = out / "landscapes" / c.method / f"{c.method}-{path.stem}-{tag}.h5"  # the method in the name too

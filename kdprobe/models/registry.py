@@ -189,7 +189,9 @@ def model_aliases() -> dict[str, str]:
     return dict(_ALIASES)
 
 
-WIDTH = Range(float, 0, low_open=True)  # width multiplier of ResNets/VGG: any finite number > 0
+# width multiplier of ResNets/VGG: > 0, and at most 10,000 (a ResNet-20 at width 10,000 would hold ~1e14
+# weights: the memory check refuses far below that; the bound keeps the channel arithmetic in integers)
+WIDTH = Range(float, 0, 10_000, low_open=True)
 _COUNT = Range(int, 1)  # num_classes, in_channels
 
 
@@ -296,7 +298,15 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwarg
     bound = _bind(cname, fn, num_classes, in_channels, kwargs)
     bound.apply_defaults()
     _check_size(cname, fn, bound)
-    model = fn(*bound.args, **bound.kwargs)
+    try:
+        model = fn(*bound.args, **bound.kwargs)
+    except KdprobeError:
+        raise
+    except (OverflowError, MemoryError, TypeError, ValueError, RuntimeError) as e:  # arguments it cannot build
+        kw = {k: v for k, v in bound.arguments.items() if k not in ("num_classes", "in_channels")}
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise KdprobeError(f"model {cname} with {' '.join(repr(kw).split())[:200]} cannot be built "
+                           f"({type(e).__name__}: {why}); check its arguments (widths, cfg)") from None
     if not isinstance(model, nn.Module):
         raise KdprobeError(f"model {cname} was built as a {type(model).__name__}, expected a torch.nn.Module")
     lazy = next((n for n, p in model.named_parameters() if nn.parameter.is_lazy(p)), None)

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdprobe.data import normalize
+from kdprobe.precision import fp32_exact
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class EvalResult:
 
 
 @torch.no_grad()
+@fp32_exact()  # IEEE fp32 on every device (a GPU's convolutions default to TF32 on this torch build)
 def evaluate(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, mean, std,
              batch_size: int = 500) -> EvalResult:
     """Evaluate in eval mode on the model's device; restores the model's mode afterwards."""

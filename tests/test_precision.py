@@ -169,3 +169,19 @@ def test_a_users_cublas_setting_is_kept(monkeypatch):
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
     with deterministic(True) as st:
         assert st["cublas_workspace_config"] == ":16:8"
+
+
+def test_logits_features_and_evaluate_run_in_true_fp32():
+    from kdprobe.evaluate import evaluate
+    from kdprobe.probes.cka import CkaCache
+    from kdprobe.probes.predictions import model_logits
+
+    model = _tiny()
+    spy = Spy(model)
+    x = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    with numerics("tf32"):
+        model_logits(model, x, mean=(0.5,), std=(0.25,), batch_size=4)
+        evaluate(model, x, torch.arange(6) % 10, (0.5,), (0.25,))
+        CkaCache(x.float(), estimator="exact", batch_size=4).add("m", model)
+        assert tf32_enabled()  # the caller's setting is back after each
+    assert len(spy.seen) >= 4 and not any(spy.seen)  # 2 logit batches, 1 evaluate, 1 CKA batch

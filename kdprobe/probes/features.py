@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from kdprobe.errors import KdprobeError
+from kdprobe.precision import fp32_exact
 
 
 def _module(model: nn.Module, spec: str) -> tuple[nn.Module, bool]:
@@ -74,7 +75,8 @@ class _Hooks:
 
     def run(self, x: torch.Tensor) -> dict:
         self.out = {}
-        with torch.no_grad():  # entered and left per batch: a suspended generator must not leak no_grad
+        # entered and left per batch: a suspended generator must not leak no_grad or the TF32 switches
+        with torch.no_grad(), fp32_exact():
             self.model(x)
         missing = [s for s in self.layers if s not in self.out]
         if missing:

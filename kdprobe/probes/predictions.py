@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from kdprobe.data import normalize
 from kdprobe.errors import KdprobeError
+from kdprobe.precision import fp32_exact
 from kdprobe.probes.features import model_device
 
 
@@ -35,6 +36,7 @@ class Logits:
 
 
 @torch.no_grad()
+@fp32_exact()  # IEEE fp32 on every device (a GPU's convolutions default to TF32 on this torch build)
 def model_logits(model: nn.Module, x: torch.Tensor, *, mean=None, std=None, batch_size: int = 500) -> torch.Tensor:
     """Logits of `model` on x in eval mode, fp32, batch by batch; x uint8 (normalized here with mean/std) or float."""
     if batch_size < 1:

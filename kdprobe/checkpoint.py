@@ -261,10 +261,10 @@ def load_state_into(model: nn.Module, sd: dict, source: str) -> None:
     missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in own]
     if missing or unexpected:
-        def few(keys):
-            return ", ".join(map(repr, keys[:3])) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-        what = "; ".join(part for part in (f"missing {few(missing)}" if missing else "",
-                                           f"unexpected {few(unexpected)}" if unexpected else "") if part)
+        def few(label, keys):
+            more = f" and {len(keys) - 1} more ({', '.join(map(repr, keys[1:3]))}{', ...' if len(keys) > 3 else ''})"
+            return f"{label} key {keys[0]!r}" + (more if len(keys) > 1 else "")
+        what = "; ".join(few(label, keys) for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys)
         raise KdprobeError(f"{source} does not fit architecture {model.arch['name']} (keys match by name): {what}; "
                            "check --arch and its variant, or rename the file's keys")
     for k, v in own.items():

@@ -163,7 +163,7 @@ def test_a_renamed_key_with_arch_is_an_error_not_a_load_by_position(tmp_path):
     assert "'bn1.weight'" in str(e.value) and "'bn1.scale'" in str(e.value) and "by name" in str(e.value)
     r = _invoke("eval", tmp_path / "renamed.pt", "--arch", "resnet8a", "--arch-kwargs", '{"width": 0.25}',
                 "--dataset", "digits")
-    _one_line_error(r, "missing 'bn1.weight'")
+    _one_line_error(r, "missing key 'bn1.weight'")
 
 
 def test_keys_that_collide_after_prefix_stripping_are_an_error(tmp_path):

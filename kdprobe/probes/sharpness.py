@@ -39,10 +39,13 @@ from torch.func import functional_call, grad, jvp, replace_all_batch_norm_module
 
 from kdprobe.errors import KdprobeError
 from kdprobe.precision import fp32_exact
-from kdprobe.probes.spectral import Density, Eigenpair, hutchinson, power_iteration, slq_density
+from kdprobe.probes.spectral import (Density, Eigenpair, deflated_hutchinson, hutchinson, hutchpp_sketch,
+                                     lanczos_top, power_iteration, slq_density, trace_interval)
 
 BN_MODES = ("eval", "train")
 HVP_MODES = ("reuse", "jvp")
+EIG_METHODS = ("lanczos", "power")
+TRACE_METHODS = ("hutch++", "hutchinson")
 
 
 class _AffineBN(nn.Module):
@@ -189,7 +192,12 @@ class HessianOperator:
 
 @dataclass(frozen=True)
 class SharpnessResult:
-    """Top eigenvalues, Hutchinson trace (every sample kept) and optional density of one checkpoint's Hessian."""
+    """Top eigenvalues, trace (every sample kept, with a bootstrap-t interval) and optional density of one Hessian.
+
+    Every entry of trace_samples is on its own an unbiased estimate of the trace: v^T H v for
+    Hutchinson, trace_exact + (Pv)^T H (Pv) for Hutch++ (P projects out the sketch); trace is
+    their mean, trace_se their std(ddof=1) / sqrt(n).
+    """
 
     loss: float  # mean cross-entropy at the checkpoint
     eigenpairs: tuple[Eigenpair, ...]  # largest in magnitude first
@@ -203,22 +211,52 @@ class SharpnessResult:
     bn: str
     batch_size: int
     seed: int
+    method: str = "power"  # how the eigenvalues were found: lanczos | power
+    trace_method: str = "hutchinson"  # hutch++ | hutchinson
+    trace_exact: float = 0.0  # tr(Q^T H Q) of the sketch Q (hutch++), computed exactly; 0 for hutchinson
+    trace_sketch: int = 0  # rows of Q (Lanczos basis or Hutch++ sketch)
+    trace_low: float = math.nan  # bootstrap-t interval for the trace at trace_confidence
+    trace_high: float = math.nan
+    trace_confidence: float = 0.95
+    trace_stable: bool = False  # False: too few vectors or one vector dominates; trace_note says which
+    trace_note: str = ""
+    eig_products: int = 0  # Hessian-vector products spent on the eigenvalues (the rest: trace, density)
 
     @property
     def top_eigenvalue(self) -> float:
         """The first (largest-magnitude) eigenvalue."""
         return self.eigenpairs[0].value
 
+    @property
+    def trace_vectors(self) -> int:
+        """Random vectors behind the trace estimate."""
+        return len(self.trace_samples)
+
 
 @fp32_exact()  # Hessian-vector products in true fp32: TF32 off on every device
 def sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, top_k: int = 1, iterations: int = 100,
               tol: float = 1e-3, trace_samples: int = 100, density: bool = False, lanczos_steps: int = 80,
               density_runs: int = 1, bn: str = "eval", batch_size: int = 256, vectors_per_pass: int = 25,
-              mode: str = "reuse", keep_graphs: bool = False, seed: int = 0,
-              progress: Callable[[int], None] | None = None) -> SharpnessResult:
-    """Top-k Hessian eigenvalues, Hessian trace (Hutchinson) and optional SLQ density of the mean CE on (x, y)."""
+              mode: str = "reuse", keep_graphs: bool = False, seed: int = 0, method: str = "lanczos",
+              trace_method: str = "hutch++", trace_rtol: float = 0.0, trace_sketch: int = 10,
+              trace_confidence: float = 0.95, progress: Callable[[int], None] | None = None) -> SharpnessResult:
+    """Top-k Hessian eigenvalues (Lanczos or power iteration), trace (Hutch++ or Hutchinson) with a bootstrap-t
+    interval, and optional SLQ density, of the mean CE on (x, y).
+
+    iterations caps the Lanczos steps (or power steps per eigenvalue); trace_samples caps the trace's random
+    vectors, and trace_rtol > 0 stops earlier, once the standard error is below trace_rtol * |trace| (at least
+    10 vectors). hutch++ deflates a sketch of trace_sketch directions: with lanczos, the Lanczos basis itself
+    (run to at least trace_sketch steps), with power, Hutch++'s orth(H S) (2 * trace_sketch products).
+    """
     if trace_samples < 1:
-        raise KdprobeError(f"expected at least 1 Hutchinson sample, got {trace_samples}")
+        raise KdprobeError(f"expected at least 1 trace sample, got {trace_samples}")
+    if method not in EIG_METHODS:
+        raise KdprobeError(f"expected method one of {', '.join(EIG_METHODS)}, got {method!r}")
+    if trace_method not in TRACE_METHODS:
+        raise KdprobeError(f"expected trace_method one of {', '.join(TRACE_METHODS)}, got {trace_method!r}")
+    if not (trace_rtol >= 0 and trace_sketch >= 0 and 0 < trace_confidence < 1):
+        raise KdprobeError(f"expected trace_rtol >= 0, trace_sketch >= 0 and trace_confidence in (0, 1), got "
+                           f"{trace_rtol}, {trace_sketch}, {trace_confidence}")
     op = HessianOperator(model, x, y, bn=bn, batch_size=batch_size, mode=mode, keep_graphs=keep_graphs,
                          progress=progress)
     loss = op.loss()  # one forward pass, first: a model whose outputs are nan/inf has no Hessian to measure
@@ -226,11 +264,35 @@ def sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, top_k: int 
         raise KdprobeError(f"the model's mean loss on these {op.n} samples is {loss} (its outputs are nan/inf on some "
                            "inputs although its weights are finite); expected finite outputs: check the checkpoint "
                            "with kdprobe eval, or probe another one")
+    if top_k > op.dim:
+        raise KdprobeError(f"expected top_k <= the {op.dim} trainable parameters, got {top_k}")
     gen = torch.Generator().manual_seed(int(seed))  # one stream: eigenvectors, then trace, then density
     kw = dict(generator=gen, device=op.device, dtype=op.dtype)
-    pairs = power_iteration(op.hvp, op.dim, k=top_k, iterations=iterations, tol=tol, **kw)
-    samples = hutchinson(op.hvp_many, op.dim, samples=trace_samples, chunk=vectors_per_pass, **kw)
+    deflate = trace_method == "hutch++" and trace_sketch > 0
+    sketch_size = min(trace_sketch, op.dim) if deflate else 0
+    basis, exact = None, 0.0
+    if method == "lanczos":
+        run = lanczos_top(op.hvp, op.dim, k=top_k, steps=max(iterations, sketch_size), tol=tol,
+                          min_steps=sketch_size, **kw)
+        pairs = list(run.pairs)
+        if deflate:
+            basis, exact = run.basis, run.basis_trace
+    else:
+        pairs = power_iteration(op.hvp, op.dim, k=top_k, iterations=iterations, tol=tol, **kw)
+    eig_products = op.products
+    if deflate and basis is None:
+        basis, exact = hutchpp_sketch(op.hvp_many, op.dim, size=sketch_size, **kw)
+    if trace_method == "hutchinson" and trace_rtol == 0:
+        samples = hutchinson(op.hvp_many, op.dim, samples=trace_samples, chunk=vectors_per_pass, **kw)
+    else:
+        resid = deflated_hutchinson(op.hvp_many, op.dim, basis=basis, exact=exact, samples=trace_samples,
+                                    chunk=vectors_per_pass, rtol=trace_rtol, min_samples=min(10, max(2, trace_samples)),
+                                    **kw)
+        samples = [exact + r for r in resid]
     dens = slq_density(op.hvp, op.dim, steps=lanczos_steps, runs=density_runs, **kw) if density else None
     se = float(np.std(samples, ddof=1) / math.sqrt(len(samples))) if len(samples) > 1 else math.nan
+    ci = trace_interval(samples, confidence=trace_confidence, seed=int(seed))
     return SharpnessResult(loss, tuple(pairs), float(np.mean(samples)), se, tuple(samples), dens, op.n, op.dim,
-                           op.products, bn, op.batch_size, int(seed))
+                           op.products, bn, op.batch_size, int(seed), method, trace_method, float(exact),
+                           0 if basis is None else int(len(basis)), ci.low, ci.high, trace_confidence, ci.stable,
+                           ci.note, eig_products)

@@ -5,8 +5,30 @@
   found), as PyHessian (Yao et al. 2020) does; stops when the relative change of the Rayleigh
   quotient falls below `tol` (0 = always `iterations` steps) and reports the residual
   ||A v - lambda v|| at the last evaluated unit vector v.
+- `lanczos_top`: the top-k eigenvalues (largest in magnitude) as Ritz values of a Lanczos run
+  with full reorthogonalization (Golub & Van Loan, Matrix Computations, 4th ed., 10.1-10.3):
+  m products give the best approximation from the Krylov space K_m(A, v0), where power
+  iteration only has A^m v0, so far fewer products reach the same tolerance. Residual of a
+  Ritz pair (theta, y = Q s): ||A y - theta y|| = beta_m |s_m| (exact with an orthonormal Q).
+  It stops when, for each of the k values, the relative change over the last step is below
+  `tol` and the error bound min(r, r^2 / gap) (Kato-Temple with the Ritz gap) is below
+  tol * |theta|. It also returns the orthonormal basis Q and tr(Q^T A Q) = sum of alphas.
 - `hutchinson`: tr(A) ~ mean over Rademacher v of v^T A v, with every sample kept and the
   standard error std(ddof=1)/sqrt(n).
+- `deflated_hutchinson` / `hutchpp_sketch`: Hutch++ (Meyer, Musco, Musco, Woodruff 2021):
+  tr(A) = tr(Q^T A Q) + tr((I - QQ^T) A (I - QQ^T)) for any orthonormal Q drawn independently
+  of the Hutchinson vectors; the first term is exact, the second is estimated by Hutchinson on
+  the projected vectors, whose variance 2 ||P A P||_F^2 (minus its diagonal) no longer holds
+  the top eigenvalues. Q is the paper's sketch orth(A S) (S Rademacher), or the Lanczos basis
+  of `lanczos_top` (a Krylov sketch: its products are spent anyway for the eigenvalues).
+  `rtol` stops sampling once the standard error is below rtol * |trace|.
+- `trace_interval`: the union of a studentized-bootstrap interval (bootstrap-t; Efron &
+  Tibshirani 1993, ch. 12.5) and the t interval for the mean of the samples: v^T A v is
+  right-skewed when one eigenvalue carries much of the trace, and the t interval then misses
+  mostly on one side, which bootstrap-t corrects (second-order accurate); at n ~ 10 the
+  bootstrap's own tails are too short, which the t interval covers. Not stable (flagged)
+  below 10 samples or below Cochran's n >= 25 g1^2 (g1 the sample skewness). Coverage is
+  checked in tests against an explicit Hessian over 200 seeds (about 95% at 95%).
 - `lanczos` / `slq_density`: stochastic Lanczos quadrature (Ghorbani, Krishnan, Xiao 2019):
   m Lanczos steps with full reorthogonalization from a normalized Rademacher vector give a
   tridiagonal T; its eigenvalues are the quadrature nodes and the squared first components of
@@ -25,6 +47,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from scipy import stats as _sps
 
 from kdprobe.errors import KdprobeError
 
@@ -40,6 +63,29 @@ class Eigenpair:
     iterations: int
     residual: float  # ||A v - value v|| at the unit vector v the value was measured at
     converged: bool  # relative change below tol before the iteration cap
+
+
+@dataclass(frozen=True)
+class LanczosRun:
+    """Top eigenpairs from a Lanczos run, and the orthonormal Krylov basis it built (for deflating the trace)."""
+
+    pairs: tuple[Eigenpair, ...]  # largest in magnitude first
+    basis: torch.Tensor  # (m, P), orthonormal rows q_1..q_m, A q_j computed for each
+    basis_trace: float  # tr(Q^T A Q) = sum of the Lanczos alphas (exact up to rounding)
+    alpha: np.ndarray
+    beta: np.ndarray
+
+
+@dataclass(frozen=True)
+class TraceInterval:
+    """A confidence interval for a trace estimate, from its random samples."""
+
+    low: float
+    high: float
+    confidence: float
+    method: str  # "bootstrap-t|t": the union of both intervals
+    stable: bool  # False: fewer than 10 samples, or too few for their skewness (Cochran: n >= 25 skewness^2)
+    note: str  # why not stable ("" when stable)
 
 
 @dataclass(frozen=True)
@@ -109,6 +155,151 @@ def hutchinson(op_many: ManyOp, dim: int, *, samples: int = 100, chunk: int = 1,
         hv = op_many(v)
         out += (v.to(torch.float64) * hv.to(torch.float64)).sum(dim=1).tolist()
     return out
+
+
+def _orthogonalize(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """w minus its projection on the rows of basis (orthonormal), classical Gram-Schmidt twice ("twice is enough")."""
+    for _ in range(2):
+        w = w - (basis @ w) @ basis
+    return w
+
+
+def lanczos_top(op: Op, dim: int, *, k: int = 1, steps: int = 100, tol: float = 1e-3, min_steps: int = 0,
+                generator: torch.Generator, device=None, dtype=torch.float32) -> LanczosRun:
+    """Top-k eigenvalues (by magnitude) of a symmetric operator by Lanczos with full reorthogonalization."""
+    if k < 1 or steps < 1 or tol < 0 or k > dim:
+        raise KdprobeError(f"expected 1 <= k <= {dim}, steps >= 1 and tol >= 0, got {k}, {steps}, {tol}")
+    steps = min(steps, dim)
+    v = torch.randn(dim, generator=generator).to(device=device, dtype=dtype)  # the start vector power iteration uses
+    basis = torch.zeros(steps, dim, device=device, dtype=dtype)
+    basis[0] = v / v.norm()
+    alpha: list[float] = []
+    beta: list[float] = []
+    prev: np.ndarray | None = None
+    pairs: list[Eigenpair] = []
+    for j in range(steps):
+        q = basis[j]
+        w = op(q).detach()
+        a = _dot(q, w)
+        alpha.append(a)
+        w = _orthogonalize(w, basis[: j + 1])  # removes a q_j and beta q_{j-1} too (full reorthogonalization)
+        b = float(w.norm())
+        t = np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1)
+        theta, s = np.linalg.eigh(t)
+        order = np.argsort(-np.abs(theta), kind="stable")[:k]
+        top = theta[order]
+        scale = max(1.0, float(np.abs(theta).max()))
+        breakdown = b <= 1e-10 * scale  # invariant subspace (its Ritz values are exact; a repeated eigenvalue
+        # shows once per Krylov space, so the run restarts from a fresh direction rather than stopping)
+        res = b * np.abs(s[-1, order]) if not breakdown else np.zeros(len(order))
+        done = len(order) == k and j + 1 == dim  # a full basis: the Ritz values are the eigenvalues
+        if len(order) == k and not done and prev is not None and j + 1 >= min_steps:
+            ok = True
+            for i, idx in enumerate(order):
+                others = np.delete(theta, idx)
+                gap = float(np.abs(others - theta[idx]).min()) if others.size else math.inf
+                err = min(res[i], res[i] ** 2 / gap if gap > 0 else math.inf)
+                change = abs(top[i] - prev[i]) / (abs(prev[i]) + 1e-12) if i < len(prev) else math.inf
+                ok = ok and change < tol and err <= tol * abs(top[i])
+            done = ok
+        pairs = [Eigenpair(float(top[i]), j + 1, float(res[i]), bool(done)) for i in range(len(order))]
+        prev = top
+        if done or j + 1 == steps:
+            break
+        if breakdown:  # fewer than k values in this Krylov space: continue from a fresh direction (T block-diagonal)
+            w = _orthogonalize(torch.randn(dim, generator=generator).to(device=device, dtype=dtype), basis[: j + 1])
+            b_next, b = float(w.norm()), 0.0
+            w = w / b_next
+        else:
+            w = w / b
+        beta.append(b)
+        basis[j + 1] = w
+    m = len(alpha)
+    return LanczosRun(tuple(pairs), basis[:m], float(sum(alpha)), np.asarray(alpha), np.asarray(beta[: m - 1]))
+
+
+def hutchpp_sketch(op_many: ManyOp, dim: int, *, size: int, generator: torch.Generator, device=None,
+                   dtype=torch.float32) -> tuple[torch.Tensor, float]:
+    """Hutch++'s sketch: Q = orth(A S) for `size` Rademacher columns S, and tr(Q^T A Q) (2 * size products)."""
+    if not 1 <= size <= dim:
+        raise KdprobeError(f"expected a sketch size in [1, {dim}], got {size}")
+    y = op_many(rademacher((size, dim), generator, dtype).to(device))
+    q = torch.linalg.qr(y.T.to(torch.float64)).Q.T.to(dtype)  # (size, P), orthonormal rows
+    aq = op_many(q)
+    return q, float((q.to(torch.float64) * aq.to(torch.float64)).sum())
+
+
+def deflated_hutchinson(op_many: ManyOp, dim: int, *, basis: torch.Tensor | None = None, exact: float = 0.0,
+                        samples: int = 100, chunk: int = 25, rtol: float = 0.0, min_samples: int = 10,
+                        generator: torch.Generator, device=None, dtype=torch.float32) -> list[float]:
+    """(Pv)^T A (Pv), P = I - QQ^T, for Rademacher v: tr A ~ exact + their mean; stops at `samples`, or at rtol.
+
+    With rtol > 0, sampling stops once at least `min_samples` are in and std/sqrt(n) <= rtol * |exact + mean|;
+    chunks after the first are sized to what the current spread says is still needed.
+    """
+    if samples < 1 or chunk < 1 or rtol < 0 or min_samples < 2:
+        raise KdprobeError(f"expected samples >= 1, chunk >= 1, rtol >= 0 and min_samples >= 2, got {samples}, "
+                           f"{chunk}, {rtol}, {min_samples}")
+    out: list[float] = []
+    while len(out) < samples:
+        want = chunk
+        if rtol > 0:
+            if len(out) < min_samples:
+                want = min(chunk, min_samples - len(out))
+            else:
+                arr = np.asarray(out)
+                se = float(arr.std(ddof=1) / math.sqrt(len(arr)))
+                goal = rtol * abs(exact + float(arr.mean()))
+                if se <= goal:
+                    break
+                need = len(arr) * (se / goal) ** 2 if goal > 0 else math.inf
+                want = int(min(chunk, max(1, math.ceil(need - len(arr)))))
+        c = min(want, samples - len(out))
+        v = rademacher((c, dim), generator, dtype).to(device)
+        if basis is not None and len(basis):
+            v = v - (v @ basis.T) @ basis
+        hv = op_many(v)
+        out += (v.to(torch.float64) * hv.to(torch.float64)).sum(dim=1).tolist()
+    return out
+
+
+def trace_interval(samples, *, exact: float = 0.0, confidence: float = 0.95, resamples: int = 2000,
+                   seed: int = 0) -> TraceInterval:
+    """Bootstrap-t interval for exact + mean(samples); flags estimates that are not yet stable."""
+    s = np.asarray(samples, dtype=np.float64)
+    if not 0 < confidence < 1 or resamples < 100:
+        raise KdprobeError(f"expected a confidence in (0, 1) and at least 100 resamples, got {confidence}, {resamples}")
+    n = s.size
+    if n < 2 or not np.all(np.isfinite(s)):
+        return TraceInterval(math.nan, math.nan, confidence, "bootstrap-t|t", False,
+                             f"{n} finite sample(s): no spread to estimate")
+    mean, sd = float(s.mean()), float(s.std(ddof=1))
+    se = sd / math.sqrt(n)
+    if se == 0.0:  # every sample equal (e.g. a zero residual after exact deflation)
+        return TraceInterval(exact + mean, exact + mean, confidence, "bootstrap-t|t", n >= 10,
+                             "" if n >= 10 else f"only {n} samples")
+    rng = np.random.default_rng(seed)
+    a = (1 - confidence) / 2
+    stats: list[np.ndarray] = []
+    for start in range(0, resamples, 500):  # bounded memory: 500 x n at a time
+        b = s[rng.integers(0, n, (min(500, resamples - start), n))]
+        bse = b.std(axis=1, ddof=1) / math.sqrt(n)
+        t = (b.mean(axis=1) - mean) / np.where(bse > 0, bse, np.nan)
+        stats.append(t[np.isfinite(t)])
+    t = np.concatenate(stats)
+    lo_t, hi_t = np.quantile(t, [a, 1 - a])
+    q = float(_sps.t.ppf(1 - a, n - 1))
+    # the union with the t interval: bootstrap-t corrects for skew, t guards the bootstrap's short tails at n ~ 10
+    low = exact + mean - max(hi_t, q) * se
+    high = exact + mean - min(lo_t, -q) * se
+    notes = []
+    if n < 10:
+        notes.append(f"only {n} vectors")
+    g1 = float(((s - mean) ** 3).mean() / ((s - mean) ** 2).mean() ** 1.5)
+    if n < 25 * g1 * g1:  # Cochran's rule (Sampling Techniques, 1977, 2.15) for a normal-enough mean
+        notes.append(f"skewed samples (skewness {g1:.2f}) want >= {math.ceil(25 * g1 * g1)} vectors, got {n}: "
+                     "the interval may still be too narrow")
+    return TraceInterval(float(low), float(high), confidence, "bootstrap-t|t", not notes, "; ".join(notes))
 
 
 def lanczos(op: Op, v0: torch.Tensor, steps: int) -> tuple[np.ndarray, np.ndarray]:

@@ -25,14 +25,27 @@ def sharpness(
                                                           " (Welch + Holm, Hedges' g; unit = one checkpoint).")],
     split: Split = "train",
     samples: Samples = 1024,
-    top_k: Annotated[int, O(help="Number of top eigenvalues (largest magnitude; power iteration with deflation; "
-                                 "at most 1,000 and the model's parameter count).", callback=in_range("top_k"))] = 1,
-    iterations: Annotated[int, O(help="Power-iteration cap per eigenvalue (PyHessian: 100; at most 10,000).",
-                                 callback=in_range("iterations"))] = 100,
-    tol: Annotated[float, O(help="Stop when the eigenvalue's relative change is below this (0 = always --iterations; "
-                                 "PyHessian: 1e-3).", callback=in_range("tol"))] = 1e-3,
-    trace_samples: Annotated[int, O(help="Hutchinson Rademacher vectors for the trace (each value is kept).",
+    top_k: Annotated[int, O(help="Number of top eigenvalues (largest magnitude; at most 1,000 and the model's "
+                                 "parameter count).", callback=in_range("top_k"))] = 1,
+    method: Annotated[str, O(help="lanczos (default): Ritz values of a Lanczos run with full reorthogonalization, "
+                                  "far fewer products for the same tolerance; power: power iteration with deflation "
+                                  "(PyHessian's method).")] = "lanczos",
+    iterations: Annotated[int, O(help="Cap on Lanczos steps, or power steps per eigenvalue (PyHessian: 100; at most "
+                                      "10,000).", callback=in_range("iterations"))] = 100,
+    tol: Annotated[float, O(help="Relative tolerance on the eigenvalues: power stops when the relative change is "
+                                 "below it; lanczos also needs its error bound min(r, r^2/gap) below tol x |value| "
+                                 "(0 = always --iterations; PyHessian: 1e-3).", callback=in_range("tol"))] = 1e-3,
+    trace_samples: Annotated[int, O(help="Cap on the random vectors for the trace (each estimate is kept).",
                                     callback=in_range("trace_samples"))] = 100,
+    trace_method: Annotated[str, O(help="hutch++ (default): the Lanczos basis (or, with --method power, Hutch++'s "
+                                        "sketch) is deflated exactly and Hutchinson runs on the rest, much lower "
+                                        "variance; hutchinson: plain Rademacher v^T H v.")] = "hutch++",
+    trace_rtol: Annotated[float, O(help="Stop sampling the trace once its standard error is below this fraction of "
+                                        "|trace| (at least 10 vectors; 0 = always --trace-samples).",
+                                   callback=in_range("tol"))] = 0.0,
+    trace_sketch: Annotated[int, O(help="hutch++: directions deflated (Lanczos runs at least this many steps; with "
+                                        "--method power, 2 x this extra products).",
+                                   callback=in_range("top_k"))] = 10,
     density: Annotated[bool, O("--density", help="Also the eigenvalue density by stochastic Lanczos quadrature.")] = False,
     lanczos_steps: Annotated[int, O(help="Lanczos steps per density run (at most 10,000 and the model's parameter "
                                          "count).", callback=in_range("lanczos_steps"))] = 80,
@@ -74,10 +87,12 @@ def sharpness(
     from kdprobe.probe_sets import sharpness_part
     from kdprobe.probe_tables import ProbeTables
     from kdprobe.probes.features import NormalizedImages
-    from kdprobe.probes.sharpness import BN_MODES, HVP_MODES, sharpness as measure
+    from kdprobe.probes.sharpness import BN_MODES, EIG_METHODS, HVP_MODES, TRACE_METHODS, sharpness as measure
 
     check_choice("--bn", bn, BN_MODES)
     check_choice("--hvp", hvp, HVP_MODES)
+    check_choice("--method", method, EIG_METHODS)
+    check_choice("--trace-method", trace_method, TRACE_METHODS)
     ps, ref = open_set(checkpoints, interval=interval, reference=reference, group_by=group_by, split=split,
                        samples=samples, arch=arch, arch_kwargs=arch_kwargs,
                        image_size=image_size, dataset=dataset, data_dir=data_dir, device=device,
@@ -90,7 +105,9 @@ def sharpness(
                                    f"size n has n eigenvalues), got {value:,}; pass {flag} {min(n, 10)}")
     x = NormalizedImages(ps.x, ps.data.mean, ps.data.std)[:]
     results = []
-    budget = top_k * iterations + trace_samples + (lanczos_steps * density_runs if density else 0)
+    budget = ((iterations if method == "lanczos" else top_k * iterations) + trace_samples
+              + (2 * trace_sketch if method == "power" and trace_method == "hutch++" else 0)
+              + (lanczos_steps * density_runs if density else 0))
     outer = tqdm(list(zip(ps.loaded, ps.members)), desc="sharpness", unit="ckpt", file=sys.stderr, dynamic_ncols=True)
     for ck, m in outer:
         ck.model.to(ps.device)
@@ -101,7 +118,8 @@ def sharpness(
                                        trace_samples=trace_samples, density=density, lanczos_steps=lanczos_steps,
                                        density_runs=density_runs, bn=bn, batch_size=batch_size,
                                        vectors_per_pass=vectors_per_pass, mode=hvp, keep_graphs=keep_graphs,
-                                       seed=seed, progress=bar.update))
+                                       seed=seed, method=method, trace_method=trace_method,
+                                       trace_rtol=trace_rtol, trace_sketch=trace_sketch, progress=bar.update))
             except KdprobeError as e:  # name the checkpoint the probe refused
                 raise KdprobeError(f"{ck.path}: {e}") from None
         ck.model.to("cpu")
@@ -110,20 +128,26 @@ def sharpness(
     settings = {"dataset": ps.dataset, "split": split, "samples": samples, "samples_used": int(len(ps.y)),
                 "loss": "mean cross-entropy", "bn": bn, "batch_size": batch_size, "top_k": top_k,
                 "iterations": iterations, "tol": tol, "trace_samples": trace_samples, "density": density,
+                "method": method, "trace_method": trace_method, "trace_rtol": trace_rtol,
+                "trace_sketch": trace_sketch if trace_method == "hutch++" else None,
                 "lanczos_steps": lanczos_steps if density else None, "density_runs": density_runs if density else None,
                 "hvp": hvp, "keep_graphs": keep_graphs, "seed": seed, "group_by": group_by, "reference": ref,
                 "confidence": confidence, "interval": interval, "checkpoints": len(ps.members),
                 "variables": "every parameter with requires_grad"}
     tables = ProbeTables("sharpness", settings, part)
-    typer.echo(f"Sharpness of the {split} loss on {ps.dataset}: {len(ps.y)} samples, bn={bn}, top-{top_k} by power "
-               f"iteration (<= {iterations} steps, tol {tol:g}), trace from {trace_samples} Rademacher vectors, "
-               f"seed {seed}")
+    typer.echo(f"Sharpness of the {split} loss on {ps.dataset}: {len(ps.y)} samples, bn={bn}, top-{top_k} by {method} "
+               f"(<= {iterations} steps, tol {tol:g}), trace by {trace_method} from <= {trace_samples} vectors"
+               + (f" (stop at relative se {trace_rtol:g})" if trace_rtol else "") + f", seed {seed}")
     typer.echo(table([{"checkpoint": r["checkpoint"], "group": r["group"], "loss": r["loss"],
                        "top eigenvalue": r["top_eigenvalue"], "residual": r["top_residual"],
                        "iters": r["top_iterations"], "trace": r["trace"], "± se": r["trace_se"]} for r in rows]))
     typer.echo(table(group_table(tables.table("groups"), ["top_eigenvalue", "trace"], digits=3, tested=2)))
     typer.echo(f"mean over checkpoints ± {confidence * 100:g}% CI ({interval}); unit = one checkpoint; "
                + (f"p(Holm), g = vs {ref} (Welch, Holm-adjusted over groups; Hedges' g)" if ref else "no tests"))
+    for ck, r in zip(ps.loaded, results):
+        if not r.trace_stable:  # the interval may be too narrow: say so, with what to do
+            typer.echo(f"warning: {ck.path}: trace {r.trace:.4g} [{r.trace_low:.4g}, {r.trace_high:.4g}] "
+                       f"({r.trace_confidence:.0%}, {r.trace_vectors} vectors) not yet stable: {r.trace_note}")
     if bn == "train":
         typer.echo(f"note: bn=train uses each minibatch's statistics: the loss depends on --batch-size ({batch_size})")
     write_outputs(tables, "checkpoints", csv, json, html)

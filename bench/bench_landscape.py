@@ -206,6 +206,21 @@ def main() -> None:
     print(f"kdprobe bf16 vs fp32, same plane: max relative loss difference "
           f"{info['max_rel_loss_diff_bf16_vs_fp32']:.1e}, max accuracy difference "
           f"{info['max_acc_diff_points_bf16_vs_fp32']:.2f} points (this CPU has bf16 units: {info['bf16_units']})")
+    # achieved GFLOP/s beside this machine's measured fp32 peak (same threads, same run): one grid point is one
+    # forward pass over the samples, 2 FLOP per multiply-accumulate, counted by torch's FLOP counter
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(x[:1])
+    flop_point = fc.get_total_flops() * len(y)
+    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+    a @ b
+    best = min((lambda t: (a @ b, time.perf_counter() - t)[1])(time.perf_counter()) for _ in range(5))
+    peak = 2 * 4096 ** 3 / best / 1e9
+    kd_gf = rows[2]["points_per_s_mean"] * flop_point / 1e9
+    info.update(flop_per_point=flop_point, fp32_peak_gflops=peak, kdprobe_fp32_gflops=kd_gf)
+    print(f"kdprobe fp32: {kd_gf:.1f} GFLOP/s ({flop_point / 1e9:.1f} GFLOP per point) = {kd_gf / peak:.0%} of this "
+          f"machine's measured fp32 peak {peak:.1f} GFLOP/s (4096^2 matrix product, {torch.get_num_threads()} threads)")
     out = ROOT / "bench" / "out" / "landscape_bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(info, indent=2) + "\n")

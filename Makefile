@@ -6,7 +6,7 @@ KD     := $(VENV)/bin/kdprobe
 STAMP  := $(VENV)/.kdprobe-installed
 DEMO   ?= demo-out
 
-.PHONY: demo test install clean bench
+.PHONY: demo test test-portable install clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,19 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The numeric tests (pytest -m numeric) once more on another CPU kernel set than this machine's own:
+# ATen's capability and MKL's and oneDNN's instruction sets one step down (AVX-512 -> AVX2, else
+# -> the scalar/SSE default), THREADS intra-op threads (1; THREADS=2 splits reductions too, slower on
+# 2 cores). A tolerance that only holds for one CPU's rounding fails here instead of elsewhere.
+THREADS ?= 1
+test-portable: $(STAMP)
+	@cap=$$($(PY) -c 'import torch; print(torch.backends.cpu.get_cpu_capability())'); \
+	if [ "$$cap" = AVX512 ]; then set -- ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2; \
+	else set -- ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41; fi; \
+	echo "test-portable: native ATen capability $$cap; numeric tests under $$* KDPROBE_TEST_THREADS=$(THREADS)"; \
+	env "$$@" KDPROBE_TEST_THREADS=$(THREADS) $(PY) -m pytest -m numeric -p no:cacheprovider; \
+	rc=$$?; echo "test-portable: ran under $$*, $(THREADS) thread(s)"; exit $$rc
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -45,6 +45,30 @@ def shared_cifar_available() -> bool:
     return SHARED_CIFAR.exists()
 
 
+#: modules whose tests compare numbers computed two ways (batched vs naive, fp32 vs float64, ours vs a reference)
+#: under a tolerance: marked `numeric`, and `make test-portable` runs them again on another CPU kernel set, so a
+#: tolerance that only holds for this CPU's kernels fails in CI instead of on someone else's machine
+NUMERIC_MODULES = frozenset({
+    "test_agreement", "test_barrier", "test_bn_fold", "test_calibration", "test_cka", "test_compare",
+    "test_diversity", "test_landscape", "test_landscape_files", "test_machine", "test_pruning",
+    "test_recipes_units", "test_sharpness", "test_stats", "test_surplus",
+})
+#: numeric tests left out of the portable run for time (each 10-20 s on 2 cores); the full suite still runs them
+NUMERIC_SLOW = frozenset({"test_torchrun_two_ranks_equal_one", "test_the_input_hook_survives_folding"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__ in NUMERIC_MODULES and item.originalname not in NUMERIC_SLOW:
+            item.add_marker(pytest.mark.numeric)
+
+
+def pytest_report_header(config):
+    from kdprobe.machine import describe, machine
+
+    return f"kdprobe machine: {describe(machine())}"
+
+
 def pytest_configure(config):
     # tiny tensors: one thread avoids oversubscription on small shared machines (10-50x faster here).
     # KDPROBE_TEST_THREADS=2 runs the suite with two intra-op threads (reductions split into partial

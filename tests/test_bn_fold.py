@@ -12,6 +12,7 @@ from kdprobe.models import create_model
 from kdprobe.preprocess import fit_input
 from kdprobe.probes.bn_fold import fold_plan
 from kdprobe.probes.landscape_eval import PointEvaluator
+from tolerance import cross_entropy_atol
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -116,5 +117,11 @@ def test_the_input_hook_survives_folding():
     ev = _same_numbers(model, x, y)
     loss, _ = ev({k: v.detach()[None] for k, v in [*model.named_parameters(), *model.named_buffers()]})
     with torch.no_grad():
-        want = nn.functional.cross_entropy(model.eval()(x), y)
-    assert float(loss[0]) == pytest.approx(float(want), rel=1e-5)
+        logits = model.eval()(x)
+    want = nn.functional.cross_entropy(logits, y)
+    # folded vs plain resnet18 (61 layers, 32k roundings deep): 1e-5 held on AVX-512 but not under
+    # ATEN_CPU_CAPABILITY=default with 2 threads (1.02e-5). The bound follows the depth and the logits
+    # (tests/tolerance.py; probabilistic, as the worst case of so deep a net is 4% of this loss) and
+    # stays far below what a wrong fold changes (logits off by O(1))
+    tol = cross_entropy_atol(model, x, logits, probabilistic=True)
+    assert float(loss[0]) == pytest.approx(float(want), rel=0, abs=tol) and tol < 0.02 * float(want)

@@ -50,11 +50,12 @@ def shared_cifar_available() -> bool:
 #: tolerance that only holds for this CPU's kernels fails in CI instead of on someone else's machine
 NUMERIC_MODULES = frozenset({
     "test_agreement", "test_barrier", "test_bn_fold", "test_calibration", "test_cka", "test_compare",
-    "test_diversity", "test_landscape", "test_landscape_files", "test_machine", "test_pruning",
-    "test_recipes_units", "test_sharpness", "test_stats", "test_surplus",
+    "test_diversity", "test_landscape", "test_landscape_files", "test_machine", "test_preprocess", "test_pruning",
+    "test_recipes_units", "test_sharpness", "test_stats", "test_surplus", "test_zoo_rnp",
 })
 #: numeric tests left out of the portable run for time (each 10-20 s on 2 cores); the full suite still runs them
-NUMERIC_SLOW = frozenset({"test_torchrun_two_ranks_equal_one", "test_the_input_hook_survives_folding"})
+NUMERIC_SLOW = frozenset({"test_torchrun_two_ranks_equal_one", "test_the_input_hook_survives_folding",
+                          "test_a_fixed_head_model_names_the_size_it_needs"})
 
 
 def pytest_collection_modifyitems(config, items):

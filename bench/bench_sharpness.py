@@ -51,9 +51,9 @@ sys.path.insert(0, str(ROOT))
 try:  # the checkpoint and data modules may live in sub-packages
     from kdprobe.checkpoints import load_checkpoint  # type: ignore
 except ImportError:
-    from kdprobe.checkpoint import load_checkpoint
+    from kdprobe.checkpoints.format import load_checkpoint
 try:
-    from kdprobe.data import load_dataset
+    from kdprobe.data.datasets import load_dataset
 except ImportError:  # pragma: no cover
     from kdprobe.data.datasets import load_dataset  # type: ignore
 from kdprobe.models import create_model

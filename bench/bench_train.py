@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kdprobe.data import load_dataset
+from kdprobe.data.datasets import load_dataset
 from kdprobe.models import create_model
 from trainers.config import TrainConfig
 from trainers.recipes import Recipe
@@ -122,7 +122,7 @@ def main() -> None:
         p.requires_grad_(False)
     jobs = {"scratch": lambda: tensor_resident_rate(data, TrainConfig(**base), dev, args.images)}
     if args.only in ("loader", "all"):
-        from kdprobe.data import _extract_archive
+        from kdprobe.data.datasets import _extract_archive
 
         root = _extract_archive(ARCHIVE)
         jobs["dataloader"] = lambda: dataloader_rate(root, dev, args.images, args.batch_size, args.workers)

@@ -7,7 +7,7 @@ Prints, on the GPU it finds:
      reference codebases': torch DataLoader with workers, PIL RandomCrop(32, 4) + flip + ToTensor
      + Normalize per image, pinned host batches copied to the GPU), x eager vs torch.compile(model).
      Every step: bf16 autocast, SGD (momentum 0.9, wd 5e-4), channels-last, as the loop runs it.
-     Training runs as `kdprobe train` does: deterministic kernels and TF32 off (kdprobe.precision);
+     Training runs as `kdprobe train` does: deterministic kernels and TF32 off (kdprobe.runtime.precision);
      one more row measures the cost of that default (batch 512, --no-deterministic: cuDNN autotuning).
   2. Loss-landscape grid points/s (kdprobe.probes.landscape.compute_surface, default chunking, the
      model in the layout `kdprobe landscape` gives it, not channels-last), in fp32 (TF32 off, the
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kdprobe.data import TensorData, load_dataset, normalize  # noqa: E402
+from kdprobe.data.datasets import TensorData, load_dataset, normalize  # noqa: E402
 from kdprobe.models import create_model  # noqa: E402
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -179,7 +179,7 @@ def landscape_rate(data, dev, *, model, samples, steps, precisions=("fp32", "tf3
 
 def diversity_time(data, dev, *, model, n, repeats):
     """(median seconds of one jacobian_score, the score, its relative change with TF32 on)."""
-    from kdprobe.precision import numerics
+    from kdprobe.runtime.precision import numerics
     from kdprobe.probes.diversity import correlation_matrix, input_jacobian, jacobian_score, score_from_eigenvalues
 
     m, _ = _model(model, data, dev, False, channels_last=False)
@@ -202,7 +202,7 @@ def diversity_time(data, dev, *, model, n, repeats):
 
 def versions(dev) -> dict:
     """What this run ran with: the device machine's python may carry another torch than the project's .venv."""
-    from kdprobe.precision import numerics_state
+    from kdprobe.runtime.precision import numerics_state
 
     v = {"python": platform.python_version(), "executable": sys.executable, "torch": torch.__version__,
          "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available()
@@ -277,7 +277,7 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown step(s) {unknown}; expected some of {','.join(STEPS)}")
 
-    from kdprobe.precision import deterministic, fp32_exact
+    from kdprobe.runtime.precision import deterministic, fp32_exact
 
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")

@@ -48,7 +48,7 @@ def data(n: int, dev: torch.device):
 
 def serial(model, x, y, dirs, coords, batch=128):
     """Li et al.-style: weights set in place, model.eval(), batches of 128, .item() per batch; TF32 off."""
-    from kdprobe.precision import fp32_exact
+    from kdprobe.runtime.precision import fp32_exact
 
     with fp32_exact():
         return _serial(model, x, y, dirs, coords, batch)

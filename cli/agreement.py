@@ -51,8 +51,8 @@ def agreement(
 ):
     """Pairwise agreement of checkpoints and the ensembles of each group (one forward pass per checkpoint)."""
     from kdprobe.errors import KdprobeError
-    from kdprobe.probe_sets import AGREEMENT_NOTES, agreement_part, group_ensembles
-    from kdprobe.probe_tables import ProbeTables, ensemble_tables
+    from kdprobe.probes.sets import AGREEMENT_NOTES, agreement_part, group_ensembles
+    from kdprobe.probes.tables import ProbeTables, ensemble_tables
 
     if max_subsets < 1 or bins < 1:
         raise KdprobeError(f"expected --max-subsets >= 1 and --bins >= 1, got {max_subsets} and {bins}")

@@ -16,7 +16,7 @@ cache_app = typer.Typer(
 
 def list_entries():
     """List every cache entry: its name (what `kdprobe cache clear` takes), kind, size, last use and source."""
-    from kdprobe.cache import human, list_cache, since
+    from kdprobe.data.cache import human, list_cache, since
 
     listing = list_cache()
     if not listing.entries:
@@ -36,7 +36,7 @@ def clear(
     """Remove cache entries. An entry another kdprobe process is extracting or reading is never removed: a named one
     makes the command refuse (nothing removed), --all leaves it and says so. Links inside the cache are removed
     as links; what they point at is never touched."""
-    from kdprobe.cache import clear_cache, human
+    from kdprobe.data.cache import clear_cache, human
 
     result = clear_cache(entries or (), everything=all_)
     for e in result.removed:

@@ -47,8 +47,8 @@ def calibration(
 ):
     """Calibration (ECE, NLL, Brier, reliability) per checkpoint and group (one forward pass per checkpoint)."""
     from kdprobe.errors import KdprobeError
-    from kdprobe.probe_sets import CALIBRATION_MAIN, CALIBRATION_NOTES, calibration_part, temperature_note
-    from kdprobe.probe_tables import ProbeTables
+    from kdprobe.probes.sets import CALIBRATION_MAIN, CALIBRATION_NOTES, calibration_part, temperature_note
+    from kdprobe.probes.tables import ProbeTables
 
     if bins < 1:
         raise KdprobeError(f"expected --bins >= 1, got {bins}")

@@ -65,9 +65,9 @@ def cka(
     """Linear CKA: layer x layer for two checkpoints, or per pair type at one layer for a group."""
     from tqdm import tqdm
 
-    from kdprobe.pairs import PairRecord, classify
-    from kdprobe.probe_sets import PAIR_UNIT, cka_group_part
-    from kdprobe.probe_tables import ProbeTables, flat, pair_records
+    from kdprobe.probes.pairs import PairRecord, classify
+    from kdprobe.probes.sets import PAIR_UNIT, cka_group_part
+    from kdprobe.probes.tables import ProbeTables, flat, pair_records
     from kdprobe.probes.cka import ESTIMATORS, CkaCache, cka_matrix
     from kdprobe.probes.features import NormalizedImages, penultimate_layer
 

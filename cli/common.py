@@ -16,7 +16,7 @@ from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageErro
 from typer.core import TyperGroup
 
 from kdprobe.errors import Interrupted, KdprobeError
-from kdprobe.io import atomic_write_text, run_scope
+from kdprobe.files.io import atomic_write_text, run_scope
 from kdprobe.ranges import abbreviate, parse_json
 
 
@@ -58,7 +58,7 @@ def stdout_closed() -> None:
 
 def handle_errors(fn: Callable) -> Callable:
     """Turn library errors into one stderr line and exit 1 (no traceback); exit 2 only for our bugs.
-    The command runs in one kdprobe.io.run_scope: the outputs check_outputs locks stay locked until it ends."""
+    The command runs in one kdprobe.files.io.run_scope: the outputs check_outputs locks stay locked until it ends."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -303,7 +303,7 @@ def checked(parse: Callable) -> Callable:
 
 
 def _parse_image_size(value):
-    from kdprobe.preprocess import parse_image_size
+    from kdprobe.data.preprocess import parse_image_size
 
     return parse_image_size(value)
 

@@ -36,8 +36,8 @@ def compare(
 
     Numbers must be bit-equal when both summaries were computed on the same machine type (CPU capability, threads, torch version, GPU: versions.machine); across machine types float results differ by rounding, so a stated tolerance (rtol 1e-4, atol 1e-6) is applied and the output says so. A study that trains gives other weights on another machine type: expect differences then, within the run-to-run spread.
     """
-    from kdprobe.summary_diff import compare as diff
-    from kdprobe.summary_diff import gpu_reasons, load_summary
+    from kdprobe.studies.compare import compare as diff
+    from kdprobe.studies.compare import gpu_reasons, load_summary
 
     sa, sb = load_summary(a), load_summary(b)
     for line in gpu_reasons(sa, sb):  # one or both ran on a GPU: what decides whether they can agree bit for bit

@@ -64,13 +64,13 @@ def diversity(
     """Representation diversity per group of checkpoints: mean over models, spread, interval and tests."""
     from tqdm import tqdm
 
-    from kdprobe.checkpoint import load_checkpoint
-    from kdprobe.data import load_dataset
-    from kdprobe.diversity_table import DiversitySettings, DiversityTable, ModelScore, summarize_groups
+    from kdprobe.checkpoints.format import load_checkpoint
+    from kdprobe.data.datasets import load_dataset
+    from kdprobe.probes.diversity_table import DiversitySettings, DiversityTable, ModelScore, summarize_groups
     from kdprobe.errors import KdprobeError
-    from kdprobe.outputs import check_outputs
-    from kdprobe.inputs import check_model_data, require_distinct, same_data
-    from kdprobe.preprocess import input_size_of, parse_image_size
+    from kdprobe.files.outputs import check_outputs
+    from kdprobe.checkpoints.inputs import check_model_data, require_distinct, same_data
+    from kdprobe.data.preprocess import input_size_of, parse_image_size
     from kdprobe.probes.diversity import BN_MODES, OUTPUTS, VARIANTS, jacobian_scores, probe_batches
     from kdprobe.stats import INTERVALS
     from kdprobe.writers.diversity_files import write_diversity_csv, write_diversity_json

@@ -28,13 +28,13 @@ def evaluate(
     """Evaluate checkpoints (no augmentation, BN in eval mode)."""
     from tqdm import tqdm
 
-    from kdprobe.checkpoint import load_checkpoint
-    from kdprobe.data import load_dataset
+    from kdprobe.checkpoints.format import load_checkpoint
+    from kdprobe.data.datasets import load_dataset
     from kdprobe.errors import KdprobeError
-    from kdprobe.evaluate import evaluate as run_eval
-    from kdprobe.outputs import check_outputs
-    from kdprobe.inputs import check_model_data
-    from kdprobe.preprocess import parse_image_size
+    from kdprobe.probes.evaluate import evaluate as run_eval
+    from kdprobe.files.outputs import check_outputs
+    from kdprobe.checkpoints.inputs import check_model_data
+    from kdprobe.data.preprocess import parse_image_size
     from trainers.loop import resolve_device
 
     if split not in ("test", "train", "both"):

@@ -18,9 +18,9 @@ def info(
     json: Annotated[Optional[Path], O(help="Also write everything as JSON.")] = None,
 ):
     """Show a checkpoint: architecture, size (params, FLOPs, nonzeros), recipe, accuracies, provenance."""
-    from kdprobe.checkpoint import load_checkpoint
-    from kdprobe.outputs import check_outputs
-    from kdprobe.preprocess import image_size_for
+    from kdprobe.checkpoints.format import load_checkpoint
+    from kdprobe.files.outputs import check_outputs
+    from kdprobe.data.preprocess import image_size_for
     from kdprobe.pruning import count_flops, count_nonzero, count_nonzero_flops, count_params
 
     archs = arch_choice(arch, arch_kwargs)
@@ -85,7 +85,7 @@ def info(
     if ck.extra:
         lines.append("extra       " + ", ".join(sorted(ck.extra)))
     if meta.get("versions"):
-        from kdprobe.machine import describe, machine_of
+        from kdprobe.runtime.machine import describe, machine_of
 
         lines.append("versions    " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if k != "machine"))
         if machine_of(meta["versions"]):

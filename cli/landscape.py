@@ -40,10 +40,10 @@ def _setup(device: str):
 
 def _load_samples(ck, dataset, data_dir, split, samples, dev, also=(), image_size=None):
     """The first `samples` examples of `split` (no augmentation), normalized, on `dev`; `ck` (and the
-    checkpoints in `also`) checked against the data first (kdprobe.inputs.check_model_data)."""
-    from kdprobe.data import load_dataset
+    checkpoints in `also`) checked against the data first (kdprobe.checkpoints.inputs.check_model_data)."""
+    from kdprobe.data.datasets import load_dataset
     from kdprobe.errors import KdprobeError
-    from kdprobe.inputs import check_model_data
+    from kdprobe.checkpoints.inputs import check_model_data
 
     if split not in ("train", "test"):
         raise KdprobeError(f"expected --split train or test, got {split!r}")
@@ -67,7 +67,7 @@ def _load_samples(ck, dataset, data_dir, split, samples, dev, also=(), image_siz
 def _paths(command: str, out: Path, h5: Optional[Path], html: bool, inputs: dict, overwrite: bool = False):
     """(h5, vtk, html) paths of a landscape/interpolate run, checked by the one output rule before any work."""
     from kdprobe.errors import KdprobeError
-    from kdprobe.outputs import check_outputs
+    from kdprobe.files.outputs import check_outputs
 
     if out.suffix.lower() not in OUT_SUFFIXES:
         raise KdprobeError(f"expected --out ending in {', '.join(OUT_SUFFIXES)}, got {out.name!r}; rename it")
@@ -185,11 +185,11 @@ def landscape(
     import numpy as np
 
     import kdprobe
-    from kdprobe.checkpoint import load_checkpoint
+    from kdprobe.checkpoints.format import load_checkpoint
     from kdprobe.errors import Interrupted, KdprobeError
-    from kdprobe.io import WriteError
+    from kdprobe.files.io import WriteError
     from kdprobe.probes.distributed import shutdown
-    from kdprobe.preprocess import input_size_of, parse_image_size
+    from kdprobe.data.preprocess import input_size_of, parse_image_size
     from kdprobe.probes.landscape import (check_directions, check_grid_memory, compute_surface, make_directions,
                                           parse_grid)
     from kdprobe.probes.landscape_eval import BN_MODES, resolve_precision
@@ -334,12 +334,12 @@ def interpolate(
     import numpy as np
 
     import kdprobe
-    from kdprobe.checkpoint import load_checkpoint
+    from kdprobe.checkpoints.format import load_checkpoint
     from kdprobe.errors import KdprobeError
-    from kdprobe.inputs import same_data
+    from kdprobe.checkpoints.inputs import same_data
     from kdprobe.probes.barrier import barrier as path_barrier
     from kdprobe.probes.distributed import shutdown
-    from kdprobe.preprocess import input_size_of, parse_image_size
+    from kdprobe.data.preprocess import input_size_of, parse_image_size
     from kdprobe.probes.landscape import check_grid_memory, interpolate as run_interpolate, parse_grid
     from kdprobe.probes.landscape_eval import BN_MODES, resolve_precision
     from kdprobe.writers.landscape_h5 import write_line_h5

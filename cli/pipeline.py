@@ -66,7 +66,7 @@ def pruning(
 ):
     """Train scratch and KD teachers, prune, fine-tune (Scratch, Pre-Distill, Post-Distill, Pre-Post, Self-Distill),
     write results.csv and the surplus table. Cells whose checkpoints exist are skipped, so re-running resumes."""
-    from kdprobe.outputs import check_outputs
+    from kdprobe.files.outputs import check_outputs
     from trainers.pipeline import PipelineSpec, run_pruning_pipeline
 
     check_outputs("pipeline", {"--out": (out, "folder")})

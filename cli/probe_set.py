@@ -40,7 +40,7 @@ class ProbeSet:
     loaded: list
     members: list
     dataset: str
-    data: object  # kdprobe.data.TensorData
+    data: object  # kdprobe.data.datasets.TensorData
     x: object  # uint8 images of the chosen samples
     y: object  # their labels
     split: str
@@ -67,13 +67,13 @@ def load_set(patterns, *, group_by: str, split: str, samples: int, arch, dataset
     copies), require one dataset that fits every model, pick the samples."""
     from tqdm import tqdm
 
-    from kdprobe.checkpoint import load_checkpoint
-    from kdprobe.data import load_dataset
+    from kdprobe.checkpoints.format import load_checkpoint
+    from kdprobe.data.datasets import load_dataset
     from kdprobe.errors import KdprobeError
-    from kdprobe.inputs import check_model_data, require_distinct
-    from kdprobe.outputs import check_outputs
-    from kdprobe.pairs import members_from_checkpoints
-    from kdprobe.preprocess import parse_image_size
+    from kdprobe.checkpoints.inputs import check_model_data, require_distinct
+    from kdprobe.files.outputs import check_outputs
+    from kdprobe.probes.pairs import members_from_checkpoints
+    from kdprobe.data.preprocess import parse_image_size
     from trainers.loop import resolve_device
 
     check_choice("--split", split, ("test", "train"))

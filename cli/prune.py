@@ -27,7 +27,7 @@ def prune(
                                       "written completely before it replaces the old).")] = False,
 ):
     """Prune a checkpoint; structured methods write a physically smaller network, weight pruning writes masks."""
-    from kdprobe.outputs import check_outputs
+    from kdprobe.files.outputs import check_outputs
     from kdprobe.pruning import prune_checkpoint
 
     archs = arch_choice(arch, arch_kwargs)

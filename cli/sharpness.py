@@ -84,8 +84,8 @@ def sharpness(
     from tqdm import tqdm
 
     from kdprobe.errors import KdprobeError
-    from kdprobe.probe_sets import sharpness_part
-    from kdprobe.probe_tables import ProbeTables
+    from kdprobe.probes.sets import sharpness_part
+    from kdprobe.probes.tables import ProbeTables
     from kdprobe.probes.features import NormalizedImages
     from kdprobe.probes.sharpness import BN_MODES, EIG_METHODS, HVP_MODES, TRACE_METHODS, sharpness as measure
 

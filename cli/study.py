@@ -9,7 +9,7 @@ import typer
 
 from cli.common import TqdmProgress, folder_interrupted, ranged, table
 from kdprobe.ranges import Range
-from kdprobe.study_spec import builtin_specs
+from kdprobe.studies.spec import builtin_specs
 
 O = typer.Option
 
@@ -62,7 +62,7 @@ def _f(v, fmt=".2f"):
 
 def _stats_table(groups, digits, conf, bounds):
     """Group rows with the interval's ends clipped to what the metric can take (marked *; files keep raw ends)."""
-    from kdprobe.diversity_table import clip_end
+    from kdprobe.probes.diversity_table import clip_end
 
     rows = []
     for g in groups:
@@ -82,7 +82,7 @@ def _verdict_table(verdicts):
 
 
 def _list_specs() -> None:
-    from kdprobe.study_spec import builtin_specs, read_spec
+    from kdprobe.studies.spec import builtin_specs, read_spec
 
     rows = []
     for name, path in builtin_specs().items():
@@ -130,7 +130,7 @@ def study(
     ensemble-perspective (agreement, ensembles, calibration, CKA, sharpness, with the ensemble-reading verdicts),
     landscape and surplus probes, and write DIR/report.html (offline) and DIR/summary.json."""
     from kdprobe.errors import KdprobeError
-    from kdprobe.study_spec import load_spec
+    from kdprobe.studies.spec import load_spec
     from trainers.study import plan_cells, run_study
 
     if list_:
@@ -139,7 +139,7 @@ def study(
     if spec is None or out is None:
         raise KdprobeError("expected a study and --out, e.g. `kdprobe study table6 --out runs/t6`; "
                            "`kdprobe study --list` shows the built-in studies")
-    from kdprobe.outputs import check_outputs
+    from kdprobe.files.outputs import check_outputs
 
     check_outputs("study", {"--out": (out, "folder")})
     resolved, text = load_spec(spec, scale, set_ or (), dataset=dataset, data_dir=data_dir)
@@ -154,7 +154,7 @@ def study(
     except KeyboardInterrupt as e:
         raise folder_interrupted(e, out) from None
 
-    from kdprobe.diversity_table import ACCURACY_BOUNDS, score_bounds
+    from kdprobe.probes.diversity_table import ACCURACY_BOUNDS, score_bounds
 
     trained = sum(c.action != "existing" for c in res.cells)
     clip = "; * = interval end clipped to what the metric can take"

@@ -22,7 +22,7 @@ def surplus(
 ):
     """Surplus = (SelfDistill - Finetuned_scratch) - (Unpruned_KD - Unpruned_scratch), averaged over runs."""
     from kdprobe.errors import KdprobeError
-    from kdprobe.outputs import check_outputs
+    from kdprobe.files.outputs import check_outputs
     from kdprobe.probes.surplus import compute_surplus, read_results_csv
     from kdprobe.writers.surplus_files import write_surplus_csv, write_surplus_json
 

@@ -53,11 +53,11 @@ def train(
     quiet: Annotated[bool, O(help="No progress bar.")] = False,
 ):
     """Train one model (scratch, CutMix, AutoAugment, label/feature KD, fine-tuning) and save a checkpoint."""
-    from kdprobe.checkpoint import load_checkpoint
-    from kdprobe.data import load_dataset
+    from kdprobe.checkpoints.format import load_checkpoint
+    from kdprobe.data.datasets import load_dataset
     from kdprobe.errors import KdprobeError
-    from kdprobe.outputs import check_outputs
-    from kdprobe.preprocess import parse_image_size
+    from kdprobe.files.outputs import check_outputs
+    from kdprobe.data.preprocess import parse_image_size
     from trainers.config import make_config, parse_milestones
     from trainers.loop import log_path, partial_path, train as run_train
 

@@ -1,5 +1,5 @@
 """kdprobe: train and probe image-classifier checkpoints (KD, pruning, augmentation)."""
-__version__ = "0.1.0"
+from kdprobe.version import __version__
 
 from kdprobe.errors import KdprobeError
 from kdprobe.models import create_model, list_models

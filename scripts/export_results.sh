@@ -14,7 +14,7 @@ mkdir -p "$dest"
 "$py" - "$src" <<'PY'
 import json, sys
 from pathlib import Path
-from kdprobe.study_result import from_dict
+from kdprobe.studies.result import from_dict
 from kdprobe.writers.report import write_landscape_page
 from kdprobe.writers.report_markdown import write_report_markdown
 src = Path(sys.argv[1])

@@ -65,7 +65,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_report_header(config):
-    from kdprobe.machine import describe, machine
+    from kdprobe.runtime.machine import describe, machine
 
     return f"kdprobe machine: {describe(machine())}"
 

@@ -9,7 +9,7 @@ from scipy.spatial.distance import jensenshannon
 from scipy.stats import entropy
 
 from kdprobe.errors import KdprobeError
-from kdprobe.pairs import Member, classify, summarize_pair_types
+from kdprobe.probes.pairs import Member, classify, summarize_pair_types
 from kdprobe.probes.agreement import agreement, pairwise_agreement
 from kdprobe.probes.calibration import metrics
 from kdprobe.probes.ensemble import compare_gains, ensemble_log_probs, group_ensemble

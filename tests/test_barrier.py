@@ -48,7 +48,7 @@ def test_interpolate_prints_and_stores_the_barrier(tmp_path):
     import typer
     from cli.common import handle_errors
     from cli.landscape import interpolate
-    from kdprobe.checkpoint import save_checkpoint
+    from kdprobe.checkpoints.format import save_checkpoint
     from kdprobe.models import create_model
     from kdprobe.writers.landscape_h5 import read_line_h5
 

@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 
 from conftest import settle_bn
-from kdprobe.data import TensorData
+from kdprobe.data.datasets import TensorData
 from kdprobe.models import create_model
-from kdprobe.preprocess import fit_input
+from kdprobe.data.preprocess import fit_input
 from kdprobe.probes.bn_fold import fold_plan
 from kdprobe.probes.landscape_eval import PointEvaluator
 from tolerance import cross_entropy_atol

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdprobe.checkpoint import load_checkpoint, save_checkpoint
+from kdprobe.checkpoints.format import load_checkpoint, save_checkpoint
 from kdprobe.errors import KdprobeError
 from kdprobe.models import create_model
 
@@ -33,13 +33,13 @@ def test_pruned_widths_rebuild_from_checkpoint_alone(tmp_path):
 def test_no_partial_file_is_left_on_failure(tmp_path, tiny_resnet, monkeypatch):
     import errno
 
-    import kdprobe.io
-    real_write = kdprobe.io._write_file
+    import kdprobe.files.io
+    real_write = kdprobe.files.io._write_file
 
     def boom(path, data):
         real_write(path, data[:10])
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(kdprobe.io, "_write_file", boom)
+    monkeypatch.setattr(kdprobe.files.io, "_write_file", boom)
     with pytest.raises(KdprobeError, match="no space left on .*a.pt"):
         save_checkpoint(tmp_path / "a.pt", tiny_resnet, {})
     assert list(tmp_path.iterdir()) == []
@@ -108,16 +108,20 @@ def test_missing_and_corrupt_files(tmp_path):
 
 
 def test_foreign_vgg_with_other_layer_names_and_cfg_loads(tmp_path):
-    """rethinking-network-pruning names VGG layers `feature.N` and stores a slimmed `cfg`."""
+    """rethinking-network-pruning names VGG layers `feature.N` and stores a slimmed `cfg`: its own architecture
+    (rnp-slimming:vgg19) loads it by name; kdprobe's vgg19_bn (`features.N`) is refused by name, never loaded by
+    position (equal shapes in equal order are not equal roles)."""
     cfg = [8, "M", 16, "M", 16, 16, "M", 32, "M", 32]
-    src = create_model("vgg19_bn", num_classes=10, cfg=cfg)
-    sd = {k.replace("features.", "feature."): v for k, v in src.state_dict().items()}
-    torch.save({"state_dict": sd, "cfg": cfg, "epoch": 160, "best_prec1": 0.93}, tmp_path / "vgg.pth.tar")
-    ck = load_checkpoint(tmp_path / "vgg.pth.tar", arch="vgg19")
-    assert ck.model.arch["kwargs"]["cfg"] == cfg
-    assert _same_weights(ck.model, src)
-    x = torch.randn(2, 3, 32, 32)
-    assert torch.equal(ck.model(x), src.eval()(x))
+    src = create_model("rnp-slimming:vgg19", num_classes=10, cfg=cfg)
+    torch.save({"state_dict": src.state_dict(), "cfg": cfg, "epoch": 160, "best_prec1": 0.93}, tmp_path / "vgg.pth.tar")
+    for arch in ("rnp-slimming:vgg19",):
+        ck = load_checkpoint(tmp_path / "vgg.pth.tar", arch=arch)
+        assert ck.model.arch["name"] == "rnp-slimming:vgg19" and ck.model.arch["kwargs"]["cfg"] == cfg
+        assert _same_weights(ck.model, src)
+        x = torch.randn(2, 3, 32, 32)
+        assert torch.equal(ck.model(x), src.eval()(x))
+    with pytest.raises(KdprobeError, match=r"keys match by name.*missing key 'features.0.weight'"):
+        load_checkpoint(tmp_path / "vgg.pth.tar", arch="vgg19")
 
 
 def test_foreign_width_multiplier_is_inferred_from_the_stem(tmp_path):

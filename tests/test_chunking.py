@@ -8,7 +8,7 @@ import torch
 
 from kdprobe.errors import KdprobeError
 from kdprobe.models import create_model
-from kdprobe.precision import NumericsWarning
+from kdprobe.runtime.precision import NumericsWarning
 from kdprobe.probes import landscape_eval as le
 
 GB = 1 << 30

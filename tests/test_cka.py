@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from kdprobe import create_model
 from kdprobe.errors import KdprobeError
-from kdprobe.pairs import Member
+from kdprobe.probes.pairs import Member
 from kdprobe.probes.cka import CkaCache, batch_bounds, cka_matrix, linear_cka, pairwise_cka
 from kdprobe.probes.features import default_layers, layer_features, penultimate_layer
 from tolerance import network_rtol, sum_rtol

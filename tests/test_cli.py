@@ -7,9 +7,9 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from kdprobe.checkpoint import load_checkpoint
-from kdprobe.evaluate import evaluate
-from kdprobe.data import load_dataset
+from kdprobe.checkpoints.format import load_checkpoint
+from kdprobe.probes.evaluate import evaluate
+from kdprobe.data.datasets import load_dataset
 
 runner = CliRunner()
 TINY = ["--model", "resnet8b", "--width", "0.25", "--train-subset", "128", "--epochs", "1", "--quiet"]

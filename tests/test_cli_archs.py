@@ -1,6 +1,6 @@
 """Every command takes every checkpoint: --arch / --arch-kwargs for all files or per file (FILE=...),
 auto-detection when neither is given, and --dataset / --image-size where data is read. The numbers
-are checked against the reference models evaluated directly (kdprobe.evaluate on the same tensors)."""
+are checked against the reference models evaluated directly (kdprobe.probes.evaluate on the same tensors)."""
 from __future__ import annotations
 
 import json
@@ -12,11 +12,11 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from kdprobe.checkpoint import load_checkpoint, save_checkpoint
-from kdprobe.data import load_dataset
-from kdprobe.evaluate import evaluate
+from kdprobe.checkpoints.format import load_checkpoint, save_checkpoint
+from kdprobe.data.datasets import load_dataset
+from kdprobe.probes.evaluate import evaluate
 from kdprobe.models import create_model
-from kdprobe.preprocess import eval_resize
+from kdprobe.data.preprocess import eval_resize
 
 K = 3
 USER = """

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-checkpoint = pytest.importorskip("kdprobe.checkpoint")
+checkpoint = pytest.importorskip("kdprobe.checkpoints.format")
 typer = pytest.importorskip("typer")
 from typer.testing import CliRunner  # noqa: E402
 
-from kdprobe.data import load_dataset, normalize  # noqa: E402
+from kdprobe.data.datasets import load_dataset, normalize  # noqa: E402
 from kdprobe.models import create_model  # noqa: E402
 from kdprobe.probes.diversity import jacobian_score, probe_indices  # noqa: E402
 

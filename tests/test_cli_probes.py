@@ -10,8 +10,8 @@ import torch
 typer = pytest.importorskip("typer")
 from typer.testing import CliRunner  # noqa: E402
 
-from kdprobe.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from kdprobe.data import load_dataset, normalize  # noqa: E402
+from kdprobe.checkpoints.format import load_checkpoint, save_checkpoint  # noqa: E402
+from kdprobe.data.datasets import load_dataset, normalize  # noqa: E402
 from kdprobe.models import create_model  # noqa: E402
 from kdprobe.probes.agreement import agreement as pair_agreement  # noqa: E402
 from kdprobe.probes.calibration import calibration, metrics  # noqa: E402
@@ -104,7 +104,7 @@ def test_agreement_json_csv_html_hold_the_library_values(zoo, tmp_path):
 
 def _assert_svg_only(doc):
     """The figure built from the JSON's tables has only SVG trace types (no WebGL anywhere)."""
-    from kdprobe.probe_tables import ProbeTables
+    from kdprobe.probes.tables import ProbeTables
     from kdprobe.writers.probe_plots import probe_figure
 
     tables = ProbeTables(doc["command"], doc["settings"],

@@ -1,4 +1,4 @@
-"""kdprobe compare: two study summaries number by number (kdprobe.summary_diff)."""
+"""kdprobe compare: two study summaries number by number (kdprobe.studies.compare)."""
 import copy
 import json
 
@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from kdprobe.errors import KdprobeError
-from kdprobe.summary_diff import compare, load_summary
+from kdprobe.studies.compare import compare, load_summary
 
 BASE = {"format": "kdprobe-study", "name": "t", "created": "2026-01-01T00:00:00", "wall_seconds": 10.0,
         "source": "/a/spec.toml",
@@ -106,7 +106,7 @@ def _other_machine(d=None, **fields):
 
 
 def test_same_machine_is_bit_equal_other_machine_gets_the_stated_tolerance():
-    from kdprobe.summary_diff import CROSS_MACHINE_ATOL, CROSS_MACHINE_RTOL
+    from kdprobe.studies.compare import CROSS_MACHINE_ATOL, CROSS_MACHINE_RTOL
 
     close = BASE["cells"][0]["test_acc"] * (1 + CROSS_MACHINE_RTOL / 10)  # a rounding-size change
     far = BASE["cells"][0]["test_acc"] * (1 + CROSS_MACHINE_RTOL * 10)  # a real change

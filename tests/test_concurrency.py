@@ -1,5 +1,5 @@
 """Two runs to one output: the second fails at once with one line, the first's file is what it
-would have written alone, and no lock file is left behind (kdprobe.io.output_lock)."""
+would have written alone, and no lock file is left behind (kdprobe.files.io.output_lock)."""
 import multiprocessing
 import os
 import signal
@@ -15,16 +15,16 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from kdprobe.checkpoint import read_payload, save_checkpoint
+from kdprobe.checkpoints.format import read_payload, save_checkpoint
 from kdprobe.errors import KdprobeError
-from kdprobe.io import atomic_write_text, lock_path, output_lock
+from kdprobe.files.io import atomic_write_text, lock_path, output_lock
 from kdprobe.models import create_model
 
 KDPROBE = Path(sys.executable).with_name("kdprobe")
 META = {"method": "scratch", "dataset": "digits", "input_shape": [1, 8, 8], "num_classes": 10, "seed": 0}
 TRAIN = ["--model", "resnet8b", "--width", "0.25", "--train-subset", "256", "--epochs", "3", "--quiet"]
 GRID = ["--x", "-1:1:9", "--y", "-1:1:9", "--samples", "64", "--device", "cpu", "--precision", "fp32"]
-_fork = multiprocessing.get_context("fork")  # the children need only kdprobe.io: no second torch import
+_fork = multiprocessing.get_context("fork")  # the children need only kdprobe.files.io: no second torch import
 
 
 # ---- the library lock, in two processes -------------------------------------------------------

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kdprobe.data import load_dataset, normalize
+from kdprobe.data.datasets import load_dataset, normalize
 from kdprobe.errors import KdprobeError
 
 
@@ -37,7 +37,7 @@ def test_imagefolder_reads_and_caches(tiny_imagefolder, monkeypatch):
             hits = [j for j in range(18) if torch.equal(d.train_x[j], img)]
             assert len(hits) == 1 and d.train_y[hits[0]] == cls_i
     # the second load comes from the cache: decoding is not called again
-    import kdprobe.data as kd
+    import kdprobe.data.datasets as kd
     monkeypatch.setattr(kd, "_decode", lambda files: (_ for _ in ()).throw(AssertionError("decoded again")))
     d2 = load_dataset(f"imagefolder:{tiny_imagefolder}")
     assert torch.equal(d2.train_x, d.train_x)
@@ -103,7 +103,7 @@ def test_a_file_that_is_not_a_tar_archive_is_one_line(tmp_path):
         load_dataset(f"imagefolder:{p}")
     assert "\n" not in str(e.value)
     import tarfile  # a truncated .tar.gz is refused the same way, and leaves no half-extracted folder behind
-    from kdprobe.data import cache_dir
+    from kdprobe.data.datasets import cache_dir
 
     good = tmp_path / "good.tar.gz"
     with tarfile.open(good, "w:gz") as tf:
@@ -121,7 +121,7 @@ def test_a_file_that_is_not_a_tar_archive_is_one_line(tmp_path):
 def test_two_runs_extracting_one_archive_never_delete_the_copy_the_other_reads(tmp_path):
     # Two studies started together both extract the shared archive; the one finishing second used to
     # delete the first one's complete copy while it was being read ("has no test/ subfolder").
-    from kdprobe.data import _publish_extracted
+    from kdprobe.data.datasets import _publish_extracted
 
     dest = tmp_path / "key"
     first, second = tmp_path / "key.tmp1", tmp_path / "key.tmp2"
@@ -158,7 +158,7 @@ def test_download_offline_is_one_line(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong content"])
 def test_a_corrupt_decode_cache_is_rebuilt(tiny_imagefolder, damage, tmp_path, monkeypatch):
-    from kdprobe.data import cache_dir
+    from kdprobe.data.datasets import cache_dir
 
     monkeypatch.setenv("KDPROBE_CACHE", str(tmp_path / "own-cache"))
     first = load_dataset(f"imagefolder:{tiny_imagefolder}")

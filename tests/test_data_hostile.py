@@ -20,12 +20,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import kdprobe.data as kd
+import kdprobe.data.datasets as kd
 from cli.main import app
-from kdprobe.cache import entry_lock, list_cache
-from kdprobe.data import load_dataset
+from kdprobe.data.cache import entry_lock, list_cache
+from kdprobe.data.datasets import load_dataset
 from kdprobe.errors import KdprobeError
-from kdprobe.images import MAX_PIXELS, decode_image
+from kdprobe.data.images import MAX_PIXELS, decode_image
 
 RNG = np.random.default_rng(0)
 
@@ -254,7 +254,7 @@ def test_fifo_named_like_an_image_is_refused_not_read(tmp_path):
 
 
 def test_a_fifo_swapped_in_after_the_listing_does_not_block(tmp_path):
-    from kdprobe.images import read_image_bytes
+    from kdprobe.data.images import read_image_bytes
 
     os.mkfifo(tmp_path / "late.png")
     with pytest.raises(KdprobeError, match="is a FIFO"):
@@ -465,7 +465,7 @@ def test_a_bad_extraction_limit_is_one_line(tmp_path, monkeypatch):
 
 
 def test_the_disk_filling_up_while_extracting_stops_the_extraction(tmp_path, own_cache, monkeypatch):
-    import kdprobe.archives as kc
+    import kdprobe.data.archives as kc
 
     arc = tmp_path / "big.tar.gz"
     _zeros_archive(arc, 80 << 20, tail=2)

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from kdprobe.checkpoint import load_checkpoint
+from kdprobe.checkpoints.format import load_checkpoint
 
 ARGS = ["train", "--model", "resnet8b", "--width", "0.25", "--train-subset", "256", "--epochs", "2",
         "--batch-size", "64", "--lr", "0.05", "--quiet", "--device", "cpu"]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from scipy import stats as sps
 
 from kdprobe import create_model
-from kdprobe.diversity_table import DiversitySettings, DiversityTable, ModelScore, summarize_groups
+from kdprobe.probes.diversity_table import DiversitySettings, DiversityTable, ModelScore, summarize_groups
 from kdprobe.errors import KdprobeError
 from kdprobe.probes.diversity import (
     input_jacobian,

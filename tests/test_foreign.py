@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from kdprobe.checkpoint import load_checkpoint
+from kdprobe.checkpoints.format import load_checkpoint
 from kdprobe.errors import KdprobeError
-from kdprobe.foreign import ForeignPayload, detect
+from kdprobe.checkpoints.foreign import ForeignPayload, detect
 from kdprobe.models import create_model
 from kdprobe.models import registry
 

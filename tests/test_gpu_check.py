@@ -187,7 +187,7 @@ def _summary(device, gpu, torch_version="2.14.1"):
 
 
 def test_gpu_reasons_name_what_differs():
-    from kdprobe.summary_diff import gpu_reasons
+    from kdprobe.studies.compare import gpu_reasons
 
     assert gpu_reasons(_summary("cpu", "cpu"), _summary("cpu", "cpu")) == []
     lines = gpu_reasons(_summary("cuda", "NVIDIA H100"), _summary("cuda", "NVIDIA A100", "2.9.0"))

@@ -18,7 +18,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from kdprobe.checkpoint import read_payload, save_checkpoint
+from kdprobe.checkpoints.format import read_payload, save_checkpoint
 from kdprobe.models import create_model
 
 META = {"method": "scratch", "dataset": "digits", "input_shape": [1, 8, 8], "num_classes": 10, "seed": 0}

@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from kdprobe.checkpoint import load_checkpoint, read_payload, save_checkpoint
+from kdprobe.checkpoints.format import load_checkpoint, read_payload, save_checkpoint
 from kdprobe.errors import KdprobeError
 from kdprobe.models import create_model
 from kdprobe.models.registry import names_code, weight_budget

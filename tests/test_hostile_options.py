@@ -28,9 +28,9 @@ from typer.main import get_command
 from typer.testing import CliRunner
 
 from cli.main import app
-from kdprobe.checkpoint import save_checkpoint
+from kdprobe.checkpoints.format import save_checkpoint
 from kdprobe.models import create_model
-from kdprobe.study_spec import builtin_specs
+from kdprobe.studies.spec import builtin_specs
 
 META = {"method": "scratch", "dataset": "digits", "input_shape": [1, 8, 8], "num_classes": 10, "seed": 0}
 DEEP_LIST = "[" * 30000 + "]" * 30000
@@ -260,7 +260,7 @@ def test_nan_in_a_summary_is_kept_for_compare(w):
 
 
 def test_set_values_still_read_as_toml_or_text():
-    from kdprobe.study_spec import parse_set
+    from kdprobe.studies.spec import parse_set
 
     assert parse_set("train.overrides.epochs=3") == (["train", "overrides", "epochs"], 3)
     assert parse_set("train.data_dir=/data/cifar") == (["train", "data_dir"], "/data/cifar")

@@ -9,10 +9,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from kdprobe.checkpoint import load_checkpoint, read_payload, save_checkpoint
-from kdprobe.data import load_dataset
+from kdprobe.checkpoints.format import load_checkpoint, read_payload, save_checkpoint
+from kdprobe.data.datasets import load_dataset
 from kdprobe.errors import KdprobeError
-from kdprobe.inputs import check_model_data, require_distinct, same_data
+from kdprobe.checkpoints.inputs import check_model_data, require_distinct, same_data
 from kdprobe.models import create_model
 
 

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.skipif(not shared_cifar_available(), reason="needs ../s
 
 @pytest.fixture(scope="module")
 def cifar():
-    from kdprobe.data import load_dataset
+    from kdprobe.data.datasets import load_dataset
     return load_dataset(f"imagefolder:{SHARED_CIFAR}")
 
 
@@ -24,9 +24,9 @@ def test_archive_loads_as_cifar10(cifar):
 
 
 def test_train_probe_and_surface_on_real_images(tmp_path, cifar):
-    from kdprobe.checkpoint import load_checkpoint
-    from kdprobe.data import normalize
-    from kdprobe.evaluate import evaluate
+    from kdprobe.checkpoints.format import load_checkpoint
+    from kdprobe.data.datasets import normalize
+    from kdprobe.probes.evaluate import evaluate
     from kdprobe.probes import compute_surface, jacobian_score, make_directions, parse_grid
     from trainers.config import TrainConfig
     from trainers.loop import train

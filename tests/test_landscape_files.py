@@ -148,7 +148,7 @@ def _app():
 
 
 def _ckpt(tmp_path, seed):
-    from kdprobe.checkpoint import save_checkpoint
+    from kdprobe.checkpoints.format import save_checkpoint
     from kdprobe.models import create_model
 
     torch.manual_seed(seed)
@@ -221,8 +221,8 @@ def test_cli_interpolate(tmp_path):
     assert attrs["samples"] == 30 and line.done.all()
     assert _read_vtk(tmp_path / "path.vtk")[0] == (5, 1, 1)
     # t = 0 is checkpoint A itself
-    from kdprobe.checkpoint import load_checkpoint
-    from kdprobe.data import load_dataset, normalize
+    from kdprobe.checkpoints.format import load_checkpoint
+    from kdprobe.data.datasets import load_dataset, normalize
 
     d = load_dataset("digits")
     x = normalize(d.train_x[:30], d.mean, d.std)
@@ -320,7 +320,7 @@ def test_default_precision_is_fp32_even_where_bf16_is_fast(tmp_path, monkeypatch
     res = CliRunner().invoke(_app(), ["interpolate", str(ck), str(ck), "--steps", "2", "--samples", "8",
                                       "--out", str(tmp_path / "l.h5"), "--device", "cpu"])
     assert res.exit_code == 0 and read_line_h5(tmp_path / "l.h5")[0].precision == "fp32"
-    from kdprobe.study_spec import _LANDSCAPE
+    from kdprobe.studies.spec import _LANDSCAPE
 
     assert _LANDSCAPE["precision"] == "fp32"
 

@@ -1,8 +1,8 @@
-"""The machine record (kdprobe.machine): in every checkpoint and study summary, and what compare decides by."""
+"""The machine record (kdprobe.runtime.machine): in every checkpoint and study summary, and what compare decides by."""
 import torch
 
-from kdprobe.checkpoint import library_versions, load_checkpoint, save_checkpoint
-from kdprobe.machine import describe, machine, machine_of, same_machine
+from kdprobe.checkpoints.format import library_versions, load_checkpoint, save_checkpoint
+from kdprobe.runtime.machine import describe, machine, machine_of, same_machine
 
 
 def test_record_names_cpu_capability_and_threads_as_torch_sees_them(monkeypatch):

@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 
-from kdprobe.checkpoint import load_checkpoint, read_payload, save_checkpoint
+from kdprobe.checkpoints.format import load_checkpoint, read_payload, save_checkpoint
 from kdprobe.errors import KdprobeError
-from kdprobe.io import sha256_file
+from kdprobe.files.io import sha256_file
 from trainers import loop
 from trainers.pipeline import PipelineSpec, plan_cells, run_pruning_pipeline
 

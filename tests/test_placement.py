@@ -8,7 +8,7 @@ import torch
 
 import trainers.study as study
 from kdprobe.errors import KdprobeError
-from kdprobe.study_spec import load_spec
+from kdprobe.studies.spec import load_spec
 from trainers.distributed import Placement, plan_placement, resolve_device
 
 SPEC = """

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from kdprobe.models import create_model
-from kdprobe.precision import (deterministic, determinism_state, fp32_exact, numerics, numerics_state,
+from kdprobe.runtime.precision import (deterministic, determinism_state, fp32_exact, numerics, numerics_state,
                                tf32_enabled)
 
 
@@ -172,7 +172,7 @@ def test_a_users_cublas_setting_is_kept(monkeypatch):
 
 
 def test_logits_features_and_evaluate_run_in_true_fp32():
-    from kdprobe.evaluate import evaluate
+    from kdprobe.probes.evaluate import evaluate
     from kdprobe.probes.cka import CkaCache
     from kdprobe.probes.predictions import model_logits
 

@@ -1,4 +1,4 @@
-"""Inputs that fit the model (kdprobe.preprocess): image size rules, the evaluation resize and
+"""Inputs that fit the model (kdprobe.data.preprocess): image size rules, the evaluation resize and
 the training RandomResizedCrop against torchvision's own functions, and the input hook."""
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
-from kdprobe.checkpoint import load_checkpoint, save_checkpoint
-from kdprobe.data import TensorData, normalize
+from kdprobe.checkpoints.format import load_checkpoint, save_checkpoint
+from kdprobe.data.datasets import TensorData, normalize
 from kdprobe.errors import KdprobeError
-from kdprobe.inputs import check_model_data
+from kdprobe.checkpoints.inputs import check_model_data
 from kdprobe.models import create_model
-from kdprobe.preprocess import (_crop_boxes, eval_resize, fit_input, image_size_for, input_size_of, parse_image_size,
+from kdprobe.data.preprocess import (_crop_boxes, eval_resize, fit_input, image_size_for, input_size_of, parse_image_size,
                                 random_resized_crop_flip, remove_input_adapter, resized_crop)
 
 

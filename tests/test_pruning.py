@@ -346,7 +346,7 @@ def test_resnet56_macs_match_hand_count():
 # ---------------------------------------------------------------- CLI (called as a function)
 
 def _ckpt(tmp_path, name, **kw):
-    from kdprobe.checkpoint import save_checkpoint
+    from kdprobe.checkpoints.format import save_checkpoint
 
     torch.manual_seed(0)
     m = _randomize_bn(create_model(name, num_classes=10, in_channels=1, **kw))
@@ -357,7 +357,7 @@ def _ckpt(tmp_path, name, **kw):
 
 def test_cli_prune_l1_weight_and_slimming(tmp_path, capsys):
     from cli.prune import prune
-    from kdprobe.checkpoint import load_checkpoint
+    from kdprobe.checkpoints.format import load_checkpoint
 
     src = _ckpt(tmp_path, "resnet20a", width=0.25)
     prune(src, method="l1", remaining="0.5", skip="1.1", out=tmp_path / "l1.pt")
@@ -392,7 +392,7 @@ def test_cli_prune_errors(tmp_path):
 
 
 def test_prune_checkpoint_returns_report_and_prints_nothing(tmp_path, capsys):
-    from kdprobe.checkpoint import load_checkpoint
+    from kdprobe.checkpoints.format import load_checkpoint
     from kdprobe.pruning import prune_checkpoint
 
     src = _ckpt(tmp_path, "resnet20a", width=0.25)
@@ -461,7 +461,7 @@ def _mask_selected(model, plan):
 def test_slimming_rnp_selection_networks_as_the_reference_prunes_them(arch, kw, tmp_path):
     """resprune.py / denseprune.py: every BN in the population; a BN before a selection stays whole and
     its dropped channels are switched off in `indexes`; the result computes what the masked net does."""
-    from kdprobe.checkpoint import load_checkpoint, save_checkpoint
+    from kdprobe.checkpoints.format import load_checkpoint, save_checkpoint
 
     torch.manual_seed(0)
     m = _randomize_bn(create_model(arch, num_classes=10, **kw)).eval()

@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from kdprobe.checkpoint import read_payload
+from kdprobe.checkpoints.format import read_payload
 from trainers.config import TrainConfig
 from trainers.loop import partial_path, restore_rng_states, rng_states, train
 

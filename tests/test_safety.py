@@ -20,13 +20,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import kdprobe.io
+import kdprobe.files.io
 from cli.main import app
-from kdprobe.checkpoint import load_checkpoint, read_payload, save_checkpoint
+from kdprobe.checkpoints.format import load_checkpoint, read_payload, save_checkpoint
 from kdprobe.errors import Interrupted, KdprobeError
-from kdprobe.io import atomic_write_text, write_error
+from kdprobe.files.io import atomic_write_text, write_error
 from kdprobe.models import create_model
-from kdprobe.outputs import check_outputs, sniff
+from kdprobe.files.outputs import check_outputs, sniff
 from trainers.config import RANGES, TrainConfig
 from trainers.loop import partial_path, train
 
@@ -113,7 +113,7 @@ def _landscape_args(ck: Path, out: Path):
 
 def test_landscape_on_a_full_disk_stops_at_the_first_failed_write_and_says_what_is_kept(tmp_path, monkeypatch):
     ck = _tiny_ckpt(tmp_path / "a.pt")
-    real, calls = kdprobe.io._write_file, []
+    real, calls = kdprobe.files.io._write_file, []
 
     def fills_up(path, data):  # the disk is full from the 3rd write on (half written, as a real one)
         calls.append(path)
@@ -121,7 +121,7 @@ def test_landscape_on_a_full_disk_stops_at_the_first_failed_write_and_says_what_
             real(path, data[: len(data) // 2])
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path, data)
-    monkeypatch.setattr(kdprobe.io, "_write_file", fills_up)
+    monkeypatch.setattr(kdprobe.files.io, "_write_file", fills_up)
     r = CliRunner().invoke(app, _landscape_args(ck, tmp_path / "s.vtk"))
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error")]
     assert r.exit_code == 1 and len(lines) == 1, r.output
@@ -129,7 +129,7 @@ def test_landscape_on_a_full_disk_stops_at_the_first_failed_write_and_says_what_
     kept = int(np.asarray(h5py.File(tmp_path / "s.h5", "r")["done"]).sum())  # the 2nd save's points
     assert kept == 2 and f"no space left on " in lines[0] and f"{tmp_path / 's.h5'} keeps 2 of 9 points" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "s.h5"]  # no temp file, no VTK
-    monkeypatch.setattr(kdprobe.io, "_write_file", real)
+    monkeypatch.setattr(kdprobe.files.io, "_write_file", real)
     again = CliRunner().invoke(app, _landscape_args(ck, tmp_path / "s.vtk"))
     assert again.exit_code == 0 and "7 points in" in again.output  # the rerun continues from the kept points
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from kdprobe.checkpoint import load_checkpoint
+from kdprobe.checkpoints.format import load_checkpoint
 from kdprobe.errors import KdprobeError
-from kdprobe.io import sha256_file
-from kdprobe.study_result import from_dict, to_dict
-from kdprobe.study_spec import builtin_specs, load_spec
+from kdprobe.files.io import sha256_file
+from kdprobe.studies.result import from_dict, to_dict
+from kdprobe.studies.spec import builtin_specs, load_spec
 from trainers import study
 from trainers.config import make_config
 
@@ -116,7 +116,7 @@ def test_changed_spec_value_adds_cells_and_keeps_old_files(done, tmp_path):
 
 def test_a_file_at_a_cell_path_is_reused_only_if_it_is_that_cell(done, tmp_path, tiny_imagefolder, monkeypatch):
     """issue 10 item 4: the check trainers.pipeline applies (trainers.cells.check_cell), before any training."""
-    from kdprobe.checkpoint import save_checkpoint
+    from kdprobe.checkpoints.format import save_checkpoint
     from trainers.loop import train
 
     out = _copy(done, tmp_path)
@@ -206,7 +206,7 @@ def _figure_traces(page: str) -> tuple[list, list]:
 
 
 def test_report_and_summary_numbers_come_from_the_checkpoints(done):
-    from kdprobe.data import load_dataset, normalize
+    from kdprobe.data.datasets import load_dataset, normalize
     from kdprobe.probes.diversity import probe_indices
 
     _, out, res = done
@@ -342,7 +342,7 @@ def test_cells_csv_names_model_and_dataset(done):
 def test_report_never_shows_an_interval_outside_what_the_metric_can_take(done):
     from dataclasses import replace
 
-    from kdprobe.diversity_table import GroupStats
+    from kdprobe.probes.diversity_table import GroupStats
     from kdprobe.writers.report import report_html
 
     _, out, res = done

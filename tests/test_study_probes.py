@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from scipy import stats as sps
 
-from kdprobe.checkpoint import load_checkpoint
-from kdprobe.data import load_dataset, normalize
-from kdprobe.ensemble_reading import DOES_NOT, INCONCLUSIVE, SUPPORTS, decide, headline, verdicts
+from kdprobe.checkpoints.format import load_checkpoint
+from kdprobe.data.datasets import load_dataset, normalize
+from kdprobe.studies.ensemble_reading import DOES_NOT, INCONCLUSIVE, SUPPORTS, decide, headline, verdicts
 from kdprobe.errors import KdprobeError
-from kdprobe.study_result import from_dict, to_dict
-from kdprobe.study_spec import load_spec
+from kdprobe.studies.result import from_dict, to_dict
+from kdprobe.studies.spec import load_spec
 from trainers import study
 
 SPEC = """

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import SHARED_CIFAR, shared_cifar_available
-from kdprobe.checkpoint import load_checkpoint, read_payload
-from kdprobe.data import load_dataset
+from kdprobe.checkpoints.format import load_checkpoint, read_payload
+from kdprobe.data.datasets import load_dataset
 from kdprobe.errors import KdprobeError
-from kdprobe.study_data import AUTO_CIFAR10, find_cifar10, locate_data
-from kdprobe.study_spec import builtin_specs, load_spec
+from kdprobe.studies.data_lookup import AUTO_CIFAR10, find_cifar10, locate_data
+from kdprobe.studies.spec import builtin_specs, load_spec
 from trainers import study
 from trainers.config import TrainConfig, make_config
 
@@ -58,7 +58,7 @@ def test_new_config_fields_keep_old_fingerprints_and_are_checked():
 
 
 def test_training_records_the_subset_rule_and_evaluates_the_last_epoch_on_everything(tmp_path):
-    from kdprobe.evaluate import evaluate
+    from kdprobe.probes.evaluate import evaluate
     from trainers.loop import train
 
     cfg = make_config("fast", model="resnet8b", model_kwargs={"width": 0.25}, dataset="digits", epochs=3,
@@ -90,7 +90,7 @@ def test_auto_cifar10_is_found_or_refused_in_one_line(tmp_path, monkeypatch, tin
     with pytest.raises(KdprobeError, match=r"\$KDPROBE_CIFAR10 is .*nope.*does not exist"):
         find_cifar10()
     monkeypatch.delenv("KDPROBE_CIFAR10")
-    monkeypatch.setattr("kdprobe.study_data.SHARED", Path("..") / "no-such" / "cifar10.tar.gz")
+    monkeypatch.setattr("kdprobe.studies.data_lookup.SHARED", Path("..") / "no-such" / "cifar10.tar.gz")
     spec, _ = load_spec("table6", SCALE)
     with pytest.raises(KdprobeError) as e:
         study.run_study(spec, tmp_path / "out", device="cpu")

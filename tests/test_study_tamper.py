@@ -7,10 +7,10 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from kdprobe.checkpoint import load_checkpoint, save_checkpoint
+from kdprobe.checkpoints.format import load_checkpoint, save_checkpoint
 from kdprobe.errors import KdprobeError
-from kdprobe.io import sha256_file
-from kdprobe.study_spec import load_spec
+from kdprobe.files.io import sha256_file
+from kdprobe.studies.spec import load_spec
 from trainers import study
 from trainers.study_hashes import MANIFEST, read_hashes
 

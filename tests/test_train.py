@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from kdprobe.checkpoint import load_checkpoint, read_payload
+from kdprobe.checkpoints.format import load_checkpoint, read_payload
 from kdprobe.errors import KdprobeError
 from trainers.config import TrainConfig, make_config
 from trainers.loop import log_path, partial_path, train
@@ -119,8 +119,8 @@ def test_snapshot_epochs_write_intermediate_checkpoints(tmp_path):
         assert ck.meta["epoch"] == e and len(ck.meta["history"]) == e
     # the epoch-1 snapshot holds the epoch-1 weights: its accuracy is the one logged then
     ck1 = load_checkpoint(snapshot_path(out, 1))
-    from kdprobe.data import load_dataset
-    from kdprobe.evaluate import evaluate
+    from kdprobe.data.datasets import load_dataset
+    from kdprobe.probes.evaluate import evaluate
     d = load_dataset("digits")
     assert evaluate(ck1.model, d.test_x, d.test_y, d.mean, d.std).acc == pytest.approx(ck1.meta["history"][0]["test_acc"])
 

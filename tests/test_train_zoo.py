@@ -9,12 +9,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import StepLog
-from kdprobe.checkpoint import load_checkpoint
-from kdprobe.data import load_dataset
+from kdprobe.checkpoints.format import load_checkpoint
+from kdprobe.data.datasets import load_dataset
 from kdprobe.errors import KdprobeError
-from kdprobe.evaluate import evaluate
+from kdprobe.probes.evaluate import evaluate
 from kdprobe.models import create_model
-from kdprobe.preprocess import fit_input
+from kdprobe.data.preprocess import fit_input
 from kdprobe.probes.features import FeatureTap, feature_layer, traced_feature_layer
 from trainers.config import TrainConfig
 from trainers.loop import train
@@ -161,7 +161,7 @@ def test_torchvision_model_trains_at_224_and_evaluates_the_same_way(folder, tmp_
     data = load_dataset(folder)
     seen = []
     ck.model.features[0].register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[1:])))
-    from kdprobe.inputs import check_model_data
+    from kdprobe.checkpoints.inputs import check_model_data
 
     check_model_data(ck, data, explicit=False)
     ev = evaluate(ck.model, data.test_x, data.test_y, data.mean, data.std)

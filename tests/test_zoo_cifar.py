@@ -35,13 +35,13 @@ def _repdistiller_file(path, name, seed=0):
 
 @pytest.fixture(scope="module")
 def cifar():
-    from kdprobe.data import load_dataset
+    from kdprobe.data.datasets import load_dataset
 
     return load_dataset(DATASET)
 
 
 def test_info_landscape_and_diversity_on_a_foreign_wrn_16_2(tmp_path, cifar):
-    from kdprobe.evaluate import evaluate
+    from kdprobe.probes.evaluate import evaluate
     from kdprobe.probes.diversity import jacobian_score, probe_batches
 
     model = _repdistiller_file(tmp_path / "wrn_16_2_best.pth", "wrn_16_2").eval()
@@ -67,7 +67,7 @@ def test_info_landscape_and_diversity_on_a_foreign_wrn_16_2(tmp_path, cifar):
 @pytest.mark.parametrize("teacher, student", [("wrn_40_2", "wrn_16_2"), ("resnet32x4", "ShuffleV1")])
 @pytest.mark.parametrize("distill", ["label", "feature"])
 def test_standard_kd_pairs_train_a_few_steps(tmp_path, cifar, teacher, student, distill):
-    from kdprobe.checkpoint import read_payload
+    from kdprobe.checkpoints.format import read_payload
     from trainers.config import TrainConfig
     from trainers.loop import partial_path, train
 

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from kdprobe.checkpoint import load_checkpoint, save_checkpoint
+from kdprobe.checkpoints.format import load_checkpoint, save_checkpoint
 from kdprobe.errors import KdprobeError
 from kdprobe.models import create_model
 from kdprobe.models.registry import canonical_name, detectable_models, list_sources

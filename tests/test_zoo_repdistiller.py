@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from kdprobe.checkpoint import load_checkpoint
+from kdprobe.checkpoints.format import load_checkpoint
 from kdprobe.errors import KdprobeError
 from kdprobe.models import canonical_name, create_model, list_models
 from kdprobe.models.registry import infer_kwargs

@@ -4,7 +4,7 @@ The reference side is written here from the reference code's structure (Eric-min
 rethinking-network-pruning, cifar/{l1-norm-pruning,network-slimming,weight-level}/models):
 same module names, the reference's fixed pools, its `x.data` option-A shortcut and its
 numpy channel selection; nothing from kdprobe. Files are saved in that code's formats and
-loaded with kdprobe.checkpoint.load_checkpoint; logits are compared in eval mode with
+loaded with kdprobe.checkpoints.format.load_checkpoint; logits are compared in eval mode with
 non-trivial BatchNorm statistics, and in train mode with gradients.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import settle_bn
-from kdprobe.checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from kdprobe.checkpoints.format import FORMAT, load_checkpoint, save_checkpoint
 from kdprobe.errors import KdprobeError
 from kdprobe.models import create_model
 from kdprobe.models.registry import canonical_name, detectable_models, infer_kwargs

@@ -14,7 +14,7 @@ import torch
 import torchvision
 
 from conftest import settle_bn
-from kdprobe.checkpoint import load_checkpoint
+from kdprobe.checkpoints.format import load_checkpoint
 from kdprobe.errors import KdprobeError
 from kdprobe.models import create_model
 from kdprobe.models.registry import canonical_name, detectable_models, infer_kwargs, list_sources

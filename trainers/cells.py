@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kdprobe.checkpoint import FORMAT
+from kdprobe.checkpoints.format import FORMAT
 from kdprobe.errors import KdprobeError
-from kdprobe.io import sha256_file
+from kdprobe.files.io import sha256_file
 from kdprobe.models.registry import canonical_name
 from trainers.config import TrainConfig
 
@@ -57,7 +57,7 @@ def check_upstream(label: str, path: Path, role: str, recorded: str | None, upst
 
 def check_cell(label: str, path: Path, payload: dict, expected: TrainConfig, *,
                data_fingerprint: str | None = None, upstream: dict[str, Path] | None = None) -> dict:
-    """Check an existing training cell (payload = kdprobe.checkpoint.read_payload(path)); returns its meta.
+    """Check an existing training cell (payload = kdprobe.checkpoints.format.read_payload(path)); returns its meta.
 
     data_fingerprint: the current dataset's (None: not compared). upstream: role ('teacher',
     'init') -> the file the cell must have been made from (None: not compared yet).

@@ -82,7 +82,7 @@ class TrainConfig:
     data_dir: str | None = None         # folder of torchvision's CIFAR files
     train_subset: int | None = None     # train on a seeded subset of this many images (quick runs)
     subset_rule: str = "random"         # how train_subset picks: random | balanced (n // classes per class,
-                                        # the first n % classes classes one more; kdprobe.data.TensorData.subset)
+                                        # the first n % classes classes one more; kdprobe.data.datasets.TensorData.subset)
     subset_seed: int | None = None      # seed of the train_subset draw; None = the run's seed (a subset per seed)
     eval_subset: int | None = None      # test images (class-balanced, seed 0) evaluated after each epoch but the
                                         # last; the last epoch, and so test_acc, always on the whole test split

@@ -5,8 +5,8 @@ generator, so a run is a pure function of (config, device): the same command aft
 resumes from `OUT.partial` and ends with the same checkpoint as an uninterrupted run. What the
 model itself draws (dropout) comes from torch's global CPU and CUDA generators: OUT.partial saves
 their states and a resumed run restores them. On a GPU that holds only with deterministic kernels
-(kdprobe.precision.deterministic: the default, `deterministic=False` lets cuDNN autotune instead)
-and TF32 off for what autocast leaves in fp32 (kdprobe.precision.fp32_exact); both are recorded in
+(kdprobe.runtime.precision.deterministic: the default, `deterministic=False` lets cuDNN autotune instead)
+and TF32 off for what autocast leaves in fp32 (kdprobe.runtime.precision.fp32_exact); both are recorded in
 the checkpoint's metadata under "numerics".
 """
 from __future__ import annotations
@@ -22,17 +22,17 @@ from pathlib import Path
 
 import torch
 
-from kdprobe.checkpoint import FORMAT_VERSION, library_versions, load_checkpoint, read_payload, save_checkpoint
-from kdprobe.data import TensorData, load_dataset
+from kdprobe.checkpoints.format import FORMAT_VERSION, library_versions, load_checkpoint, read_payload, save_checkpoint
+from kdprobe.data.datasets import TensorData, load_dataset
 from kdprobe.errors import Interrupted, KdprobeError
-from kdprobe.evaluate import evaluate
-from kdprobe.inputs import check_model_data
-from kdprobe.io import atomic_write_text, output_lock, save_torch, sha256_file
+from kdprobe.probes.evaluate import evaluate
+from kdprobe.checkpoints.inputs import check_model_data
+from kdprobe.files.io import atomic_write_text, output_lock, save_torch, sha256_file
 from kdprobe.models import create_model
 from kdprobe.models.registry import canonical_name
-from kdprobe.precision import deterministic as deterministic_kernels
-from kdprobe.precision import determinism_state, fp32_exact, nondeterministic_op, set_cublas_workspace, tf32_enabled
-from kdprobe.preprocess import EVAL_RULE, TRAIN_RULE, fit_input, input_size_of, pin_size
+from kdprobe.runtime.precision import deterministic as deterministic_kernels
+from kdprobe.runtime.precision import determinism_state, fp32_exact, nondeterministic_op, set_cublas_workspace, tf32_enabled
+from kdprobe.data.preprocess import EVAL_RULE, TRAIN_RULE, fit_input, input_size_of, pin_size
 from kdprobe.pruning import apply_masks, bn_sparsity_step
 from trainers.config import TrainConfig
 from trainers.distributed import DistContext, resolve_device  # noqa: F401  (re-exported for the CLI)
@@ -226,7 +226,7 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
           snapshot_epochs: tuple[int, ...] = (), overwrite: bool = False) -> TrainResult:
     """Train per `config`, resuming from OUT.partial if a killed run left one; returns the result.
 
-    OUT, OUT.partial and OUT.jsonl are locked for the whole run (kdprobe.io.output_lock): a second
+    OUT, OUT.partial and OUT.jsonl are locked for the whole run (kdprobe.files.io.output_lock): a second
     run to the same OUT fails at once, and the final rename never replaces a file that another
     program put at OUT meanwhile (an OUT that was there at the start is replaced as before).
 
@@ -336,7 +336,7 @@ def _train(config: TrainConfig, out: Path, *, device: str, progress: Progress | 
             "train_images": n, "train_subset_rule": subset_rule(config), "test_eval": test_eval_rule(config),
             "per_rank_batch": math.ceil(bs / ddp.world_size), "lr_rule": "lr is per global batch; not scaled with world size",
             "device": dev.type, "cpu_threads": torch.get_num_threads(), "versions": library_versions(),
-            # what decides whether a GPU rerun gives the same bits (kdprobe.precision)
+            # what decides whether a GPU rerun gives the same bits (kdprobe.runtime.precision)
             "numerics": {"autocast": "bf16", "tf32": tf32_enabled(), **determinism_state()} if dev.type == "cuda"
             else {"autocast": None, "tf32": tf32_enabled()},
         }

@@ -31,10 +31,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
-from kdprobe.checkpoint import read_payload
-from kdprobe.data import load_dataset
+from kdprobe.checkpoints.format import read_payload
+from kdprobe.data.datasets import load_dataset
 from kdprobe.errors import KdprobeError
-from kdprobe.io import atomic_write_text, sha256_file
+from kdprobe.files.io import atomic_write_text, sha256_file
 from kdprobe.models import create_model
 from kdprobe.models.registry import canonical_name, names_code
 from kdprobe.probes.surplus import COLUMNS, SurplusRow, compute_surplus, read_results_csv

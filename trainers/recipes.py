@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from kdprobe.data import TensorData, normalize
+from kdprobe.data.datasets import TensorData, normalize
 from kdprobe.errors import KdprobeError
-from kdprobe.preprocess import input_size_of, random_resized_crop_flip
+from kdprobe.data.preprocess import input_size_of, random_resized_crop_flip
 from kdprobe.probes.features import FeatureTap, feature_layer
 from trainers.augment import MixedBatch, auto_augment, cutmix, mixed_cross_entropy, random_crop_flip
 from trainers.config import TrainConfig
@@ -30,7 +30,7 @@ class Recipe:
     def __init__(self, config: TrainConfig, model: nn.Module, teacher: nn.Module | None, data: TensorData):
         self.config, self.teacher, self.mean, self.std = config, teacher, data.mean, data.std
         self.crop_padding, self.hflip = data.crop_padding, data.hflip
-        # the student's image size (kdprobe.preprocess.fit_input put it on the model): None = the
+        # the student's image size (kdprobe.data.preprocess.fit_input put it on the model): None = the
         # data's own size and the CIFAR crop; S = the ImageNet recipe, RandomResizedCrop to S
         self.image_size = input_size_of(model)
         sample_shape = tuple(data.train_x.shape[1:])

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from kdprobe.checkpoint import read_payload
-from kdprobe.data import load_dataset
+from kdprobe.checkpoints.format import read_payload
+from kdprobe.data.datasets import load_dataset
 from kdprobe.errors import KdprobeError
-from kdprobe.io import atomic_write_text, output_lock
+from kdprobe.files.io import atomic_write_text, output_lock
 from kdprobe.models.registry import names_code
-from kdprobe.study_data import locate_data
-from kdprobe.study_spec import StudySpec
+from kdprobe.studies.data_lookup import locate_data
+from kdprobe.studies.spec import StudySpec
 from trainers.cells import check_cell
 from trainers.config import AUGMENTS, DISTILLS, TrainConfig, make_config
 from trainers.distributed import plan_placement

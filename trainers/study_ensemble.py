@@ -1,7 +1,7 @@
 """The ensemble-perspective probes of a study, run on its trained cells: agreement, ensembles,
 calibration, CKA and sharpness, with the ensemble-reading verdict of each.
 
-The tables are built by kdprobe.probe_sets, as `kdprobe agreement|calibration|cka|sharpness`
+The tables are built by kdprobe.probes.sets, as `kdprobe agreement|calibration|cka|sharpness`
 build them, so a study's numbers are those the commands give for the same checkpoints (paths
 relative to the study folder, group = the spec's method name). Agreement, ensembles and
 calibration read one logit cache per sample set (split, samples, forward batch): with the
@@ -13,16 +13,16 @@ from pathlib import Path
 
 import torch
 
-from kdprobe.checkpoint import load_checkpoint, read_payload
+from kdprobe.checkpoints.format import load_checkpoint, read_payload
 from kdprobe.models.registry import names_code
-from kdprobe.ensemble_reading import verdicts
-from kdprobe.io import sha256_file
-from kdprobe.pairs import Member
-from kdprobe.probe_sets import AGREEMENT_NOTES, CALIBRATION_NOTES, PAIR_UNIT, agreement_part, calibration_part, \
+from kdprobe.studies.ensemble_reading import verdicts
+from kdprobe.files.io import sha256_file
+from kdprobe.probes.pairs import Member
+from kdprobe.probes.sets import AGREEMENT_NOTES, CALIBRATION_NOTES, PAIR_UNIT, agreement_part, calibration_part, \
     cka_group_part, group_ensembles, sharpness_part, temperature_note
-from kdprobe.probe_tables import ProbeTables, ensemble_tables
-from kdprobe.study_spec import StudySpec
-from kdprobe.study_spec_probes import ProbeSpec
+from kdprobe.probes.tables import ProbeTables, ensemble_tables
+from kdprobe.studies.spec import StudySpec
+from kdprobe.studies.spec_probes import ProbeSpec
 
 
 def spec_arch(spec: StudySpec) -> str | None:
@@ -46,7 +46,7 @@ class _Run:
     """What every probe of one study shares: data, members, logit caches, the progress display."""
 
     def __init__(self, spec: StudySpec, cells, out: Path, dev: torch.device, progress):
-        from kdprobe.data import load_dataset
+        from kdprobe.data.datasets import load_dataset
 
         self.spec, self.out, self.dev, self.progress = spec, out, dev, progress
         self.data = load_dataset(spec.train.dataset, spec.train.data_dir)
@@ -65,7 +65,7 @@ class _Run:
         return out
 
     def model(self, rel: str):
-        from kdprobe.preprocess import fit_input
+        from kdprobe.data.preprocess import fit_input
 
         ck = load_checkpoint(self.cells[rel].path(self.out), map_location=self.dev, arch=spec_arch(self.spec))
         fit_input(ck.model, ck.meta, self.data)  # the input size/normalization the cell was trained with

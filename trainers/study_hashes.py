@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from kdprobe.errors import KdprobeError
-from kdprobe.io import atomic_write_text, read_text, sha256_file
+from kdprobe.files.io import atomic_write_text, read_text, sha256_file
 
 MANIFEST = "cells.sha256"
 _LINE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")

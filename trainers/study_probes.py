@@ -3,7 +3,7 @@
 
 Each step calls the library probe and writer that the single-purpose commands use
 (kdprobe diversity / landscape / surplus); this module only picks the checkpoints, names
-the files and collects the results into a kdprobe.study_result.StudyResult.
+the files and collects the results into a kdprobe.studies.result.StudyResult.
 """
 from __future__ import annotations
 
@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdprobe.checkpoint import library_versions, load_checkpoint, read_payload
-from kdprobe.machine import machine
-from kdprobe.preprocess import fit_input
-from kdprobe.data import load_dataset
-from kdprobe.diversity_table import DiversitySettings, DiversityTable, ModelScore, summarize_groups
+from kdprobe.checkpoints.format import library_versions, load_checkpoint, read_payload
+from kdprobe.runtime.machine import machine
+from kdprobe.data.preprocess import fit_input
+from kdprobe.data.datasets import load_dataset
+from kdprobe.probes.diversity_table import DiversitySettings, DiversityTable, ModelScore, summarize_groups
 from kdprobe.errors import KdprobeError
-from kdprobe.study_result import CellRecord, LandscapeRecord, PruningBlock, StudyResult
-from kdprobe.study_spec import StudySpec
+from kdprobe.studies.result import CellRecord, LandscapeRecord, PruningBlock, StudyResult
+from kdprobe.studies.spec import StudySpec
 from trainers.cells import model_label
 from trainers.study_ensemble import ensemble_probes, spec_arch
 

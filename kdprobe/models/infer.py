@@ -2,7 +2,7 @@
 
 A rule returns the kwargs that rebuild the network (num_classes, in_channels, widths, pruned
 cfg) or None when the tensors cannot belong to that family (wrong depth, other shortcut, a
-key missing). Auto-detection (kdprobe.foreign) then builds each surviving candidate and
+key missing). Auto-detection (kdprobe.checkpoints.foreign) then builds each surviving candidate and
 compares every key and shape, so a rule only has to be right, not complete.
 """
 from __future__ import annotations

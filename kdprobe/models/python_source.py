@@ -8,7 +8,7 @@ written (module paths are case-sensitive); these models are never auto-detected.
 
 A file never chooses code: a checkpoint whose recorded architecture is `python:...` is refused
 unless the user names the same architecture (`--arch python:MODULE:FACTORY`); see
-`registry.names_code` and `kdprobe.checkpoint.load_checkpoint`.
+`registry.names_code` and `kdprobe.checkpoints.format.load_checkpoint`.
 """
 from __future__ import annotations
 

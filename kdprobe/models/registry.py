@@ -31,6 +31,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from kdprobe.errors import KdprobeError
+from kdprobe.runtime.machine import available_memory
 from kdprobe.ranges import Range
 
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {}
@@ -158,7 +159,7 @@ def names_code(name: str) -> bool:
     """True when building `name` imports and runs code that the name itself chooses (python:MODULE:FACTORY).
 
     Such a name is honoured only when the user typed it (--arch, --model, a spec they wrote); a name read
-    from a file (a checkpoint's arch record) never is: see kdprobe.checkpoint.load_checkpoint. No import
+    from a file (a checkpoint's arch record) never is: see kdprobe.checkpoints.format.load_checkpoint. No import
     happens here."""
     if not isinstance(name, str):
         return False
@@ -231,21 +232,6 @@ class _SkipInit(TorchFunctionMode):
         if name.endswith("_") and not name.endswith("__") and isinstance(t, torch.Tensor) and t.is_meta:
             return t
         return func(*args, **kwargs)
-
-
-def available_memory() -> int | None:
-    """Bytes of memory free for a new allocation now (MemAvailable; total memory where that is unknown)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 # (bytes, why) a model built now may take at most, besides free memory: set while a file's record is

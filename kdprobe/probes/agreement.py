@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 import torch
 
 from kdprobe.errors import KdprobeError
-from kdprobe.pairs import Member, PairRecord, pairs_of
+from kdprobe.probes.pairs import Member, PairRecord, pairs_of
 
 METRICS = ("disagreement", "normalized_disagreement", "sym_kl", "js")
 

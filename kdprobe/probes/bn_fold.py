@@ -15,7 +15,7 @@ Either way only stock modules are folded (a subclass that overrides forward is l
 the folded copy is checked against the unfolded model on the probe batch (logits within float
 rounding), and anything unproven or disagreeing runs unfolded: the numbers are the same either
 way, only the speed differs. Root-level forward hooks of the model (the input hook of
-kdprobe.preprocess) are kept on the folded copy.
+kdprobe.data.preprocess) are kept on the folded copy.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from kdprobe.precision import fp32_exact
+from kdprobe.runtime.precision import fp32_exact
 
 _BN = nn.modules.batchnorm._BatchNorm
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -203,7 +203,7 @@ def fold_state(t: dict[str, torch.Tensor], pairs, keys: set) -> dict[str, torch.
 def agrees(model: nn.Module, folded: nn.Module, pairs, x: torch.Tensor) -> bool:
     """Does the folded module give the unfolded model's eval-mode logits on x (float rounding aside)?
 
-    Both run in true fp32 (kdprobe.precision.fp32_exact): under TF32 (10-bit mantissas, cuDNN's default
+    Both run in true fp32 (kdprobe.runtime.precision.fp32_exact): under TF32 (10-bit mantissas, cuDNN's default
     for convolutions on this torch build) two exact-equivalent graphs differ by more than rtol 1e-3 on
     deep models, and the check would switch folding off for rounding, not for a real difference."""
     with fp32_exact():

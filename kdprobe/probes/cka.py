@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from kdprobe.errors import KdprobeError
-from kdprobe.pairs import Member, PairRecord, pairs_of
+from kdprobe.probes.pairs import Member, PairRecord, pairs_of
 from kdprobe.probes.features import default_layers, layer_features, modes_preserved, penultimate_layer
 from kdprobe.probes.features import model_device as _device
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from kdprobe.errors import KdprobeError
-from kdprobe.precision import fp32_exact
+from kdprobe.runtime.precision import fp32_exact
 
 VARIANTS = ("v1", "v2")
 BN_MODES = ("eval", "batch-frozen", "train")
@@ -318,7 +318,7 @@ def probe_indices(n_total: int, runs: int, batch_size: int, seed: int = 0) -> li
 
 def probe_batches(data, split: str, runs: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
     """The R fixed probe batches of a TensorData split: seeded indices, normalized, no augmentation."""
-    from kdprobe.data import normalize
+    from kdprobe.data.datasets import normalize
 
     x_all, _ = data.split(split)
     return [normalize(x_all[i], data.mean, data.std) for i in probe_indices(len(x_all), runs, batch_size, seed)]

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from kdprobe.errors import KdprobeError
-from kdprobe.precision import fp32_exact
+from kdprobe.runtime.precision import fp32_exact
 
 
 def _module(model: nn.Module, spec: str) -> tuple[nn.Module, bool]:
@@ -131,7 +131,7 @@ class NormalizedImages:
         return len(self.images)
 
     def __getitem__(self, index) -> torch.Tensor:
-        from kdprobe.data import normalize
+        from kdprobe.data.datasets import normalize
 
         return normalize(self.images[index], self.mean, self.std)
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from kdprobe.errors import KdprobeError
-from kdprobe.models.registry import available_memory
+from kdprobe.runtime.machine import available_memory
 from kdprobe.probes.distributed import broadcast_array, rank_world, run_points
 from kdprobe.probes.landscape_eval import PointEvaluator, default_chunking, free_memory, plan_chunks
 

@@ -11,7 +11,7 @@ comes from four things, each optional and each exact up to float rounding:
   * precision "bf16" runs the forward under torch.autocast; logits, loss and counts
     are accumulated in fp32. The default is "fp32" on every device, the surface the
     reference computes (bf16 moved losses by up to 1.3% and accuracies by 0.28 points in
-    issue 10's test), run with TF32 off (kdprobe.precision: cuDNN convolutions default to
+    issue 10's test), run with TF32 off (kdprobe.runtime.precision: cuDNN convolutions default to
     TF32 on this torch build); "tf32" keeps TF32 on (a GPU's fast fp32, recorded like bf16);
     "auto" (bf16 where the hardware has bf16 units) is opt-in;
   * P > 1 points share one forward pass through torch.func.vmap over functional_call
@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
 from kdprobe.errors import KdprobeError
-from kdprobe.models.registry import available_memory
-from kdprobe.precision import numerics, warn
+from kdprobe.runtime.machine import available_memory
+from kdprobe.runtime.precision import numerics, warn
 from kdprobe.probes.bn_fold import agrees, fold_plan, fold_state
 
 _BN = nn.modules.batchnorm._BatchNorm

@@ -17,9 +17,9 @@ from typing import Callable, Hashable
 import torch
 import torch.nn as nn
 
-from kdprobe.data import normalize
+from kdprobe.data.datasets import normalize
 from kdprobe.errors import KdprobeError
-from kdprobe.precision import fp32_exact
+from kdprobe.runtime.precision import fp32_exact
 from kdprobe.probes.features import model_device
 
 

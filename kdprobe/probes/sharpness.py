@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, jvp, replace_all_batch_norm_modules_, vjp
 
 from kdprobe.errors import KdprobeError
-from kdprobe.precision import fp32_exact
+from kdprobe.runtime.precision import fp32_exact
 from kdprobe.probes.spectral import (Density, Eigenpair, deflated_hutchinson, hutchinson, hutchpp_sketch,
                                      lanczos_top, power_iteration, slq_density, trace_interval)
 

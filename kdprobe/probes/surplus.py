@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdprobe.errors import KdprobeError
-from kdprobe.io import read_text
+from kdprobe.files.io import read_text
 from kdprobe.stats import summarize
 
 KEY_COLUMNS = ("model", "setting", "train_type")

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from kdprobe.checkpoint import load_checkpoint, save_checkpoint
+from kdprobe.checkpoints.format import load_checkpoint, save_checkpoint
 from kdprobe.errors import KdprobeError
-from kdprobe.preprocess import image_size_for
+from kdprobe.data.preprocess import image_size_for
 from kdprobe.pruning.flops import count_flops, count_nonzero, count_nonzero_flops, count_params
 from kdprobe.pruning.l1 import l1_prune, parse_remaining, parse_skip, resnet_depth
 from kdprobe.pruning.slimming import slimming_prune, slimming_record, slimming_was_trained

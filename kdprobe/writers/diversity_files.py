@@ -7,7 +7,7 @@ import math
 import os
 from dataclasses import asdict
 
-from kdprobe.io import atomic_path, atomic_write_text
+from kdprobe.files.io import atomic_path, atomic_write_text
 
 _RAW_COLUMNS = ["checkpoint", "group", "model_seed", "batch", "score"]
 
@@ -43,12 +43,12 @@ def _nan_to_none(obj):
 
 def write_diversity_json(scores, groups, settings, path: str | os.PathLike) -> None:
     """Settings, every checkpoint's raw scores and mean, and the group statistics (nan written as null)."""
-    from kdprobe import __version__
-    from kdprobe.machine import machine
+    from kdprobe.version import __version__
+    from kdprobe.runtime.machine import machine
 
     doc = {
         "kdprobe_version": __version__,
-        "machine": machine(),  # the scores are bit-reproducible on this machine type only (kdprobe.machine)
+        "machine": machine(),  # the scores are bit-reproducible on this machine type only (kdprobe.runtime.machine)
         "probe": "jacobian-correlation (Mellor et al. 2020)",
         "settings": settings.as_dict(),
         "models": [asdict(s) for s in scores],

@@ -7,8 +7,8 @@ import os
 import numpy as np
 import plotly.graph_objects as go
 
-from kdprobe.diversity_table import score_bounds
-from kdprobe.io import atomic_path
+from kdprobe.probes.diversity_table import score_bounds
+from kdprobe.files.io import atomic_path
 
 _JITTER = 0.12  # half-width of the horizontal jitter of model points, in category units
 

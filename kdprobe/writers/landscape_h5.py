@@ -12,7 +12,7 @@ Surface layout (close to Li et al.'s loss-landscape files, readable with plain h
 Path layout: coordinates (n,), <split>_loss, <split>_acc (n,), done, same attrs, kind="path".
 Every write replaces the whole file atomically, so the file is valid after every save. The
 file is built in memory and written with one plain write: a full disk then fails once with a
-clear errno (kdprobe.io.WriteError), never inside HDF5 (tracebacks per object, a crash at exit).
+clear errno (kdprobe.files.io.WriteError), never inside HDF5 (tracebacks per object, a crash at exit).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from kdprobe.errors import KdprobeError
-from kdprobe.io import atomic_write_bytes
+from kdprobe.files.io import atomic_write_bytes
 from kdprobe.probes.landscape import Directions, LineResult, SurfaceResult
 
 FORMAT_VERSION = 1
@@ -133,7 +133,7 @@ def _check_declared_size(f: h5py.File, path: Path) -> None:
     declare 10^12 elements in a kilobyte (chunked, unwritten: read back as fill values), and reading allocates
     what it declares. kdprobe writes its arrays uncompressed; 64x the file (or 64 MiB) leaves room for a file
     repacked with compression, and the memory free now is a hard limit."""
-    from kdprobe.models.registry import available_memory
+    from kdprobe.runtime.machine import available_memory
 
     sizes: list[tuple[str, int]] = []
     f.visititems(lambda name, obj: sizes.append((name, int(obj.size) * int(obj.dtype.itemsize)))

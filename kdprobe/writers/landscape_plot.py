@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from kdprobe.io import atomic_write_text
+from kdprobe.files.io import atomic_write_text
 from kdprobe.probes.landscape import LineResult, SurfaceResult
 from kdprobe.writers.landscape_vtk import height
 

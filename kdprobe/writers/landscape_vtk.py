@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from kdprobe.errors import KdprobeError
-from kdprobe.io import atomic_path, locked_side_file
+from kdprobe.files.io import atomic_path, locked_side_file
 from kdprobe.probes.landscape import LineResult, SurfaceResult
 
 VTK_SUFFIXES = (".vtk", ".vts")

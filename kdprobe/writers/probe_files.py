@@ -6,13 +6,13 @@ import io
 import json
 import os
 
-from kdprobe.io import atomic_write_text
+from kdprobe.files.io import atomic_write_text
 
 
 def write_probe_json(tables, path: str | os.PathLike) -> None:
     """{kdprobe_version, machine, command, settings, <table name>: [records]}; nan written as null."""
-    from kdprobe import __version__
-    from kdprobe.machine import machine
+    from kdprobe.version import __version__
+    from kdprobe.runtime.machine import machine
 
     doc = {"kdprobe_version": __version__, "machine": machine(), "command": tables.command, "settings": tables.settings,
            **tables.tables}

@@ -1,6 +1,6 @@
 """A study's report: one self-contained, offline HTML page (plotly.js inlined once), summary.json, cells.csv.
 
-Pure writers: they take a kdprobe.study_result.StudyResult and format it; every number shown
+Pure writers: they take a kdprobe.studies.result.StudyResult and format it; every number shown
 was computed by the study (kdprobe.stats via summarize_groups, the probes). Landscape figures
 put each group's surfaces side by side (contour above, 3-D below) on one colour scale: the
 minimum and maximum of the group's displayed heights.
@@ -16,9 +16,10 @@ import os
 
 import numpy as np
 
-from kdprobe.io import atomic_write_text
-from kdprobe.diversity_table import ACCURACY_BOUNDS, clip_end, score_bounds
-from kdprobe.study_result import StudyResult, to_dict
+from kdprobe.files.io import atomic_write_text
+from kdprobe.writers.html import _e, _f, _link, _table
+from kdprobe.probes.diversity_table import ACCURACY_BOUNDS, clip_end, score_bounds
+from kdprobe.studies.result import StudyResult, to_dict
 from kdprobe.writers.diversity_plot import diversity_figure
 from kdprobe.writers.landscape_plot import figure_div
 
@@ -36,28 +37,6 @@ nav a{margin-right:14px}.scroll{overflow-x:auto}code{background:#f3f3f3;padding:
 
 
 _SCALE = "Viridis"
-
-
-def _f(v, fmt: str = ".2f") -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "–"
-    return format(v, fmt)
-
-
-def _e(text) -> str:
-    return html.escape(str(text))
-
-
-def _link(rel: str | None) -> str:
-    if not rel:
-        return "–"
-    return f'<a href="{html.escape(rel.replace(os.sep, "/"), quote=True)}">{_e(os.path.basename(rel))}</a>'
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{h}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
-    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _stats_rows(groups, digits: str, bounds=(-math.inf, math.inf)) -> tuple[list[list[str]], bool]:
@@ -306,7 +285,7 @@ def write_landscape_page(result: StudyResult, path: str | os.PathLike) -> None:
 
 
 def write_summary_json(result: StudyResult, path: str | os.PathLike) -> None:
-    """summary.json: every number of the study (nan as null); kdprobe.study_result.from_dict reads it back."""
+    """summary.json: every number of the study (nan as null); kdprobe.studies.result.from_dict reads it back."""
     atomic_write_text(path, json.dumps(to_dict(result), indent=1, allow_nan=False) + "\n")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from html.parser import HTMLParser
 
-from kdprobe.io import atomic_write_text
+from kdprobe.files.io import atomic_write_text
 
 _SKIP = {"script", "style", "nav", "svg"}  # figure code and navigation: nothing to read
 
@@ -102,7 +102,7 @@ def html_to_markdown(page: str) -> str:
 
 
 def write_report_markdown(result, path: str | os.PathLike) -> None:
-    """report.md: report.html's headings, notes and tables (kdprobe.study_result.StudyResult -> Markdown)."""
+    """report.md: report.html's headings, notes and tables (kdprobe.studies.result.StudyResult -> Markdown)."""
     from kdprobe.writers.report import report_html
 
     atomic_write_text(path, html_to_markdown(report_html(result)))

@@ -2,17 +2,17 @@
 summary table and its figure (kdprobe.writers.probe_plots, SVG traces only, no WebGL).
 
 Pure formatting of a StudyResult: every number and every verdict was computed by the study
-(kdprobe.probe_sets, kdprobe.ensemble_reading). Interval ends are shown clipped to what a metric
+(kdprobe.probes.sets, kdprobe.studies.ensemble_reading). Interval ends are shown clipped to what a metric
 can take (marked *); the files keep the raw ends.
 """
 from __future__ import annotations
 
 import math
 
-from kdprobe.diversity_table import clip_end
-from kdprobe.ensemble_reading import PREDICTIONS, headline
+from kdprobe.probes.diversity_table import clip_end
+from kdprobe.studies.ensemble_reading import PREDICTIONS, headline
 from kdprobe.writers.landscape_plot import figure_div
-from kdprobe.writers.report import _e, _f, _link, _table
+from kdprobe.writers.html import _e, _f, _link, _table
 
 UNBOUNDED = (-math.inf, math.inf)
 BOUNDS = {"disagreement": (0.0, 1.0), "normalized_disagreement": (0.0, math.inf), "js": (0.0, math.log(2.0)),
@@ -117,7 +117,7 @@ def _setting_note(name: str, st: dict) -> str:
 def _readable(tables, most: int = 8):
     """(tables for the figure, how many pair types it leaves out): with more than `most` pair types the
     between-method ones go (within and student-teacher pairs carry the ensemble reading)."""
-    from kdprobe.probe_tables import ProbeTables
+    from kdprobe.probes.tables import ProbeTables
 
     keys = list(dict.fromkeys(r["key"] for r in tables.table("pair_types")))
     between = [k for k in keys if k.startswith("between ")]

@@ -9,7 +9,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Sequence
 
-from kdprobe.io import atomic_write_text
+from kdprobe.files.io import atomic_write_text
 from kdprobe.probes.surplus import SurplusRow
 
 FORMULA = "surplus = (self_distill - finetuned_scratch) - (unpruned_kd - unpruned_scratch)"

@@ -8,11 +8,11 @@ Layout under cache_dir() ($KDPROBE_CACHE or ~/.cache/kdprobe); an entry's name i
                               <key>/.complete holds {"source", "sha256"} once the copy is whole.
   extracted/<key>.tmp<pid>    an extraction in progress, or one a killed run left (same entry)
   imagefolder/<key>.pt        decoded uint8 tensors of an image folder, <key>.json names the folder
-  arch-signatures-<h>.json    kdprobe.foreign's table of architecture signatures
+  arch-signatures-<h>.json    kdprobe.checkpoints.foreign's table of architecture signatures
   locks/<entry>.lock          advisory locks: whoever extracts, reads or writes an entry holds one
                               (shared to read, exclusive to extract or remove), so `clear` never removes
                               an entry another process is using; it skips it and says so.
-Archives are extracted into it by kdprobe.archives.
+Archives are extracted into it by kdprobe.data.archives.
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def touch(path: Path) -> None:
 # ---- listing and clearing ----
 
 _KEY = r"[0-9a-f]{16,64}"
-_TEMP = re.compile(r"^\.(.+)\.[a-z0-9_]{8}\.tmp(\.[a-z0-9]{1,8})?$")  # kdprobe.io's temp files of NAME
+_TEMP = re.compile(r"^\.(.+)\.[a-z0-9_]{8}\.tmp(\.[a-z0-9]{1,8})?$")  # kdprobe.files.io's temp files of NAME
 
 
 @dataclass(frozen=True)
@@ -223,7 +223,7 @@ def _remove(p: Path, root: Path) -> None:
         shutil.rmtree(p)  # removes symlinks inside as links, never what they point at
     else:
         if _TEMP.match(p.name) and fcntl is not None and not _unlocked(p):
-            return  # a live writer's temp file (kdprobe.io locks its own)
+            return  # a live writer's temp file (kdprobe.files.io locks its own)
         p.unlink()
 
 

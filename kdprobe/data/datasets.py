@@ -6,12 +6,12 @@ Names:
   cifar10/cifar100  torchvision's binary format under --data-dir (--download if online).
   imagefolder:PATH  PATH/train/<class>/* and PATH/test/<class>/*; PATH may also be a .tar.gz
                     holding such a folder (extracted once per content into the cache, under a
-                    size cap: kdprobe.archives). Decoded tensors are cached, so 60,000 JPEGs are
+                    size cap: kdprobe.data.archives). Decoded tensors are cached, so 60,000 JPEGs are
                     decoded once, not on every run; the cache key follows the files' content
                     (_cache_key), never just their names, sizes and times. Images are served in
                     a fixed seeded shuffle (not class by class). The name is stored with the
                     absolute path, so it means the same folder from any directory. How each
-                    pixel mode is read (16-bit, palette, CMYK, alpha): kdprobe.images. Both
+                    pixel mode is read (16-bit, palette, CMYK, alpha): kdprobe.data.images. Both
                     splits must have the same class folders, each with images; no file may be
                     listed twice (linked class folders or files); only regular files are read.
 Images are uint8 (N, C, H, W); `normalize` turns a batch into the float model input.
@@ -20,7 +20,7 @@ Every dataset carries a content fingerprint (`TensorData.fingerprint`): sha256 o
 names and the decoded uint8 images and labels of both splits, in file order. It names the data
 itself, not where it lives: a moved or re-extracted copy has the same fingerprint, a changed
 image or label another one. Checkpoints record it, so a command that takes the dataset from a
-checkpoint can tell when the path now holds other data (kdprobe.inputs.check_model_data).
+checkpoint can tell when the path now holds other data (kdprobe.checkpoints.inputs.check_model_data).
 Cost: one pass of sha256 over the images, about 0.1 s for CIFAR-10's 184 MB.
 """
 from __future__ import annotations
@@ -38,12 +38,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdprobe.archives import extracted
-from kdprobe.archives import publish_extracted as _publish_extracted  # noqa: F401 - its old name, tests use it
-from kdprobe.cache import cache_dir, entry_lock, human, touch
+from kdprobe.data.archives import extracted
+from kdprobe.data.archives import publish_extracted as _publish_extracted  # noqa: F401 - its old name, tests use it
+from kdprobe.data.cache import cache_dir, entry_lock, human, touch
 from kdprobe.errors import KdprobeError
-from kdprobe.images import decode_image, describe_kind, read_image_bytes
-from kdprobe.io import atomic_path, atomic_write_text
+from kdprobe.runtime.machine import available_memory as _available_memory  # tests patch this name
+from kdprobe.data.images import decode_image, describe_kind, read_image_bytes
+from kdprobe.files.io import atomic_path, atomic_write_text
 
 # Per-channel statistics of the training sets (fractions of 255), the values the reference
 # codebases normalize with (RepDistiller for CIFAR-100, the CutMix/pruning code for CIFAR-10).
@@ -323,20 +324,8 @@ def _check_files(splits: dict[str, tuple[list[Path], list[int], list[str]]]) -> 
     return stats
 
 
-def _available_memory() -> int | None:
-    """Bytes of memory the kernel says are available (MemAvailable), None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def _decode(files: list[Path]) -> tuple[torch.Tensor, list[bytes]]:
-    """Decode images (kdprobe.images' mode rules) into one uint8 (N, C, H, W) tensor, all of one size and
+    """Decode images (kdprobe.data.images' mode rules) into one uint8 (N, C, H, W) tensor, all of one size and
     channel count; also each file's sha256 digest, of the bytes as read."""
     out, shape, first, digests = None, None, None, []
     for i, f in enumerate(files):

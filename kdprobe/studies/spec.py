@@ -6,7 +6,7 @@
     seeds = [0, 1, 2, 3, 4]
     [train]                             # shared by every cell
     dataset = "cifar10"; model = "resnet56"; model_kwargs = {}; preset = "repdistiller"
-                                        # dataset "auto:cifar10": found at run time (kdprobe.study_data)
+                                        # dataset "auto:cifar10": found at run time (kdprobe.studies.data_lookup)
     overrides = {}                      # any TrainConfig field (epochs, lr, train_subset, ...)
     [[methods]]                         # one per compared method; its name is the cell folder
     name = "kd-label"; augment = "standard"; distill = "label"
@@ -16,7 +16,7 @@
     [diversity]  batch_size, runs, split, bn, output, variant, k, seed, confidence, interval, reference, methods
     [landscape]  methods, seeds, x, y, samples, split, bn, precision, seed, include_bn, at, log, zmax
     [agreement] [ensembles] [calibration] [cka] [sharpness]   the ensemble-perspective probes
-                 (kdprobe.study_spec_probes: split, samples, methods, reference, ..., and their own options)
+                 (kdprobe.studies.spec_probes: split, samples, methods, reference, ..., and their own options)
     [[pruning]]  one table per pruning block (trainers.pipeline.PipelineSpec fields)
     [scales.NAME]                       # deep-merged over everything above by --scale NAME
 
@@ -34,7 +34,8 @@ from importlib import resources
 from pathlib import Path
 
 from kdprobe.errors import KdprobeError
-from kdprobe.io import read_text
+from kdprobe.studies.keys import _Keys, _name_list
+from kdprobe.files.io import read_text
 from kdprobe.ranges import (CONFIDENCE, MAX_BATCH, MAX_NESTING, PROBE_RANGES as P, SEED, Range, abbreviate,
                             check_extent, check_text, check_tree, parse_toml)
 
@@ -127,7 +128,7 @@ class StudySpec:
     landscape: LandscapeSpec | None
     pruning: tuple[dict, ...]
     settings: dict  # the resolved TOML tree (JSON-ready), for the report and summary.json
-    probes: dict = field(default_factory=dict)  # name -> kdprobe.study_spec_probes.ProbeSpec, switched-on only
+    probes: dict = field(default_factory=dict)  # name -> kdprobe.studies.spec_probes.ProbeSpec, switched-on only
 
     def method(self, name: str) -> MethodSpec:
         """The method called `name`."""
@@ -136,7 +137,7 @@ class StudySpec:
 
 def builtin_specs() -> dict[str, Path]:
     """Built-in study specs shipped in kdprobe/studies: name -> file."""
-    folder = resources.files("kdprobe") / "studies"
+    folder = resources.files("kdprobe") / "studies" / "specs"
     return {Path(str(p)).stem: Path(str(p)) for p in sorted(folder.iterdir(), key=lambda p: p.name)
             if p.name.endswith(".toml")}
 
@@ -204,63 +205,12 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-class _Keys:
-    """Reads one TOML table, remembering its dotted path for error messages."""
-
-    def __init__(self, src: str, path: str, table, allowed):
-        if not isinstance(table, dict):
-            raise KdprobeError(f"{src}: {path}: expected a table, got {type(table).__name__}; write [{path}]")
-        unknown = sorted(set(table) - set(allowed))
-        if unknown:
-            raise KdprobeError(f"{src}: {path + '.' if path else ''}{unknown[0]}: unknown key; expected one of "
-                               f"{', '.join(allowed)}")
-        self.src, self.path, self.t = src, path, table
-
-    def key(self, k: str) -> str:
-        return f"{self.path}.{k}" if self.path else k
-
-    def fail(self, k: str, want: str, got) -> None:
-        raise KdprobeError(f"{self.src}: {self.key(k)}: expected {want}, got {got!r}; fix the spec")
-
-    def ranged(self, k: str, rng: Range, default):
-        """A number of the spec checked against one declared Range (kdprobe.ranges), named by its key."""
-        return self.get(k, rng.kind, default, check=rng.ok, want=rng.describe())
-
-    def get(self, k: str, kind, default=None, *, required=False, choices=None, check=None, want=None):
-        if k not in self.t:
-            if required:
-                raise KdprobeError(f"{self.src}: {self.key(k)}: missing; add it to the spec")
-            return default
-        v = self.t[k]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        ok = isinstance(v, kinds) and not (isinstance(v, bool) and bool not in kinds)
-        if float in kinds and isinstance(v, int) and not isinstance(v, bool):
-            v, ok = float(v), True
-        if not ok:
-            self.fail(k, want or " or ".join(t.__name__ for t in kinds), v)
-        if choices is not None and v not in choices:
-            self.fail(k, f"one of {', '.join(map(str, choices))}", v)
-        if check is not None and not check(v):
-            self.fail(k, want or "a valid value", v)
-        return v
-
-
 def _int_list(r: _Keys, k: str, default=None) -> tuple[int, ...] | None:
     v = r.get(k, list, default, want="a list of integers like [0, 1, 2]")
     if v is None:
         return None
     if not v or not all(SEED.ok(s) for s in v) or len(set(v)) != len(v):
         r.fail(k, f"a non-empty list of distinct seeds like [0, 1, 2] (each {SEED.describe()})", v)
-    return tuple(v)
-
-
-def _name_list(r: _Keys, k: str, known: tuple[str, ...]) -> tuple[str, ...]:
-    v = r.get(k, list, None, want="a list of method names")
-    if v is None:
-        return known
-    bad = [m for m in v if m not in known]
-    if not v or bad:
-        r.fail(k, f"a non-empty list of method names from {', '.join(known)}", bad or v)
     return tuple(v)
 
 
@@ -357,7 +307,7 @@ def _override_data(tree: dict, dataset: str | None, data_dir: str | None) -> Non
 def resolve_spec(tree: dict, scale: str | None = None, sets=(), source: str = "spec", *,
                  dataset: str | None = None, data_dir: str | None = None) -> StudySpec:
     """Apply `scale` (or the spec's default_scale), `--set` items and --dataset/--data-dir to a TOML tree, then
-    check it. `auto:cifar10` stays as written (kdprobe.study_data.locate_data finds it when the study runs)."""
+    check it. `auto:cifar10` stays as written (kdprobe.studies.data_lookup.locate_data finds it when the study runs)."""
     tree = copy.deepcopy(tree)
     top = _Keys(source, "", tree, _TOP)
     scales = top.get("scales", dict, {})
@@ -391,7 +341,7 @@ def resolve_spec(tree: dict, scale: str | None = None, sets=(), source: str = "s
     land = tree.get("landscape")
     if (div is not None or land is not None) and not methods:
         raise KdprobeError(f"{source}: methods: expected [[methods]] for the diversity/landscape probes, got none")
-    from kdprobe.study_spec_probes import parse_probes
+    from kdprobe.studies.spec_probes import parse_probes
 
     return StudySpec(
         str(top.get("name", str, "study")), str(top.get("title", str, "")), scale, source, seeds, train, methods,

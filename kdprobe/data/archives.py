@@ -1,6 +1,6 @@
 """Tar archives of image folders, extracted into kdprobe's cache once per content and under a cap.
 
-An archive's cache entry is named by the sha256 of its bytes (kdprobe.cache describes the layout), so an
+An archive's cache entry is named by the sha256 of its bytes (kdprobe.data.cache describes the layout), so an
 archive replaced by another, even one of the same size with the old modification time restored, is
 extracted anew and never served from the old copy. Hashing costs about 15 ms for CIFAR-10's 19 MB.
 
@@ -22,9 +22,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from kdprobe.cache import cache_dir, entry_lock, human, touch
+from kdprobe.data.cache import cache_dir, entry_lock, human, touch
 from kdprobe.errors import KdprobeError
-from kdprobe.io import nearest_existing, write_error
+from kdprobe.files.io import nearest_existing, write_error
 
 EXTRACT_LIMIT = 8 << 30  # bytes an archive may extract by default (CIFAR-10 as JPEGs: 0.25 GiB)
 EXTRACT_LIMIT_ENV = "KDPROBE_EXTRACT_LIMIT"

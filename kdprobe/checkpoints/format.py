@@ -6,7 +6,7 @@ pruned widths included), `state_dict`, `meta` (recipe, full config, seed, datase
 epochs, accuracies, teacher sha256, library versions, ...) and `extra` (state that is
 not part of the plain model: a feature-KD regressor, pruning masks).
 
-Foreign checkpoints (kdprobe.foreign): a bare state_dict, {'model': sd} (RepDistiller, also
+Foreign checkpoints (kdprobe.checkpoints.foreign): a bare state_dict, {'model': sd} (RepDistiller, also
 with an argparse.Namespace of options), {'state_dict': sd, 'cfg': [...]} (rethinking-network-
 pruning), with `module.` / `_orig_mod.` prefixes stripped; the architecture is the user's
 --arch, or detected from the tensor names and shapes.
@@ -24,13 +24,13 @@ import torch
 import torch.nn as nn
 
 from kdprobe.errors import KdprobeError
-from kdprobe import foreign
-from kdprobe.io import atomic_write_bytes, require_regular_file, sha256_file, torch_bytes
+from kdprobe.checkpoints import foreign
+from kdprobe.files.io import atomic_write_bytes, sha256_file, torch_bytes
+from kdprobe.files.torchfile import read_payload  # noqa: F401 (part of this module's API)
 from kdprobe.models import create_model
 from kdprobe.models.legacy import upgrade_arch  # old formats' arch names -> today's
 from kdprobe.models.registry import canonical_name, names_code, weight_budget
-from kdprobe.outputs import torch_container
-from kdprobe.preprocess import MAX_SIDE
+from kdprobe.data.preprocess import MAX_SIDE
 
 MAX_CHANNELS = 1024  # input channels a file may declare (hyperspectral images have a few hundred)
 
@@ -78,14 +78,14 @@ class LoadedCheckpoint:
 
 
 def library_versions() -> dict:
-    """Versions and the machine (kdprobe.machine: CPU, ATen capability, threads) that decide whether a result reproduces."""
+    """Versions and the machine (kdprobe.runtime.machine: CPU, ATen capability, threads) that decide whether a result reproduces."""
     import torchvision
 
-    import kdprobe
-    from kdprobe.machine import machine
+    from kdprobe.version import __version__ as _kdprobe_version
+    from kdprobe.runtime.machine import machine
 
     # the same seed gives the same bits only with these versions on the same machine type
-    return {"kdprobe": kdprobe.__version__, "torch": str(torch.__version__),
+    return {"kdprobe": _kdprobe_version, "torch": str(torch.__version__),
             "torchvision": str(torchvision.__version__), "python": platform.python_version(), "machine": machine()}
 
 
@@ -120,56 +120,6 @@ def save_checkpoint(path, model: nn.Module, meta: dict, extra: dict | None = Non
     path = Path(path)
     atomic_write_bytes(path, torch_bytes(payload))
     return path
-
-
-def _verify_zip(path: Path) -> None:
-    """Check every member's CRC (torch.load never does: flipped bytes in a tensor would load silently)."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
-    except (zipfile.BadZipFile, EOFError, zlib.error, ValueError, NotImplementedError, OSError) as e:
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        raise KdprobeError(f"{path} is corrupted or truncated ({why}); restore it from a copy or re-create it") from None
-    if bad is not None:
-        raise KdprobeError(f"{path} is corrupted: its record {bad} fails the CRC check (damaged bytes); restore it "
-                           "from a copy or re-create it")
-
-
-def read_payload(path) -> dict:
-    """torch.load with weights_only=True and every failure turned into a one-line error.
-
-    Order: a regular file (a FIFO would block forever), a torch container (zip or legacy pickle:
-    anything else is "not a torch checkpoint"), zip CRCs intact ("corrupted"), then the
-    restricted unpickler (a global it refuses means code could run on load)."""
-    path = require_regular_file(path, "checkpoint")
-    container = torch_container(path)
-    if container is None:
-        raise KdprobeError(f"{path} is not a torch checkpoint (neither a torch zip archive nor a legacy torch "
-                           "file); check the path")
-    if container == "zip":
-        _verify_zip(path)
-    try:
-        # benign objects real checkpoints carry (argparse.Namespace, numpy scalars) are allow-listed;
-        # everything else is still refused by the weights_only unpickler, never run
-        with torch.serialization.safe_globals(foreign.BENIGN_GLOBALS):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        glob = next((ln for ln in lines if "global" in ln.lower() and "weights_only" not in ln), None)
-        if glob is None:
-            why = (lines[-1] if lines else type(e).__name__)[:160]
-            raise KdprobeError(f"{path} is not a readable torch checkpoint (damaged pickle data: {why}); "
-                               "restore it from a copy or re-create it") from None
-        raise KdprobeError(
-            f"refusing to load {path}: it holds Python objects that could run code on load "
-            f"(weights_only=True rejected it: {glob[:160]}); if you trust it, re-save its state_dict with plain torch.save"
-        ) from None
-    except Exception as e:  # noqa: BLE001 - any other failure of the unpickler means a foreign or broken file
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise KdprobeError(f"{path} is not a readable torch checkpoint (corrupt, truncated or another format?): {why}") from None
-    if not isinstance(obj, dict):
-        raise KdprobeError(f"{path} holds a {type(obj).__name__}, expected a dict (a state_dict or a checkpoint dict)")
-    return obj
 
 
 def _show(v) -> str:

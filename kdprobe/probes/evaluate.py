@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdprobe.data import normalize
-from kdprobe.precision import fp32_exact
+from kdprobe.data.datasets import normalize
+from kdprobe.runtime.precision import fp32_exact
 
 
 @dataclass(frozen=True)

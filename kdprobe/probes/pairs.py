@@ -152,7 +152,7 @@ def summarize_pair_types(pairs: Sequence[PairRecord], metric: str, *, reference:
 
 
 def members_from_checkpoints(loaded, group_by: str = "method") -> list[Member]:
-    """Members from kdprobe.checkpoint.LoadedCheckpoint objects; the group is meta[group_by]."""
+    """Members from kdprobe.checkpoints.format.LoadedCheckpoint objects; the group is meta[group_by]."""
     out = []
     for ck in loaded:
         if ck.meta.get(group_by) is None:

@@ -24,21 +24,12 @@ import numpy as np
 import torch
 
 from kdprobe.errors import KdprobeError
+from kdprobe.files.torchfile import BENIGN_GLOBALS  # noqa: F401 (re-exported)
 from kdprobe.models import create_model
 from kdprobe.models.infer import generic_kwargs
 from kdprobe.models.registry import canonical_name, detectable_models, factory, infer_kwargs, model_aliases
 
 
-def _numpy_globals() -> list:
-    core = getattr(np, "_core", None) or np.core
-    scalar, rebuild = core.multiarray.scalar, core.multiarray._reconstruct
-    dtypes = [getattr(np.dtypes, n) for n in getattr(np.dtypes, "__all__", [])]
-    # Files written under numpy 1.x name these numpy.core.multiarray.*; numpy 2 moved them.
-    return [scalar, rebuild, np.ndarray, np.dtype, *dtypes,
-            (scalar, "numpy.core.multiarray.scalar"), (rebuild, "numpy.core.multiarray._reconstruct")]
-
-
-BENIGN_GLOBALS = [argparse.Namespace, *_numpy_globals()]
 _CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "net", "student", "network")
 _NBT = "num_batches_tracked"
 
@@ -209,11 +200,11 @@ def _sig_cache_path():
 
     import torchvision
 
-    import kdprobe
-    from kdprobe.data import cache_dir
+    from kdprobe.version import __version__ as _kdprobe_version
+    from kdprobe.data.datasets import cache_dir
 
-    h = hashlib.sha256(f"{kdprobe.__version__}|{torch.__version__}|{torchvision.__version__}".encode())
-    for f in sorted((Path(kdprobe.__file__).parent / "models").rglob("*.py")):
+    h = hashlib.sha256(f"{_kdprobe_version}|{torch.__version__}|{torchvision.__version__}".encode())
+    for f in sorted((Path(__file__).resolve().parents[1] / "models").rglob("*.py")):  # kdprobe/models
         h.update(f.read_bytes())
     return cache_dir() / f"arch-signatures-{h.hexdigest()[:16]}.json"
 
@@ -235,7 +226,7 @@ def _load_sigs() -> None:
 def _save_sigs() -> None:
     import json
 
-    from kdprobe.io import atomic_write_text
+    from kdprobe.files.io import atomic_write_text
 
     if _SIG_FILE and _SIG_FILE[1]:
         try:

@@ -9,7 +9,7 @@ trained into another folder hash differently; every number computed from the wei
 compared). Those are listed as notes, never as differences. Numbers are equal when
 |a - b| <= atol + rtol * |b|.
 
-The tolerance follows from the machines (kdprobe.machine: CPU model and instruction sets, ATen
+The tolerance follows from the machines (kdprobe.runtime.machine: CPU model and instruction sets, ATen
 CPU capability, threads, CUDA device; each summary records its own under versions.machine) and
 the torch versions. Both the same: rtol = atol = 0, since the same seed on the same machine type
 gives the same bits. Different, or not recorded on either side: CROSS_MACHINE_RTOL/ATOL, and the
@@ -54,7 +54,7 @@ class Tolerance:
 
     def describe(self) -> str:
         """One line: which tolerance, and why."""
-        from kdprobe.machine import describe
+        from kdprobe.runtime.machine import describe
 
         tol = "bit-equal" if self.bit_equal else f"rtol {self.rtol:g}, atol {self.atol:g}"
         if self.why == "given":
@@ -74,7 +74,7 @@ def _versions(summary) -> dict:
 def choose_tolerance(a, b, rtol: float | None = None, atol: float | None = None) -> Tolerance:
     """Bit-equality when both summaries record the same machine type and torch; the cross-machine tolerance when
     they differ or either does not say; a given rtol/atol (the other then 0) wins over both."""
-    from kdprobe.machine import machine_of, same_machine
+    from kdprobe.runtime.machine import machine_of, same_machine
 
     va, vb = _versions(a), _versions(b)
     ma, mb = machine_of(va), machine_of(vb)
@@ -97,6 +97,7 @@ class SummaryDiff:
     notes: list[tuple[str, object, object]] = field(default_factory=list)  # differing VARYING fields
     max_abs: float = 0.0
     max_rel: float = 0.0
+    tolerance: Tolerance | None = None  # what was applied, and why
     tolerance: Tolerance | None = None  # what was applied, and why
 
     @property

@@ -15,7 +15,7 @@
   --overwrite` never replaces a trained model);
 - a folder where a file is expected, a file where a folder is expected, and an unwritable
   place are one-line errors before any work;
-- inside a run scope (kdprobe.io.run_scope: every CLI command runs in one) every output is locked
+- inside a run scope (kdprobe.files.io.run_scope: every CLI command runs in one) every output is locked
   for the rest of the run before its existing file is judged, so a second run to the same output
   fails at once: "another kdprobe run (pid N, started T, ...) is writing OUT".
 """
@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from kdprobe.errors import KdprobeError
-from kdprobe.io import hold_output_locks, nearest_existing
+from kdprobe.files.torchfile import read_payload, torch_container
+from kdprobe.files.io import hold_output_locks, nearest_existing
 
 KINDS = {
     "checkpoint": "a kdprobe checkpoint",
@@ -56,19 +57,7 @@ KINDS = {
 _ACCEPTS = {"jsonl": {"jsonl", "json"}}
 PRECIOUS = {"checkpoint", "partial", "surface"}  # replaced only with --overwrite (or resumed by the command)
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
-_LEGACY_TORCH_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"  # pickled torch MAGIC_NUMBER (legacy torch.save)
 _SNIFF_LIMIT = 64 << 20  # read at most this much of a file to tell its kind
-
-
-def torch_container(path: str | os.PathLike) -> str | None:
-    """'zip' (torch.save since 1.6), 'legacy' (older torch.save, a pickle stream), or None: not a torch file."""
-    with open(path, "rb") as f:
-        head = f.read(32)
-    if head.startswith(b"PK\x03\x04"):
-        return "zip"
-    if head.startswith(b"\x80") and _LEGACY_TORCH_MAGIC in head:
-        return "legacy"
-    return None
 
 
 def sniff(path: str | os.PathLike) -> str:
@@ -158,7 +147,6 @@ def _text_kind(path: Path, text: str, size: int) -> str:
 def checkpoint_maker(path: str | os.PathLike) -> str | None:
     """Which kdprobe command wrote a checkpoint: meta["made_by"], else read off older files' metadata
     (a training history = train, a pruning record without one = prune); None when unknown."""
-    from kdprobe.checkpoint import read_payload  # here: kdprobe.checkpoint imports this module
 
     try:
         meta = read_payload(path).get("meta")
@@ -218,7 +206,7 @@ def check_outputs(command: str, outputs: Mapping[str, tuple], inputs: Mapping[st
     outputs: role (how the user names it: "--out", "--h5", "OUT.partial") -> (path or None, kind),
     kind a key of KINDS ("folder" for a folder the command fills). inputs: role -> a path, a list of
     paths or None. overwrite: the user passed --overwrite. keep: roles whose existing file the command
-    resumes or skips itself (so it is not refused for existing). Inside kdprobe.io.run_scope the
+    resumes or skips itself (so it is not refused for existing). Inside kdprobe.files.io.run_scope the
     outputs stay locked until the scope ends."""
     outs = {role: (Path(p), kind) for role, (p, kind) in outputs.items() if p is not None}
     ins = [(role, p) for role, v in (inputs or {}).items() for p in _paths(v)]

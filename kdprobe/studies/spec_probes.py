@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kdprobe.studies.keys import _Keys, _name_list
+
 PROBES = ("agreement", "ensembles", "calibration", "cka", "sharpness")
 _COMMON = {"enabled": True, "split": "test", "samples": 0, "methods": None, "reference": "scratch",
            "confidence": 0.99, "interval": "t", "seed": 0, "alpha": 0.05}
@@ -82,7 +84,6 @@ def _checks():
 def parse_probe(src: str, name: str, table, names: tuple[str, ...]) -> ProbeSpec | None:
     """One probe table of a spec (None when `enabled = false`)."""
     from kdprobe.stats import INTERVALS
-    from kdprobe.study_spec import _Keys, _name_list
 
     defaults = {**_COMMON, **_OWN[name]}
     r = _Keys(src, name, table, tuple(defaults))

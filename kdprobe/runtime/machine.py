@@ -84,3 +84,18 @@ def describe(m: dict | None) -> str:
     if m.get("env"):
         parts.append(" ".join(f"{k}={v}" for k, v in m["env"].items()))
     return f"{m.get('cpu', '?')} ({', '.join(parts)})"
+
+
+def available_memory() -> int | None:
+    """Bytes of memory free for a new allocation now (MemAvailable; total memory where that is unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

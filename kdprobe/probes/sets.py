@@ -1,8 +1,8 @@
 """From a set of checkpoints' cached predictions, features or Hessian results to the probes' flat tables.
 
 The one place where `kdprobe agreement|calibration|cka|sharpness` and `kdprobe study` turn probe
-results into kdprobe.probe_tables records, so a study's summary.json holds exactly what the
-single-purpose commands write for the same checkpoints. Members are kdprobe.pairs.Member; every
+results into kdprobe.probes.tables records, so a study's summary.json holds exactly what the
+single-purpose commands write for the same checkpoints. Members are kdprobe.probes.pairs.Member; every
 mapping is keyed by the member's path. Nothing here runs a model (the callers fill the caches).
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from kdprobe.pairs import Member
-from kdprobe.probe_tables import checkpoint_record, flat, group_records, pair_records, pair_type_records
+from kdprobe.probes.pairs import Member
+from kdprobe.probes.tables import checkpoint_record, flat, group_records, pair_records, pair_type_records
 
 # what every agreement/ensemble table means (written into the settings of both)
 AGREEMENT_NOTES = {

@@ -7,9 +7,9 @@ any of them. Per checkpoint: `checkpoint` (path), `group`, `seed`, `sha256` and 
 plain name (acc, nll, ece, brier, top_eigenvalue, trace, trace_se, ...); per pair: `a`, `b`,
 `group_a`, `group_b`, `pair_type`, `pair_groups` and the metrics (disagreement,
 normalized_disagreement, sym_kl, js, cka). Fractions are fractions (0-1), never percent.
-Group statistics: unit = one checkpoint (kdprobe.diversity_table.summarize_groups: t
+Group statistics: unit = one checkpoint (kdprobe.probes.diversity_table.summarize_groups: t
 interval, Welch vs the reference, Holm, Hedges' g); pair types and ensemble gains: delete-one-
-checkpoint jackknife (kdprobe.pairs, kdprobe.probes.ensemble).
+checkpoint jackknife (kdprobe.probes.pairs, kdprobe.probes.ensemble).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Mapping, Sequence
 
-from kdprobe.diversity_table import ModelScore, summarize_groups
-from kdprobe.pairs import Member, PairRecord, summarize_pair_types
+from kdprobe.probes.diversity_table import ModelScore, summarize_groups
+from kdprobe.probes.pairs import Member, PairRecord, summarize_pair_types
 
 
 @dataclass(frozen=True)

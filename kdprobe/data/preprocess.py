@@ -149,7 +149,7 @@ def input_size_of(model: nn.Module) -> int | None:
 def fit_input(model: nn.Module, meta: dict | None, data, image_size: int | None = None) -> InputFit:
     """Give `model` the input hook that resizes (and re-normalizes) `data`'s batches for it; returns the fit.
 
-    data: a kdprobe.data.TensorData (its images, mean and std); meta: the checkpoint's metadata."""
+    data: a kdprobe.data.datasets.TensorData (its images, mean and std); meta: the checkpoint's metadata."""
     meta = meta if isinstance(meta, dict) else {}
     size, source = image_size_for(model, meta, image_size)
     c, h, w = (int(v) for v in data.test_x.shape[1:])

@@ -8,13 +8,13 @@ sides in the message:
   * the input shape (channels, height, width) the checkpoint records against the images';
   * the number of classes the model predicts against the dataset's;
   * the dataset identity: the content fingerprint the checkpoint records
-    (`meta["data_fingerprint"]`, see kdprobe.data) against the loaded data's. When the command
+    (`meta["data_fingerprint"]`, see kdprobe.data.datasets) against the loaded data's. When the command
     took the dataset from the checkpoint (`explicit=False`), other data under the recorded name
     is refused; with an explicit --dataset it is allowed and a note says so. Checkpoints written
     before fingerprints existed (and foreign ones) have none and are not refused for it;
   * finally one forward pass on one sample, which is all a foreign checkpoint (no recorded
     shape) can be checked with; its failure is reported as a message, not a traceback.
-Before comparing, the model is fitted to the data (kdprobe.preprocess.fit_input): the image size
+Before comparing, the model is fitted to the data (kdprobe.data.preprocess.fit_input): the image size
 it takes (--image-size, its checkpoint's record, or its family's default, e.g. 224 for
 torchvision models) and the normalization it was trained with are applied to every batch it
 receives by an input hook, so the shape compared is the one the model will actually see.
@@ -27,9 +27,9 @@ from typing import Iterable
 
 import torch
 
-from kdprobe.data import TensorData
+from kdprobe.data.datasets import TensorData
 from kdprobe.errors import KdprobeError
-from kdprobe.preprocess import fit_input
+from kdprobe.data.preprocess import fit_input
 
 _BUILTIN = ("digits", "cifar10", "cifar100")
 
@@ -93,7 +93,7 @@ def _forward_one(ck, data: TensorData, who: str, shape: tuple) -> int:
 
 def check_model_data(ck, data: TensorData, *, explicit: bool, role: str = "checkpoint",
                      image_size: int | None = None) -> str | None:
-    """Fit a checkpoint (kdprobe.checkpoint.LoadedCheckpoint) to `data` and refuse it if it does not fit;
+    """Fit a checkpoint (kdprobe.checkpoints.format.LoadedCheckpoint) to `data` and refuse it if it does not fit;
     returns a note or None.
 
     explicit: the user named the dataset (--dataset), so data other than the recorded one is

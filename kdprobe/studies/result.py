@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-from kdprobe.diversity_table import DiversitySettings, DiversityTable, GroupStats, ModelScore
-from kdprobe.ensemble_reading import Verdict
-from kdprobe.probe_tables import ProbeTables
+from kdprobe.probes.diversity_table import DiversitySettings, DiversityTable, GroupStats, ModelScore
+from kdprobe.studies.ensemble_reading import Verdict
+from kdprobe.probes.tables import ProbeTables
 from kdprobe.probes.surplus import SurplusRow
 
 FORMAT = "kdprobe-study"
@@ -102,7 +102,7 @@ class StudyResult:
     pruning: tuple[PruningBlock, ...]
     files: dict  # label -> relative path
     notes: tuple[str, ...] = field(default_factory=tuple)
-    # ensemble-perspective probes: name -> kdprobe.probe_tables.ProbeTables (in summary.json: command, settings,
+    # ensemble-perspective probes: name -> kdprobe.probes.tables.ProbeTables (in summary.json: command, settings,
     # tables; the records `kdprobe agreement|calibration|cka|sharpness --json` write), and the verdicts from them
     probes: dict = field(default_factory=dict)
     verdicts: tuple[Verdict, ...] = field(default_factory=tuple)

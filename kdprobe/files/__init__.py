@@ -1,0 +1,1 @@
+"""Files kdprobe reads and writes: atomic writes and locks, output-path rules and file kinds, safe torch loading."""

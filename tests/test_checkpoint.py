@@ -120,7 +120,7 @@ def test_foreign_vgg_with_other_layer_names_and_cfg_loads(tmp_path):
         assert _same_weights(ck.model, src)
         x = torch.randn(2, 3, 32, 32)
         assert torch.equal(ck.model(x), src.eval()(x))
-    with pytest.raises(KdprobeError, match=r"keys match by name.*missing key 'features.0.weight'"):
+    with pytest.raises(KdprobeError, match=r"vgg19_bn: missing key 'features.0.weight'.*keys match by name"):
         load_checkpoint(tmp_path / "vgg.pth.tar", arch="vgg19")
 
 

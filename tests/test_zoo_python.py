@@ -62,7 +62,10 @@ def test_user_class_builds_with_kwargs_and_in_channels(user_module, tmp_path):
     assert m.conv.in_channels == 1 and m.conv.out_channels == 6 and m.fc.out_features == 5
     arch = json.loads(json.dumps(m.arch))
     assert arch == {"name": name, "kwargs": {"num_classes": 5, "in_channels": 1, "hidden": 6}}
-    ck = load_checkpoint(save_checkpoint(tmp_path / "u.pt", m, {"method": "scratch"}))
+    path = save_checkpoint(tmp_path / "u.pt", m, {"method": "scratch"})
+    with pytest.raises(KdprobeError, match="never runs code a file names"):  # the file alone never imports it
+        load_checkpoint(path)
+    ck = load_checkpoint(path, arch=name)  # the user names the code: their choice
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(ck.model(x), m.eval()(x), rtol=0, atol=0)

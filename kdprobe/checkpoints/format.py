@@ -215,8 +215,8 @@ def load_state_into(model: nn.Module, sd: dict, source: str) -> None:
             more = f" and {len(keys) - 1} more ({', '.join(map(repr, keys[1:3]))}{', ...' if len(keys) > 3 else ''})"
             return f"{label} key {keys[0]!r}" + (more if len(keys) > 1 else "")
         what = "; ".join(few(label, keys) for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys)
-        raise KdprobeError(f"{source} does not fit architecture {model.arch['name']} (keys match by name): {what}; "
-                           "check --arch and its variant, or rename the file's keys")
+        raise KdprobeError(f"{source} does not fit architecture {model.arch['name']}: {what} (keys match by name, "
+                           "never by position); check --arch and its variant, or rename the file's keys")
     for k, v in own.items():
         if k in sd and tuple(sd[k].shape) != tuple(v.shape):
             raise KdprobeError(f"{source} does not fit architecture {model.arch['name']}: {k} is {tuple(sd[k].shape)} in the file but {tuple(v.shape)} in the model; check --arch, its variant and widths")

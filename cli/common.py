@@ -329,7 +329,10 @@ ImageSize = Annotated[Optional[str], typer.Option(
 
 def json_kwargs(text: str, flag: str) -> dict:
     """A JSON object of keyword arguments (one-line error otherwise)."""
-    value = parse_json(text, flag)  # nesting, digit counts and non-finite numbers refused before json recurses
+    try:  # nesting, digit counts and non-finite numbers refused before json recurses
+        value = parse_json(text, flag)
+    except KdprobeError as e:  # say what the option wants, not only that JSON failed
+        raise KdprobeError(f"{e}; expected {flag} as a JSON object like '{{\"cfg\": [16, 8]}}'") from None
     if not isinstance(value, dict):
         raise KdprobeError(f"expected {flag} as a JSON object like '{{\"cfg\": [16, 8]}}', got {type(value).__name__} "
                            f"{abbreviate(text)}")

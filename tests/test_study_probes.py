@@ -142,8 +142,10 @@ def test_calibration_cka_and_sharpness_match_the_library_on_the_cells(done):
     tops = {}
     for method, p, m in flat:
         ref = sharpness(m, xs, ys, iterations=6, trace_samples=5, batch_size=128, seed=0)
-        assert sh[p]["top_eigenvalue"] == pytest.approx(ref.top_eigenvalue, rel=1e-9)
-        assert sh[p]["trace"] == pytest.approx(ref.trace, rel=1e-9) and sh[p]["n_samples"] == NS
+        # fp32 Hessian-vector products summed over 128-sample batches and ~1e4 parameters: the study's cell runs
+        # under its own thread count, this call under the suite's, so sums split differently (~1e-7 each step)
+        assert sh[p]["top_eigenvalue"] == pytest.approx(ref.top_eigenvalue, rel=1e-6)
+        assert sh[p]["trace"] == pytest.approx(ref.trace, rel=1e-6) and sh[p]["n_samples"] == NS
         tops.setdefault(method, []).append(ref.top_eigenvalue)
     # the sharpness verdict's p is Welch's test on the per-checkpoint top eigenvalues (scipy), one KD method: no Holm
     v = next(v for v in summary["verdicts"] if v["probe"] == "sharpness")

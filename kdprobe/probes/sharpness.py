@@ -270,10 +270,11 @@ def sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, top_k: int 
     kw = dict(generator=gen, device=op.device, dtype=op.dtype)
     deflate = trace_method == "hutch++" and trace_sketch > 0
     sketch_size = min(trace_sketch, op.dim) if deflate else 0
+    if method == "lanczos":  # iterations caps every Lanczos step: the basis it deflates is at most that long
+        sketch_size = min(sketch_size, iterations)
     basis, exact = None, 0.0
     if method == "lanczos":
-        run = lanczos_top(op.hvp, op.dim, k=top_k, steps=max(iterations, sketch_size), tol=tol,
-                          min_steps=sketch_size, **kw)
+        run = lanczos_top(op.hvp, op.dim, k=top_k, steps=iterations, tol=tol, min_steps=sketch_size, **kw)
         pairs = list(run.pairs)
         if deflate:
             basis, exact = run.basis, run.basis_trace

@@ -11,7 +11,6 @@ FREE_MARGIN free, checked before and every 64 MiB during extraction.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -24,7 +23,7 @@ from typing import Iterator
 
 from kdprobe.data.cache import cache_dir, entry_lock, human, touch
 from kdprobe.errors import KdprobeError
-from kdprobe.files.io import nearest_existing, write_error
+from kdprobe.files.io import nearest_existing, sha256_stream, write_error
 
 EXTRACT_LIMIT = 8 << 30  # bytes an archive may extract by default (CIFAR-10 as JPEGs: 0.25 GiB)
 EXTRACT_LIMIT_ENV = "KDPROBE_EXTRACT_LIMIT"
@@ -161,10 +160,7 @@ def extracted(archive: Path) -> Iterator[tuple[Path, str]]:
     holding the entry's shared lock so that `kdprobe cache clear` leaves it alone while it is read."""
     with open(archive, "rb") as f:
         before = os.fstat(f.fileno())
-        h = hashlib.sha256()
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-        sha = h.hexdigest()
+        sha = sha256_stream(f)  # the bytes of this open file, whose identity is checked again below
         name = f"extracted/{sha[:16]}"
         dest = cache_dir() / name
         while True:

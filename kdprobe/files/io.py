@@ -299,13 +299,18 @@ def require_regular_file(path: str | os.PathLike, what: str = "file") -> Path:
     return path
 
 
+def sha256_stream(f) -> str:
+    """Hex sha256 of what is left to read in a binary file object, read 1 MiB at a time."""
+    h = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+    return h.hexdigest()
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes (teacher provenance, cache keys)."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return sha256_stream(f)
 
 
 def read_text(path: str | os.PathLike, what: str = "file") -> str:

@@ -8,7 +8,7 @@ import typer
 from cli.common import table
 from cli.probe_set import (Arch, ArchKwargs, ImageSize,
                            BatchSize, Confidence, Csv, DataDir, Dataset, Device, GroupBy, Html, Interval, Json,
-                           Reference, Samples, Seed, Split, cached_logits, fmt_ci, fmt_p, in_range, open_set,
+                           Reference, Samples, Seed, Split, check_set_outputs, fmt_ci, fmt_p, in_range,
                            pair_type_table, write_outputs)
 
 O = typer.Option
@@ -50,31 +50,19 @@ def agreement(
     device: Device = "auto",
 ):
     """Pairwise agreement of checkpoints and the ensembles of each group (one forward pass per checkpoint)."""
-    from kdprobe.errors import KdprobeError
-    from kdprobe.probes.sets import AGREEMENT_NOTES, agreement_part, group_ensembles
-    from kdprobe.probes.tables import ProbeTables, ensemble_tables
+    from kdprobe.api.probes import agreement as run
 
-    if max_subsets < 1 or bins < 1:
-        raise KdprobeError(f"expected --max-subsets >= 1 and --bins >= 1, got {max_subsets} and {bins}")
-    ps, ref = open_set(checkpoints, interval=interval, reference=reference, group_by=group_by, split=split,
-                       samples=samples, arch=arch, arch_kwargs=arch_kwargs,
-                       image_size=image_size, dataset=dataset, data_dir=data_dir, device=device,
-                       command="agreement", outputs=(csv, json, html), min_count=2)
-    cache = cached_logits(ps, batch_size)
-    labels = cache.labels
-    log_probs = {m.path: cache[m.path].log_probs() for m in ps.members}
-    stat = dict(reference=ref, confidence=confidence, interval=interval)
-    part = agreement_part(ps.members, log_probs, labels, bins=bins, **stat)
-    ens, tests = group_ensembles(ps.members, log_probs, labels, max_subsets=max_subsets, seed=seed, bins=bins, **stat)
-    settings = {"dataset": ps.dataset, "split": split, "samples": samples, "samples_used": int(len(labels)),
-                "group_by": group_by, "reference": ref, "confidence": confidence, "interval": interval, "bins": bins,
-                "max_subsets": max_subsets, "seed": seed, "checkpoints": len(ps.members),
-                "forward_passes": cache.forward_passes, **AGREEMENT_NOTES}
-    tables = ProbeTables("agreement", settings, {**part, **ensemble_tables(ens, tests)})
-    pairs = part["pairs"]
+    check_set_outputs("agreement", checkpoints, (csv, json, html))
+    result = run(checkpoints, split=split, samples=samples, group_by=group_by, reference=reference,
+                 confidence=confidence, interval=interval, max_subsets=max_subsets, bins=bins, batch_size=batch_size,
+                 seed=seed, arch=arch, arch_kwargs=arch_kwargs, image_size=image_size, dataset=dataset,
+                 data_dir=data_dir, device=device, note=lambda text: typer.echo(text, err=True))
+    tables, ens, settings = result.tables, result.details, result.settings
+    ps_dataset, n_labels, ref = settings["dataset"], settings["samples_used"], settings["reference"]
+    pairs = tables.table("pairs")
 
-    typer.echo(f"Agreement on {ps.dataset}: split={split}, {len(labels)} samples, {len(ps.members)} checkpoints "
-               f"({cache.forward_passes} forward passes), {len(pairs)} pairs")
+    typer.echo(f"Agreement on {ps_dataset}: split={split}, {n_labels} samples, {settings['checkpoints']} checkpoints "
+               f"({settings['forward_passes']} forward passes), {len(pairs)} pairs")
     typer.echo(table(pair_type_table(tables.table("pair_types"), ["disagreement", "normalized_disagreement", "js"])))
     typer.echo(f"mean over pairs ± {confidence * 100:g}% CI ({interval}); unit = one checkpoint (pairs share checkpoints: "
                "delete-one-checkpoint jackknife); "

@@ -3,13 +3,13 @@ with one dataset, the samples they are probed on, and writing the tables."""
 from __future__ import annotations
 
 import math
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from kdprobe.probes.checkpoint_set import (ProbeSet, cached_logits, check_choice, check_classes,  # noqa: F401
+                                            check_reference, reference_or_none)
 from cli.common import (Arch, ArchKwargs, DataDir, Dataset, ImageSize, arch_choice, expand_paths,  # noqa: F401 (re-exported)
                         in_range)
 
@@ -33,87 +33,22 @@ Seed = Annotated[int, O(help="Seed of every random draw of the probe (same seed,
 BatchSize = Annotated[int, O(help="Samples per forward pass.", callback=in_range("batch_size"))]
 
 
-@dataclass
-class ProbeSet:
-    """Loaded checkpoints (models on the CPU), their members, the dataset and the chosen samples."""
-
-    loaded: list
-    members: list
-    dataset: str
-    data: object  # kdprobe.data.datasets.TensorData
-    x: object  # uint8 images of the chosen samples
-    y: object  # their labels
-    split: str
-    device: object
-
-
-def check_choice(name: str, value: str, allowed) -> None:
-    """One-line error unless value is one of allowed."""
-    from kdprobe.errors import KdprobeError
-
-    if value not in allowed:
-        raise KdprobeError(f"expected {name} one of {', '.join(allowed)}; got {value!r}")
-
-
-def reference_or_none(reference: str | None) -> str | None:
-    """'none' (any case) means no reference group; None (not given) is resolved once the groups are known."""
-    return None if reference is None or reference.lower() == "none" else reference
-
-
-def load_set(patterns, *, group_by: str, split: str, samples: int, arch, dataset, data_dir, device: str,
-             min_count: int = 1, command: str = "probe", outputs: tuple = (None, None, None), arch_kwargs=None,
-             image_size=None) -> ProbeSet:
-    """Check the outputs, expand globs, load every checkpoint on the CPU (finite weights, no byte-identical
-    copies), require one dataset that fits every model, pick the samples."""
-    from tqdm import tqdm
-
-    from kdprobe.checkpoints.format import load_checkpoint
-    from kdprobe.data.datasets import load_dataset
-    from kdprobe.errors import KdprobeError
-    from kdprobe.checkpoints.inputs import check_model_data, require_distinct
+def check_set_outputs(command: str, patterns, outputs: tuple = (None, None, None)) -> None:
+    """Refuse (and lock) the --csv/--json/--html outputs before any checkpoint is loaded."""
     from kdprobe.files.outputs import check_outputs
-    from kdprobe.probes.pairs import members_from_checkpoints
-    from kdprobe.data.preprocess import parse_image_size
-    from trainers.loop import resolve_device
+    from kdprobe.probes.checkpoint_set import checkpoint_paths
 
-    check_choice("--split", split, ("test", "train"))
-    if samples < 0:
-        raise KdprobeError(f"expected --samples >= 0 (0 = the whole split), got {samples}")
-    dev = resolve_device(device)
-    archs, size = arch_choice(arch, arch_kwargs), parse_image_size(image_size)
-    paths = expand_paths(patterns)
-    archs.check_used(paths)
     csv, json, html = outputs
     check_outputs(command, {"--csv": (csv, "csv"), "--json": (json, "json"), "--html": (html, "html")},
-                  {"CHECKPOINTS": paths})
-    if len(paths) < min_count:
-        raise KdprobeError(f"expected at least {min_count} checkpoints, got {len(paths)}; pass more paths or a glob")
-    loaded = [load_checkpoint(p, **archs.for_path(p), map_location="cpu", finite=True)
-              for p in tqdm(paths, desc="load", unit="ckpt", file=sys.stderr, dynamic_ncols=True, disable=len(paths) < 8)]
-    sources = {ck.data_source(dataset, data_dir) for ck in loaded}
-    if len({name for name, _ in sources}) != 1:
-        raise KdprobeError(f"expected checkpoints of one dataset, got {sorted({n for n, _ in sources})}; probe each "
-                           "dataset separately (or pass --dataset)")
-    name, ddir = sorted(sources, key=lambda s: str(s[1]))[0]
-    require_distinct(loaded)  # a copy of one checkpoint is not a second independent model
-    members = members_from_checkpoints(loaded, group_by)
-    data = load_dataset(name, ddir)
-    for ck in loaded:  # input shape, classes and dataset identity, before any work
-        note = check_model_data(ck, data, explicit=dataset is not None, image_size=size)
-        if note:
-            typer.echo(note, err=True)
-    x, y = data.split(split)
-    n = len(y) if samples == 0 else min(samples, len(y))
-    return ProbeSet(loaded, members, name, data, x[:n], y[:n], split, dev)
+                  {"CHECKPOINTS": checkpoint_paths(patterns)})
 
 
-def check_classes(ps: ProbeSet, ck, n_out: int) -> None:
-    """One-line error when a model predicts another number of classes than the dataset has."""
-    from kdprobe.errors import KdprobeError
+def load_set(patterns, *, command: str = "probe", outputs: tuple = (None, None, None), **options):
+    """Check the outputs, then kdprobe.probes.checkpoint_set.load_set (notes go to stderr)."""
+    from kdprobe.probes import checkpoint_set
 
-    if n_out != ps.data.num_classes:
-        raise KdprobeError(f"{ck.path} predicts {n_out} classes but {ps.dataset} has {ps.data.num_classes}; pass the "
-                           "matching --dataset")
+    check_set_outputs(command, patterns, outputs)
+    return checkpoint_set.load_set(patterns, note=lambda text: typer.echo(text, err=True), **options)
 
 
 def fmt_ci(mean, half_width, digits: int = 4) -> str:
@@ -177,43 +112,9 @@ def pair_type_table(type_rows: list[dict], metrics: list[str], digits: int = 4) 
     return list(out.values())
 
 
-def check_reference(reference: str | None, groups) -> None:
-    """One-line error when the reference group is not among the checkpoints' groups."""
-    from kdprobe.errors import KdprobeError
+def open_set(patterns, *, command: str = "probe", outputs: tuple = (None, None, None), **options):
+    """Check the outputs, then kdprobe.probes.checkpoint_set.open_set (notes go to stderr)."""
+    from kdprobe.probes import checkpoint_set
 
-    if reference is not None and reference not in set(groups):
-        raise KdprobeError(f"expected the reference group {reference!r} among the groups {sorted(set(groups))}; pass "
-                           "one of them with --reference (or --reference none)")
-
-
-def open_set(patterns, *, interval: str, reference: str | None, group_by: str, split: str, samples: int, arch, dataset,
-             data_dir, device: str, min_count: int = 1, command: str = "probe",
-             outputs: tuple = (None, None, None), arch_kwargs=None, image_size=None) -> tuple[ProbeSet, str | None]:
-    """Check the shared options, load the checkpoints and their samples, check the reference group."""
-    from kdprobe.stats import INTERVALS
-
-    check_choice("--interval", interval, INTERVALS)
-    ref = reference_or_none(reference)
-    ps = load_set(patterns, group_by=group_by, split=split, samples=samples, arch=arch, dataset=dataset,
-                  data_dir=data_dir, device=device, min_count=min_count, command=command, outputs=outputs,
-                  arch_kwargs=arch_kwargs, image_size=image_size)
-    groups = [m.group for m in ps.members]
-    if reference is None:  # the default: scratch where the set has it
-        ref = "scratch" if "scratch" in groups else None
-    check_reference(ref, groups)
-    return ps, ref
-
-
-def cached_logits(ps: ProbeSet, batch_size: int, desc: str = "logits"):
-    """A LogitCache holding every checkpoint's logits on the samples: one forward pass each, one model on the device."""
-    from tqdm import tqdm
-
-    from kdprobe.probes.predictions import LogitCache
-
-    cache = LogitCache(ps.x, ps.y, mean=ps.data.mean, std=ps.data.std, batch_size=batch_size)
-    for ck, m in tqdm(list(zip(ps.loaded, ps.members)), desc=desc, unit="ckpt", file=sys.stderr, dynamic_ncols=True):
-        ck.model.to(ps.device)
-        logits = cache.get(m.path, ck.model)
-        ck.model.to("cpu")
-        check_classes(ps, ck, logits.logits.shape[1])
-    return cache
+    check_set_outputs(command, patterns, outputs)
+    return checkpoint_set.open_set(patterns, note=lambda text: typer.echo(text, err=True), **options)

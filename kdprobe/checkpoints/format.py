@@ -54,6 +54,23 @@ class LoadedCheckpoint:
     def method(self) -> str:
         return str(self.meta.get("method", "unknown"))
 
+    @property
+    def source(self) -> str:
+        """Where the architecture came from: kdprobe (a kdprobe checkpoint), or for a foreign file the
+        codebase its tensors matched (repdistiller, rnp-l1, torchvision, ...)."""
+        return self.detection.source if self.detection is not None else "kdprobe"
+
+    @property
+    def inputs(self) -> dict:
+        """What the model takes, as recorded: input_shape (C, H, W) or None, image_size (None: the data's own or
+        the family default), normalization {mean, std} or None, and the dataset it was trained on."""
+        norm = self.meta.get("normalization")
+        shape = self.meta.get("input_shape")
+        return {"dataset": self.meta.get("dataset"),
+                "input_shape": tuple(shape) if isinstance(shape, (list, tuple)) else None,
+                "image_size": self.meta.get("image_size"),
+                "normalization": norm if isinstance(norm, dict) else None}
+
     def nonfinite(self) -> str | None:
         """Name of the first floating-point weight or buffer holding nan/inf, or None."""
         for k, v in self.model.state_dict().items():

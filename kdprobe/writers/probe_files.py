@@ -9,14 +9,18 @@ import os
 from kdprobe.files.io import atomic_write_text
 
 
-def write_probe_json(tables, path: str | os.PathLike) -> None:
-    """{kdprobe_version, machine, command, settings, <table name>: [records]}; nan written as null."""
+def probe_document(tables) -> dict:
+    """{kdprobe_version, machine, command, settings, <table name>: [records]}: the --json document."""
     from kdprobe.version import __version__
     from kdprobe.runtime.machine import machine
 
-    doc = {"kdprobe_version": __version__, "machine": machine(), "command": tables.command, "settings": tables.settings,
-           **tables.tables}
-    atomic_write_text(path, json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    return {"kdprobe_version": __version__, "machine": machine(), "command": tables.command,
+            "settings": tables.settings, **tables.tables}
+
+
+def write_probe_json(tables, path: str | os.PathLike) -> None:
+    """The probe_document as JSON; nan written as null."""
+    atomic_write_text(path, json.dumps(probe_document(tables), indent=1, allow_nan=False) + "\n")
 
 
 def write_records_csv(rows, path: str | os.PathLike) -> None:

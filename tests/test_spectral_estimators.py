@@ -10,6 +10,7 @@ from kdprobe.errors import KdprobeError
 from kdprobe.probes.sharpness import HessianOperator, sharpness
 from kdprobe.probes.spectral import (deflated_hutchinson, hutchinson, hutchpp_sketch, lanczos_top, power_iteration,
                                      rademacher, trace_interval)
+from kdprobe.stats import bootstrap_t_interval
 from test_sharpness import _explicit_hessian, _setup
 
 
@@ -151,19 +152,26 @@ def test_trace_interval_covers_the_exact_trace_about_95_percent(tiny):
         assert naive < 0.8  # the test can fail: a 1-se "interval" covers about 68%
 
 
-def test_trace_interval_flags_skew_and_small_samples():
+def test_bootstrap_t_interval_flags_skew_and_small_samples():
     rng = np.random.default_rng(0)
     skewed = list(rng.lognormal(0.0, 1.5, 30))
-    ci = trace_interval(skewed)
-    assert not ci.stable and "skewed" in ci.note
+    ci = bootstrap_t_interval(skewed)
+    assert not ci.stable and "skewed" in ci.note and "30 samples" not in ci.note and "want >=" in ci.note
     assert ci.high - np.mean(skewed) > np.mean(skewed) - ci.low  # longer on the heavy side
+    shifted = bootstrap_t_interval(skewed, offset=10.0)
+    assert (shifted.low, shifted.high) == pytest.approx((ci.low + 10.0, ci.high + 10.0), rel=1e-12)
     normal = list(rng.normal(5, 1, 200))
-    ok = trace_interval(normal)
+    ok = bootstrap_t_interval(normal)
     assert ok.stable and ok.note == ""
     q = stats.t.ppf(0.975, 199) * np.std(normal, ddof=1) / math.sqrt(200)
     assert ok.low <= np.mean(normal) - q + 1e-12 and ok.high >= np.mean(normal) + q - 1e-12  # never narrower than t
-    assert not trace_interval([1.0, 2.0, 3.0]).stable
-    assert math.isnan(trace_interval([1.0]).low)
-    assert trace_interval(skewed, seed=3) == trace_interval(skewed, seed=3)
+    assert not bootstrap_t_interval([1.0, 2.0, 3.0]).stable
+    assert bootstrap_t_interval([1.0, 2.0, 3.0]).note == "only 3 samples"
+    assert math.isnan(bootstrap_t_interval([1.0]).low)
+    assert bootstrap_t_interval(skewed, seed=3) == bootstrap_t_interval(skewed, seed=3)
+    # the trace's interval is the generic one, its notes counted in random vectors
+    assert trace_interval(skewed, exact=2.0, seed=3) == bootstrap_t_interval(skewed, offset=2.0, seed=3,
+                                                                              unit="vectors")
+    assert trace_interval([1.0, 2.0, 3.0]).note == "only 3 vectors"
     same = hutchinson(lambda V: V, 5, samples=3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert same == pytest.approx([5.0] * 3)

@@ -115,14 +115,36 @@ def cka_group_part(members: Sequence[Member], cache, *, reference: str | None, c
 
 def sharpness_part(members: Sequence[Member], results: Sequence, *, reference: str | None, confidence: float,
                    interval: str) -> dict[str, list]:
-    """Per-checkpoint sharpness (kdprobe.probes.sharpness.SharpnessResult, one per member), raw values, groups."""
+    """Per-checkpoint sharpness (kdprobe.probes.sharpness.SharpnessResult, one per member), raw values, groups.
+
+    Tables: checkpoints, eigenvalues (every top-k value with its iterations and residual), trace_samples
+    (every random vector's estimate), density and density_curve (with --density), groups (top_eigenvalue
+    and trace per group). The checkpoints table holds, per checkpoint:
+    loss; top_eigenvalue, top_residual (||Hv - lambda v||), top_iterations, top_converged;
+    trace (mean of the vectors' estimates) and trace_se (their std(ddof=1) / sqrt(n));
+    n_params (trainable parameters), n_samples, products (Hessian-vector products in all);
+    method (lanczos | power) and eig_products (the products the eigenvalues took);
+    trace_method (hutch++ | hutchinson), trace_exact (tr(Q^T H Q) of the deflated sketch, exact; 0 for
+    hutchinson), trace_sketch (rows of Q; 0 for hutchinson), trace_vectors (random vectors behind trace);
+    trace_low, trace_high (the bootstrap-t|t interval of trace at trace_confidence, kdprobe.stats.
+    bootstrap_t_interval; null with fewer than 2 vectors), trace_stable (false: too few vectors for their
+    skewness, the interval may be too narrow) and trace_note (why not stable, "" when stable);
+    density_sigma2 (the variance of the density's Gaussian bumps; null without --density).
+    """
     rows, eig_rows, tr_rows, dens_rows, curve_rows = [], [], [], [], []
     for m, r in zip(members, results, strict=True):
         top = r.eigenpairs[0]
         rows.append(checkpoint_record(m, {"loss": r.loss, "top_eigenvalue": top.value, "top_residual": top.residual,
                                           "top_iterations": top.iterations, "top_converged": top.converged,
                                           "trace": r.trace, "trace_se": r.trace_se, "n_params": r.n_params,
-                                          "n_samples": r.n_samples, "products": r.products}))
+                                          "n_samples": r.n_samples, "products": r.products,
+                                          "method": r.method, "eig_products": r.eig_products,
+                                          "trace_method": r.trace_method, "trace_exact": r.trace_exact,
+                                          "trace_sketch": r.trace_sketch, "trace_vectors": r.trace_vectors,
+                                          "trace_low": r.trace_low, "trace_high": r.trace_high,
+                                          "trace_confidence": r.trace_confidence, "trace_stable": r.trace_stable,
+                                          "trace_note": r.trace_note,
+                                          "density_sigma2": r.density.sigma2 if r.density is not None else None}))
         eig_rows += [flat({"checkpoint": m.path, "group": m.group, "rank": i + 1, "eigenvalue": p.value,
                            "iterations": p.iterations, "residual": p.residual, "converged": p.converged})
                      for i, p in enumerate(r.eigenpairs)]

@@ -22,13 +22,11 @@
   the top eigenvalues. Q is the paper's sketch orth(A S) (S Rademacher), or the Lanczos basis
   of `lanczos_top` (a Krylov sketch: its products are spent anyway for the eigenvalues).
   `rtol` stops sampling once the standard error is below rtol * |trace|.
-- `trace_interval`: the union of a studentized-bootstrap interval (bootstrap-t; Efron &
-  Tibshirani 1993, ch. 12.5) and the t interval for the mean of the samples: v^T A v is
-  right-skewed when one eigenvalue carries much of the trace, and the t interval then misses
-  mostly on one side, which bootstrap-t corrects (second-order accurate); at n ~ 10 the
-  bootstrap's own tails are too short, which the t interval covers. Not stable (flagged)
-  below 10 samples or below Cochran's n >= 25 g1^2 (g1 the sample skewness). Coverage is
-  checked in tests against an explicit Hessian over 200 seeds (about 95% at 95%).
+- `trace_interval`: kdprobe.stats.bootstrap_t_interval of the samples (the union of a
+  studentized-bootstrap and the t interval; v^T A v is right-skewed when one eigenvalue carries
+  much of the trace, which bootstrap-t corrects), flagged not stable below 10 vectors or below
+  Cochran's n >= 25 g1^2. Coverage is checked in tests against an explicit Hessian over 200
+  seeds (about 95% at 95%).
 - `lanczos` / `slq_density`: stochastic Lanczos quadrature (Ghorbani, Krishnan, Xiao 2019):
   m Lanczos steps with full reorthogonalization from a normalized Rademacher vector give a
   tridiagonal T; its eigenvalues are the quadrature nodes and the squared first components of
@@ -47,9 +45,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-from scipy import stats as _sps
 
 from kdprobe.errors import KdprobeError
+from kdprobe.stats import MeanInterval, bootstrap_t_interval
 
 Op = Callable[[torch.Tensor], torch.Tensor]  # (P,) -> (P,)
 ManyOp = Callable[[torch.Tensor], torch.Tensor]  # (k, P) -> (k, P)
@@ -76,16 +74,7 @@ class LanczosRun:
     beta: np.ndarray
 
 
-@dataclass(frozen=True)
-class TraceInterval:
-    """A confidence interval for a trace estimate, from its random samples."""
-
-    low: float
-    high: float
-    confidence: float
-    method: str  # "bootstrap-t|t": the union of both intervals
-    stable: bool  # False: fewer than 10 samples, or too few for their skewness (Cochran: n >= 25 skewness^2)
-    note: str  # why not stable ("" when stable)
+TraceInterval = MeanInterval  # a trace's interval is the generic interval of a mean of samples
 
 
 @dataclass(frozen=True)
@@ -265,41 +254,9 @@ def deflated_hutchinson(op_many: ManyOp, dim: int, *, basis: torch.Tensor | None
 
 def trace_interval(samples, *, exact: float = 0.0, confidence: float = 0.95, resamples: int = 2000,
                    seed: int = 0) -> TraceInterval:
-    """Bootstrap-t interval for exact + mean(samples); flags estimates that are not yet stable."""
-    s = np.asarray(samples, dtype=np.float64)
-    if not 0 < confidence < 1 or resamples < 100:
-        raise KdprobeError(f"expected a confidence in (0, 1) and at least 100 resamples, got {confidence}, {resamples}")
-    n = s.size
-    if n < 2 or not np.all(np.isfinite(s)):
-        return TraceInterval(math.nan, math.nan, confidence, "bootstrap-t|t", False,
-                             f"{n} finite sample(s): no spread to estimate")
-    mean, sd = float(s.mean()), float(s.std(ddof=1))
-    se = sd / math.sqrt(n)
-    if se == 0.0:  # every sample equal (e.g. a zero residual after exact deflation)
-        return TraceInterval(exact + mean, exact + mean, confidence, "bootstrap-t|t", n >= 10,
-                             "" if n >= 10 else f"only {n} samples")
-    rng = np.random.default_rng(seed)
-    a = (1 - confidence) / 2
-    stats: list[np.ndarray] = []
-    for start in range(0, resamples, 500):  # bounded memory: 500 x n at a time
-        b = s[rng.integers(0, n, (min(500, resamples - start), n))]
-        bse = b.std(axis=1, ddof=1) / math.sqrt(n)
-        t = (b.mean(axis=1) - mean) / np.where(bse > 0, bse, np.nan)
-        stats.append(t[np.isfinite(t)])
-    t = np.concatenate(stats)
-    lo_t, hi_t = np.quantile(t, [a, 1 - a])
-    q = float(_sps.t.ppf(1 - a, n - 1))
-    # the union with the t interval: bootstrap-t corrects for skew, t guards the bootstrap's short tails at n ~ 10
-    low = exact + mean - max(hi_t, q) * se
-    high = exact + mean - min(lo_t, -q) * se
-    notes = []
-    if n < 10:
-        notes.append(f"only {n} vectors")
-    g1 = float(((s - mean) ** 3).mean() / ((s - mean) ** 2).mean() ** 1.5)
-    if n < 25 * g1 * g1:  # Cochran's rule (Sampling Techniques, 1977, 2.15) for a normal-enough mean
-        notes.append(f"skewed samples (skewness {g1:.2f}) want >= {math.ceil(25 * g1 * g1)} vectors, got {n}: "
-                     "the interval may still be too narrow")
-    return TraceInterval(float(low), float(high), confidence, "bootstrap-t|t", not notes, "; ".join(notes))
+    """Interval for the trace exact + mean(samples): kdprobe.stats.bootstrap_t_interval, its notes in vectors."""
+    return bootstrap_t_interval(samples, offset=exact, confidence=confidence, resamples=resamples, seed=seed,
+                                unit="vectors")
 
 
 def lanczos(op: Op, v0: torch.Tensor, steps: int) -> tuple[np.ndarray, np.ndarray]:

@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from cli.common import (Arch, ArchKwargs, DataDir, Dataset, ImageSize, arch_choice, expand_paths, in_range, ranged,
-                        table)
+from cli.common import Arch, ArchKwargs, DataDir, Dataset, ImageSize, in_range, ranged, table
 from kdprobe.ranges import MAX_BATCH, Range
 
 O = typer.Option
@@ -62,92 +60,22 @@ def diversity(
     image_size: ImageSize = None,
 ):
     """Representation diversity per group of checkpoints: mean over models, spread, interval and tests."""
-    from tqdm import tqdm
-
-    from kdprobe.checkpoints.format import load_checkpoint
-    from kdprobe.data.datasets import load_dataset
-    from kdprobe.probes.diversity_table import DiversitySettings, DiversityTable, ModelScore, summarize_groups
-    from kdprobe.errors import KdprobeError
+    from kdprobe.api.diversity import diversity as run
     from kdprobe.files.outputs import check_outputs
-    from kdprobe.checkpoints.inputs import check_model_data, require_distinct, same_data
-    from kdprobe.data.preprocess import input_size_of, parse_image_size
-    from kdprobe.probes.diversity import BN_MODES, OUTPUTS, VARIANTS, jacobian_scores, probe_batches
-    from kdprobe.stats import INTERVALS
+    from kdprobe.probes.checkpoint_set import checkpoint_paths
     from kdprobe.writers.diversity_files import write_diversity_csv, write_diversity_json
     from kdprobe.writers.diversity_plot import write_diversity_html
-    from trainers.loop import resolve_device
 
-    for name, value, allowed in (("--bn", bn, BN_MODES), ("--output", output, OUTPUTS), ("--variant", variant, VARIANTS),
-                                 ("--interval", interval, INTERVALS), ("--split", split, ("train", "test"))):
-        if value not in allowed:
-            raise KdprobeError(f"expected {name} one of {', '.join(allowed)}; got {value!r}")
-    if runs < 1 or batch_size < 2:
-        raise KdprobeError(f"expected --runs >= 1 and --batch-size >= 2, got {runs} and {batch_size}")
-    ref = None if reference is None or reference.lower() == "none" else reference
-    dev = resolve_device(device)
-
-    archs, size = arch_choice(arch, arch_kwargs), parse_image_size(image_size)
-    paths = expand_paths(checkpoints)
-    archs.check_used(paths)
     check_outputs("diversity", {"--csv": (csv, "csv"), "--json": (json, "json"), "--html": (html, "html")},
-                  {"CHECKPOINTS": paths})
-    loaded = [load_checkpoint(p, **archs.for_path(p), map_location="cpu", finite=True) for p in paths]
-    unknown = [str(ck.path) for ck in loaded if not ck.meta.get("dataset")]
-    if unknown and dataset is None:
-        raise KdprobeError(f"expected every checkpoint to record its dataset, got none in {unknown[0]} (a foreign "
-                           "file?); pass --dataset (and --data-dir) to probe it")
-    require_distinct(loaded, "models")  # a copied file is not a second trained model
-    first = loaded[0].meta
-    # one dataset: equal content fingerprints (a moved folder is the same data), else equal names
-    other = None if dataset is not None else next((ck for ck in loaded if same_data(ck.meta, first) is False or (
-        same_data(ck.meta, first) is None and str(ck.meta["dataset"]) != str(first["dataset"]))), None)
-    if other is not None:
-        raise KdprobeError(f"expected checkpoints of one dataset, got {loaded[0].path} trained on "
-                           f"{loaded[0].meta['dataset']} and {other.path} on {other.meta['dataset']} (other data); "
-                           "probe each dataset separately")
-    missing = [str(ck.path) for ck in loaded if ck.meta.get(group_by) is None]
-    if missing:
-        raise KdprobeError(f"expected metadata key {group_by!r} in every checkpoint, missing in {missing[0]}; "
-                           f"pass another --group-by (e.g. method or seed)")
-    names = sorted({str(ck.meta[group_by]) for ck in loaded})
-    if reference is None:
-        ref = "scratch" if "scratch" in names else None
-    elif ref is not None and ref not in names:  # before any scoring
-        raise KdprobeError(f"expected the reference group {ref!r} among the groups {names}; pass one of them with "
-                           "--reference (or --reference none)")
-    explicit = dataset is not None
-    data = load_dataset(*loaded[0].data_source(dataset, data_dir))
-    dataset = data.name
-    x_all, _ = data.split(split)
-    fits = set()
-    for ck in loaded:  # input shape, classes and data identity, before any scoring
-        note = check_model_data(ck, data, explicit=explicit, image_size=size)
-        if note:
-            typer.echo(note, err=True)
-        fits.add(input_size_of(ck.model))
-    if len(fits) > 1:  # the scores are taken w.r.t. the stored images, but their models see other sizes
-        typer.echo(f"note: the checkpoints take different image sizes ({', '.join(str(f or 'native') for f in fits)}); "
-                   "every Jacobian is taken w.r.t. the stored images", err=True)
-    row = x_all[0].numel() * (data.num_classes if output == "full" else 1)
-    if variant == "v1" and batch_size > row - 1:
-        raise KdprobeError(f"expected --batch-size <= {row - 1} for Jacobian rows of length {row} "
-                           f"({tuple(x_all.shape[1:])} inputs, --output {output}), got {batch_size}; the correlation "
-                           f"matrix would be singular, so use --batch-size {min(row - 1, len(x_all))} or --output full")
+                  {"CHECKPOINTS": checkpoint_paths(checkpoints)})
+    result = run(checkpoints, runs=runs, batch_size=batch_size, split=split, seed=seed, bn=bn, output=output,
+                 variant=variant, k=k, group_by=group_by, reference=reference, confidence=confidence,
+                 interval=interval, device=device, dataset=dataset, data_dir=data_dir, arch=arch,
+                 arch_kwargs=arch_kwargs, image_size=image_size, note=lambda text: typer.echo(text, err=True))
+    scores, groups, st = result.scores, result.groups, result.settings
+    ref = st.reference
 
-    batches = [b.to(dev) for b in probe_batches(data, split, runs, batch_size, seed)]
-    opts = dict(variant=variant, bn=bn, output=output, k=k)
-    scores = []
-    for ck in tqdm(loaded, desc="diversity", unit="ckpt", file=sys.stderr, dynamic_ncols=True):
-        ck.model.to(dev)
-        vals = jacobian_scores(ck.model, batches, **opts)
-        ck.model.to("cpu")  # one checkpoint on the device at a time
-        scores.append(ModelScore.from_values(str(ck.path), str(ck.meta[group_by]), ck.meta.get("seed"), vals))
-    groups = summarize_groups(scores, reference=ref, confidence=confidence, interval=interval)
-    settings = DiversitySettings(batch_size=batch_size, runs=runs, split=split, bn=bn, output=output, variant=variant,
-                                 k=k, seed=seed, dataset=dataset, group_by=group_by, reference=ref,
-                                 confidence=confidence, interval=interval)
-
-    typer.echo(f"Jacobian-correlation score (Mellor et al. 2020; higher = more diverse) on {dataset}: N={batch_size}, "
+    typer.echo(f"Jacobian-correlation score (Mellor et al. 2020; higher = more diverse) on {st.dataset}: N={batch_size}, "
                f"split={split}, bn={bn}, output={output}, variant={variant}, runs={runs}, seed={seed}, k={k:g}, "
                f"{len(scores)} checkpoints")
     shown = [{"group": g.group, "n": f"{g.n_models}{'*' if g.uses_batch_values else ''}", "mean": _f(g.mean),
@@ -161,8 +89,8 @@ def diversity(
     if bn == "train":
         typer.echo("note: bn=train mixes the inputs through batch statistics; the rows are not per-sample gradients")
     if csv:
-        write_diversity_csv(scores, groups, settings, csv)
+        write_diversity_csv(scores, groups, st, csv)
     if json:
-        write_diversity_json(scores, groups, settings, json)
+        write_diversity_json(scores, groups, st, json)
     if html:
-        write_diversity_html(DiversityTable(settings, tuple(scores), tuple(groups)), html)
+        write_diversity_html(result.table, html)

@@ -21,24 +21,17 @@ def surplus(
     json: Annotated[Optional[Path], O(help="Write the surplus table as JSON.")] = None,
 ):
     """Surplus = (SelfDistill - Finetuned_scratch) - (Unpruned_KD - Unpruned_scratch), averaged over runs."""
-    from kdprobe.errors import KdprobeError
+    from kdprobe.api.diversity import surplus as run
     from kdprobe.files.outputs import check_outputs
-    from kdprobe.probes.surplus import compute_surplus, read_results_csv
     from kdprobe.writers.surplus_files import write_surplus_csv, write_surplus_json
 
     check_outputs("surplus", {"--csv": (csv, "csv"), "--json": (json, "json")}, {"RESULTS_CSV": results_csv})
-    results = read_results_csv(results_csv)
-    rows = compute_surplus(results)
-    if not rows:
-        raise KdprobeError(f"expected at least one KD row (train_type other than scratch) in {results_csv}, got none")
-    if results[0].from_fractions:
-        typer.echo(f"note: every accuracy in {results_csv} is between 0 and 1, so they were read as fractions and "
-                   "are shown in percent (x100)", err=True)
-    typer.echo(surplus_table(rows))
+    result = run(results_csv, note=lambda text: typer.echo(text, err=True))
+    typer.echo(surplus_table(result.rows))
     if csv:
-        write_surplus_csv(rows, csv)
+        write_surplus_csv(result.rows, csv)
     if json:
-        write_surplus_json(rows, json)
+        write_surplus_json(result.rows, json)
 
 
 def _pm(mean, se) -> str:

@@ -18,17 +18,24 @@ def _settings_columns(settings) -> dict:
     return d
 
 
+def diversity_records(scores, settings) -> list[dict]:
+    """The rows --csv writes, as records: one per checkpoint per probe batch, the raw score plus every
+    setting (the probe's seed as probe_seed); a missing model seed is None (a blank cell in the CSV)."""
+    extra = _settings_columns(settings)
+    return [{"checkpoint": s.path, "group": s.group, "model_seed": s.seed, "batch": b, "score": float(v), **extra}
+            for s in scores for b, v in enumerate(s.values)]
+
+
 def write_diversity_csv(scores, groups, settings, path: str | os.PathLike) -> None:
     """One row per checkpoint per probe batch: the raw score plus every setting as columns."""
-    extra = _settings_columns(settings)
+    records = diversity_records(scores, settings)
+    columns = _RAW_COLUMNS + list(_settings_columns(settings))
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(_RAW_COLUMNS + list(extra))
-            for s in scores:
-                for b, v in enumerate(s.values):
-                    w.writerow([s.path, s.group, "" if s.seed is None else s.seed, b, repr(float(v))]
-                               + list(extra.values()))
+            w.writerow(columns)
+            for r in records:
+                w.writerow([r[c] for c in columns])  # a float as its repr (round-trip digits), None as a blank
 
 
 def _nan_to_none(obj):
@@ -41,17 +48,22 @@ def _nan_to_none(obj):
     return obj
 
 
-def write_diversity_json(scores, groups, settings, path: str | os.PathLike) -> None:
-    """Settings, every checkpoint's raw scores and mean, and the group statistics (nan written as null)."""
+def diversity_document(scores, groups, settings) -> dict:
+    """The document --json writes: version, machine, settings, every checkpoint's raw scores and mean, and the
+    group statistics (nan as None)."""
     from kdprobe.version import __version__
     from kdprobe.runtime.machine import machine
 
-    doc = {
+    return _nan_to_none({
         "kdprobe_version": __version__,
         "machine": machine(),  # the scores are bit-reproducible on this machine type only (kdprobe.runtime.machine)
         "probe": "jacobian-correlation (Mellor et al. 2020)",
         "settings": settings.as_dict(),
         "models": [asdict(s) for s in scores],
         "groups": [asdict(g) for g in groups],
-    }
-    atomic_write_text(path, json.dumps(_nan_to_none(doc), indent=2, allow_nan=False) + "\n")
+    })
+
+
+def write_diversity_json(scores, groups, settings, path: str | os.PathLike) -> None:
+    """Settings, every checkpoint's raw scores and mean, and the group statistics (nan written as null)."""
+    atomic_write_text(path, json.dumps(diversity_document(scores, groups, settings), indent=2, allow_nan=False) + "\n")

@@ -1,4 +1,4 @@
-"""Write surplus rows (kdprobe.probes.surplus.SurplusRow) as CSV or JSON; no computation here."""
+"""Write surplus rows (kdprobe.probes.surplus.SurplusRow) as CSV, JSON or a figure; no computation here."""
 from __future__ import annotations
 
 import csv
@@ -9,7 +9,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Sequence
 
-from kdprobe.files.io import atomic_write_text
+from kdprobe.files.io import atomic_path, atomic_write_text
 from kdprobe.probes.surplus import SurplusRow
 
 FORMULA = "surplus = (self_distill - finetuned_scratch) - (unpruned_kd - unpruned_scratch)"
@@ -33,8 +33,45 @@ def write_surplus_csv(rows: Sequence, path: str | Path) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+def surplus_records(rows: Sequence) -> list[dict]:
+    """The rows --csv writes, as records at full precision (the CSV rounds floats to 10 significant digits);
+    undefined values are None."""
+    return [{k: _plain(v) for k, v in asdict(r).items()} for r in rows]
+
+
+def surplus_document(rows: Sequence) -> dict:
+    """The document --json writes: {"format", "version", "formula", "spread", "rows": [...]}; undefined values
+    are None."""
+    return {"format": "kdprobe-surplus", "version": 1, "formula": FORMULA, "spread": SPREAD,
+            "rows": surplus_records(rows)}
+
+
 def write_surplus_json(rows: Sequence, path: str | Path) -> None:
     """{"formula", "spread", "rows": [...]}; undefined values are null."""
-    doc = {"format": "kdprobe-surplus", "version": 1, "formula": FORMULA, "spread": SPREAD,
-           "rows": [{k: _plain(v) for k, v in asdict(r).items()} for r in rows]}
-    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(surplus_document(rows), indent=2) + "\n")
+
+
+def surplus_figure(rows: Sequence):
+    """Bars of the surplus per (model, setting), one colour per KD type, with ± one standard error; a row
+    whose surplus is undefined has no bar."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for kd in dict.fromkeys(r.kd_type for r in rows):  # KD types in table order
+        mine = [r for r in rows if r.kd_type == kd]
+        fig.add_trace(go.Bar(
+            x=[f"{r.model} {r.setting}" for r in mine], y=[_plain(r.surplus) for r in mine], name=kd,
+            error_y=dict(type="data", array=[_plain(r.surplus_se) for r in mine], visible=True),
+            customdata=[[_plain(r.gain_pruned), _plain(r.gain_unpruned)] for r in mine],
+            hovertemplate="surplus %{y:+.2f}<br>gain pruned %{customdata[0]:+.2f}, unpruned %{customdata[1]:+.2f}"
+                          "<extra>%{fullData.name}</extra>"))
+    fig.update_layout(title=f"KD surplus after pruning<br><sup>{FORMULA}; error bars: ± se</sup>",
+                      template="plotly_white", barmode="group", yaxis_title="surplus (accuracy points)",
+                      xaxis_title="model, setting", legend_title="KD type")
+    return fig
+
+
+def write_surplus_html(rows: Sequence, path: str | Path) -> None:
+    """The surplus figure as a self-contained offline page (plotly.js inlined)."""
+    with atomic_path(path) as tmp:
+        surplus_figure(rows).write_html(str(tmp), include_plotlyjs=True, full_html=True)

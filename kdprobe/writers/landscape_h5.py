@@ -40,12 +40,32 @@ def _attr(v):
     return str(v)
 
 
-def _write_common(f: h5py.File, kind: str, split: str, result, settings: dict | None) -> None:
-    for k, v in (settings or {}).items():
-        f.attrs[k] = _attr(v)
-    f.attrs.update(kind=kind, format_version=FORMAT_VERSION, split=split, bn=result.bn,
-                   precision=result.precision, num_samples=int(result.num_samples),
-                   complete=bool(result.done.all()))
+def _common_attrs(kind: str, split: str, result, settings: dict | None) -> dict:
+    attrs = {k: _attr(v) for k, v in (settings or {}).items()}
+    attrs.update(kind=kind, format_version=FORMAT_VERSION, split=split, bn=result.bn,
+                 precision=result.precision, num_samples=int(result.num_samples),
+                 complete=bool(result.done.all()))
+    return attrs
+
+
+def surface_attrs(result: SurfaceResult, *, split: str = "train", settings: dict | None = None) -> dict:
+    """The file attributes write_surface_h5 gives a surface: every setting (None as '', paths as str), then
+    kind, format_version, split, bn, precision, num_samples, complete, directions_sha256, seed, include_bn."""
+    attrs = _common_attrs("surface", split, result, settings)
+    attrs.update(directions_sha256=result.directions.fingerprint(),
+                 seed=-1 if result.directions.seed is None else int(result.directions.seed),
+                 include_bn=bool(result.directions.include_bn))
+    return attrs
+
+
+def line_attrs(result: LineResult, *, split: str = "train", settings: dict | None = None) -> dict:
+    """The file attributes write_line_h5 gives a path: every setting, then kind, format_version, split, bn,
+    precision, num_samples, complete."""
+    return _common_attrs("path", split, result, settings)
+
+
+def _write_arrays(f: h5py.File, split: str, result, attrs: dict) -> None:
+    f.attrs.update(attrs)
     f.create_dataset(f"{split}_loss", data=np.asarray(result.loss, np.float64))
     f.create_dataset(f"{split}_acc", data=np.asarray(result.acc, np.float64))
     f.create_dataset("done", data=np.asarray(result.done, np.uint8))
@@ -75,10 +95,7 @@ def write_surface_h5(result: SurfaceResult, path: str | os.PathLike, *, split: s
     def fill(f: h5py.File) -> None:
         f.create_dataset("xcoordinates", data=np.asarray(result.xcoords, np.float64))
         f.create_dataset("ycoordinates", data=np.asarray(result.ycoords, np.float64))
-        _write_common(f, "surface", split, result, settings)
-        f.attrs["directions_sha256"] = result.directions.fingerprint()
-        f.attrs["seed"] = -1 if result.directions.seed is None else int(result.directions.seed)
-        f.attrs["include_bn"] = bool(result.directions.include_bn)
+        _write_arrays(f, split, result, surface_attrs(result, split=split, settings=settings))
         write_directions(f, result.directions)
     _write_h5(path, fill)
 
@@ -88,7 +105,7 @@ def write_line_h5(result: LineResult, path: str | os.PathLike, *, split: str = "
     """Write a (partial or complete) interpolation path and its settings, atomically."""
     def fill(f: h5py.File) -> None:
         f.create_dataset("coordinates", data=np.asarray(result.coords, np.float64))
-        _write_common(f, "path", split, result, settings)
+        _write_arrays(f, split, result, line_attrs(result, split=split, settings=settings))
     _write_h5(path, fill)
 
 

@@ -61,10 +61,10 @@ def _nan_to_none(a: np.ndarray) -> list:
     return np.where(np.isfinite(a), a, None).tolist()
 
 
-def write_surface_html(result: SurfaceResult, path: str | os.PathLike, *, log: bool = False,
-                       zmax: float | None = None, split: str = "train",
-                       title: str = "kdprobe loss surface") -> None:
-    """Contour map (SVG, drawn everywhere) and, as a separate figure below it, the 3-D surface (WebGL)."""
+def surface_figures(result: SurfaceResult, *, log: bool = False, zmax: float | None = None, split: str = "train",
+                    title: str = "kdprobe loss surface"):
+    """(contour, surface): the two plotly figures of a surface's HTML page, the contour map (SVG) and the 3-D
+    surface (WebGL); height = loss clipped at zmax, then log with log=True; unevaluated points are gaps."""
     import plotly.graph_objects as go
 
     z = _nan_to_none(height(result.loss, log=log, zmax=zmax))
@@ -80,13 +80,20 @@ def write_surface_html(result: SurfaceResult, path: str | os.PathLike, *, log: b
                                    showscale=False))
     surface.update_layout(title=f"{label} (3-D surface)", height=650, width=760,
                           scene=dict(xaxis_title="x", yaxis_title="y", zaxis_title=label))
+    return contour, surface
+
+
+def write_surface_html(result: SurfaceResult, path: str | os.PathLike, *, log: bool = False,
+                       zmax: float | None = None, split: str = "train",
+                       title: str = "kdprobe loss surface") -> None:
+    """Contour map (SVG, drawn everywhere) and, as a separate figure below it, the 3-D surface (WebGL)."""
+    contour, surface = surface_figures(result, log=log, zmax=zmax, split=split, title=title)
     atomic_write_text(path, page(title, figure_div(contour) + webgl_figure_div(surface, "kd-surface-3d")))
 
 
-def write_line_html(result: LineResult, path: str | os.PathLike, *, log: bool = False,
-                    zmax: float | None = None, split: str = "train",
-                    title: str = "kdprobe interpolation path") -> None:
-    """Loss (left axis) and accuracy (right axis) along t; t=0 is A, t=1 is B."""
+def line_figure(result: LineResult, *, log: bool = False, zmax: float | None = None, split: str = "train",
+                title: str = "kdprobe interpolation path"):
+    """The plotly figure of a path's HTML page: loss (left axis) and accuracy (right axis) along t."""
     import plotly.graph_objects as go
 
     t = np.asarray(result.coords).tolist()
@@ -98,4 +105,11 @@ def write_line_html(result: LineResult, path: str | os.PathLike, *, log: bool = 
                              name=f"{split} accuracy (%)", yaxis="y2", line=dict(dash="dot")))
     fig.update_layout(title=title, xaxis_title="t  (theta = (1-t) A + t B)", yaxis_title=label,
                       yaxis2=dict(title="accuracy (%)", overlaying="y", side="right"), height=550)
-    _save(fig, path)
+    return fig
+
+
+def write_line_html(result: LineResult, path: str | os.PathLike, *, log: bool = False,
+                    zmax: float | None = None, split: str = "train",
+                    title: str = "kdprobe interpolation path") -> None:
+    """Loss (left axis) and accuracy (right axis) along t; t=0 is A, t=1 is B."""
+    _save(line_figure(result, log=log, zmax=zmax, split=split, title=title), path)

@@ -1,4 +1,6 @@
-"""`kdprobe prune`: L1 filter, Network Slimming or weight-level pruning of a checkpoint."""
+"""`kdprobe prune`: L1 filter, Network Slimming or weight-level pruning of a checkpoint.
+
+Thin: parses the options, calls kdprobe.api.training.prune (kdprobe.prune) and prints what it returns."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import Arch, ArchKwargs, arch_choice, table
+from cli.common import Arch, ArchKwargs, table
 
 O = typer.Option
 
@@ -27,15 +29,10 @@ def prune(
                                       "written completely before it replaces the old).")] = False,
 ):
     """Prune a checkpoint; structured methods write a physically smaller network, weight pruning writes masks."""
-    from kdprobe.files.outputs import check_outputs
-    from kdprobe.pruning import prune_checkpoint
+    from kdprobe.api.training import prune as run
 
-    archs = arch_choice(arch, arch_kwargs)
-    archs.check_used([checkpoint])
-    check_outputs("prune", {"--out": (out, "checkpoint")}, {"CHECKPOINT": checkpoint}, overwrite=overwrite)
-    rep = prune_checkpoint(checkpoint, method, remaining, out, skip=skip, **archs.for_path(checkpoint))
-    for w in rep.warnings:
-        typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
+    rep = run(checkpoint, method=method, remaining=remaining, out=out, skip=skip, arch=arch, arch_kwargs=arch_kwargs,
+              overwrite=overwrite, note=lambda w: typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True))
     typer.echo(f"{rep.arch}: {rep.method} pruning, remaining {remaining}" + (f", skip {skip}" if skip else "")
                + (f", |gamma| threshold {rep.info['threshold']:.4g}" if "threshold" in rep.info else ""))
     typer.echo(size_table(rep))

@@ -1,57 +1,18 @@
-"""`kdprobe study SPEC --out DIR`: train every cell of a study (methods x seeds), probe them, write a report."""
+"""`kdprobe study SPEC --out DIR`: train every cell of a study (methods x seeds), probe them, write a report.
+
+Thin: parses the options, calls kdprobe.api.training.study (kdprobe.study) and prints its tables."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from cli.common import TqdmProgress, folder_interrupted, ranged, table
-from kdprobe.ranges import Range
+from cli.common import folder_interrupted, ranged, table
+from kdprobe.api.training import JOBS, NPROC_PER_CELL
 from kdprobe.studies.spec import builtin_specs
 
 O = typer.Option
-
-
-class _CellBar(TqdmProgress):
-    """A cell's training bar; epochs update its postfix instead of printing a line each (the study has hundreds)."""
-
-    def epoch(self, record):
-        if self.bar is not None:
-            self.bar.set_postfix({"epoch": record["epoch"], "test acc": f"{record['test_acc']:.2f}"}, refresh=False)
-
-
-class TqdmStudyProgress:
-    """trainers.study.StudyProgress on tqdm: an outer bar in epochs (ETA of the whole study) + one per cell."""
-
-    def __init__(self, enabled: bool = True):
-        self.enabled, self.outer = enabled, None
-
-    def note(self, text):
-        from tqdm import tqdm
-
-        tqdm.write(text, file=sys.stderr) if self.enabled else None
-
-    def plan(self, total_epochs):
-        from tqdm import tqdm
-
-        if total_epochs and self.enabled:
-            self.outer = tqdm(total=total_epochs, desc="study", unit="epoch", position=0, file=sys.stderr,
-                              dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} epochs "
-                                                             "[{elapsed}<{remaining}]")
-
-    def advance(self, epochs):
-        if self.outer is not None and epochs:
-            self.outer.update(epochs)
-
-    def training(self, label):
-        return _CellBar(self.enabled)
-
-    def close(self):
-        if self.outer is not None:
-            self.outer.close()
-            self.outer = None
 
 
 def _f(v, fmt=".2f"):
@@ -82,14 +43,9 @@ def _verdict_table(verdicts):
 
 
 def _list_specs() -> None:
-    from kdprobe.studies.spec import builtin_specs, read_spec
+    from kdprobe.api.training import list_studies
 
-    rows = []
-    for name, path in builtin_specs().items():
-        tree, _, _ = read_spec(str(path))
-        rows.append({"study": name, "scales": ", ".join(tree.get("scales", {})) or "-",
-                     "default": tree.get("default_scale", "-"), "title": tree.get("title", "")})
-    typer.echo(table(rows))
+    typer.echo(table(list_studies()))
     typer.echo("run one with: kdprobe study NAME --out DIR [--scale digits|cifar10-cpu|paper]; a .toml path works too")
 
 
@@ -119,19 +75,18 @@ def study(
     jobs: Annotated[int, O(help="Cells trained at once, each in its own process (`python -m trainers.study "
                                 "--cell`); on one GPU several small cells fit. On CPU each process uses "
                                 "cores/jobs threads; --jobs 1 uses one thread (fastest for tiny models).",
-                                callback=ranged(Range(int, 1, 256)))] = 1,
+                                callback=ranged(JOBS))] = 1,
     nproc_per_cell: Annotated[int, O(help="Train each cell under `torchrun --standalone --nproc-per-node K` "
                                           "(DistributedDataParallel; global batch and lr as in the spec). With "
                                           "--jobs J and at least J*K GPUs, every cell gets its own K GPUs.",
-                                     callback=ranged(Range(int, 1, 1024)))] = 1,
+                                     callback=ranged(NPROC_PER_CELL))] = 1,
     quiet: Annotated[bool, O(help="No progress bars or per-cell lines.")] = False,
 ):
     """Run a whole study: train every method x seed cell (content-named, resumable), then accuracy, diversity,
     ensemble-perspective (agreement, ensembles, calibration, CKA, sharpness, with the ensemble-reading verdicts),
     landscape and surplus probes, and write DIR/report.html (offline) and DIR/summary.json."""
+    from kdprobe.api.training import study as run
     from kdprobe.errors import KdprobeError
-    from kdprobe.studies.spec import load_spec
-    from trainers.study import plan_cells, run_study
 
     if list_:
         _list_specs()
@@ -139,18 +94,9 @@ def study(
     if spec is None or out is None:
         raise KdprobeError("expected a study and --out, e.g. `kdprobe study table6 --out runs/t6`; "
                            "`kdprobe study --list` shows the built-in studies")
-    from kdprobe.files.outputs import check_outputs
-
-    check_outputs("study", {"--out": (out, "folder")})
-    resolved, text = load_spec(spec, scale, set_ or (), dataset=dataset, data_dir=data_dir)
-    plan_cells(resolved, out)  # every cell's config (ranges, model kwargs) checked before DIR is made
-    what = (f"{len(resolved.methods)} methods x {len(resolved.seeds)} seeds" if resolved.methods else
-            f"{len(resolved.pruning)} pruning blocks x {len(resolved.seeds)} seeds")
-    typer.echo(f"study {resolved.name} (scale {resolved.scale or 'as written'}): {what} -> {out}")
-    progress = TqdmStudyProgress(not quiet)
     try:
-        res = run_study(resolved, out, device=device, jobs=jobs, nproc_per_cell=nproc_per_cell, spec_text=text,
-                        progress=progress)
+        res = run(spec, out=out, scale=scale, set=set_, dataset=dataset, data_dir=data_dir, device=device, jobs=jobs,
+                  nproc_per_cell=nproc_per_cell, quiet=quiet, note=typer.echo).record
     except KeyboardInterrupt as e:
         raise folder_interrupted(e, out) from None
 

@@ -1,4 +1,6 @@
-"""`kdprobe train`: one training run -> one self-describing checkpoint (resumes after a kill)."""
+"""`kdprobe train`: one training run -> one self-describing checkpoint (resumes after a kill).
+
+Thin: parses the options, calls kdprobe.api.training.train (kdprobe.train) and prints what it returns."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import ImageSize, TqdmProgress, json_kwargs, ranged
+from cli.common import ImageSize, ranged
 from kdprobe.models.registry import WIDTH
 
 O = typer.Option
@@ -53,51 +55,21 @@ def train(
     quiet: Annotated[bool, O(help="No progress bar.")] = False,
 ):
     """Train one model (scratch, CutMix, AutoAugment, label/feature KD, fine-tuning) and save a checkpoint."""
-    from kdprobe.checkpoints.format import load_checkpoint
-    from kdprobe.data.datasets import load_dataset
-    from kdprobe.errors import KdprobeError
-    from kdprobe.files.outputs import check_outputs
-    from kdprobe.data.preprocess import parse_image_size
-    from trainers.config import make_config, parse_milestones
-    from trainers.loop import log_path, partial_path, train as run_train
+    from kdprobe.api.training import train as run
 
-    # Everything is checked before any file is touched: flags (ranges at parse time, then the whole
-    # config), output paths, the init checkpoint; the loop then loads data, model and teacher and
-    # checks them before its first write. An existing OUT is only ever replaced by a complete one.
-    if init is not None and (model is not None or width is not None or model_kwargs is not None):
-        given = " and ".join(f for f, v in (("--model", model), ("--width", width), ("--model-kwargs", model_kwargs))
-                             if v is not None)
-        raise KdprobeError(f"--init {init} gives the model and its widths, so {given} would be recorded but not "
-                           f"used; drop {given}")
-    check_outputs("train", {"--out": (out, "checkpoint"), "its resume state OUT.partial": (partial_path(out), "partial"),
-                            "its log OUT.jsonl": (log_path(out), "jsonl")},
-                  {"--teacher": teacher, "--init": init}, overwrite=overwrite,
-                  keep=("--out", "its resume state OUT.partial"))
-    kwargs = {name: json_kwargs(text, flag) if text is not None else None for name, text, flag in (
-        ("model", model_kwargs, "--model-kwargs"), ("teacher", teacher_arch_kwargs, "--teacher-arch-kwargs"),
-        ("init", init_arch_kwargs, "--init-arch-kwargs"))}
-    if init is not None:
-        model = load_checkpoint(init, arch=init_arch, arch_kwargs=kwargs["init"], finite=True,
-                                arch_flag="--init-arch").model.arch["name"]
-    config = make_config(
-        preset, model=model or "resnet20",
-        model_kwargs={**(kwargs["model"] or {}), **({"width": width} if width is not None else {})},
-        dataset=dataset, data_dir=str(data_dir) if data_dir else None, seed=seed, epochs=epochs,
-        batch_size=batch_size, lr=lr, schedule=schedule, milestones=parse_milestones(milestones),
-        weight_decay=weight_decay, nesterov=nesterov, augment=augment, cutmix_prob=cutmix_prob,
-        cutmix_beta=cutmix_beta, distill=distill, teacher=str(teacher) if teacher else None,
-        teacher_arch=teacher_arch, alpha=alpha, temperature=temperature, beta=beta, bn_sparsity=bn_sparsity,
-        init=str(init) if init else None, train_subset=train_subset, teacher_arch_kwargs=kwargs["teacher"],
-        init_arch=init_arch, init_arch_kwargs=kwargs["init"], feature_layer=feature_layer,
-        teacher_feature_layer=teacher_feature_layer, image_size=parse_image_size(image_size),
-    )
-    if out.exists() and not overwrite:
+    res = run(out=out, model=model, dataset=dataset, data_dir=data_dir, download=download, seed=seed, preset=preset,
+              epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, milestones=milestones,
+              weight_decay=weight_decay, nesterov=nesterov, augment=augment, cutmix_prob=cutmix_prob,
+              cutmix_beta=cutmix_beta, distill=distill, teacher=teacher, teacher_arch=teacher_arch,
+              teacher_arch_kwargs=teacher_arch_kwargs, feature_layer=feature_layer,
+              teacher_feature_layer=teacher_feature_layer, image_size=image_size, alpha=alpha,
+              temperature=temperature, beta=beta, bn_sparsity=bn_sparsity, init=init, init_arch=init_arch,
+              init_arch_kwargs=init_arch_kwargs, model_kwargs=model_kwargs, width=width, train_subset=train_subset,
+              device=device, deterministic=deterministic, overwrite=overwrite, quiet=quiet)
+    if res.action == "existing":
         typer.echo(f"{out} exists; nothing to do (pass --overwrite to retrain)")
         return
-    if download:
-        load_dataset(dataset, data_dir, download=True)
-    res = run_train(config, out, device=device, progress=TqdmProgress(not quiet), overwrite=overwrite,
-                    deterministic=deterministic)
+    config = res.config
     resumed = f" (resumed from epoch {res.resumed_from_epoch:.2f})" if res.resumed_from_epoch is not None else ""
     typer.echo(f"{config.method} {config.model} seed {seed}: test accuracy {res.test_acc:.2f}% (last epoch; best {res.best_acc:.2f}%){resumed}")
-    typer.echo(f"checkpoint: {out}   log: {log_path(out)}")
+    typer.echo(f"checkpoint: {out}   log: {res.log}")

@@ -102,7 +102,8 @@ def landscape(
     typer.echo(table([
         {"point": f"centre ({xs[cj]:g}, {ys[ci]:g})", "loss": float(loss[ci, cj]), "acc %": float(acc[ci, cj])},
         {"point": f"min ({xs[j0]:g}, {ys[i0]:g})", "loss": float(loss[i0, j0]), "acc %": float(acc[i0, j0])},
-        {"point": "max", "loss": float(loss.max()), "acc %": float(acc[np.unravel_index(np.argmax(loss), loss.shape)])}]))
+        {"point": "max", "loss": float(loss.max()),
+         "acc %": float(acc[np.unravel_index(np.argmax(loss), loss.shape)])}]))
     new, secs = r.evaluated, r.seconds
     typer.echo(f"{ys.size}x{xs.size} grid, {r.settings['samples']} {split} samples, bn={bn}, "
                f"precision={r.surface.precision}, {r.processes} process(es): {new} points in {secs:.1f}s "
@@ -116,7 +117,7 @@ def interpolate(
     out: Annotated[Optional[Path], O(help="Output file: .vtk | .vts | .h5 | .html; the HDF5 file is always "
                                           "written too. Default: <A>_to_<B>.h5.")] = None,
     steps: Annotated[int, O(help="Number of t values (>= 2).", callback=in_range("steps"))] = 41,
-    range_: Annotated[str, O("--range", callback=_extent("--range"),
+    range: Annotated[str, O("--range", callback=_extent("--range"),  # noqa: A002 (the option is --range)
                              help="t interval as min:max; theta(t) = (1-t) A + t B. Default 0:1 "
                                              "(both end points on the path); e.g. -0.5:1.5 with --steps 81 "
                                              "extrapolates and still hits t = 0 and 1.")] = "0:1",
@@ -151,7 +152,7 @@ def interpolate(
     from kdprobe.api.landscape import interpolate as run
 
     out = out or checkpoint_a.with_name(f"{checkpoint_a.stem}_to_{checkpoint_b.stem}.h5")
-    r = run(checkpoint_a, checkpoint_b, out=out, steps=steps, range=range_, split=split, samples=samples, bn=bn,
+    r = run(checkpoint_a, checkpoint_b, out=out, steps=steps, range=range, split=split, samples=samples, bn=bn,
             h5=h5, html=html, log=log, vtk_height=vtk_height, zmax=zmax, points_per_batch=points_per_batch,
             batch_size=batch_size, precision=precision, dataset=dataset, data_dir=data_dir, arch=arch,
             arch_kwargs=arch_kwargs, image_size=image_size, device=device, note=_echo_err)

@@ -70,9 +70,10 @@ def run_process(device: str = "auto") -> RunProcess:
 
 def checkpoint_of(item, *, device, dataset: str | None, name: str, archs=None):
     """A kdprobe.checkpoints.format.LoadedCheckpoint on `device` with finite weights, from a path (loaded
-    with what `archs`, a kdprobe.checkpoints.selection.ArchChoice, says for it), a LoadedCheckpoint or a plain nn.Module (which records no
-    dataset, so `dataset` must name one; `name` is what it is called in settings and messages). A model
-    that lives on another device is copied there; the caller's object is not moved."""
+    with what `archs`, a kdprobe.checkpoints.selection.ArchChoice, says for it), a LoadedCheckpoint or a
+    plain nn.Module (which records no dataset, so `dataset` must name one; `name` is what it is called in
+    settings and messages). A model that lives on another device is copied there; the caller's object is
+    not moved."""
     import torch.nn as nn
 
     from kdprobe.checkpoints.format import LoadedCheckpoint, load_checkpoint

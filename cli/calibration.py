@@ -8,7 +8,8 @@ import typer
 from cli.common import table
 from cli.probe_set import (Arch, ArchKwargs, ImageSize,
                            BatchSize, Confidence, Csv, DataDir, Dataset, Device, GroupBy, Html, Interval, Json,
-                           Reference, Samples, Seed, Split, cached_logits, group_table, in_range, open_set, write_outputs)
+                           Reference, Samples, Seed, Split, check_set_outputs, group_table, in_range,
+                           write_outputs)
 
 O = typer.Option
 
@@ -46,33 +47,25 @@ def calibration(
     device: Device = "auto",
 ):
     """Calibration (ECE, NLL, Brier, reliability) per checkpoint and group (one forward pass per checkpoint)."""
-    from kdprobe.errors import KdprobeError
-    from kdprobe.probes.sets import CALIBRATION_MAIN, CALIBRATION_NOTES, calibration_part, temperature_note
-    from kdprobe.probes.tables import ProbeTables
+    from kdprobe.api.probes import calibration as run
+    from kdprobe.probes.sets import CALIBRATION_MAIN
 
-    if bins < 1:
-        raise KdprobeError(f"expected --bins >= 1, got {bins}")
-    ps, ref = open_set(checkpoints, interval=interval, reference=reference, group_by=group_by, split=split,
-                       samples=samples, arch=arch, arch_kwargs=arch_kwargs,
-                       image_size=image_size, dataset=dataset, data_dir=data_dir, device=device,
-                       command="calibration", outputs=(csv, json, html))
-    cache = cached_logits(ps, batch_size, desc="calibration")
-    part, extra = calibration_part(ps.members, {m.path: cache[m.path].logits for m in ps.members}, cache.labels,
-                                   bins=bins, adaptive=adaptive, classwise=classwise, temperature=temperature,
-                                   seed=seed, reference=ref, confidence=confidence, interval=interval)
-    main, rows = CALIBRATION_MAIN, part["checkpoints"]
-    settings = {"dataset": ps.dataset, "split": split, "samples": samples, "samples_used": int(len(ps.y)),
-                "group_by": group_by, "reference": ref, "confidence": confidence, "interval": interval, "bins": bins,
-                **CALIBRATION_NOTES, "temperature_split": temperature_note(temperature), "seed": seed,
-                "checkpoints": len(ps.members), "forward_passes": cache.forward_passes}
-    tables = ProbeTables("calibration", settings, part)
+    check_set_outputs("calibration", checkpoints, (csv, json, html))
+    result = run(checkpoints, split=split, samples=samples, bins=bins, adaptive=adaptive, classwise=classwise,
+                 temperature=temperature, group_by=group_by, reference=reference, confidence=confidence,
+                 interval=interval, batch_size=batch_size, seed=seed, arch=arch, arch_kwargs=arch_kwargs,
+                 image_size=image_size, dataset=dataset, data_dir=data_dir, device=device,
+                 note=lambda text: typer.echo(text, err=True))
+    tables, settings = result.tables, result.settings
+    main, rows, ref, groups = CALIBRATION_MAIN, tables.table("checkpoints"), settings["reference"], tables.table("groups")
+    extra = list(dict.fromkeys(g["metric"] for g in groups if g["metric"] not in main))  # adaptive, classwise, T
 
-    typer.echo(f"Calibration on {ps.dataset}: split={split}, {len(ps.y)} samples, {bins} equal-width bins, "
-               f"{len(rows)} checkpoints ({cache.forward_passes} forward passes)")
-    typer.echo(table(group_table(tables.table("groups"), main)))
+    typer.echo(f"Calibration on {settings['dataset']}: split={split}, {settings['samples_used']} samples, {bins} "
+               f"equal-width bins, {len(rows)} checkpoints ({settings['forward_passes']} forward passes)")
+    typer.echo(table(group_table(groups, main)))
     if extra:
         typer.echo(table([{k: v for k, v in r.items() if k not in ("p(Holm)", "g")}
-                          for r in group_table(tables.table("groups"), extra)]))
+                          for r in group_table(groups, extra)]))
     typer.echo(f"mean over checkpoints ± {confidence * 100:g}% CI ({interval}); unit = one checkpoint; "
                + (f"p(Holm), g = ECE vs {ref} (Welch, Holm-adjusted; Hedges' g)" if ref else "no tests"))
     if temperature:

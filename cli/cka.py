@@ -1,23 +1,18 @@
 """`kdprobe cka`: linear CKA between two checkpoints layer by layer, or at one layer for every pair of a group."""
 from __future__ import annotations
 
-import sys
 from typing import Annotated, Optional
 
 import typer
 
-from cli.common import expand_paths, ranged, table
+from cli.common import ranged, table
 from kdprobe.ranges import MAX_BATCH, Range
 from cli.probe_set import (Arch, ArchKwargs, ImageSize,
                            Confidence, Csv, DataDir, Dataset, Device, GroupBy, Html, Interval, Json, Reference,
-                           Samples, Split, check_choice, open_set, pair_type_table, write_outputs)
+                           Samples, Split, check_set_outputs, pair_type_table, write_outputs)
 
 O = typer.Option
 _CKA_BATCH = Range(int, 4, MAX_BATCH)  # the unbiased HSIC needs n >= 4 (kdprobe.probes.cka.MIN_BATCH)
-
-
-def _names(spec: Optional[str]) -> list[str] | None:
-    return [s.strip() for s in spec.split(",") if s.strip()] if spec else None
 
 
 def cka(
@@ -63,43 +58,18 @@ def cka(
     device: Device = "auto",
 ):
     """Linear CKA: layer x layer for two checkpoints, or per pair type at one layer for a group."""
-    from tqdm import tqdm
+    from kdprobe.api.probes import cka as run
 
-    from kdprobe.probes.pairs import PairRecord, classify
-    from kdprobe.probes.sets import PAIR_UNIT, cka_group_part
-    from kdprobe.probes.tables import ProbeTables, flat, pair_records
-    from kdprobe.probes.cka import ESTIMATORS, CkaCache, cka_matrix
-    from kdprobe.probes.features import NormalizedImages, penultimate_layer
-
-    check_choice("--estimator", estimator, ESTIMATORS)
-    pair_mode = len(expand_paths(checkpoints)) == 2 and not summary  # the reference matters for a group only
-    ps, ref = open_set(checkpoints, interval=interval, reference="none" if pair_mode else reference,
-                       group_by=group_by, split=split, samples=samples, arch=arch, arch_kwargs=arch_kwargs,
-                       image_size=image_size, dataset=dataset,
-                       data_dir=data_dir, device=device, command="cka", outputs=(csv, json, html), min_count=2)
-    inputs = NormalizedImages(ps.x, ps.data.mean, ps.data.std)
-    base = {"dataset": ps.dataset, "split": split, "samples": samples, "samples_used": int(len(ps.y)),
-            "group_by": group_by, "batch_size": batch_size, "bn": "eval", "checkpoints": len(ps.members),
-            "kernel": "linear", "hsic": "unbiased (Song et al. 2012)"}
-    if pair_mode:
-        (ca, cb), (ma, mb) = ps.loaded, ps.members
-        ca.model.to(ps.device)
-        cb.model.to(ps.device)
-        r = cka_matrix(ca.model, cb.model, inputs, layers_a=_names(layers_a), layers_b=_names(layers_b),
-                       estimator=estimator, batch_size=batch_size)
-        pa, pb = penultimate_layer(ca.model), penultimate_layer(cb.model)
-        at_pen = r.values[r.layers_a.index(pa)][r.layers_b.index(pb)] if pa in r.layers_a and pb in r.layers_b \
-            else None
-        first, second, kind, groups = classify(ma, mb)
-        flip = first is not ma  # the student of a student-teacher pair comes first
-        pair = PairRecord(first.path, second.path, first.group, second.group, kind, groups, {"cka": at_pen})
-        layer_rows = [flat({"a": ma.path, "b": mb.path, "layer_a": la, "layer_b": lb, "cka": r.values[i][j]})
-                      for i, la in enumerate(r.layers_a) for j, lb in enumerate(r.layers_b)]
-        settings = {**base, "a": ma.path, "b": mb.path, "estimator": r.estimator, "penultimate_a": pa,
-                    "penultimate_b": pb, "pair_order_swapped": flip}
-        tables = ProbeTables("cka", settings, {"layers": layer_rows, "pairs": pair_records([pair])})
-        typer.echo(f"Linear CKA, {ma.path} (A) vs {mb.path} (B) on {ps.dataset}: split={split}, {r.n} samples, "
-                   f"{r.estimator} unbiased HSIC ({kind} pair)")
+    check_set_outputs("cka", checkpoints, (csv, json, html))
+    result = run(checkpoints, split=split, samples=samples, layers_a=layers_a, layers_b=layers_b, layer=layer,
+                 summary=summary, estimator=estimator, batch_size=batch_size, group_by=group_by, reference=reference,
+                 confidence=confidence, interval=interval, arch=arch, arch_kwargs=arch_kwargs, image_size=image_size,
+                 dataset=dataset, data_dir=data_dir, device=device, note=lambda text: typer.echo(text, err=True))
+    tables, settings = result.tables, result.settings
+    if result.main == "layers":  # two checkpoints: the layer x layer matrix
+        r, (pair,) = result.details, tables.table("pairs")
+        typer.echo(f"Linear CKA, {settings['a']} (A) vs {settings['b']} (B) on {settings['dataset']}: split={split}, "
+                   f"{r.n} samples, {r.estimator} unbiased HSIC ({pair['pair_type']} pair)")
         shown = []
         for i, la in enumerate(r.layers_a):
             j = max(range(len(r.layers_b)), key=lambda jj: r.values[i][jj])
@@ -110,21 +80,10 @@ def cka(
         write_outputs(tables, "layers", csv, json, html)
         return
 
-    cache = CkaCache(inputs, estimator=estimator, batch_size=batch_size)
-    for ck, m in tqdm(list(zip(ps.loaded, ps.members)), desc="features", unit="ckpt", file=sys.stderr,
-                      dynamic_ncols=True):
-        ck.model.to(ps.device)
-        cache.add(m.path, ck.model, layer)
-        ck.model.to("cpu")
-    part = cka_group_part(ps.members, cache, reference=ref, confidence=confidence, interval=interval)
-    pairs = part["pairs"]
-    settings = {**base, "layer": layer or "penultimate (input of the last Linear)", "estimator": cache.estimator,
-                "reference": ref, "confidence": confidence, "interval": interval,
-                "forward_passes": cache.forward_passes, "pair_unit": PAIR_UNIT}
-    tables = ProbeTables("cka", settings, part)
-    typer.echo(f"Linear CKA at {settings['layer']} on {ps.dataset}: split={split}, {len(ps.y)} samples, "
-               f"{cache.estimator} unbiased HSIC, {len(ps.members)} checkpoints ({cache.forward_passes} forward "
-               f"passes), {len(pairs)} pairs")
+    ref = settings["reference"]
+    typer.echo(f"Linear CKA at {settings['layer']} on {settings['dataset']}: split={split}, "
+               f"{settings['samples_used']} samples, {settings['estimator']} unbiased HSIC, {settings['checkpoints']} "
+               f"checkpoints ({settings['forward_passes']} forward passes), {len(tables.table('pairs'))} pairs")
     typer.echo(table(pair_type_table(tables.table("pair_types"), ["cka"])))
     typer.echo(f"mean over pairs ± {confidence * 100:g}% CI ({interval}); unit = one checkpoint (pairs share "
                "checkpoints: delete-one-checkpoint jackknife); "

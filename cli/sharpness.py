@@ -1,7 +1,6 @@
 """`kdprobe sharpness`: top Hessian eigenvalues, Hessian trace and eigenvalue density of the training loss, per group."""
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
@@ -9,7 +8,7 @@ import typer
 from cli.common import table
 from cli.probe_set import (Arch, ArchKwargs, ImageSize,
                            Confidence, Csv, DataDir, Dataset, Device, GroupBy, Html, Interval, Json, Reference,
-                           Samples, Seed, Split, check_choice, group_table, in_range, open_set, write_outputs)
+                           Samples, Seed, Split, check_set_outputs, group_table, in_range, write_outputs)
 
 O = typer.Option
 
@@ -81,72 +80,31 @@ def sharpness(
     device: Device = "auto",
 ):
     """Sharpness of the training loss: top Hessian eigenvalues, Hessian trace, eigenvalue density."""
-    from tqdm import tqdm
+    from kdprobe.api.probes import sharpness as run
 
-    from kdprobe.errors import KdprobeError
-    from kdprobe.probes.sets import sharpness_part
-    from kdprobe.probes.tables import ProbeTables
-    from kdprobe.probes.features import NormalizedImages
-    from kdprobe.probes.sharpness import BN_MODES, EIG_METHODS, HVP_MODES, TRACE_METHODS, sharpness as measure
-
-    check_choice("--bn", bn, BN_MODES)
-    check_choice("--hvp", hvp, HVP_MODES)
-    check_choice("--method", method, EIG_METHODS)
-    check_choice("--trace-method", trace_method, TRACE_METHODS)
-    ps, ref = open_set(checkpoints, interval=interval, reference=reference, group_by=group_by, split=split,
-                       samples=samples, arch=arch, arch_kwargs=arch_kwargs,
-                       image_size=image_size, dataset=dataset, data_dir=data_dir, device=device,
-                       command="sharpness", outputs=(csv, json, html))
-    for ck in ps.loaded:  # options bounded by the model's size: checked once loaded, before any Hessian product
-        n = sum(p.numel() for p in ck.model.parameters() if p.requires_grad)
-        for flag, value, used in (("--top-k", top_k, True), ("--lanczos-steps", lanczos_steps, density)):
-            if used and value > n:
-                raise KdprobeError(f"expected {flag} <= the {n:,} trainable parameters of {ck.path} (a Hessian of "
-                                   f"size n has n eigenvalues), got {value:,}; pass {flag} {min(n, 10)}")
-    x = NormalizedImages(ps.x, ps.data.mean, ps.data.std)[:]
-    results = []
-    budget = ((iterations if method == "lanczos" else top_k * iterations) + trace_samples
-              + (2 * trace_sketch if method == "power" and trace_method == "hutch++" else 0)
-              + (lanczos_steps * density_runs if density else 0))
-    outer = tqdm(list(zip(ps.loaded, ps.members)), desc="sharpness", unit="ckpt", file=sys.stderr, dynamic_ncols=True)
-    for ck, m in outer:
-        ck.model.to(ps.device)
-        with tqdm(total=budget, desc="  Hessian-vector products (at most)", unit="hvp", file=sys.stderr, leave=False,
-                  dynamic_ncols=True, mininterval=1.0) as bar:
-            try:
-                results.append(measure(ck.model, x, ps.y, top_k=top_k, iterations=iterations, tol=tol,
-                                       trace_samples=trace_samples, density=density, lanczos_steps=lanczos_steps,
-                                       density_runs=density_runs, bn=bn, batch_size=batch_size,
-                                       vectors_per_pass=vectors_per_pass, mode=hvp, keep_graphs=keep_graphs,
-                                       seed=seed, method=method, trace_method=trace_method,
-                                       trace_rtol=trace_rtol, trace_sketch=trace_sketch, progress=bar.update))
-            except KdprobeError as e:  # name the checkpoint the probe refused
-                raise KdprobeError(f"{ck.path}: {e}") from None
-        ck.model.to("cpu")
-    part = sharpness_part(ps.members, results, reference=ref, confidence=confidence, interval=interval)
-    rows = part["checkpoints"]
-    settings = {"dataset": ps.dataset, "split": split, "samples": samples, "samples_used": int(len(ps.y)),
-                "loss": "mean cross-entropy", "bn": bn, "batch_size": batch_size, "top_k": top_k,
-                "iterations": iterations, "tol": tol, "trace_samples": trace_samples, "density": density,
-                "method": method, "trace_method": trace_method, "trace_rtol": trace_rtol,
-                "trace_sketch": trace_sketch if trace_method == "hutch++" else None,
-                "lanczos_steps": lanczos_steps if density else None, "density_runs": density_runs if density else None,
-                "hvp": hvp, "keep_graphs": keep_graphs, "seed": seed, "group_by": group_by, "reference": ref,
-                "confidence": confidence, "interval": interval, "checkpoints": len(ps.members),
-                "variables": "every parameter with requires_grad"}
-    tables = ProbeTables("sharpness", settings, part)
-    typer.echo(f"Sharpness of the {split} loss on {ps.dataset}: {len(ps.y)} samples, bn={bn}, top-{top_k} by {method} "
-               f"(<= {iterations} steps, tol {tol:g}), trace by {trace_method} from <= {trace_samples} vectors"
-               + (f" (stop at relative se {trace_rtol:g})" if trace_rtol else "") + f", seed {seed}")
+    check_set_outputs("sharpness", checkpoints, (csv, json, html))
+    result = run(checkpoints, split=split, samples=samples, top_k=top_k, method=method, iterations=iterations,
+                 tol=tol, trace_samples=trace_samples, trace_method=trace_method, trace_rtol=trace_rtol,
+                 trace_sketch=trace_sketch, density=density, lanczos_steps=lanczos_steps, density_runs=density_runs,
+                 bn=bn, batch_size=batch_size, vectors_per_pass=vectors_per_pass, hvp=hvp, keep_graphs=keep_graphs,
+                 group_by=group_by, reference=reference, confidence=confidence, interval=interval, seed=seed,
+                 arch=arch, arch_kwargs=arch_kwargs, image_size=image_size, dataset=dataset, data_dir=data_dir,
+                 device=device, note=lambda text: typer.echo(text, err=True))
+    tables, settings = result.tables, result.settings
+    rows, ref = tables.table("checkpoints"), settings["reference"]
+    typer.echo(f"Sharpness of the {split} loss on {settings['dataset']}: {settings['samples_used']} samples, bn={bn}, "
+               f"top-{top_k} by {method} (<= {iterations} steps, tol {tol:g}), trace by {trace_method} from "
+               f"<= {trace_samples} vectors" + (f" (stop at relative se {trace_rtol:g})" if trace_rtol else "")
+               + f", seed {seed}")
     typer.echo(table([{"checkpoint": r["checkpoint"], "group": r["group"], "loss": r["loss"],
                        "top eigenvalue": r["top_eigenvalue"], "residual": r["top_residual"],
                        "iters": r["top_iterations"], "trace": r["trace"], "± se": r["trace_se"]} for r in rows]))
     typer.echo(table(group_table(tables.table("groups"), ["top_eigenvalue", "trace"], digits=3, tested=2)))
     typer.echo(f"mean over checkpoints ± {confidence * 100:g}% CI ({interval}); unit = one checkpoint; "
                + (f"p(Holm), g = vs {ref} (Welch, Holm-adjusted over groups; Hedges' g)" if ref else "no tests"))
-    for ck, r in zip(ps.loaded, results):
+    for row, r in zip(rows, result.details):
         if not r.trace_stable:  # the interval may be too narrow: say so, with what to do
-            typer.echo(f"warning: {ck.path}: trace {r.trace:.4g} [{r.trace_low:.4g}, {r.trace_high:.4g}] "
+            typer.echo(f"warning: {row['checkpoint']}: trace {r.trace:.4g} [{r.trace_low:.4g}, {r.trace_high:.4g}] "
                        f"({r.trace_confidence:.0%}, {r.trace_vectors} vectors) not yet stable: {r.trace_note}")
     if bn == "train":
         typer.echo(f"note: bn=train uses each minibatch's statistics: the loss depends on --batch-size ({batch_size})")

@@ -14,7 +14,7 @@ from typer.core import TyperGroup
 
 from kdprobe.errors import Interrupted, KdprobeError
 from kdprobe.files.io import atomic_write_text, run_scope
-from kdprobe.checkpoints.selection import ArchChoice, arch_choice, expand_paths, json_kwargs  # noqa: F401 (re-exported)
+from kdprobe.checkpoints.selection import arch_choice
 
 
 def interrupted_line(e: BaseException) -> str:

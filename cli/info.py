@@ -18,21 +18,14 @@ def info(
     json: Annotated[Optional[Path], O(help="Also write everything as JSON.")] = None,
 ):
     """Show a checkpoint: architecture, size (params, FLOPs, nonzeros), recipe, accuracies, provenance."""
-    from kdprobe.checkpoints.format import load_checkpoint
+    from kdprobe.api.info import info as run
     from kdprobe.files.outputs import check_outputs
-    from kdprobe.data.preprocess import image_size_for
-    from kdprobe.pruning import count_flops, count_nonzero, count_nonzero_flops, count_params
 
-    archs = arch_choice(arch, arch_kwargs)
-    archs.check_used([checkpoint])
+    arch_choice(arch, arch_kwargs).check_used([checkpoint])
     check_outputs("info", {"--json": (json, "json")}, {"CHECKPOINT": checkpoint})
-    ck = load_checkpoint(checkpoint, **archs.for_path(checkpoint))
-    bad = ck.nonfinite()  # shown, not refused: info is how one finds out what is wrong with a file
-    m, meta = ck.model, ck.meta
-    side = image_size_for(m, meta)[0] or 32  # a foreign file records no size: its family's (CIFAR: 32)
-    shape = meta.get("input_shape") or [m.arch["kwargs"].get("in_channels", 3), side, side]
-    size = {"params": count_params(m), "nonzero_params": count_nonzero(m),
-            "macs": count_flops(m, shape), "nonzero_macs": count_nonzero_flops(m, shape), "input_shape": shape}
+    result = run(checkpoint, arch=arch, arch_kwargs=arch_kwargs)
+    ck, size, bad = result.checkpoint, result.size, result.nonfinite
+    m, meta, shape = ck.model, ck.meta, size["input_shape"]
     lines = [f"file        {ck.path}  (sha256 {ck.sha256[:16]}...){'  [foreign]' if ck.foreign else ''}",
              f"arch        {m.arch['name']}  {m.arch['kwargs']}",
              *([f"            {_how(ck.detection)}"] if ck.detection is not None else []),
@@ -92,11 +85,7 @@ def info(
             lines.append("machine     " + describe(machine_of(meta["versions"])))
     typer.echo("\n".join(lines))
     if json:
-        det = None if ck.detection is None else {"name": ck.detection.name, "how": ck.detection.how,
-                                                 "source": ck.detection.source,
-                                                 "same_function": list(ck.detection.same_function)}
-        write_json({"path": str(ck.path), "sha256": ck.sha256, "arch": m.arch, "detection": det, "size": size, "nonfinite": bad,
-                    "meta": {k: v for k, v in meta.items()}, "extra": sorted(ck.extra)}, json)
+        write_json(result.to_dict(), json)
 
 
 def _how(det) -> str:

@@ -1,5 +1,5 @@
-"""What `kdprobe agreement|cka|calibration|sharpness` share: their options, loading a set of checkpoints
-with one dataset, the samples they are probed on, and writing the tables."""
+"""What `kdprobe agreement|cka|calibration|sharpness` share on the command line: their options, the output
+check before any work, terminal tables and writing the files (the probing itself is kdprobe.api.probes)."""
 from __future__ import annotations
 
 import math
@@ -8,10 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from kdprobe.probes.checkpoint_set import (ProbeSet, cached_logits, check_choice, check_classes,  # noqa: F401
-                                            check_reference, reference_or_none)
-from cli.common import (Arch, ArchKwargs, DataDir, Dataset, ImageSize, arch_choice, expand_paths,  # noqa: F401 (re-exported)
-                        in_range)
+from cli.common import Arch, ArchKwargs, DataDir, Dataset, ImageSize, in_range  # noqa: F401 (re-exported)
 
 O = typer.Option
 
@@ -41,14 +38,6 @@ def check_set_outputs(command: str, patterns, outputs: tuple = (None, None, None
     csv, json, html = outputs
     check_outputs(command, {"--csv": (csv, "csv"), "--json": (json, "json"), "--html": (html, "html")},
                   {"CHECKPOINTS": checkpoint_paths(patterns)})
-
-
-def load_set(patterns, *, command: str = "probe", outputs: tuple = (None, None, None), **options):
-    """Check the outputs, then kdprobe.probes.checkpoint_set.load_set (notes go to stderr)."""
-    from kdprobe.probes import checkpoint_set
-
-    check_set_outputs(command, patterns, outputs)
-    return checkpoint_set.load_set(patterns, note=lambda text: typer.echo(text, err=True), **options)
 
 
 def fmt_ci(mean, half_width, digits: int = 4) -> str:
@@ -110,11 +99,3 @@ def pair_type_table(type_rows: list[dict], metrics: list[str], digits: int = 4) 
         if r["metric"] == metrics[0]:
             row["p(Holm)"] = fmt_p(r["p_holm"])
     return list(out.values())
-
-
-def open_set(patterns, *, command: str = "probe", outputs: tuple = (None, None, None), **options):
-    """Check the outputs, then kdprobe.probes.checkpoint_set.open_set (notes go to stderr)."""
-    from kdprobe.probes import checkpoint_set
-
-    check_set_outputs(command, patterns, outputs)
-    return checkpoint_set.open_set(patterns, note=lambda text: typer.echo(text, err=True), **options)

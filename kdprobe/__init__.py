@@ -22,7 +22,7 @@ from kdprobe.models import create_model, list_models
 _API = {
     "load": "kdprobe.api.loading", "load_dataset": "kdprobe.api.loading", "Checkpoint": "kdprobe.api.loading",
     "Dataset": "kdprobe.api.loading",
-    "ProbeResult": "kdprobe.api.results",
+    "ProbeResult": "kdprobe.api.results", "info": "kdprobe.api.info", "CheckpointInfo": "kdprobe.api.info",
     "agreement": "kdprobe.api.probes", "ensembles": "kdprobe.api.probes", "cka": "kdprobe.api.probes",
     "calibration": "kdprobe.api.probes", "sharpness": "kdprobe.api.probes",
     "landscape": "kdprobe.api.landscape", "interpolate": "kdprobe.api.landscape",

@@ -147,6 +147,8 @@ def test_prune_result_frame_dict_save_figure_and_warnings(trained, tmp_path):
     with pytest.raises(KdprobeError, match="expected --method one of") as e:
         kdprobe.prune(res.path, method="nope", remaining="0.5", out=tmp_path / "n.pt")
     assert "\n" not in str(e.value) and not (tmp_path / "n.pt").exists()
+    with pytest.raises(KdprobeError, match="expected --remaining as a fraction"):
+        kdprobe.prune(res.path, method="weight", remaining=["half"], out=tmp_path / "n.pt")
     with pytest.raises(KdprobeError, match="expected --arch-kwargs as a dict"):
         kdprobe.prune(res.path, method="weight", remaining="0.5", out=tmp_path / "n.pt", arch_kwargs=3)
 

@@ -150,6 +150,7 @@ class TrainResult:
 
     @property
     def log(self) -> Path:
+        """The per-epoch log OUT.jsonl (one JSON record per epoch)."""
         return self.path.with_suffix(".jsonl")
 
     @cached_property
@@ -378,6 +379,18 @@ class PruneResult:
                                {"the checkpoint": self.path})
 
 
+def _remaining_text(value) -> str:
+    """--remaining as the CLI's text: '0.5', '0.4,0.7,0.9' (a number or a sequence of numbers is written so)."""
+    if isinstance(value, str):
+        return value
+    numbers = [value] if isinstance(value, (int, float)) else value
+    if isinstance(numbers, (list, tuple)) and numbers and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+        return ",".join(f"{float(v):g}" for v in numbers)
+    raise KdprobeError(f"expected --remaining as a fraction in (0, 1] or one per stage ('0.4,0.7,0.9' or a list "
+                       f"of numbers), got {value!r}")
+
+
 def prune(checkpoint: str | os.PathLike, *, method: str, remaining: str | float | Sequence[float],
           out: str | os.PathLike, skip: str | None = None, arch=None, arch_kwargs=None, overwrite: bool = False,
           note: Callable[[str], None] | None = None) -> PruneResult:
@@ -399,8 +412,7 @@ def prune(checkpoint: str | os.PathLike, *, method: str, remaining: str | float 
 
     note = note or (lambda text: print(f"warning: {text}", file=sys.stderr))
     checkpoint, out = Path(checkpoint), Path(out)
-    text = remaining if isinstance(remaining, str) else (
-        f"{remaining:g}" if isinstance(remaining, (int, float)) else ",".join(f"{float(v):g}" for v in remaining))
+    text = _remaining_text(remaining)
     with run_scope():
         archs = arch_choice(arch, _arch_texts(arch_kwargs, "--arch-kwargs"))
         archs.check_used([checkpoint])
@@ -430,6 +442,7 @@ class StudyResult:
 
     @property
     def name(self) -> str:
+        """The study's name (a built-in's, or the .toml file's stem)."""
         return self.record.name
 
     @property

@@ -48,7 +48,7 @@ Stated choices where kdprobe composes what the references do not:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -295,6 +295,11 @@ class CRDMemory(nn.Module):
             self.register_buffer(name, torch.rand(n_data, dim, generator=generator) * (2 * bound) - bound)
         self.register_buffer("z_s", torch.tensor(-1.0, dtype=torch.float64))
         self.register_buffer("z_t", torch.tensor(-1.0, dtype=torch.float64))
+        self._z_known = False  # whether z_s/z_t were checked since construction or the last load_state_dict
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._z_known = False
 
     def scores(self, v_s: torch.Tensor, v_t: torch.Tensor, contrast_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(out_s, out_t), each (B, K+1): the normalised exp-scores of each anchor against the other model's bank."""
@@ -306,12 +311,14 @@ class CRDMemory(nn.Module):
         rows_s = self.memory_s[contrast_index].to(v_t.dtype)
         e_s = torch.exp(torch.einsum("bkd,bd->bk", rows_t, v_s) / self.temperature)
         e_t = torch.exp(torch.einsum("bkd,bd->bk", rows_s, v_t) / self.temperature)
-        with torch.no_grad():
-            if self.z_s.item() < 0:  # the product in the scores' dtype, as the references round it
-                self.z_s.fill_((e_s.mean() * self.n_data).item())
-            if self.z_t.item() < 0:
-                self.z_t.fill_((e_t.mean() * self.n_data).item())
-        return e_s / self.z_s.item(), e_t / self.z_t.item()
+        if not self._z_known:  # one host sync on the first step (and after loading), none after
+            with torch.no_grad():
+                if self.z_s.item() < 0:  # the product in the scores' dtype, as the references round it
+                    self.z_s.fill_((e_s.mean() * self.n_data).item())
+                if self.z_t.item() < 0:
+                    self.z_t.fill_((e_t.mean() * self.n_data).item())
+            self._z_known = True
+        return e_s / self.z_s.to(e_s.dtype), e_t / self.z_t.to(e_t.dtype)
 
     @torch.no_grad()
     def update(self, v_s: torch.Tensor, v_t: torch.Tensor, index: torch.Tensor) -> None:
@@ -678,6 +685,9 @@ class MethodSpec:
         if unknown:
             raise KdprobeError(f"{self.name} has no setting {unknown[0]!r}; its settings are {sorted(self.defaults)}")
         kw = {**self.defaults, **overrides}
+        if self.shapes and (not student_shapes or not teacher_shapes):
+            raise KdprobeError(f"{self.name} sizes its trainable heads from the hooked features: pass the student's "
+                               "and the teacher's per-sample feature shapes")
         if self.name == "fitnet":
             return self.factory(student_shapes[0], teacher_shapes[0], **kw)
         if self.name == "crd":

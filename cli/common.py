@@ -228,34 +228,6 @@ def write_json(obj, path: Path) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-class TqdmProgress:
-    """trainers.loop.Progress on a tqdm bar (stderr), with a one-line summary per epoch."""
-
-    def __init__(self, enabled: bool = True):
-        self.enabled, self.bar = enabled, None
-
-    def start(self, total_steps, done_steps, desc):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total_steps, initial=done_steps, desc=desc, unit="step",
-                        disable=not self.enabled, dynamic_ncols=True, file=sys.stderr)
-
-    def step(self, n, postfix):
-        self.bar.update(n)
-        if postfix and self.bar.n % 10 == 0:
-            self.bar.set_postfix(postfix, refresh=False)
-
-    def epoch(self, record):
-        if self.enabled:
-            self.bar.write(f"epoch {record['epoch']:>3}  lr {record['lr']:.4g}  train loss {record['train_loss']:.4f} "
-                           f"acc {record['train_acc']:.2f}  test loss {record['test_loss']:.4f} acc {record['test_acc']:.2f}  "
-                           f"({record['seconds']:.1f}s)", file=sys.stderr)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
 # ---- options every command that reads checkpoints or data shares (one definition each) ----
 
 ARCH_HELP = ("Architecture of foreign checkpoints (default: detected from their tensor names and shapes). "

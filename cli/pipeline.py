@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import HELP_SETTINGS, KdprobeGroup, TqdmProgress, folder_interrupted, handle_errors, ranged, table
+from cli.common import HELP_SETTINGS, KdprobeGroup, folder_interrupted, handle_errors, ranged, table
 from cli.surplus import surplus_table
 from kdprobe.models.registry import WIDTH
 from kdprobe.ranges import SEED, abbreviate
@@ -67,6 +67,7 @@ def pruning(
     """Train scratch and KD teachers, prune, fine-tune (Scratch, Pre-Distill, Post-Distill, Pre-Post, Self-Distill),
     write results.csv and the surplus table. Cells whose checkpoints exist are skipped, so re-running resumes."""
     from kdprobe.files.outputs import check_outputs
+    from trainers import progress
     from trainers.pipeline import PipelineSpec, run_pruning_pipeline
 
     check_outputs("pipeline", {"--out": (out, "folder")})
@@ -80,7 +81,7 @@ def pruning(
     typer.echo(f"pipeline: {spec.model_label}, {spec.method} pruning {spec.setting}, KD {','.join(spec.distill)}, "
                f"seeds {','.join(map(str, spec.seeds))}, bn_sparsity {spec.resolved_bn_sparsity:g} -> {out}")
     try:
-        res = run_pruning_pipeline(spec, out, device=device, progress_factory=lambda cell: TqdmProgress(not quiet),
+        res = run_pruning_pipeline(spec, out, device=device, progress_factory=lambda cell: progress.TqdmProgress(not quiet),
                                    on_event=_print_event)
     except KeyboardInterrupt as e:
         raise folder_interrupted(e, out) from None

@@ -818,3 +818,34 @@ def test_layers_by_role_on_a_kdprobe_resnet(tiny_resnet):
     assert any(n.startswith("layer1.") for n in before) and not any(n.startswith("layer2.") for n in before)
     tiny_resnet.stage_layers = ["layer2", "layer3"]
     assert kf.stage_layers(tiny_resnet, x) == ["layer2", "layer3"]
+
+
+class _PreActNet(torch.nn.Module):
+    """A WRN-like pre-activation net: each stage starts with BN-ReLU at the previous size, then a strided conv."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.block1 = nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+        self.block2 = nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 8, 3, stride=2, padding=1))
+        self.block3 = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1))
+        self.se = nn.Conv2d(8, 8, 1)  # a 1x1 map (squeeze-excitation-like): no stage
+        self.bn, self.relu = nn.BatchNorm2d(8), nn.ReLU()
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.block3(self.block2(self.block1(self.conv1(x))))
+        x = x * torch.sigmoid(self.se(self.pool(x)))
+        return self.fc(self.pool(self.relu(self.bn(x))).flatten(1))
+
+
+def test_stages_are_stage_outputs_not_the_next_stage_preactivation():
+    x = torch.zeros(2, 1, 8, 8)
+    assert kf.stage_layers(_PreActNet(), x) == ["block1", "block2", "relu"]
+    nn = torch.nn
+    flat = nn.Sequential()
+    flat.features = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(2, 3, 3, padding=1),
+                                  nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+    flat.pool, flat.flat, flat.fc = nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)
+    assert kf.stage_layers(flat, x) == ["features.4", "features"]  # the first size's ReLU is dropped like a stem

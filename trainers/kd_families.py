@@ -561,24 +561,46 @@ _POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d
 
 @torch.no_grad()
 def stage_layers(model: nn.Module, x: torch.Tensor) -> list[str]:
-    """The rule for AT's (and FitNet's) stages on a model that names none (`model.stage_layers`): in forward
-    order before the final nn.Linear, the modules that output (N, C, H, W) maps (pooling modules skipped),
-    grouped into runs of one spatial size; of each run the module that finishes last (the outermost, e.g.
-    `layer2`, not `layer2.1.conv2`). A CIFAR ResNet gives [layer1, layer2, layer3] (RepDistiller's
-    feat[1:-1]); an ImageNet ResNet also lists its stem before layer1."""
+    """The rule for AT's (and FitNet's) stages on a model that names none (`model.stage_layers`).
+
+    In forward order before the final nn.Linear, the modules that output (N, C, H, W) maps of at least 2x2
+    (pooling modules skipped; a squeeze-excitation's 1x1 maps too) fall into runs, one per spatial size in order of its first appearance. Of each run: the last
+    module that no enclosing module started during the run and left for a later run (so `block1`, not
+    `block2.layer.0.relu1`, the pre-activation the next stage computes before its strided conv), else the
+    run's last module. The first run's pick is dropped when it is a leaf module (a stem conv/BN/ReLU) and two
+    runs follow, as RepDistiller drops its feat[0]. A CIFAR ResNet gives [layer1, layer2, layer3], a WRN
+    [block1, block2, relu]: RepDistiller's feat[1:-1]. A functional ReLU (F.relu in forward) is invisible to
+    hooks: the map before it is taken. Models whose 4-D tensors are not NCHW (ConvNeXt's channels-last
+    blocks) need their stages named."""
     own = getattr(model, "stage_layers", None)
     if isinstance(own, (list, tuple)) and own and all(isinstance(n, str) for n in own):
         return list(own)
     names = {m: n for n, m in model.named_modules() if n}
-    seen: list[tuple[str, object]] = []
+    runs: list[list[str]] = []  # per spatial size, in order of first appearance: its map modules in finish order
+    run_of: dict[tuple, int] = {}
+    start_run: dict[str, int] = {}  # the newest run when a module first started (-1: before any map)
+    finish_run: dict[str, int] = {}  # ... when it last finished
+    linear = [False]
 
-    def hook(m, args, out):
+    def pre(m, args):
+        start_run.setdefault(names[m], len(runs) - 1)
+
+    def post(m, out):
+        if linear[0]:
+            return
         if isinstance(m, nn.Linear):
-            seen.append((names[m], None))
-        elif isinstance(out, torch.Tensor) and out.dim() == 4 and not isinstance(m, _POOLS):
-            seen.append((names[m], tuple(out.shape[2:])))
+            linear[0] = True
+            return
+        if isinstance(out, torch.Tensor) and out.dim() == 4 and not isinstance(m, _POOLS) and min(out.shape[2:]) > 1:
+            size = tuple(out.shape[2:])
+            if size not in run_of:
+                run_of[size] = len(runs)
+                runs.append([])
+            runs[run_of[size]].append(names[m])  # a branch back at an earlier size (shuffle units) joins that run
+        finish_run[names[m]] = len(runs) - 1
 
-    handles = [m.register_forward_hook(hook) for m in names]
+    handles = [h for m in names for h in (m.register_forward_pre_hook(pre),
+                                         m.register_forward_hook(lambda m, a, o: post(m, o)))]
     try:
         with modes_preserved(model):
             model.eval()
@@ -586,16 +608,28 @@ def stage_layers(model: nn.Module, x: torch.Tensor) -> list[str]:
     finally:
         for h in handles:
             h.remove()
-    last_linear = max((i for i, (_, s) in enumerate(seen) if s is None), default=len(seen))
-    runs: list[tuple[str, tuple]] = []
-    for name, size in seen[:last_linear]:
-        if runs and runs[-1][1] == size:
-            runs[-1] = (name, size)
-        else:
-            runs.append((name, size))
     if not runs:
         raise KdprobeError("found no module that outputs a (N, C, H, W) map before the classifier; name the layers")
-    return [n for n, _ in runs]
+    # a classifier that is not last (a torchvision model's final Linear inside a Sequential): modules still
+    # running when it ran finish after every run
+    last = len(runs)
+
+    def clean(name: str, r: int) -> bool:
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            a = ".".join(parts[:i])
+            if start_run.get(a, -1) == r and finish_run.get(a, last) > r:
+                return False
+        return True
+
+    mods = dict(model.named_modules())
+    picks = []
+    for r, members in enumerate(runs):
+        inside = [n for n in members if clean(n, r)]
+        picks.append(inside[-1] if inside else members[-1])
+    if len(picks) >= 3 and not list(mods[picks[0]].children()):
+        picks = picks[1:]
+    return picks
 
 
 LAYER_ROLES = ("stages", "hint", "last_map", "penultimate")

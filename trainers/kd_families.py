@@ -39,11 +39,15 @@ Stated choices where kdprobe composes what the references do not:
   differs between student and teacher is average-pooled down to the smaller one (AT), or regressed (FitNet).
 - FitNet trains in one stage, as both reference codebases do (their train_student.py / FitNet distiller add
   the hint loss to the CE from the first step; no init stage). The paper's two-stage variant (hint-only
-  training of the student up to the hint layer plus the regressor, then the whole student) is available as
-  `PretrainStage` with `epochs` > 0 (RepDistiller's --init_epochs default for its two-stage methods is 30).
+  training of the student up to the hint layer plus the regressor, then the whole student) is what a
+  `PretrainStage` with `epochs` > 0 describes for the training loop (RepDistiller's --init_epochs default
+  for its two-stage methods is 30); `parameters_up_to` names the parameters that stage trains.
 - The distance terms are computed from the pairwise differences, not from |a|^2 + |b|^2 - 2ab as the
   references do: the same formula (same eps clamp on the squared distance) without the cancellation.
 - Every term runs in float32 (or the inputs' float64) with autocast off; the teacher's inputs are detached.
+
+tests/test_kd_families.py checks every term against a naive loop re-computation of the formula and against
+the numbers RepDistiller's and mdistiller's own code gave on the same float64 tensors (value and gradient).
 """
 from __future__ import annotations
 
@@ -370,9 +374,13 @@ class ContrastSampler:
         if mode not in ("exact", "relax"):
             raise KdprobeError(f"expected CRD mode 'exact' or 'relax', got {mode!r}")
         self.labels, self.k, self.mode = labels.reshape(-1).long(), k, mode
+        self._on: dict[torch.device, torch.Tensor] = {}
 
     def draw(self, index: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        labels = self.labels.to(index.device)
+        """(B, K+1) indices into the training set for the batch whose dataset indices are `index`."""
+        labels = self._on.get(index.device)
+        if labels is None:  # copied to the batch's device once
+            labels = self._on[index.device] = self.labels.to(index.device)
         y = labels[index]
         same = labels.unsqueeze(0) == y.unsqueeze(1)  # (B, n)
         out = torch.empty(index.shape[0], self.k + 1, dtype=torch.long, device=index.device)

@@ -31,7 +31,7 @@
 # Requeue: JobRequeue=1 (batch jobs may be requeued), and submitit's preemption/time-limit path works
 # unchanged: sbatch --signal=USR2@S makes Slurm send SIGUSR2 before the time limit (a test sends it with
 # `scancel --signal=USR2`), submitit's handler calls the callable's checkpoint() and runs `scontrol
-# requeue` from inside the job. KillWait=5 (SIGTERM to SIGKILL) keeps an external `scontrol requeue` of
+# requeue` from inside the job. KillWait=2 (SIGTERM to SIGKILL) keeps an external `scontrol requeue` of
 # a job that ignores SIGTERM (submitit does) to seconds instead of the default 30.
 #
 # The daemons are started with fd 9 (the lock DIR.lock that serialises start/stop) closed, so they do
@@ -84,25 +84,24 @@ wait_for() {  # wait_for SECONDS WHAT COMMAND...
 node_state() { sinfo -h -N -n "$NODE" -o %T 2>/dev/null | head -n1; }
 node_usable() { case "$(node_state)" in idle|mixed|allocated|completing) return 0 ;; *) return 1 ;; esac; }
 
-stop_pid() {  # stop_pid NAME PIDFILE: TERM, then KILL after 10 s; only the pid this script recorded
-    local name=$1 f=$2 pid
-    [ -f "$f" ] || return 0
-    pid=$(cat "$f")
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid" 2>/dev/null || true
-        local end=$((SECONDS + 10))
-        while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 0.2; done
-        if kill -0 "$pid" 2>/dev/null; then log "$name ($pid) ignored SIGTERM; SIGKILL"; kill -KILL "$pid" 2>/dev/null || true; fi
-    fi
-    rm -f "$f"
+stop_pids() {  # stop_pids NAME...: SIGTERM to each (DIR/run/NAME.pid, only pids this script recorded), SIGKILL after 10 s
+    local name pid pids=()
+    for name in "$@"; do
+        [ -f "$DIR/run/$name.pid" ] || continue
+        pid=$(cat "$DIR/run/$name.pid")
+        if kill -0 "$pid" 2>/dev/null && kill -TERM "$pid" 2>/dev/null; then pids+=("$pid"); fi
+        rm -f "$DIR/run/$name.pid"
+    done
+    local end=$((SECONDS + 10))
+    for pid in "${pids[@]}"; do
+        while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 0.1; done
+        if kill -0 "$pid" 2>/dev/null; then log "pid $pid ignored SIGTERM; SIGKILL"; kill -KILL "$pid" 2>/dev/null || true; fi
+    done
 }
 
-do_stop() {
-    stop_pid slurmd "$DIR/run/slurmd.pid"
-    stop_pid slurmctld "$DIR/run/slurmctld.pid"
-    stop_pid slurmdbd "$DIR/run/slurmdbd.pid"
-    stop_pid mariadbd "$DIR/run/mariadb.pid"
-    stop_pid munged "$DIR/run/munged.pid"
+do_stop() {  # the Slurm daemons first (slurmctld sends its last records to slurmdbd), then what they used
+    stop_pids slurmd slurmctld
+    stop_pids slurmdbd mariadb munged
 }
 
 write_configs() {
@@ -146,7 +145,7 @@ DefMemPerCPU=$defmem
 SchedulerType=sched/backfill
 ReturnToService=2
 JobRequeue=1
-KillWait=5
+KillWait=2
 MinJobAge=300
 InactiveLimit=0
 JobAcctGatherType=jobacct_gather/none

@@ -1,0 +1,133 @@
+"""The Slurm test cluster (scripts/slurm-test-cluster.sh) for tests, and the small callables they submit.
+
+The callables live here, not in the test module, because a Slurm job unpickles them by module name:
+the fixture puts this folder on PYTHONPATH, which sbatch passes to the jobs with the rest of the
+environment.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "slurm-test-cluster.sh"
+DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "srun")
+APT = "apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge slurmdbd mariadb-server"
+
+
+def _which(name: str) -> str | None:
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin")
+
+
+def skip_reason() -> str | None:
+    """Why the Slurm tests cannot run here (None: they can)."""
+    missing = [d for d in DAEMONS if _which(d) is None]
+    if missing:
+        return f"Slurm is not installed (no {', '.join(missing)}); install it with: {APT}"
+    try:
+        import submitit  # noqa: F401
+    except ImportError:
+        return "submitit is not installed: pip install 'kdprobe[slurm]'"
+    if os.geteuid() != 0:
+        return "the test cluster runs slurmd as root (as CI does); run the Slurm tests as root"
+    return None
+
+
+class Cluster:
+    """A running test cluster: start() reuses one already up (CI starts it first) or starts one and stop()s it."""
+
+    def __init__(self, folder: str | None = None):
+        self.folder = Path(folder or os.environ.get("KDPROBE_SLURM_DIR") or "/tmp/kdprobe-slurm")
+        self.conf = self.folder / "etc" / "slurm.conf"
+        self.started = False
+
+    def _script(self, cmd: str, timeout: float) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(SCRIPT), cmd, str(self.folder)], capture_output=True, text=True,
+                              timeout=timeout)
+
+    def running(self) -> bool:
+        return self._script("status", 30).returncode == 0
+
+    def start(self) -> None:
+        if self.running():
+            return
+        t0 = time.monotonic()
+        r = self._script("start", 300)
+        if r.returncode != 0:
+            raise RuntimeError(f"slurm-test-cluster.sh start failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+        self.started = True
+        self.start_seconds = time.monotonic() - t0
+
+    def stop(self) -> None:
+        if self.started:
+            self._script("stop", 120)
+
+    def env(self) -> dict[str, str]:
+        return {"SLURM_CONF": str(self.conf)}
+
+    @property
+    def accounting(self) -> bool:
+        try:
+            return "accounting_storage/slurmdbd" in self.conf.read_text()
+        except OSError:
+            return False
+
+
+def slurm(*args: str, check: bool = True) -> str:
+    r = subprocess.run(list(args), capture_output=True, text=True, timeout=60)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)}: {r.stderr.strip()}")
+    return r.stdout
+
+
+def wait_until(pred, timeout: float = 60, every: float = 0.2, what: str = "condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# ---- what the tests submit (module-level, so pickles name them) --------------------------------------------
+
+def hello(x: int) -> dict:
+    print(f"hello from job {os.environ.get('SLURM_JOB_ID')} on {os.uname().nodename}", flush=True)
+    return {"value": 2 * x, "job": os.environ.get("SLURM_JOB_ID"), "array_task": os.environ.get("SLURM_ARRAY_TASK_ID"),
+            "restarts": os.environ.get("SLURM_RESTART_COUNT")}
+
+
+def fail(message: str) -> None:
+    print("about to fail", flush=True)
+    raise ValueError(message)
+
+
+def wait_for_file(path: str, timeout: float = 120) -> str:
+    """Runs until `path` exists (the test decides when this job may end)."""
+    end = time.monotonic() + timeout
+    while not Path(path).exists():
+        if time.monotonic() > end:
+            raise TimeoutError(path)
+        time.sleep(0.1)
+    return Path(path).read_text()
+
+
+def count(state_file: str, n: int, step_s: float = 0.0) -> int:
+    """A resumable computation, like a cell's epochs: after each step its whole state is saved (atomically) to
+    `state_file`; started again it continues from there. Each start appends a line to state_file.starts."""
+    state = Path(state_file)
+    s = json.loads(state.read_text()) if state.exists() else {"i": 0, "acc": 1}
+    with open(str(state) + ".starts", "a") as f:
+        f.write(f"{s['i']} {os.environ.get('SLURM_RESTART_COUNT', '0')}\n")
+    while s["i"] < n:
+        s = {"i": s["i"] + 1, "acc": (s["acc"] * 48271 + s["i"]) % 2147483647}
+        tmp = state.with_suffix(".tmp")
+        tmp.write_text(json.dumps(s))
+        os.replace(tmp, state)
+        time.sleep(step_s)
+    return s["acc"]

@@ -19,8 +19,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	bash scripts/demo.sh $(DEMO)
 
+# The tests run in 2 processes (pytest-xdist; one torch thread each, files kept whole per process), which
+# keeps both cores of a 2-core machine busy; JOBS=1 runs them in this one process (easier to debug).
+JOBS ?= 2
+XDIST = $(if $(filter 1,$(JOBS)),,-n $(JOBS) --dist loadfile)
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest $(XDIST)
 
 # The numeric tests (pytest -m numeric) once more on another CPU kernel set than this machine's own:
 # ATen's capability and MKL's and oneDNN's instruction sets one step down (AVX-512 -> AVX2, else
@@ -32,7 +36,7 @@ test-portable: $(STAMP)
 	if [ "$$cap" = AVX512 ]; then set -- ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2; \
 	else set -- ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41; fi; \
 	echo "test-portable: native ATen capability $$cap; numeric tests under $$* KDPROBE_TEST_THREADS=$(THREADS)"; \
-	env "$$@" KDPROBE_TEST_THREADS=$(THREADS) $(PY) -m pytest -m numeric -p no:cacheprovider; \
+	env "$$@" KDPROBE_TEST_THREADS=$(THREADS) $(PY) -m pytest $(XDIST) -m numeric -p no:cacheprovider; \
 	rc=$$?; echo "test-portable: ran under $$*, $(THREADS) thread(s)"; exit $$rc
 
 clean:

@@ -58,6 +58,27 @@ def info(
         t = meta["teacher"]
         lines.append(f"teacher     {t.get('path')} ({t.get('method')}, acc {_num(t.get('test_acc'))}, "
                      f"sha256 {str(t.get('sha256'))[:16]}...)")
+    ts = meta.get("teachers")
+    if isinstance(ts, list) and len(ts) > 1:
+        ens = meta.get("teacher_ensemble") or {}
+        lines.append(f"teachers    {len(ts)}, the average of their probabilities at T = {ens.get('temperature')}: "
+                     + ", ".join(f"{t.get('path')} (sha256 {str(t.get('sha256'))[:16]}...)" for t in ts
+                                 if isinstance(t, dict)))
+    kd = meta.get("kd")
+    if isinstance(kd, dict):
+        settings = kd.get("settings") or {}
+        given = set(kd.get("given") or {})
+        lines.append(f"KD method   {kd.get('method')}: " + ", ".join(
+            f"{k}={settings[k]}{'*' if k in given else ''}" for k in settings) + (" (* = set by --kd-settings)"
+                                                                                 if given else ""))
+        if kd.get("student_layers"):
+            lines.append(f"            student {kd.get('student_layers')} {kd.get('student_shapes')} -> teacher "
+                         f"{kd.get('teacher_layers')} {kd.get('teacher_shapes')}")
+        lines.append(f"            {kd.get('paper')}; {kd.get('reference')}")
+    gen = meta.get("generation")
+    if isinstance(gen, dict):
+        lines.append(f"generation  {gen.get('generation')} of {gen.get('first')}..{gen.get('last')} (born-again chain; teacher: "
+                     f"{gen.get('teacher') or 'none, trained from scratch'})")
     fk = meta.get("feature_kd")
     if isinstance(fk, dict):
         lines.append(f"feature KD  student {fk.get('student_layer')} {fk.get('student_map')} -> teacher "

@@ -45,7 +45,8 @@ def pruning(
     remaining: Annotated[str, O(help="Fraction kept, in (0, 1]; l1: per stage (paper ResNet-56: 0.4,0.7,0.9 or "
                                      "0.5,0.6,0.7); slimming: of prunable channels; weight: of conv weights.")] = "0.4,0.7,0.9",
     skip: Annotated[Optional[str], O(help="l1 only: blocks kept whole, stage.block list or preset A/B.")] = None,
-    distill: Annotated[str, O(help="KD types, comma list: label (Hinton) and/or feature; each gets its own row.")] = "label",
+    distill: Annotated[str, O(help="KD types, comma list: label (Hinton), feature, at, fitnet, sp, rkd, pkt, crd, dkd (docs/kd-methods.md); each gets its own row.")] = "label",
+    kd_settings: Annotated[Optional[str], O(help="Settings of the KD families that differ from their defaults, a JSON object per method: '{\"dkd\": {\"beta\": 2}}'.", metavar="JSON")] = None,
     seeds: Annotated[str, O(help="Seeds, comma list (e.g. 0,1,2): each seed runs every cell; the surplus "
                                  "averages over seeds.", callback=_check_seeds)] = "0",
     preset: Annotated[str, O(help="Schedule of the initial trainings: rnp (pruning reference, 160 epochs, lr 0.1), "
@@ -67,6 +68,7 @@ def pruning(
     """Train scratch and KD teachers, prune, fine-tune (Scratch, Pre-Distill, Post-Distill, Pre-Post, Self-Distill),
     write results.csv and the surplus table. Cells whose checkpoints exist are skipped, so re-running resumes."""
     from kdprobe.files.outputs import check_outputs
+    from kdprobe.ranges import parse_json
     from trainers import progress
     from trainers.pipeline import PipelineSpec, run_pruning_pipeline
 
@@ -77,7 +79,8 @@ def pruning(
                         remaining=remaining, skip=skip, distill=distill, seeds=seeds, preset=preset,
                         train_overrides=overrides,
                         finetune_overrides={"epochs": finetune_epochs} if finetune_epochs is not None else {},
-                        bn_sparsity=bn_sparsity)
+                        bn_sparsity=bn_sparsity,
+                        kd_settings=parse_json(kd_settings, "--kd-settings") if kd_settings is not None else {})
     typer.echo(f"pipeline: {spec.model_label}, {spec.method} pruning {spec.setting}, KD {','.join(spec.distill)}, "
                f"seeds {','.join(map(str, spec.seeds))}, bn_sparsity {spec.resolved_bn_sparsity:g} -> {out}")
     try:

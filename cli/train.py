@@ -10,6 +10,7 @@ import typer
 
 from cli.common import ImageSize, ranged
 from kdprobe.models.registry import WIDTH
+from trainers.config import GENERATIONS
 
 O = typer.Option
 
@@ -32,8 +33,8 @@ def train(
     augment: Annotated[str, O(help="standard (crop pad 4 + flip) | cutmix | autoaugment (CIFAR-10 policy, one sub-policy per image) | none.")] = "standard",
     cutmix_prob: Annotated[float, O(help="CutMix: probability per batch.", callback=ranged("cutmix_prob"))] = 0.5,
     cutmix_beta: Annotated[float, O(help="CutMix: lambda ~ Beta(b, b), b > 0.", callback=ranged("cutmix_beta"))] = 1.0,
-    distill: Annotated[str, O(help="none | label (Hinton KD) | feature (normalized L1 on the last feature map, 1x1 regressor).")] = "none",
-    teacher: Annotated[Optional[Path], O(help="Teacher checkpoint (kdprobe's, or foreign with --teacher-arch).")] = None,
+    distill: Annotated[str, O(help="none | label (Hinton KD) | feature (normalized L1 on the last feature map, 1x1 regressor) | at | fitnet | sp | rkd | pkt | crd | dkd (the KD families with RepDistiller/mdistiller defaults; docs/kd-methods.md).")] = "none",
+    teacher: Annotated[Optional[list[Path]], O(help="Teacher checkpoint (kdprobe's, or foreign with --teacher-arch). Repeat it for an ensemble of teachers: label KD and DKD distil from the average of their probabilities (feature methods take one teacher).")] = None,
     teacher_arch: Annotated[Optional[str], O(help="Architecture of a foreign teacher checkpoint (default: detected; names as for --arch, see `kdprobe eval --help`).")] = None,
     teacher_arch_kwargs: Annotated[Optional[str], O(help="Keyword arguments of the teacher's architecture, a JSON object.", metavar="JSON")] = None,
     feature_layer: Annotated[Optional[str], O(help="Feature KD: the student module whose output is tapped (NAME, or NAME:in for its input; names as in model.named_modules()). Default: the model's feature_layer (the last map before pooling), else the last (N,C,H,W) map before the classifier.")] = None,
@@ -49,12 +50,14 @@ def train(
     model_kwargs: Annotated[Optional[str], O(help="Keyword arguments of --model, a JSON object (e.g. '{\"width_mult\": 0.5}' for torchvision:mobilenet_v2); --width adds to it.", metavar="JSON")] = None,
     width: Annotated[Optional[float], O(help="Width multiplier for ResNets/VGG (> 0; tiny models for quick runs).", callback=ranged(WIDTH))] = None,
     train_subset: Annotated[Optional[int], O(help="Train on a seeded subset of this many images (>= 1).", callback=ranged("train_subset"))] = None,
+    kd_settings: Annotated[Optional[str], O(help="A KD family's settings that differ from its reference defaults, a JSON object, e.g. '{\"beta\": 6}' for dkd (names: docs/kd-methods.md; `kdprobe info` shows what a run used).", metavar="JSON")] = None,
+    generations: Annotated[int, O(help="Born-again chain of K generations (0: one run at OUT): generation g is taught by generation g-1, generation 1 by --teacher (or, without one, by a generation 0 trained from scratch); checkpoints OUT stem + -gen{g}; finished generations are kept, an interrupted one resumes.", callback=ranged(GENERATIONS))] = 0,
     device: Annotated[str, O(help="auto | cpu | cuda | cuda:N.")] = "auto",
     deterministic: Annotated[bool, O("--deterministic/--no-deterministic", help="On a GPU: deterministic cuDNN/cuBLAS kernels (default), so the same seed gives the same checkpoint on the same GPU model and versions; --no-deterministic lets cuDNN autotune (faster, differs run to run). No effect on a CPU.")] = True,
     overwrite: Annotated[bool, O(help="Retrain although OUT exists: OUT is replaced when the new checkpoint is complete (never deleted up front), and a partial state of another configuration is replaced by the new run's first save.")] = False,
     quiet: Annotated[bool, O(help="No progress bar.")] = False,
 ):
-    """Train one model (scratch, CutMix, AutoAugment, label/feature KD, fine-tuning) and save a checkpoint."""
+    """Train one model (scratch, CutMix, AutoAugment, label/feature KD, the KD families, ensemble teachers, fine-tuning) and save a checkpoint, or a born-again chain of them."""
     from kdprobe.api.training import train as run
 
     res = run(out=out, model=model, dataset=dataset, data_dir=data_dir, download=download, seed=seed, preset=preset,
@@ -65,11 +68,13 @@ def train(
               teacher_feature_layer=teacher_feature_layer, image_size=image_size, alpha=alpha,
               temperature=temperature, beta=beta, bn_sparsity=bn_sparsity, init=init, init_arch=init_arch,
               init_arch_kwargs=init_arch_kwargs, model_kwargs=model_kwargs, width=width, train_subset=train_subset,
-              device=device, deterministic=deterministic, overwrite=overwrite, quiet=quiet)
-    if res.action == "existing":
-        typer.echo(f"{out} exists; nothing to do (pass --overwrite to retrain)")
-        return
-    config = res.config
-    resumed = f" (resumed from epoch {res.resumed_from_epoch:.2f})" if res.resumed_from_epoch is not None else ""
-    typer.echo(f"{config.method} {config.model} seed {seed}: test accuracy {res.test_acc:.2f}% (last epoch; best {res.best_acc:.2f}%){resumed}")
-    typer.echo(f"checkpoint: {out}   log: {res.log}")
+              kd_settings=kd_settings, generations=generations, device=device, deterministic=deterministic, overwrite=overwrite, quiet=quiet)
+    for r in res.generations or (res,):
+        g = f"generation {r.meta['generation']['generation']}: " if res.generations else ""
+        if r.action == "existing":
+            typer.echo(f"{g}{r.path} exists; nothing to do (pass --overwrite to retrain)")
+            continue
+        config = r.config
+        resumed = f" (resumed from epoch {r.resumed_from_epoch:.2f})" if r.resumed_from_epoch is not None else ""
+        typer.echo(f"{g}{config.method} {config.model} seed {seed}: test accuracy {r.test_acc:.2f}% (last epoch; best {r.best_acc:.2f}%){resumed}")
+        typer.echo(f"checkpoint: {r.path}   log: {r.log}")

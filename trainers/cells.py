@@ -31,7 +31,7 @@ def _fix(path: Path) -> str:
 def comparable(config: dict) -> dict:
     """A recorded config as a plain dict without teacher/init paths (those are compared by sha256)."""
     d = TrainConfig.from_dict(config).to_dict()
-    return {k: v for k, v in d.items() if k not in ("teacher", "init")}
+    return {k: v for k, v in d.items() if k not in ("teacher", "init", "extra_teachers")}
 
 
 def check_config(label: str, path: Path, meta: dict, expected: TrainConfig) -> None:
@@ -60,7 +60,8 @@ def check_cell(label: str, path: Path, payload: dict, expected: TrainConfig, *,
     """Check an existing training cell (payload = kdprobe.checkpoints.format.read_payload(path)); returns its meta.
 
     data_fingerprint: the current dataset's (None: not compared). upstream: role ('teacher',
-    'init') -> the file the cell must have been made from (None: not compared yet).
+    'init') -> the file the cell must have been made from, or 'teachers' -> every teacher's file in order
+    (an ensemble: meta["teachers"]) (None: not compared yet).
     """
     if payload.get("format") != FORMAT or not isinstance(payload.get("arch"), dict):
         raise KdprobeError(f"{label}: {path} exists but is not a kdprobe checkpoint; {_fix(path)}")
@@ -75,5 +76,15 @@ def check_cell(label: str, path: Path, payload: dict, expected: TrainConfig, *,
         raise KdprobeError(f"{label}: {path} exists but was trained on other data than {expected.dataset} holds now "
                            f"(data fingerprint {str(recorded)[:12]}, now {data_fingerprint[:12]}); {_fix(path)}")
     for role, file in (upstream or {}).items():
+        if role == "teachers":
+            recorded = [t.get("sha256") if isinstance(t, dict) else None for t in meta.get("teachers") or []]
+            if not recorded and isinstance(meta.get("teacher"), dict):  # made before meta["teachers"] existed
+                recorded = [meta["teacher"].get("sha256")]
+            if len(recorded) != len(file):
+                raise KdprobeError(f"{label}: {path} was made from {len(recorded)} teacher(s), expected {len(file)}; "
+                                   f"{_fix(path)}")
+            for i, (rec, f) in enumerate(zip(recorded, file), 1):
+                check_upstream(label, path, f"teacher {i}", rec, f)
+            continue
         check_upstream(label, path, role, (meta.get(role) or {}).get("sha256"), file)
     return meta

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from kdprobe.errors import KdprobeError
@@ -14,7 +15,14 @@ from kdprobe.ranges import FLOAT32_MAX, INT64_MAX, MAX_BATCH, SEED, Range
 
 AUGMENTS = ("standard", "cutmix", "autoaugment", "none")
 SUBSET_RULES = ("random", "balanced")
-DISTILLS = ("none", "label", "feature")
+# the distillation families of trainers.kd_families (its METHODS registry, in that order; a test keeps them equal):
+# named here so that reading a config does not import the loss code
+KD_FAMILIES = ("at", "fitnet", "sp", "rkd", "pkt", "crd", "dkd")
+DISTILLS = ("none", "label", "feature") + KD_FAMILIES
+# methods that read only the teacher's logits: the ones several teachers (an ensemble) can teach
+LOGIT_METHODS = ("label", "dkd")
+# families that tap one layer of each model: --feature-layer / --teacher-feature-layer may name it
+ONE_LAYER_FAMILIES = ("fitnet", "sp", "rkd", "pkt", "crd")
 SCHEDULES = ("step", "cosine", "constant")
 MAX_EPOCHS = 10_000  # the longest reference schedule is 300; a typo like 1e12 is refused, not planned
 
@@ -41,6 +49,8 @@ RANGES: dict[str, Range] = {
     "bn_sparsity": Range(float, 0, 1),  # Network Slimming lambda (paper 1e-5 to 1e-4)
     "seed": SEED,
 }
+# `kdprobe train --generations K`: a born-again chain of K generations (0 = one run at OUT, no chain)
+GENERATIONS = Range(int, 0, 100)
 MILESTONES_HELP = "comma-separated epochs (150,180) or fractions of the run below 1 (0.5,0.75)"
 
 
@@ -99,8 +109,8 @@ class TrainConfig:
     augment: str = "standard"           # standard (crop pad 4 + flip) | cutmix | autoaugment | none
     cutmix_prob: float = 0.5            # per-batch probability of applying CutMix
     cutmix_beta: float = 1.0            # lambda ~ Beta(beta, beta)
-    distill: str = "none"               # none | label | feature
-    teacher: str | None = None          # teacher checkpoint path
+    distill: str = "none"               # none | label | feature | at | fitnet | sp | rkd | pkt | crd | dkd
+    teacher: str | None = None          # teacher checkpoint path (the first, with several teachers)
     teacher_arch: str | None = None     # architecture of a foreign teacher checkpoint
     alpha: float = 0.9                  # label KD: weight of the KL term
     temperature: float = 4.0            # label KD: softmax temperature T
@@ -115,6 +125,9 @@ class TrainConfig:
     feature_layer: str | None = None    # feature KD: student module to tap (NAME or NAME:in); None = model's own
     teacher_feature_layer: str | None = None  # feature KD: teacher module to tap
     image_size: int | None = None       # side S (px) the student trains at; 0 = native; None = family default
+    # added for the KD families (issue 22); left out of to_dict at their defaults (_LATER)
+    kd_settings: dict = field(default_factory=dict)  # a KD family's settings that differ from its defaults
+    extra_teachers: tuple = ()          # teachers after the first: label/DKD distil from the average probabilities
 
     def __post_init__(self):
         _check(self.augment in AUGMENTS, "augment", AUGMENTS, self.augment)
@@ -134,7 +147,24 @@ class TrainConfig:
             raise KdprobeError(f"--distill {self.distill} needs a teacher: pass --teacher TEACHER.pt")
         if self.teacher and self.distill == "none":
             raise KdprobeError(f"--teacher {self.teacher} is used only for distillation, but --distill is none; "
-                               "pass --distill label|feature, or drop --teacher")
+                               f"pass --distill {'|'.join(DISTILLS[1:])}, or drop --teacher")
+        if not isinstance(self.extra_teachers, (tuple, list)) or not all(isinstance(t, str) and t
+                                                                        for t in self.extra_teachers):
+            raise KdprobeError(f"expected the teachers after the first as a list of paths, got {self.extra_teachers!r}")
+        if self.extra_teachers:
+            if not self.teacher:
+                raise KdprobeError("several teachers need the first one too: pass --teacher A.pt --teacher B.pt")
+            if self.distill not in LOGIT_METHODS:
+                raise KdprobeError(f"--distill {self.distill} with {1 + len(self.extra_teachers)} teachers: several "
+                                   "teachers teach through the average of their probabilities, which only "
+                                   f"{' and '.join(LOGIT_METHODS)} use; a feature method pairs one teacher's layers with "
+                                   "the student's, so pass one --teacher")
+            ks = self.kd_settings if isinstance(self.kd_settings, dict) else {}
+            if self.distill == "dkd" and ks.get("kd_alpha", 0) and ks.get("kd_temperature", 4.0) != ks.get(
+                    "temperature", 4.0):
+                raise KdprobeError("dkd with several teachers and kd_alpha > 0: the teachers' average is formed at "
+                                   "DKD's temperature, so set kd_temperature equal to temperature (or kd_alpha 0)")
+        self._check_kd_settings()
         for flag_name, given, needs in (("--teacher-arch", self.teacher_arch, "teacher"),
                                         ("--teacher-arch-kwargs", self.teacher_arch_kwargs, "teacher"),
                                         ("--init-arch", self.init_arch, "init"),
@@ -144,19 +174,53 @@ class TrainConfig:
                                    f"was given; pass --{needs} or drop {flag_name}")
         for flag_name, given in (("--feature-layer", self.feature_layer),
                                  ("--teacher-feature-layer", self.teacher_feature_layer)):
-            if given and self.distill != "feature":
-                raise KdprobeError(f"{flag_name} {given} is used only by feature KD, but --distill is {self.distill}; "
-                                   f"pass --distill feature, or drop {flag_name}")
+            if given and self.distill not in ("feature",) + ONE_LAYER_FAMILIES:
+                raise KdprobeError(f"{flag_name} {given} names the one layer that feature KD (and "
+                                   f"{', '.join(ONE_LAYER_FAMILIES)}) tap, but --distill is {self.distill}; pass "
+                                   f"one of those, or drop {flag_name}")
         for name in ("teacher_arch_kwargs", "init_arch_kwargs"):
             if not isinstance(getattr(self, name), dict):
                 raise KdprobeError(f"expected {flag(name)} as a JSON object, got {getattr(self, name)!r}")
         if self.image_size is not None and (type(self.image_size) is not int or self.image_size < 0):
             raise KdprobeError(f"expected --image-size as a side in pixels (e.g. 224) or 'native', got {self.image_size!r}")
 
+    def _check_kd_settings(self) -> None:
+        """--kd-settings: a JSON object of the chosen family's settings (names and kinds; build checks the values)."""
+        ks = self.kd_settings
+        if not isinstance(ks, dict):
+            raise KdprobeError(f"expected --kd-settings as a JSON object like '{{\"beta\": 6}}', got {ks!r}")
+        if not ks:
+            return
+        if self.distill not in KD_FAMILIES:
+            raise KdprobeError(f"--kd-settings sets a KD family's settings ({', '.join(KD_FAMILIES)}), but --distill "
+                               f"is {self.distill}; label KD takes --alpha/--temperature, feature KD --beta")
+        from trainers.kd_families import METHODS
+
+        defaults = METHODS[self.distill].defaults
+        for k, v in ks.items():
+            if k not in defaults:
+                raise KdprobeError(f"--kd-settings: {self.distill} has no setting {k!r}; its settings are "
+                                   f"{', '.join(sorted(defaults))}")
+            d = defaults[k]
+            ok = (isinstance(v, bool) if isinstance(d, bool) else
+                  isinstance(v, int) and not isinstance(v, bool) if isinstance(d, int) else
+                  isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+            if not ok:
+                kind = "true or false" if isinstance(d, bool) else "a whole number" if isinstance(d, int) else "a number"
+                raise KdprobeError(f"--kd-settings: expected {self.distill}'s {k} as {kind} (default {d!r}), got {v!r}")
+
+    @property
+    def teachers(self) -> tuple[str, ...]:
+        """Every teacher's path, the first (`teacher`) first; () without one."""
+        return ((self.teacher,) if self.teacher else ()) + tuple(self.extra_teachers)
+
     @property
     def method(self) -> str:
-        """Method label probes group by, derived from the options: scratch, cutmix, kd-label+cutmix, ..."""
+        """Method label probes group by, derived from the options: scratch, cutmix, kd-label+cutmix, kd-dkd,
+        kd-label+ens3 (an ensemble of 3 teachers), ..."""
         parts = [] if self.distill == "none" else [f"kd-{self.distill}"]
+        if self.extra_teachers:
+            parts.append(f"ens{1 + len(self.extra_teachers)}")
         if self.augment in ("cutmix", "autoaugment"):
             parts.append(self.augment)
         return "+".join(parts) or "scratch"
@@ -168,6 +232,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["milestones"] = list(self.milestones)
+        d["extra_teachers"] = list(self.extra_teachers)
         for k, default in _LATER.items():  # left out at their default: older configs keep their fingerprints
             if d[k] == default:
                 del d[k]
@@ -181,15 +246,17 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in names}
-        if "milestones" in d:
-            d["milestones"] = tuple(d["milestones"])
+        for k in ("milestones", "extra_teachers"):
+            if k in d and isinstance(d[k], list):
+                d[k] = tuple(d[k])
         return cls(**d)
 
 
 # fields added after checkpoints and study cells were first fingerprinted, with their defaults
 _LATER = {"subset_rule": "random", "subset_seed": None, "eval_subset": None,
           "teacher_arch_kwargs": {}, "init_arch": None, "init_arch_kwargs": {}, "feature_layer": None,
-          "teacher_feature_layer": None, "image_size": None}
+          "teacher_feature_layer": None, "image_size": None,
+          "kd_settings": {}, "extra_teachers": []}
 
 
 def _check(ok: bool, what: str, allowed, got):

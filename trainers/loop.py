@@ -116,16 +116,18 @@ def _lr_factor(config: TrainConfig, epoch: int) -> float:
     return config.gamma ** sum(epoch >= m for m in config.milestone_epochs())
 
 
-def _teacher_info(config: TrainConfig, device, data: TensorData):
-    if not config.teacher:
+def _teacher_info(config: TrainConfig, device, data: TensorData, path: str | None = None):
+    """(teacher model in eval mode, what the checkpoint records about it) of `path` (default: the first teacher)."""
+    path = path or config.teacher
+    if not path:
         return None, None
-    ck = load_checkpoint(config.teacher, arch=config.teacher_arch, arch_kwargs=config.teacher_arch_kwargs or None,
+    ck = load_checkpoint(path, arch=config.teacher_arch, arch_kwargs=config.teacher_arch_kwargs or None,
                          map_location=device, finite=True, arch_flag="--teacher-arch")
     # shapes, classes and dataset identity; the teacher takes its own image size (record or family)
     check_model_data(ck, data, explicit=False, role="teacher")
     for p in ck.model.parameters():
         p.requires_grad_(False)  # the teacher is never trained: no grads, eval mode
-    info = {"path": str(config.teacher), "sha256": ck.sha256, "arch": ck.model.arch,
+    info = {"path": str(path), "sha256": ck.sha256, "arch": ck.model.arch,
             "method": ck.meta.get("method"), "recipe": ck.meta.get("config"),
             "test_acc": ck.meta.get("test_acc"), "dataset": ck.meta.get("dataset")}
     return ck.model.eval(), info
@@ -162,6 +164,8 @@ def run_key(config: TrainConfig) -> str:
     `resnetXXa` computes), so a partial run from before never resumes as another network."""
     sha = lambda p: sha256_file(p) if p and Path(p).exists() else None  # noqa: E731
     named = dict(config.to_dict(), teacher=sha(config.teacher), init=sha(config.init), checkpoint_format=FORMAT_VERSION)
+    if config.extra_teachers:
+        named["extra_teachers"] = [sha(p) for p in config.extra_teachers]
     return hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()
 
 
@@ -223,8 +227,11 @@ def _numerics(train_fn):
 @_numerics
 def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress | None = None,
           save_interval_s: float = 60.0, stop_after_steps: int | None = None,
-          snapshot_epochs: tuple[int, ...] = (), overwrite: bool = False) -> TrainResult:
+          snapshot_epochs: tuple[int, ...] = (), overwrite: bool = False, record: dict | None = None) -> TrainResult:
     """Train per `config`, resuming from OUT.partial if a killed run left one; returns the result.
+
+    record: entries added to the checkpoint's metadata as they are (e.g. a born-again chain's
+    {"generation": {...}}); they describe the run and are no part of what it must match to resume.
 
     OUT, OUT.partial and OUT.jsonl are locked for the whole run (kdprobe.files.io.output_lock): a second
     run to the same OUT fails at once, and the final rename never replaces a file that another
@@ -244,11 +251,13 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
     out = Path(out)
     with output_lock((out, partial_path(out), log_path(out)), command="train"):
         return _train(config, out, device=device, progress=progress, save_interval_s=save_interval_s,
-                      stop_after_steps=stop_after_steps, snapshot_epochs=snapshot_epochs, overwrite=overwrite)
+                      stop_after_steps=stop_after_steps, snapshot_epochs=snapshot_epochs, overwrite=overwrite,
+                      record=record or {})
 
 
 def _train(config: TrainConfig, out: Path, *, device: str, progress: Progress | None, save_interval_s: float,
-           stop_after_steps: int | None, snapshot_epochs: tuple[int, ...], overwrite: bool) -> TrainResult:
+           stop_after_steps: int | None, snapshot_epochs: tuple[int, ...], overwrite: bool,
+           record: dict) -> TrainResult:
     out, progress = Path(out), progress or Progress()
     ddp = DistContext.from_env(device)
     dev = ddp.device
@@ -268,15 +277,22 @@ def _train(config: TrainConfig, out: Path, *, device: str, progress: Progress | 
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     masks = {k: v.to(dev) for k, v in masks.items()}
-    teacher, teacher_info = _teacher_info(config, dev, data)
-    if teacher is not None and input_size_of(model) is not None and input_size_of(teacher) is None:
-        # the student trains on S x S crops; a teacher of the data's own size gets them resized back
-        h, w = data.image_size
-        if h != w:
-            raise KdprobeError(f"the student trains on {input_size_of(model)}px crops but the teacher takes the data's "
-                               f"own {h}x{w} images; pass --image-size native, or use a teacher with an image size")
-        pin_size(teacher, h)
-    recipe = Recipe(config, model, teacher, data)
+    loaded = [_teacher_info(config, dev, data, p) for p in config.teachers]
+    teachers, teacher_infos = [t for t, _ in loaded], [i for _, i in loaded]
+    teacher_info = teacher_infos[0] if teacher_infos else None
+    for teacher in teachers:
+        if input_size_of(model) is not None and input_size_of(teacher) is None:
+            # the student trains on S x S crops; a teacher of the data's own size gets them resized back
+            h, w = data.image_size
+            if h != w:
+                raise KdprobeError(f"the student trains on {input_size_of(model)}px crops but the teacher takes the "
+                                   f"data's own {h}x{w} images; pass --image-size native, or use a teacher with an "
+                                   "image size")
+            pin_size(teacher, h)
+    recipe = Recipe(config, model, teachers or None, data)
+    if recipe.sampler is not None and ddp.world_size > 1:
+        raise KdprobeError(f"--distill crd under torchrun ({ddp.world_size} processes): CRD's memory bank is updated "
+                           "with each rank's own samples and would differ between ranks; train CRD in one process")
     size = input_size_of(model)  # recorded: a checkpoint says what size and normalization its model takes
     input_shape = [data.in_channels, size, size] if size else list(data.train_x.shape[1:])
     student = recipe.student(model)
@@ -329,6 +345,9 @@ def _train(config: TrainConfig, out: Path, *, device: str, progress: Progress | 
             "normalization": {"mean": list(data.mean), "std": list(data.std)},
             **({"input_rule": {"eval": EVAL_RULE, "train": TRAIN_RULE}} if size else {}),
             **({"feature_kd": recipe.feature} if recipe.feature else {}),
+            **({"kd": recipe.kd} if recipe.kd else {}),
+            **({"teachers": teacher_infos} if teacher_infos else {}),
+            **({"teacher_ensemble": recipe.ensemble} if recipe.ensemble else {}),
             "epochs": config.epochs, "epoch": hist[-1]["epoch"], "reported": "last-epoch",
             "test_acc": hist[-1]["test_acc"], "train_acc": hist[-1]["train_acc"], "best_acc": best["test_acc"],
             "best_epoch": best["epoch"], "history": hist, "teacher": teacher_info, "init": init_info,
@@ -339,12 +358,18 @@ def _train(config: TrainConfig, out: Path, *, device: str, progress: Progress | 
             # what decides whether a GPU rerun gives the same bits (kdprobe.runtime.precision)
             "numerics": {"autocast": "bf16", "tf32": tf32_enabled(), **determinism_state()} if dev.type == "cuda"
             else {"autocast": None, "tf32": tf32_enabled()},
+            **record,
         }
 
     def write_checkpoint(path: Path):
         extra = {}
         if recipe.regressor is not None:
             extra["regressor"] = {k: v.detach().cpu() for k, v in recipe.regressor.state_dict().items()}
+        if recipe.method is not None and len(recipe.method.state_dict()):
+            # the family's heads (FitNet's regressor, CRD's embeddings and Z); CRD's memory bank (n_data x 128 per
+            # model) is resume state only: OUT.partial keeps it, the checkpoint does not
+            extra["kd_method"] = {k: v.detach().cpu() for k, v in recipe.method.state_dict().items()
+                                  if not k.startswith("crd.memory.memory_")}
         if masks:
             extra["masks"] = {k: v.cpu() for k, v in masks.items()}
         if ddp.is_main:
@@ -369,7 +394,7 @@ def _train(config: TrainConfig, out: Path, *, device: str, progress: Progress | 
                 # keeps its slice: the random stream and CutMix partners match a 1-process run
                 mb = ddp.shard(recipe.batch(data.train_x[idx], data.train_y[idx], gen))
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                    terms = recipe.loss(step_module, mb)
+                    terms = recipe.loss(step_module, mb, index=idx, epoch=epoch + 1, gen=gen)
                 loss = terms["loss"]
                 # Host syncs cost GPU throughput, so on CUDA the loss is checked (together with the
                 # running sum of the steps in between) every SYNC_EVERY_CUDA steps; on CPU every step.

@@ -6,6 +6,7 @@ to plain cross-entropy targets. Teacher outputs are detached here, so a caller t
 """
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -39,6 +40,22 @@ def label_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     # sum_k p_t (log p_t - log p_s), summed over classes and divided by N ('batchmean')
     kd = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
     return {"loss": (1.0 - alpha) * ce + alpha * kd, "ce": ce, "kd": kd}
+
+
+def ensemble_logits(teacher_logits, temperature: float) -> torch.Tensor:
+    """Logits whose softmax at `temperature` is the average of the teachers' softmax at that temperature:
+    T * log(mean_i softmax(z_i / T)) (Hinton et al. 2015's ensemble soft targets). One teacher: its logits,
+    unchanged (so a single-teacher run computes exactly what it did before). Float32 (or float64) out."""
+    zs = list(teacher_logits) if not isinstance(teacher_logits, torch.Tensor) else [teacher_logits]
+    if len(zs) == 1:
+        return zs[0]
+    if any(z.shape != zs[0].shape or z.dim() != 2 for z in zs):
+        raise KdprobeError(f"expected every teacher's logits of one shape (N, K), got {[tuple(z.shape) for z in zs]}; "
+                           "use teachers trained on the same classes")
+    t = float(temperature)
+    full = [z.float() if z.dtype in (torch.float16, torch.bfloat16) else z for z in zs]
+    logs = torch.stack([F.log_softmax(z.detach() / t, dim=1) for z in full])
+    return t * (torch.logsumexp(logs, dim=0) - math.log(len(zs)))
 
 
 def check_shapes(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> None:

@@ -42,12 +42,12 @@ from kdprobe.pruning import l1_plan, ops as prune_ops, parse_skip, resnet_depth,
 from kdprobe.writers.surplus_files import write_surplus_csv, write_surplus_json
 from trainers import loop
 from trainers.cells import check_cell, check_upstream, model_label
-from trainers.config import TrainConfig, make_config
+from trainers.config import KD_FAMILIES, TrainConfig, make_config
 
-KD_TYPES = ("label", "feature")
+KD_TYPES = ("label", "feature") + KD_FAMILIES  # every distillation method of trainers.config.DISTILLS
 # TrainConfig fields the pipeline sets itself; overrides may set any other field.
 _OWNED = {"model", "model_kwargs", "dataset", "data_dir", "train_subset", "preset", "distill", "teacher",
-          "teacher_arch", "init", "seed", "bn_sparsity"}
+          "teacher_arch", "init", "seed", "bn_sparsity", "extra_teachers", "kd_settings"}
 RESULT_COLUMNS = COLUMNS[:3] + ("seed",) + COLUMNS[3:]  # kdprobe surplus ignores the extra seed column
 TEACHER_NOTE = ("teacher = the unpruned scratch model of the same seed (seed{s}/scratch.pt), same architecture "
                 "as the student, as in the paper; Self-Distill's teacher = the unpruned KD student (seed{s}/kd-{k}.pt)")
@@ -65,7 +65,8 @@ class PipelineSpec:
     method: str = "l1"                  # l1 | slimming | weight
     remaining: str = "0.4,0.7,0.9"      # fractions kept; l1: per stage
     skip: str | None = None             # l1: blocks kept whole (e.g. "B")
-    distill: tuple = ("label",)         # KD types, each gets a row: label | feature
+    distill: tuple = ("label",)         # KD types, each gets a row: label | feature | at | fitnet | ... | dkd
+    kd_settings: dict = field(default_factory=dict)  # per KD family, its settings that differ: {"dkd": {"beta": 2}}
     seeds: tuple = (0,)
     preset: str = "rnp"                 # initial trainings (pruning reference: 160 epochs, lr 0.1)
     train_overrides: dict = field(default_factory=dict)     # e.g. {"epochs": 2, "lr": 0.05}
@@ -96,6 +97,13 @@ class PipelineSpec:
             if bad:
                 raise KdprobeError(f"expected {what} to set training options only, got {', '.join(bad)}; "
                                    f"the pipeline sets {', '.join(sorted(_OWNED))} itself")
+        if not isinstance(self.kd_settings, dict) or not all(isinstance(v, dict) for v in self.kd_settings.values()):
+            raise KdprobeError(f"expected --kd-settings as a JSON object of KD method -> its settings, like "
+                               f"'{{\"dkd\": {{\"beta\": 2}}}}', got {self.kd_settings!r}")
+        stray = sorted(set(self.kd_settings) - set(self.distill))
+        if stray:
+            raise KdprobeError(f"--kd-settings names {stray[0]!r}, which is not among the KD types "
+                               f"{','.join(self.distill)}; add it to --distill or drop its settings")
         if self.bn_sparsity is not None and self.bn_sparsity < 0:
             raise KdprobeError(f"expected --bn-sparsity >= 0, got {self.bn_sparsity}")
 
@@ -205,7 +213,8 @@ def cell_config(spec: PipelineSpec, cell: Cell, out_dir: Path) -> TrainConfig:
     """The TrainConfig of a training cell (absolute teacher/init paths under out_dir)."""
     path = lambda name: str(out_dir / f"seed{cell.seed}" / f"{name}.pt") if name else None  # noqa: E731
     common = dict(model=spec.model, model_kwargs=dict(spec.model_kwargs), dataset=spec.dataset, data_dir=spec.data_dir,
-                  train_subset=spec.train_subset, seed=cell.seed, distill=cell.distill, teacher=path(cell.teacher))
+                  train_subset=spec.train_subset, seed=cell.seed, distill=cell.distill, teacher=path(cell.teacher),
+                  kd_settings=dict(spec.kd_settings.get(cell.distill, {})))
     if names_code(spec.model):  # the user typed this python: model; its own cells rebuild under that name
         common.update({"teacher_arch": spec.model} if cell.teacher else {})
     if cell.source is None:  # initial training: the sparsity term goes into every row alike

@@ -141,12 +141,15 @@ class TrainResult:
     and what it records is returned as it is, not checked against these options); resumed_from_epoch: the
     epoch (with fraction) a resumed run continued from; config: the trainers.config.TrainConfig the options
     made (the file's own is meta["config"]). The metrics are read from the checkpoint on first use:
-    meta (its whole metadata), test_acc (last epoch, %), best_acc, history (one record per epoch)."""
+    meta (its whole metadata), test_acc (last epoch, %), best_acc, history (one record per epoch).
+    generations: with train(generations=K), the TrainResult of every generation of the chain, first to last
+    (this result is the last one's); empty for a single run."""
 
     path: Path
     action: str
     config: object = field(repr=False)
     resumed_from_epoch: float | None = None
+    generations: tuple = field(default=(), repr=False)  # generations=K: every generation's TrainResult, in order
 
     @property
     def log(self) -> Path:
@@ -191,10 +194,17 @@ class TrainResult:
         from kdprobe.version import __version__
 
         m = self.meta
-        return _plain({"command": "train", "kdprobe_version": __version__, "path": str(self.path),
-                       "log": str(self.log), "action": self.action, "resumed_from_epoch": self.resumed_from_epoch,
-                       "method": m.get("method"), "test_acc": m.get("test_acc"), "best_acc": m.get("best_acc"),
-                       "best_epoch": m.get("best_epoch"), "train_acc": m.get("train_acc"), "meta": m})
+        doc = {"command": "train", "kdprobe_version": __version__, "path": str(self.path),
+               "log": str(self.log), "action": self.action, "resumed_from_epoch": self.resumed_from_epoch,
+               "method": m.get("method"), "test_acc": m.get("test_acc"), "best_acc": m.get("best_acc"),
+               "best_epoch": m.get("best_epoch"), "train_acc": m.get("train_acc"), "meta": m}
+        if self.generations:
+            doc["generations"] = [{"generation": (g.meta.get("generation") or {}).get("generation"),
+                                   "path": str(g.path), "action": g.action, "method": g.meta.get("method"),
+                                   "test_acc": g.meta.get("test_acc"),
+                                   "teacher_sha256": (g.meta.get("teacher") or {}).get("sha256")}
+                                  for g in self.generations]
+        return _plain(doc)
 
     def to_frame(self):
         """The per-epoch log as a pandas DataFrame, one row per epoch."""
@@ -229,9 +239,10 @@ def train(*, out: str | os.PathLike, model: str | None = None, dataset: str = "d
           teacher_feature_layer: str | None = None, image_size=None, alpha: float = 0.9, temperature: float = 4.0,
           beta: float | None = None, bn_sparsity: float = 0.0, init: str | os.PathLike | None = None,
           init_arch: str | None = None, init_arch_kwargs=None, model_kwargs=None, width: float | None = None,
-          train_subset: int | None = None, device: str = "auto", deterministic: bool = True,
-          overwrite: bool = False, quiet: bool = False, progress=None) -> TrainResult:
-    """Train one model (scratch, CutMix, AutoAugment, label/feature KD, fine-tuning) and save a checkpoint.
+          train_subset: int | None = None, kd_settings=None, generations: int = 0, device: str = "auto",
+          deterministic: bool = True, overwrite: bool = False, quiet: bool = False, progress=None) -> TrainResult:
+    """Train one model (scratch, CutMix, AutoAugment, label/feature KD, the KD families, fine-tuning) and save a
+    checkpoint (or a born-again chain of them).
 
     out: the checkpoint to write (.pt); OUT.partial holds the resume state while it runs (a killed run
     continues from it when called again), OUT.jsonl the per-epoch log. An existing OUT is left alone
@@ -241,8 +252,15 @@ def train(*, out: str | os.PathLike, model: str | None = None, dataset: str = "d
     explicit options (epochs, batch_size, lr, schedule, milestones, weight_decay, nesterov) override it.
     milestones: '150,180' or '0.5,0.75' (fractions of the run), or a sequence of numbers.
     model_kwargs / teacher_arch_kwargs / init_arch_kwargs: a dict or JSON text. image_size: N or 'native'.
-    distill: none | label (Hinton KD: alpha, temperature) | feature (beta, feature_layer); teacher: its
-    checkpoint. Every other option is `kdprobe train`'s, with its default; `kdprobe train --help` says more.
+    distill: none | label (Hinton KD: alpha, temperature) | feature (beta, feature_layer) | at | fitnet | sp | rkd |
+    pkt | crd | dkd (trainers.kd_families, reference defaults; kd_settings: a dict or JSON text of the settings
+    that differ, e.g. {"beta": 6} for dkd). teacher: its checkpoint, or a list of them: label KD and DKD then
+    distil from the average of the teachers' probabilities (feature methods take one teacher).
+    generations: K > 0 trains a born-again chain instead of one run: generation g is taught by generation g-1
+    (same options and seed), generation 1 by `teacher`, or without one by a generation 0 trained from scratch;
+    each generation is its own checkpoint OUT stem + "-gen{g}" (runs/ba.pt -> runs/ba-gen1.pt, ...), a finished
+    one is kept, an interrupted one resumes from its .partial.
+    Every other option is `kdprobe train`'s, with its default; `kdprobe train --help` says more.
     quiet: no progress bar (else a tqdm bar and a line per epoch on stderr); progress: your own
     trainers.loop.Progress instead. Every option is checked before any file is touched.
 
@@ -253,13 +271,14 @@ def train(*, out: str | os.PathLike, model: str | None = None, dataset: str = "d
     from kdprobe.data.preprocess import parse_image_size
     from kdprobe.files.io import run_scope
     from kdprobe.files.outputs import check_outputs
-    from trainers.config import make_config
+    from trainers.config import GENERATIONS, make_config
     from trainers.loop import log_path, partial_path, train as run_train
     from trainers.progress import TqdmProgress
 
     out = Path(out)
-    teacher = Path(teacher) if teacher is not None else None
+    teachers = _teacher_paths(teacher)
     init = Path(init) if init is not None else None
+    GENERATIONS.check(generations, "--generations")
     with run_scope():
         # Everything is checked before any file is touched: options (the whole config), output paths, the
         # init checkpoint; the loop then loads data, model and teacher and checks them before its first
@@ -269,11 +288,21 @@ def train(*, out: str | os.PathLike, model: str | None = None, dataset: str = "d
                                                 ("--model-kwargs", model_kwargs)) if v is not None)
             raise KdprobeError(f"--init {init} gives the model and its widths, so {given} would be recorded but not "
                                f"used; drop {given}")
-        check_outputs("train", {"--out": (out, "checkpoint"),
-                                "its resume state OUT.partial": (partial_path(out), "partial"),
-                                "its log OUT.jsonl": (log_path(out), "jsonl")},
-                      {"--teacher": teacher, "--init": init}, overwrite=overwrite,
-                      keep=("--out", "its resume state OUT.partial"))
+        if generations and init is not None:
+            raise KdprobeError(f"--generations {generations} trains every generation from scratch, but --init {init} "
+                               "gives starting weights; drop --init (or --generations)")
+        if generations and distill == "none":
+            raise KdprobeError(f"--generations {generations} chains students each taught by the one before: pass "
+                               "--distill label (or another KD method)")
+        outs = [out] if not generations else [generation_path(out, g) for g in range(0 if not teachers else 1,
+                                                                                     generations + 1)]
+        roles, keep = {}, []
+        for o in outs:
+            tag = "" if o == out else f" ({o.stem})"
+            roles.update({f"--out{tag}": (o, "checkpoint"), f"its resume state OUT.partial{tag}": (partial_path(o), "partial"),
+                          f"its log OUT.jsonl{tag}": (log_path(o), "jsonl")})
+            keep += [f"--out{tag}", f"its resume state OUT.partial{tag}"]
+        check_outputs("train", roles, {"--teacher": teachers, "--init": init}, overwrite=overwrite, keep=keep)
         kwargs = {name: _json_object(value, flag) for name, value, flag in (
             ("model", model_kwargs, "--model-kwargs"), ("teacher", teacher_arch_kwargs, "--teacher-arch-kwargs"),
             ("init", init_arch_kwargs, "--init-arch-kwargs"))}
@@ -286,12 +315,31 @@ def train(*, out: str | os.PathLike, model: str | None = None, dataset: str = "d
             dataset=dataset, data_dir=str(data_dir) if data_dir else None, seed=seed, epochs=epochs,
             batch_size=batch_size, lr=lr, schedule=schedule, milestones=_milestones(milestones),
             weight_decay=weight_decay, nesterov=nesterov, augment=augment, cutmix_prob=cutmix_prob,
-            cutmix_beta=cutmix_beta, distill=distill, teacher=str(teacher) if teacher else None,
+            cutmix_beta=cutmix_beta, distill=distill,
+            # a chain without a teacher: generation 1's is generation 0 (trained from scratch first)
+            teacher=str(teachers[0]) if teachers else str(outs[0]) if generations else None,
+            extra_teachers=tuple(str(t) for t in teachers[1:]), kd_settings=_json_object(kd_settings, "--kd-settings"),
             teacher_arch=teacher_arch, alpha=alpha, temperature=temperature, beta=beta, bn_sparsity=bn_sparsity,
             init=str(init) if init else None, train_subset=train_subset, teacher_arch_kwargs=kwargs["teacher"],
             init_arch=init_arch, init_arch_kwargs=kwargs["init"], feature_layer=feature_layer,
             teacher_feature_layer=teacher_feature_layer, image_size=parse_image_size(image_size),
         )
+        if generations:
+            chain = born_again_configs(config, outs, given_teacher=bool(teachers))
+            if download:
+                load_dataset(dataset, data_dir, download=True)
+            done = []
+            for g, (cfg, path, record) in chain.items():
+                if path.exists() and not overwrite:
+                    _check_generation(g, path, cfg)
+                    done.append(TrainResult(path, "existing", cfg))
+                    continue
+                res = run_train(cfg, path, device=device, progress=progress or TqdmProgress(not quiet),
+                                overwrite=overwrite, deterministic=deterministic, record={"generation": record})
+                r = res.resumed_from_epoch
+                done.append(TrainResult(res.path, "trained" if r is None else "resumed", cfg, r))
+            last = done[-1]
+            return TrainResult(last.path, last.action, last.config, last.resumed_from_epoch, tuple(done))
         if out.exists() and not overwrite:
             return TrainResult(out, "existing", config)
         if download:
@@ -300,6 +348,64 @@ def train(*, out: str | os.PathLike, model: str | None = None, dataset: str = "d
                         overwrite=overwrite, deterministic=deterministic)
     resumed = res.resumed_from_epoch
     return TrainResult(res.path, "trained" if resumed is None else "resumed", config, resumed)
+
+
+def _teacher_paths(value) -> list[Path]:
+    """--teacher: None, one path, or a list of paths (an ensemble of teachers)."""
+    if value is None:
+        return []
+    if isinstance(value, (str, os.PathLike)):
+        return [Path(value)]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (str, os.PathLike)) for v in value):
+        return [Path(v) for v in value]
+    raise KdprobeError(f"expected --teacher as a checkpoint path or a list of them, got {type(value).__name__}")
+
+
+def generation_path(out, g: int) -> Path:
+    """Generation g's checkpoint of a born-again chain written to `out`: runs/ba.pt -> runs/ba-gen{g}.pt."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}-gen{g}{out.suffix}")
+
+
+GENERATION_RULE = ("generation g is taught by generation g-1 with the same options and seed; generation 1 by the "
+                   "given teacher(s), or without one by generation 0, trained from scratch (no KD)")
+
+
+def born_again_configs(config, outs: list[Path], given_teacher: bool) -> dict:
+    """generation -> (its TrainConfig, its checkpoint, what meta["generation"] records) for a chain whose files are
+    `outs` (generation_path of each generation, generation 0 first when no teacher is given); `config` is
+    generation 1's."""
+    from dataclasses import replace
+
+    from kdprobe.models.registry import names_code
+
+    first = 1 if given_teacher else 0
+    own_arch = config.model if names_code(config.model) else None  # python: models rebuild under their name
+    chain = {}
+    for k, path in enumerate(outs):
+        g = first + k
+        if g == 0:
+            cfg = replace(config, distill="none", teacher=None, extra_teachers=(), kd_settings={}, teacher_arch=None,
+                          teacher_arch_kwargs={}, feature_layer=None, teacher_feature_layer=None)
+        elif g == 1 and given_teacher:
+            cfg = config
+        else:
+            cfg = replace(config, teacher=str(outs[k - 1]), extra_teachers=(), teacher_arch=own_arch,
+                          teacher_arch_kwargs={}, teacher_feature_layer=config.feature_layer)
+        chain[g] = (cfg, path, {"generation": g, "first": first, "last": first + len(outs) - 1, "rule": GENERATION_RULE,
+                                "teacher": None if g == 0 else ("given" if g == 1 and given_teacher
+                                                                else f"generation {g - 1}")})
+    return chain
+
+
+def _check_generation(g: int, path: Path, config) -> None:
+    """A kept generation must be this chain's: its config, and its teachers the files there now (trainers.cells)."""
+    from kdprobe.checkpoints.format import read_payload
+    from trainers.cells import check_cell
+
+    teachers = [Path(t) for t in config.teachers]
+    upstream = {"teachers": teachers} if teachers and all(t.exists() for t in teachers) else None
+    check_cell(f"generation {g}", path, read_payload(path), config, upstream=upstream)
 
 
 # ---- prune ------------------------------------------------------------------------------------------------

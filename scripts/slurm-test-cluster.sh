@@ -205,13 +205,16 @@ start_accounting() {
     sacctmgr -i add cluster "$CLUSTER" > /dev/null
 }
 
-do_start() {
+check_installed() {
     if ! have_slurm; then
         log "Slurm or MUNGE is not installed. Install them (Debian/Ubuntu) with:"
         echo "  $APT" >&2
         exit 3
     fi
     [ "$(id -u)" = 0 ] || die "run as root (slurmd starts jobs as their owner; CI runs as root)"
+}
+
+do_start() {
     local acct=0
     case "$ACCOUNTING" in
         0) ;;
@@ -251,6 +254,7 @@ do_status() {
 
 case "$CMD" in
     start)
+        check_installed
         mkdir -p "$DIR"
         exec 9> "$DIR.lock"
         flock 9  # two test sessions starting at once: the second waits and finds it running

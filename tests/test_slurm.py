@@ -128,7 +128,8 @@ def _ex(tmp_path, **kw) -> SlurmExecutor:
 
 
 def _squeue_ids() -> set[str]:
-    return set(sc.slurm("squeue", "-h", "-r", "-o", "%i").split())
+    """Every job the controller knows, finished ones too (for MinJobAge): a new submission adds one."""
+    return set(sc.slurm("squeue", "-h", "-r", "-t", "all", "-o", "%i").split())
 
 
 def test_a_function_runs_as_a_slurm_job(slurm_env, tmp_path):

@@ -89,7 +89,9 @@ stop_pids() {  # stop_pids NAME...: SIGTERM to each (DIR/run/NAME.pid, only pids
     for name in "$@"; do
         [ -f "$DIR/run/$name.pid" ] || continue
         pid=$(cat "$DIR/run/$name.pid")
-        if kill -0 "$pid" 2>/dev/null && kill -TERM "$pid" 2>/dev/null; then pids+=("$pid"); fi
+        # a stale pid file (a machine restarted since) may name someone else's process now: only ours by name
+        [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "${name/mariadb/mariadbd}" ] && kill -TERM "$pid" 2>/dev/null &&
+            pids+=("$pid")
         rm -f "$DIR/run/$name.pid"
     done
     local end=$((SECONDS + 10))

@@ -92,7 +92,7 @@ class TaskState:
     state: str  # pending | running | done | failed
     job_id: str | None = None
     slurm_state: str | None = None  # PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT, OUT_OF_MEMORY, ...
-    log: str | None = None
+    log: str | None = None  # the job's log (stdout and stderr), once it exists
     reason: str = ""  # pending: Slurm's reason; failed: the error's last line or how the job ended
     label: str = ""
 
@@ -492,7 +492,7 @@ class SlurmExecutor:
             elif state in _QUEUED:
                 if reason == "DependencyNeverSatisfied":
                     blocked.append(jid)
-                    e.update(state="failed", slurm_state=state, reason="a task it waits for failed (cancelled)")
+                    e.update(state="failed", slurm_state="CANCELLED", reason="a task it waits for failed")
                 else:
                     e.update(state="pending", slurm_state=state, reason="" if reason in ("None", "") else reason)
             elif state in _ACTIVE:
@@ -518,8 +518,9 @@ class SlurmExecutor:
 
     def _state_of(self, key: str, e: dict) -> TaskState:
         jid = e.get("job_id")
+        log = self._log(jid) if jid else None
         return TaskState(key=key, state=e.get("state") or "pending", job_id=jid, slurm_state=e.get("slurm_state"),
-                         log=self._log(jid) if jid else None, label=e.get("label", ""),
+                         log=log if log and Path(log).exists() else None, label=e.get("label", ""),
                          reason=e.get("reason", "") if jid else "submitting")
 
     # ---- the interface ----

@@ -28,6 +28,12 @@ States come from submitit's result pickles (success / the error's traceback), `s
 known to the controller and, for a job that ended without a result (cancelled, killed, out of
 memory, node failure), `sacct` or else `scontrol show job` for its final Slurm state. A failed task
 names its job id, Slurm state, the error's last line and its log file (stdout and stderr together).
+
+A job runs this interpreter (sys.executable) with this checkout on PYTHONPATH, so both must be on a
+filesystem the nodes share. tasks_per_cell=K starts K copies of the callable (srun tasks, ranks from
+SLURM_PROCID); only rank 0's result counts and only rank 0 requeues. Slurm holds a requeued job back
+for about two minutes (Reason=BeginTime) before it may start again; the tests skip that wait with
+`scontrol update jobid=J StartTime=now`.
 """
 from __future__ import annotations
 

@@ -296,3 +296,61 @@ def test_pruning_pipeline_runs_the_families(tmp_path):
 
 def test_config_names_every_family_of_the_registry():
     assert KD_FAMILIES == tuple(kf.METHODS)
+
+
+# ------------------------------------------------------------------ the kd-families study, small
+SMALL_STUDY = ["seeds=[0, 1]", "methods.kd-label+ens3.ensemble=2", "methods.ban.generations=2",
+               "train.overrides.epochs=1", "train.overrides.train_subset=128", "train.overrides.batch_size=32",
+               "agreement.samples=100", "ensembles.samples=100", "calibration.samples=100", "cka.samples=100",
+               "diversity.runs=2", "sharpness.samples=32", "sharpness.iterations=3", "sharpness.trace_samples=2",
+               'sharpness.methods=["scratch", "kd-dkd", "ban-gen2"]']
+KD_ROWS = ["kd-label", "kd-at", "kd-fitnet", "kd-sp", "kd-rkd", "kd-pkt", "kd-crd", "kd-dkd", "kd-label+ens3",
+           "ban-gen1", "ban-gen2"]
+
+
+def test_kd_families_study_small(tmp_path):
+    import json
+    import re
+
+    res = kdprobe.study("kd-families", out=tmp_path / "kdf", set=SMALL_STUDY, device="cpu", quiet=True)
+    cells = res.table("cells")
+    assert sorted({c["method"] for c in cells}) == sorted(["scratch", *KD_ROWS]) and len(cells) == 24
+    path = {(c["method"], c["seed"]): tmp_path / "kdf" / c["path"] for c in cells}
+    # the ensemble student of seed 1 is taught by the scratch cells of seeds 1 and 0 (own first, then cyclically)
+    meta = read_payload(path[("kd-label+ens3", 1)])["meta"]
+    assert [t["sha256"] for t in meta["teachers"]] == [sha256_file(path[("scratch", s)]) for s in (1, 0)]
+    for s in (0, 1):  # the chain: gen1 <- scratch, gen2 <- gen1 of the same seed
+        assert read_payload(path[("ban-gen1", s)])["meta"]["teacher"]["sha256"] == sha256_file(path[("scratch", s)])
+        assert read_payload(path[("ban-gen2", s)])["meta"]["teacher"]["sha256"] == sha256_file(path[("ban-gen1", s)])
+        assert read_payload(path[("kd-crd", s)])["meta"]["kd"]["method"] == "crd"
+    # the per-method answer: one row per KD method, the tally of that method's verdicts in summary.json
+    summary = json.loads((tmp_path / "kdf" / "summary.json").read_text())["data"]
+    answers = res.table("answers")
+    assert [a["method"] for a in answers] == KD_ROWS
+    for a in answers:
+        mine = [v for v in summary["verdicts"] if v["method"] == a["method"]]
+        sup = [v["probe"] for v in mine if v["verdict"] == "supports"]
+        neg = [v["probe"] for v in mine if v["verdict"] == "does not support"]
+        want = "yes" if len(sup) == len(mine) else "in part" if sup else "no" if neg else "not shown"
+        assert a["answer"] == want and a["supports"] == ", ".join(sup)
+    probes_of = {a["method"]: len([v for v in summary["verdicts"] if v["method"] == a["method"]]) for a in answers}
+    assert probes_of["kd-dkd"] == 5 and probes_of["kd-at"] == 4  # sharpness only probed three methods
+    page = (tmp_path / "kdf" / "report.md").read_text()
+    section = page.split("Per method: does it behave like an ensemble in these probes?")[1]
+    for m in KD_ROWS:
+        assert re.search(rf"^\|\s*{re.escape(m)}\s*\|", section, re.M), m
+    assert "id='answers'" in (tmp_path / "kdf" / "report.html").read_text()
+
+
+def test_method_answers_tally_the_verdicts():
+    from kdprobe.studies.ensemble_reading import DOES_NOT, INCONCLUSIVE, SUPPORTS, Verdict, method_answers
+
+    def v(probe, method, verdict):
+        return Verdict(probe, method, "scratch", "m", "q", "c", "t", 0.0, 0.0, 0.0, 0.01, 0.01, 0.05, verdict, "")
+
+    vs = [v("agreement", "a", SUPPORTS), v("cka", "a", SUPPORTS), v("agreement", "b", SUPPORTS),
+          v("cka", "b", DOES_NOT), v("agreement", "c", DOES_NOT), v("cka", "c", INCONCLUSIVE),
+          v("agreement", "d", INCONCLUSIVE), v("cka", "d", INCONCLUSIVE)]
+    got = {a.method: (a.answer, a.supports, a.does_not) for a in method_answers(vs)}
+    assert got == {"a": ("yes", ("agreement", "cka"), ()), "b": ("in part", ("agreement",), ("cka",)),
+                   "c": ("no", (), ("agreement",)), "d": ("not shown", (), ())}

@@ -36,7 +36,8 @@ from trainers.loop import Progress, log_path, partial_path, resolve_device, snap
 from trainers.study_hashes import record_hashes, verify_hashes
 
 # set by the study for every cell; a spec's overrides may set any other TrainConfig field
-_OWNED = ("model", "model_kwargs", "dataset", "data_dir", "preset", "augment", "distill", "teacher", "seed", "init")
+_OWNED = ("model", "model_kwargs", "dataset", "data_dir", "preset", "augment", "distill", "teacher", "seed", "init",
+          "extra_teachers", "kd_settings")
 
 
 class StudyProgress:
@@ -58,9 +59,15 @@ class Cell:
     config: TrainConfig  # what trainers.loop.train runs (teacher as an absolute path)
     fingerprint: str  # of the config with the teacher as its relative cell path
     rel: str  # cells/<method>/seed<s>-<fingerprint>.pt
-    teacher: str | None  # rel of the teacher cell
+    teacher: str | None  # rel of the teacher cell (the first, for an ensemble)
     in_study: bool  # seed listed in the spec (else: only some other cell's teacher)
     snapshots: tuple[int, ...] = ()  # epochs whose checkpoint is kept too (end of each lr stage)
+    extra_teachers: tuple[str, ...] = ()  # rels of an ensemble's other teacher cells
+
+    @property
+    def teachers(self) -> tuple[str, ...]:
+        """Every teacher cell's rel, the first first."""
+        return ((self.teacher,) if self.teacher else ()) + self.extra_teachers
 
     @property
     def label(self) -> str:
@@ -76,7 +83,7 @@ class Cell:
         return self.path(out).exists() and all(p.exists() for p in self.snapshot_files(out))
 
 
-def _cell_config(spec: StudySpec, i: int, seed: int, teacher: str | None) -> TrainConfig:
+def _cell_config(spec: StudySpec, i: int, seed: int, teacher: str | None, extra: tuple[str, ...] = ()) -> TrainConfig:
     t, m = spec.train, spec.methods[i]
     names = {f.name for f in fields(TrainConfig)}
     for where, over in (("train.overrides", t.overrides), (f"methods[{i}].overrides", m.overrides or {})):
@@ -99,6 +106,7 @@ def _cell_config(spec: StudySpec, i: int, seed: int, teacher: str | None) -> Tra
     try:
         return make_config(t.preset, **over, model=t.model, model_kwargs=dict(t.model_kwargs), dataset=t.dataset,
                            data_dir=t.data_dir, augment=m.augment, distill=m.distill, teacher=teacher, seed=seed,
+                           extra_teachers=tuple(extra), kd_settings=dict(m.kd_settings or {}),
                            # the spec (typed by the user) names the model: a python: teacher cell is theirs
                            **({"teacher_arch": t.model} if teacher and names_code(t.model) else {}))
     except (KdprobeError, TypeError) as e:
@@ -118,6 +126,16 @@ def _snapshots(spec: StudySpec, method: str, seed: int, config: TrainConfig) -> 
     return stages
 
 
+def ensemble_seeds(seeds: tuple[int, ...], seed: int, k: int) -> list[int]:
+    """The seeds of an ensemble-taught student's k teacher cells: its own seed first, then the study's seeds that
+    follow it in `seeds`, cyclically (seeds [0, 1, 2], k 3: seed 1 is taught by the teachers of seeds 1, 2, 0)."""
+    order = list(seeds)
+    if seed in order:
+        i = order.index(seed)
+        return (order[i:] + order[:i])[:k]
+    return ([seed] + order)[:k]  # a student of a seed outside the study (someone's teacher): its own, then the study's
+
+
 def plan_cells(spec: StudySpec, out: Path) -> list[Cell]:
     """Every cell of the study, teachers before their students; configs validated, nothing trained."""
     out, spec = Path(out).resolve(), locate_data(spec)
@@ -128,15 +146,19 @@ def plan_cells(spec: StudySpec, out: Path) -> list[Cell]:
         if (name, seed) in cells:
             return cells[(name, seed)]
         m = spec.methods[index[name]]
-        teacher = None
+        teachers: list[str] = []
         if m.teacher is not None:
-            tseed = seed if m.teacher_seed is None else m.teacher_seed
-            teacher = make(m.teacher, tseed, tseed in spec.seeds).rel
-        key = _cell_config(spec, index[name], seed, teacher)  # fingerprinted with the relative teacher path
+            tseeds = [seed if m.teacher_seed is None else m.teacher_seed]
+            if m.ensemble:
+                tseeds = ensemble_seeds(spec.seeds, seed, m.ensemble)
+            teachers = [make(m.teacher, ts, ts in spec.seeds).rel for ts in tseeds]
+        teacher, extra = (teachers[0] if teachers else None), tuple(teachers[1:])
+        key = _cell_config(spec, index[name], seed, teacher, extra)  # fingerprinted with the relative teacher paths
         fp = key.fingerprint()
-        runnable = replace(key, teacher=str(out / teacher)) if teacher else key
+        runnable = replace(key, teacher=str(out / teacher), extra_teachers=tuple(str(out / e) for e in extra)) \
+            if teacher else key
         cell = Cell(name, seed, runnable, fp, f"cells/{name}/seed{seed}-{fp}.pt", teacher, in_study,
-                    _snapshots(spec, name, seed, runnable))
+                    _snapshots(spec, name, seed, runnable), extra)
         cells[(name, seed)] = cell  # inserted after its teacher: dict order is a valid training order
         return cell
 
@@ -156,8 +178,8 @@ def verify_existing(cells: list[Cell], out: Path, data_fingerprint: str | None) 
     cell's file exists (a student is checked against the sha256 it recorded for its teacher)."""
     out = Path(out).resolve()
     for cell in cells:
-        teacher = out / cell.teacher if cell.teacher else None
-        upstream = {"teacher": teacher} if teacher is not None and teacher.exists() else None
+        teachers = [out / t for t in cell.teachers]
+        upstream = {"teachers": teachers} if teachers and all(t.exists() for t in teachers) else None
         for f in _files(cell, out):
             check_cell(f"cell {cell.label}", f, read_payload(f), cell.config, data_fingerprint=data_fingerprint,
                        upstream=upstream)
@@ -201,7 +223,7 @@ def _status(k: int, n: int, cell: Cell, out: Path) -> str:
     why = f"resume after epoch {done}" if done else ("resume" if partial_path(cell.path(out)).exists() else "train")
     if cell.path(out).exists():
         why = "retrain: lr-stage snapshots missing"
-    return head + f" ({why}{', teacher ' + cell.teacher if cell.teacher else ''})"
+    return head + f" ({why}{', teacher ' + ' + '.join(cell.teachers) if cell.teacher else ''})"
 
 
 def train_cells(cells: list[Cell], out: Path, *, device: str = "auto", jobs: int = 1, nproc_per_cell: int = 1,
@@ -268,7 +290,7 @@ def _train_parallel(todo: list[Cell], out: Path, device: str, jobs: int, progres
     failed = None
     try:
         while pending or running:
-            ready = [c for c in pending if c.teacher is None or (out / c.teacher).exists()]
+            ready = [c for c in pending if all((out / t).exists() for t in c.teachers)]
             while ready and len(running) < jobs and failed is None:
                 c = ready.pop(0)
                 pending.remove(c)
@@ -304,7 +326,7 @@ def _train_parallel(todo: list[Cell], out: Path, device: str, jobs: int, progres
                 progress.note(f"done: cell {c.label} in {info[rel]['seconds']:.1f}s")
             if failed and not running:
                 raise KdprobeError(failed + "; fix it and run the same command again to resume")
-            if not running and pending and not any(c.teacher is None or (out / c.teacher).exists() for c in pending):
+            if not running and pending and not any(all((out / t).exists() for t in c.teachers) for c in pending):
                 raise KdprobeError(f"cells {[c.label for c in pending]} wait for teachers that were not trained")
     finally:
         for c, proc, log, *_ in running.values():  # Ctrl-C or an error: stop the children, keep their partials

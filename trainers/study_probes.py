@@ -254,14 +254,20 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")
 
 
+def pruning_block(spec: StudySpec, i: int, out: Path):
+    """(PipelineSpec, folder, label) of the spec's pruning block i: where its cells live, whichever executor
+    makes them (trainers.study_slurm submits them to Slurm before the probes find them there)."""
+    ps = _pipeline_spec(spec, i)
+    folder = out / "pruning" / f"{_slug(ps.model_label)}-{_slug(ps.setting)}-{_digest(asdict(ps))}"
+    return ps, folder, spec.pruning[i].get("label") or f"{ps.model_label} {ps.setting}"
+
+
 def _pruning(spec: StudySpec, out: Path, device: str, progress) -> list[PruningBlock]:
     from trainers.pipeline import run_pruning_pipeline
 
     blocks = []
-    for i, raw in enumerate(spec.pruning):
-        ps = _pipeline_spec(spec, i)
-        folder = out / "pruning" / f"{_slug(ps.model_label)}-{_slug(ps.setting)}-{_digest(asdict(ps))}"
-        label = raw.get("label") or f"{ps.model_label} {ps.setting}"
+    for i in range(len(spec.pruning)):
+        ps, folder, label = pruning_block(spec, i, out)
 
         def event(e, label=label):
             if e.stage == "start" or e.action == "skip":
@@ -315,6 +321,12 @@ def assemble(spec: StudySpec, out: Path, cells, info: dict, dev: torch.device, p
     if any(c.teacher for c in cells):
         notes.append("a KD cell's teacher is the named method's cell of the same seed (unless teacher_seed is set); "
                      "student and teacher of one seed share the initialization seed and the data order")
+    if any(c.extra_teachers for c in cells):
+        notes.append("an ensemble-taught cell (ensemble = K) distils from the average of the probabilities of the "
+                     "teacher method's cells of K seeds: its own, then the study's next seeds in order, cyclically")
+    if any(m.generation for m in spec.methods):
+        notes.append("a born-again chain (generations = K) is K methods NAME-gen1..NAME-genK: generation 1 is taught "
+                     "by the named teacher, generation g by generation g-1 of the same seed")
     return StudyResult(
         spec.name, spec.title, spec.scale, spec.source, spec.settings, _versions(dev), str(dev),
         datetime.now(timezone.utc).isoformat(timespec="seconds"), round(time.monotonic() - t0, 3), tuple(records),

@@ -540,7 +540,8 @@ class StudyResult:
     kdprobe.studies.result.StudyResult the report is made from (cells, accuracy, diversity, probes,
     verdicts, landscapes, pruning blocks). table(name) gives its tables as flat records: cells (the
     results table, one row per trained checkpoint, as cells.csv), accuracy (per method), diversity and
-    diversity_scores, verdicts, surplus and pruning_results (pruning blocks), and PROBE.TABLE for each
+    diversity_scores, verdicts, answers (per KD method: does it behave like an ensemble in these probes, the
+    verdicts tallied), surplus and pruning_results (pruning blocks), and PROBE.TABLE for each
     ensemble-perspective probe (e.g. agreement.pairs)."""
 
     out: Path
@@ -573,7 +574,11 @@ class StudyResult:
             out["diversity"] = [asdict(g) for g in r.diversity.groups]
             out["diversity_scores"] = [asdict(s) for s in r.diversity.scores]
         if r.verdicts:
+            from kdprobe.studies.ensemble_reading import method_answers
+
             out["verdicts"] = [asdict(v) for v in r.verdicts]
+            out["answers"] = [{k: ", ".join(v) if isinstance(v, tuple) else v for k, v in asdict(a).items()}
+                              for a in method_answers(r.verdicts)]
         if r.pruning:
             out["surplus"] = [{"block": b.label, **asdict(s)} for b in r.pruning for s in b.surplus]
             out["pruning_results"] = [{"block": b.label, **row} for b in r.pruning for row in b.results]
@@ -670,7 +675,7 @@ def study(name_or_spec: str | os.PathLike, *, out: str | os.PathLike, scale: str
     (accuracy, diversity, agreement, ensembles, calibration, CKA, sharpness with the ensemble-reading
     verdicts, landscapes, surplus), and write DIR/report.html, report.md, summary.json and cells.csv.
 
-    name_or_spec: a built-in study (list_studies(): table6, table7, demo, pruning-l1) or a .toml path.
+    name_or_spec: a built-in study (list_studies(): table6, table7, demo, pruning-l1, kd-families) or a .toml path.
     out: the study folder; running again resumes (finished cells are reused, never retrained).
     scale: which [scales.NAME] of the spec (digits, cifar10-cpu, paper; default its default_scale).
     set: 'KEY=VALUE' overrides with dotted keys and TOML values (e.g. 'train.overrides.epochs=3'), one

@@ -148,6 +148,39 @@ def verdicts(probe: str, tables: Mapping[str, list], kd_methods: Sequence[str], 
     return out
 
 
+@dataclass(frozen=True)
+class MethodAnswer:
+    """Per KD method: does it behave like an ensemble in these probes? The probes' verdicts, tallied."""
+
+    method: str
+    answer: str  # yes | in part | no | not shown
+    supports: tuple[str, ...]  # probes whose verdict supports the ensemble reading for this method
+    does_not: tuple[str, ...]  # probes whose verdict goes against it
+    inconclusive: tuple[str, ...]
+    sentence: str
+
+
+YES, IN_PART, NO, NOT_SHOWN = "yes", "in part", "no", "not shown"
+
+
+def method_answers(vs: Sequence[Verdict]) -> list[MethodAnswer]:
+    """One answer per KD method (in the verdicts' order) from its verdicts over the probes, nothing recomputed:
+    yes = every probe supports the reading; in part = some do (others inconclusive or against); no = none does
+    and at least one goes against it; not shown = every probe inconclusive."""
+    out = []
+    for method in dict.fromkeys(v.method for v in vs):
+        mine = [v for v in vs if v.method == method]
+        by = {kind: tuple(v.probe for v in mine if v.verdict == kind) for kind in (SUPPORTS, DOES_NOT, INCONCLUSIVE)}
+        sup, neg, inc = by[SUPPORTS], by[DOES_NOT], by[INCONCLUSIVE]
+        answer = (YES if len(sup) == len(mine) else IN_PART if sup else NO if neg else NOT_SHOWN)
+        parts = [f"{label} in {', '.join(probes)}" for label, probes in (("supported", sup), ("against", neg),
+                                                                          ("inconclusive", inc)) if probes]
+        out.append(MethodAnswer(method, answer, sup, neg, inc,
+                                f"{method}: {answer} ({len(sup)} of {len(mine)} probes support the ensemble reading; "
+                                + "; ".join(parts) + ")"))
+    return out
+
+
 def headline(vs: Sequence[Verdict]) -> str:
     """One plain sentence for a probe: the verdict per KD method with its adjusted p-value."""
     if not vs:

@@ -12,6 +12,12 @@
     name = "kd-label"; augment = "standard"; distill = "label"
     teacher = "scratch"                 # the cell of method "scratch" with the same seed
     teacher_seed = 0                    # optional: always that seed's teacher instead
+    ensemble = 3                        # optional (label/dkd): taught by the average of the teacher method's
+                                        # cells of 3 study seeds, the student's own first, then the next ones
+                                        # of `seeds` in order, cyclically
+    generations = 3                     # optional: a born-again chain, methods NAME-gen1..NAME-gen3; gen 1 taught
+                                        # by `teacher`, gen g by gen g-1 (each its own method in the report)
+    kd_settings = {}                    # a KD family's settings that differ from its defaults (e.g. { beta = 6 })
     overrides = {}
     [diversity]  batch_size, runs, split, bn, output, variant, k, seed, confidence, interval, reference, methods
     [landscape]  methods, seeds, x, y, samples, split, bn, precision, seed, include_bn, at, log, zmax
@@ -29,7 +35,7 @@ from __future__ import annotations
 import copy
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -42,7 +48,9 @@ from kdprobe.ranges import (CONFIDENCE, MAX_BATCH, MAX_NESTING, PROBE_RANGES as 
 _TOP = ("name", "title", "default_scale", "seeds", "train", "methods", "diversity", "landscape", "agreement",
         "ensembles", "calibration", "cka", "sharpness", "pruning", "scales")
 _TRAIN = ("dataset", "data_dir", "model", "model_kwargs", "preset", "overrides")
-_METHOD = ("name", "augment", "distill", "teacher", "teacher_seed", "overrides")
+_METHOD = ("name", "augment", "distill", "teacher", "teacher_seed", "ensemble", "generations", "kd_settings",
+           "overrides")
+MAX_ENSEMBLE, MAX_GENERATIONS = 64, 100
 _DIVERSITY = {"batch_size": 128, "runs": 5, "split": "train", "bn": "eval", "output": "sum", "variant": "v1",
               "k": 1e-5, "seed": 0, "confidence": 0.99, "interval": "t", "reference": "scratch", "methods": None}
 _LANDSCAPE = {"methods": None, "seeds": None, "x": "-1:1:51", "y": "-1:1:51", "samples": 2048, "split": "train",
@@ -74,6 +82,9 @@ class MethodSpec:
     teacher: str | None = None  # name of another method: its cell of the same (or teacher_seed) seed
     teacher_seed: int | None = None
     overrides: dict | None = None
+    ensemble: int | None = None  # taught by this many of the teacher method's cells (seeds rotated): an ensemble
+    kd_settings: dict | None = None  # a KD family's settings (trainers.config.TrainConfig.kd_settings)
+    generation: int | None = None  # made from `generations = K`: its place in the born-again chain (1..K)
 
 
 @dataclass(frozen=True)
@@ -221,7 +232,7 @@ def _parse_train(src: str, t) -> TrainSpec:
                      dict(r.get("overrides", dict, {})))
 
 
-def _parse_methods(src: str, items) -> tuple[MethodSpec, ...]:
+def _parse_methods(src: str, items, n_seeds: int = 1) -> tuple[MethodSpec, ...]:
     if not isinstance(items, list) or not all(isinstance(m, dict) for m in items):
         raise KdprobeError(f"{src}: methods: expected an array of tables ([[methods]]), got {items!r}")
     out: list[MethodSpec] = []
@@ -229,11 +240,28 @@ def _parse_methods(src: str, items) -> tuple[MethodSpec, ...]:
         r = _Keys(src, f"methods[{i}]", m, _METHOD)
         name = r.get("name", str, required=True, check=lambda s: bool(_NAME_RE.match(s)),
                      want="a name of letters, digits, _ . + - (it names a folder)")
-        if any(o.name == name for o in out):
-            r.fail("name", "a name used by one method only", name)
-        out.append(MethodSpec(name, r.get("augment", str, "standard"), r.get("distill", str, "none"),
-                              r.get("teacher", str, None), r.get("teacher_seed", int, None),
-                              dict(r.get("overrides", dict, {}))))
+        teacher, teacher_seed = r.get("teacher", str, None), r.get("teacher_seed", int, None)
+        ensemble = r.get("ensemble", int, None, check=lambda k: 2 <= k <= min(n_seeds, MAX_ENSEMBLE),
+                         want=f"a number of teachers from 2 to the study's {n_seeds} seeds (each teacher is the "
+                              "teacher method's cell of one seed)")
+        gens = r.get("generations", int, None, check=lambda k: 1 <= k <= MAX_GENERATIONS,
+                     want=f"a number of generations from 1 to {MAX_GENERATIONS}")
+        if (ensemble is not None or gens is not None) and teacher is None:
+            r.fail("teacher", "the method whose cells teach the ensemble / generation 1", None)
+        if ensemble is not None and teacher_seed is not None:
+            r.fail("teacher_seed", "no teacher_seed with ensemble (the ensemble's seeds follow the student's)",
+                   teacher_seed)
+        kd = dict(r.get("kd_settings", dict, {}))
+        base = MethodSpec(name, r.get("augment", str, "standard"), r.get("distill", str, "none"), teacher,
+                          teacher_seed, dict(r.get("overrides", dict, {})), ensemble, kd)
+        chain = [base] if gens is None else [
+            replace(base, name=f"{name}-gen{g}", generation=g, teacher=teacher if g == 1 else f"{name}-gen{g - 1}",
+                    teacher_seed=teacher_seed if g == 1 else None, ensemble=ensemble if g == 1 else None)
+            for g in range(1, gens + 1)]
+        for one in chain:
+            if any(o.name == one.name for o in out):
+                r.fail("name", "a name used by one method only (generations add NAME-gen1, NAME-gen2, ...)", one.name)
+            out.append(one)
     names = [m.name for m in out]
     for i, m in enumerate(out):
         if m.teacher is not None and m.teacher not in names:
@@ -324,7 +352,7 @@ def resolve_spec(tree: dict, scale: str | None = None, sets=(), source: str = "s
     settings = {k: v for k, v in tree.items() if k != "scales"}
     top = _Keys(source, "", tree, _TOP)
     seeds = _int_list(top, "seeds", [0])
-    methods = _parse_methods(source, top.get("methods", list, []))
+    methods = _parse_methods(source, top.get("methods", list, []), len(seeds))
     pruning = top.get("pruning", list, [], want="an array of tables ([[pruning]])")
     if not all(isinstance(b, dict) for b in pruning):
         top.fail("pruning", "an array of tables ([[pruning]])", pruning)

@@ -146,7 +146,22 @@ def verdicts_html(r) -> str:
             "sign; does not support = below alpha with the opposite sign; inconclusive = otherwise (or no test)."
             f"</p><ul class='note'>{''.join(items)}</ul>"
             + _table(["probe", "KD method", "KD value", "reference value", "difference", "p", "p (Holm)",
-                      "verdict", "why"], rows))
+                      "verdict", "why"], rows) + answers_html(r))
+
+
+def answers_html(r) -> str:
+    """Per KD method: does it behave like an ensemble in these probes? (the verdicts above, tallied)."""
+    from kdprobe.studies.ensemble_reading import method_answers
+
+    answers = method_answers(r.verdicts)
+    if not answers:
+        return ""
+    rows = [[_e(a.method), f"<b>{_e(a.answer)}</b>", _e(", ".join(a.supports) or "-"), _e(", ".join(a.does_not) or "-"),
+             _e(", ".join(a.inconclusive) or "-")] for a in answers]
+    return ("<h3 id='answers'>Per method: does it behave like an ensemble in these probes?</h3><p class='note'>The "
+            "verdicts above, per KD method: yes = every probe supports the ensemble reading; in part = some do; no = "
+            "none does and at least one goes against it; not shown = every probe inconclusive.</p>"
+            + _table(["KD method", "behaves like an ensemble", "supported by", "against it", "inconclusive"], rows))
 
 
 def probes_html(r) -> str:

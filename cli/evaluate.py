@@ -32,9 +32,9 @@ def evaluate(
                   {"CHECKPOINTS": checkpoint_paths(checkpoints)})
     result = run(checkpoints, split=split, dataset=dataset, data_dir=data_dir, arch=arch, arch_kwargs=arch_kwargs,
                  image_size=image_size, device=device, note=lambda text: typer.echo(text, err=True))
-    rows = result.to_dict()
+    rows = result.records()
     typer.echo(table(rows))
     if csv:
         write_rows_csv(rows, csv)
     if json:
-        write_json(rows, json)
+        write_json(result.to_dict(), json)  # the envelope: kind, kdprobe_version, units, settings, data (the rows)

@@ -162,11 +162,11 @@ def interpolate(
     rows = []
     for label, i in (("A (t=0)", np.argmin(np.abs(ts))), ("B (t=1)", np.argmin(np.abs(ts - 1))),
                      ("max on path", int(np.argmax(r.loss))), ("min on path", int(np.argmin(r.loss)))):
-        rows.append({"point": label, "t": float(ts[i]), "loss": float(r.loss[i]), "acc %": float(r.acc[i])})
+        rows.append({"point": label, "t": float(ts[i]), "loss": float(r.loss[i]), "acc": float(r.acc[i])})
     typer.echo(table(rows))
     typer.echo(f"barrier (Frankle et al. 2020; max over t in [0,1] of value - linear interpolation of the ends; "
-               f"bn={bn}): loss {bar.loss_barrier:.4f} at t={bar.t_loss:g}, error {bar.error_barrier:.2f} "
-               f"points at t={bar.t_error:g}" if bar else f"barrier: not computed ({r.barrier_note})")
+               f"bn={bn}): loss {bar.loss_barrier:.4f} at t={bar.t_loss:g}, error {bar.error_barrier:.4f} "
+               f"(fraction) at t={bar.t_error:g}" if bar else f"barrier: not computed ({r.barrier_note})")
     typer.echo(f"{ts.size} points, {r.settings['samples']} {split} samples, bn={bn}, precision={r.line.precision}, "
                f"{r.processes} process(es), {r.seconds:.1f}s")
     typer.echo("wrote " + ", ".join(str(p) for p in r.files))

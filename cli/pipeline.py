@@ -88,7 +88,7 @@ def pruning(
                                    on_event=_print_event)
     except KeyboardInterrupt as e:
         raise folder_interrupted(e, out) from None
-    typer.echo(f"\nresults: {spec.model_label} {spec.setting}, test accuracy % (last epoch)")
+    typer.echo(f"\nresults: {spec.model_label} {spec.setting}, test accuracy as a fraction (last epoch)")
     typer.echo(results_table(res.rows))
     typer.echo("\nsurplus:")
     typer.echo(surplus_table(res.surplus))
@@ -111,7 +111,7 @@ def _print_event(e) -> None:
     if r.pruning:
         what = f"params {r.pruning['params_before']:,} -> {r.pruning['params_after']:,}"
     else:
-        what = f"test acc {r.test_acc:.2f}%"
+        what = f"test acc {r.test_acc:.2%}"
     if e.action == "skip":
         typer.echo(f"{head}: skip (exists, {what})")
     else:
@@ -133,6 +133,6 @@ def results_table(rows) -> str:
             vals = [r[c] for r in group if r.get(c) is not None]
             if vals:
                 s = summarize(vals)
-                mean[c] = f"{s.mean:.2f} ± {s.std:.2f}"
+                mean[c] = f"{s.mean:.4f} ± {s.std:.4f}"
         shown.append(mean)
-    return table(shown, digits=2)
+    return table(shown, digits=4)

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from cli import slurm_flags as sf
 from cli.common import folder_interrupted, ranged, table
 from kdprobe.api.training import JOBS, NPROC_PER_CELL
 from kdprobe.studies.spec import builtin_specs
@@ -78,9 +79,24 @@ def study(
                                 callback=ranged(JOBS))] = 1,
     nproc_per_cell: Annotated[int, O(help="Train each cell under `torchrun --standalone --nproc-per-node K` "
                                           "(DistributedDataParallel; global batch and lr as in the spec). With "
-                                          "--jobs J and at least J*K GPUs, every cell gets its own K GPUs.",
+                                          "--jobs J and at least J*K GPUs, every cell gets its own K GPUs. --executor slurm: K "
+                                          "Slurm tasks in each cell's job, ranks from Slurm's environment.",
                                      callback=ranged(NPROC_PER_CELL))] = 1,
     quiet: Annotated[bool, O(help="No progress bars or per-cell lines.")] = False,
+    executor: sf.Executor = "local",
+    partition: sf.Partition = None,
+    account: sf.Account = None,
+    qos: sf.Qos = None,
+    time: sf.Time = None,
+    gpus_per_cell: sf.GpusPerCell = None,
+    cpus_per_cell: sf.CpusPerCell = None,
+    mem_per_cell: sf.MemPerCell = None,
+    array_parallelism: sf.ArrayParallelism = None,
+    constraint: sf.Constraint = None,
+    slurm: sf.Slurm = None,
+    detach: sf.Detach = False,
+    folder: Annotated[Optional[Path], typer.Argument(help="With `kdprobe study status OUT`: the study folder whose "
+                                                          "Slurm cells to show.", show_default=False)] = None,
 ):
     """Run a whole study: train every method x seed cell (content-named, resumable), then accuracy, diversity,
     ensemble-perspective (agreement, ensembles, calibration, CKA, sharpness, with the ensemble-reading verdicts),
@@ -91,22 +107,41 @@ def study(
     if list_:
         _list_specs()
         return
+    if spec == "status":  # `kdprobe study status OUT`: the state of each cell submitted with --executor slurm
+        from trainers.study_slurm import status
+
+        if (folder or out) is None:
+            raise KdprobeError("expected a study folder: `kdprobe study status OUT`")
+        typer.echo(status(folder or out))
+        return
+    if folder is not None:
+        raise KdprobeError(f"unexpected argument {str(folder)!r}: give the study folder with --out "
+                           "(only `kdprobe study status OUT` takes a second argument)")
     if spec is None or out is None:
         raise KdprobeError("expected a study and --out, e.g. `kdprobe study table6 --out runs/t6`; "
                            "`kdprobe study --list` shows the built-in studies")
     try:
-        res = run(spec, out=out, scale=scale, set=set_, dataset=dataset, data_dir=data_dir, device=device, jobs=jobs,
-                  nproc_per_cell=nproc_per_cell, quiet=quiet, note=typer.echo).record
+        done = run(spec, out=out, scale=scale, set=set_, dataset=dataset, data_dir=data_dir, device=device, jobs=jobs,
+                   nproc_per_cell=nproc_per_cell, quiet=quiet, note=typer.echo, executor=executor, slurm=slurm,
+                   detach=detach, **sf.flags(partition, account, qos, time, gpus_per_cell, cpus_per_cell,
+                                             mem_per_cell, array_parallelism, constraint))
     except KeyboardInterrupt as e:
         raise folder_interrupted(e, out) from None
+    if done is None:  # --detach: the cells run as Slurm jobs
+        from trainers.study_slurm import status
+
+        typer.echo(status(out))
+        return
+    res = done.record
 
     from kdprobe.probes.diversity_table import ACCURACY_BOUNDS, score_bounds
 
     trained = sum(c.action != "existing" for c in res.cells)
     clip = "; * = interval end clipped to what the metric can take"
     if res.accuracy:
-        typer.echo(f"\nTest accuracy (%, last epoch; unit = one seed; CI {res.accuracy_interval} quantile{clip})")
-        typer.echo(_stats_table(res.accuracy, ".2f", res.accuracy_confidence, ACCURACY_BOUNDS))
+        typer.echo(f"\nTest accuracy (fraction correct, last epoch; unit = one seed; CI {res.accuracy_interval} "
+                   f"quantile{clip})")
+        typer.echo(_stats_table(res.accuracy, ".4f", res.accuracy_confidence, ACCURACY_BOUNDS))
     if res.diversity is not None:
         s = res.diversity.settings
         typer.echo(f"\nDiversity (Mellor et al. {s.variant}, N={s.batch_size}, {s.runs} batches, split {s.split}, "

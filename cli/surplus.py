@@ -15,8 +15,8 @@ def surplus(
     results_csv: Annotated[Path, typer.Argument(help="UTF-8 CSV with header model,setting,train_type,unpruned,"
                                                      "finetuned,post_distill,pre_post,self_distill (one row per run; "
                                                      "extra columns such as seed are ignored; # starts a comment "
-                                                     "line). Accuracies in percent (0-100); a file of fractions "
-                                                     "(0-1) is converted, a mix is refused.")],
+                                                     "line). Accuracies as fractions (0-1); a file in percent "
+                                                     "(0-100) is converted, a mix is refused.")],
     csv: Annotated[Optional[Path], O(help="Write the surplus table as CSV.")] = None,
     json: Annotated[Optional[Path], O(help="Write the surplus table as JSON.")] = None,
 ):
@@ -37,7 +37,7 @@ def surplus(
 def _pm(mean, se) -> str:
     if mean is None:
         return "-"
-    return f"{mean:+.2f}" + ("" if se is None else f" ± {se:.2f}")
+    return f"{mean:+.4f}" + ("" if se is None else f" ± {se:.4f}")
 
 
 def surplus_table(rows) -> str:
@@ -49,4 +49,5 @@ def surplus_table(rows) -> str:
                       "gain unpruned": _pm(r.gain_unpruned, None), "gain pruned": _pm(r.gain_pruned, None),
                       "surplus ± se": _pm(r.surplus, r.surplus_se), "runs us/fs/uk/sd": n})
     return (table(shown) + "\nsurplus = (self_distill - finetuned_scratch) - (unpruned_kd - unpruned_scratch); "
-            "se = sqrt(sum of the 4 squared standard errors), '-' = inputs missing")
+            "se = sqrt(sum of the 4 squared standard errors), '-' = inputs missing; accuracies and gains as fractions "
+            "(0.0123 = 1.23 points)")

@@ -76,5 +76,5 @@ def train(
             continue
         config = r.config
         resumed = f" (resumed from epoch {r.resumed_from_epoch:.2f})" if r.resumed_from_epoch is not None else ""
-        typer.echo(f"{g}{config.method} {config.model} seed {seed}: test accuracy {r.test_acc:.2f}% (last epoch; best {r.best_acc:.2f}%){resumed}")
+        typer.echo(f"{g}{config.method} {config.model} seed {seed}: test accuracy {r.test_acc:.2%} (last epoch; best {r.best_acc:.2%}){resumed}")
         typer.echo(f"checkpoint: {r.path}   log: {r.log}")

@@ -57,7 +57,7 @@ def test_diversity_cli_and_api_agree_bit_for_bit(div_run, ckpts):
     out, res, r = div_run
     doc = json.loads((out / "d.json").read_text())
     assert json.loads(json.dumps(r.to_dict())) == doc  # every score, group statistic and setting, exactly
-    assert [m["values"] for m in doc["models"]] == [list(v) for v in _values(r)]
+    assert doc["kind"] == "diversity" and [m["values"] for m in doc["data"]["models"]] == [list(v) for v in _values(r)]
     assert r.settings.reference == "scratch" and [g.group for g in r.groups] == ["scratch", "kd"]
     assert f"{r.groups[0].mean:.3f}" in res.output  # the printed table is the API's numbers
     # the scores themselves, recomputed directly on the same seeded probe batches
@@ -82,7 +82,7 @@ def test_diversity_to_frame_is_the_csv(div_run):
 def test_diversity_takes_checkpoint_objects_and_modules(div_run, ckpts):
     _, _, by_path = div_run
     objects = kdprobe.diversity([kdprobe.load(p) for p in ckpts], **DIV)
-    assert _values(objects) == _values(by_path) and objects.to_dict()["groups"] == by_path.to_dict()["groups"]
+    assert _values(objects) == _values(by_path) and objects.to_dict()["data"]["groups"] == by_path.to_dict()["data"]["groups"]
     modules = kdprobe.diversity([kdprobe.load(p).model for p in ckpts], dataset="digits", **DIV)
     assert _values(modules) == _values(by_path)
     assert [s.path for s in modules.scores] == ["module0", "module1", "module2"]
@@ -129,7 +129,9 @@ def test_evaluate_cli_and_api_agree_bit_for_bit(ckpts, tmp_path):
     model = kdprobe.load(ckpts[0]).model
     with torch.no_grad():
         hits = (model(normalize(d.test_x, d.mean, d.std)).argmax(1) == d.test_y).sum().item()
-    assert r.rows[0]["test_acc"] == pytest.approx(100.0 * hits / len(d.test_y), abs=1e-9)
+    assert r.rows[0]["test_acc"] == hits / len(d.test_y) and r.rows[0]["test_images"] == len(d.test_y)
+    doc = r.to_dict()  # the envelope (docs/units.md), not a bare list
+    assert (doc["kind"], doc["settings"]["split"], doc["data"]) == ("eval", "both", r.records())
     assert [row["method"] for row in r.rows] == ["scratch", "scratch", "kd"]
 
 
@@ -166,7 +168,8 @@ def test_surplus_cli_and_api_agree_bit_for_bit(tmp_path):
     assert r.to_dict() == json.loads((tmp_path / "s.json").read_text())
     (row,) = r.rows
     us, fs, uk, sd = (71.23 + 71.01) / 2, (70.06 + 69.80) / 2, (73.76 + 73.40) / 2, (73.30 + 73.10) / 2
-    assert row.surplus == pytest.approx((sd - fs) - (uk - us), abs=1e-12) and not r.from_fractions
+    # a table in percent: read as fractions (docs/units.md)
+    assert row.surplus == pytest.approx(((sd - fs) - (uk - us)) / 100, abs=1e-14) and r.from_percent
     # the CSV rounds to 10 significant digits; to_frame keeps full precision
     pd.testing.assert_frame_equal(r.to_frame(), pd.read_csv(tmp_path / "s.csv"), rtol=1e-9)
     assert r.save(tmp_path / "api.json").read_bytes() == (tmp_path / "s.json").read_bytes()
@@ -180,14 +183,19 @@ def test_surplus_cli_and_api_agree_bit_for_bit(tmp_path):
         r.save(src)
 
 
-def test_surplus_of_fractions_says_so_and_refuses_no_kd(tmp_path):
+def test_surplus_of_fractions_is_as_written_of_percents_says_so_and_refuses_no_kd(tmp_path):
     src = tmp_path / "fractions.csv"
     src.write_text("model,setting,train_type,unpruned,finetuned,post_distill,pre_post,self_distill\n"
                    "r56,B,scratch,0.7123,0.7006,,,\nr56,B,label,0.7376,,,,0.7330\n")
     notes = []
     r = kdprobe.surplus(src, note=notes.append)
-    assert r.from_fractions and len(notes) == 1 and "read as fractions" in notes[0]
-    assert r.rows[0].surplus == pytest.approx((73.30 - 70.06) - (73.76 - 71.23), abs=1e-9)
+    assert not r.from_percent and not notes
+    assert r.rows[0].surplus == pytest.approx((0.7330 - 0.7006) - (0.7376 - 0.7123), abs=1e-14)
+    src.write_text("model,setting,train_type,unpruned,finetuned,post_distill,pre_post,self_distill\n"
+                   "r56,B,scratch,71.23,70.06,,,\nr56,B,label,73.76,,,,73.30\n")
+    r = kdprobe.surplus(src, note=notes.append)
+    assert r.from_percent and len(notes) == 1 and "divided by 100" in notes[0]
+    assert r.rows[0].surplus == pytest.approx(((73.30 - 70.06) - (73.76 - 71.23)) / 100, abs=1e-14)
     src.write_text("model,setting,train_type,unpruned,finetuned,post_distill,pre_post,self_distill\n"
                    "r56,B,scratch,71,70,,,\n")
     with pytest.raises(KdprobeError, match="at least one KD row"):

@@ -72,7 +72,8 @@ def test_landscape_from_python_equals_the_cli_bit_for_bit(ckpts, surface, tmp_pa
     doc = surface.to_dict()
     assert doc["settings"] == attrs  # every file attribute, the settings included
     for k in ("xcoordinates", "ycoordinates", "train_loss", "train_acc"):
-        assert np.array_equal(np.asarray(doc[k]), data[k]), k
+        assert np.array_equal(np.asarray(doc["data"][k]), data[k]), k
+    assert doc["kind"] == "surface" and attrs["format_version"] == 2 and "fraction" in attrs["units"]
     assert np.array_equal(surface.loss, data["train_loss"]) and np.array_equal(surface.acc, data["train_acc"])
     assert np.array_equal(surface.done, data["done"].astype(bool)) and surface.complete
     assert attrs["samples"] == 24 and attrs["seed"] == 0 and attrs["checkpoint"] == str(ckpts[0])
@@ -90,7 +91,7 @@ def test_interpolate_from_python_equals_the_cli_bit_for_bit(ckpts, tmp_path):
     doc = r.to_dict()
     assert doc["settings"] == attrs
     for k in ("coordinates", "train_loss", "train_acc"):
-        assert np.array_equal(np.asarray(doc[k]), data[k]), k
+        assert np.array_equal(np.asarray(doc["data"][k]), data[k]), k
     # the barrier, recomputed from the path: max over t of loss(t) - ((1 - t) loss(0) + t loss(1))
     t, loss = data["coordinates"], data["train_loss"]
     excess = loss - ((1 - t) * loss[0] + t * loss[-1])
@@ -173,7 +174,7 @@ def test_frame_save_and_figure(surface, tmp_path, monkeypatch):
 
     assert surface.save("s.json") == Path("s.json")
     doc = json.loads((tmp_path / "s.json").read_text())
-    assert doc["train_loss"] == surface.loss.tolist() and doc["settings"]["seed"] == 0
+    assert doc["data"]["train_loss"] == surface.loss.tolist() and doc["settings"]["seed"] == 0
     import pandas as pd
 
     back = pd.read_csv(surface.save("s.csv"))
@@ -206,6 +207,6 @@ def test_interpolation_frame_save_and_figure(ckpts, tmp_path):
     assert r.to_frame()["t"].tolist() == [-0.5, 0.5, 1.5]
     fig = r.figure()
     assert np.array_equal(np.asarray(fig.data[0].y, float), r.loss)
-    assert json.loads(r.save(tmp_path / "p.json").read_text())["coordinates"] == [-0.5, 0.5, 1.5]
+    assert json.loads(r.save(tmp_path / "p.json").read_text())["data"]["coordinates"] == [-0.5, 0.5, 1.5]
     with pytest.raises(KdprobeError, match="expected a path ending in"):
         r.save(tmp_path / "p.png")

@@ -56,17 +56,22 @@ def _cli(*args):
     return res
 
 
+def _flat(doc):
+    """A probe document's envelope (kind, kdprobe_version, machine, units, settings, data: the tables) as
+    {command, settings, <table>: records}, less machine and version."""
+    assert set(doc) == {"kind", "kdprobe_version", "machine", "units", "settings", "data"}
+    return {"command": doc["kind"], "settings": doc["settings"], **doc["data"]}
+
+
 def _doc(path):
-    doc = json.loads(path.read_text())
-    return {k: v for k, v in doc.items() if k not in ("machine", "kdprobe_version")}
+    return _flat(json.loads(path.read_text()))
 
 
 def _api_doc(result):
     """The result's to_dict() as its JSON file holds it (tuples as lists), less machine and version."""
     d = result.to_dict()
-    assert set(d) >= {"machine", "kdprobe_version", "command", "settings", result.main}
-    return json.loads(json.dumps({k: v for k, v in d.items() if k not in ("machine", "kdprobe_version")},
-                                 allow_nan=False))
+    assert result.main in d["data"]
+    return json.loads(json.dumps(_flat(d), allow_nan=False))
 
 
 def _metric_columns(rows, columns):
@@ -235,7 +240,7 @@ def test_result_frame_save_and_figure(zoo, tmp_path):
     for suffix in (".json", ".csv", ".html"):
         out = r.save(tmp_path / f"r{suffix}")
         assert out.stat().st_size > 0
-    assert json.loads((tmp_path / "r.json").read_text())["checkpoints"] == r.table()
+    assert json.loads((tmp_path / "r.json").read_text())["data"]["checkpoints"] == r.table()
     pd.testing.assert_frame_equal(frame, pd.read_csv(tmp_path / "r.csv"), check_dtype=False)
     r.save(tmp_path / "rel.csv", table="reliability")
     assert len(pd.read_csv(tmp_path / "rel.csv")) == 3 * 15

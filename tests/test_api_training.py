@@ -45,7 +45,7 @@ def test_train_from_python_equals_the_cli_bit_for_bit(trained):
     assert cli_meta["test_acc"] == res.test_acc and cli_meta["best_acc"] == res.best_acc
     assert cli_meta["config"] == res.meta["config"] == res.config.to_dict()
     # what the CLI printed is the number the result holds
-    assert f"scratch resnet8b seed 3: test accuracy {res.test_acc:.2f}% (last epoch; best {res.best_acc:.2f}%)" \
+    assert f"scratch resnet8b seed 3: test accuracy {res.test_acc:.2%} (last epoch; best {res.best_acc:.2%})" \
         in output
 
 
@@ -56,8 +56,8 @@ def test_train_result_accuracy_is_the_checkpoints_own(trained):
     data = kdprobe.load_dataset("digits")
     x = (data.test_x.float() / 255.0 - torch.tensor(data.mean).view(1, -1, 1, 1)) / torch.tensor(data.std).view(1, -1, 1, 1)
     with torch.no_grad():
-        acc = 100.0 * float((ck.model(x).argmax(1) == data.test_y).double().mean())
-    assert math.isclose(res.test_acc, acc, abs_tol=1e-9)
+        acc = int((ck.model(x).argmax(1) == data.test_y).sum()) / len(data.test_y)  # a fraction (docs/units.md)
+    assert math.isclose(res.test_acc, acc, abs_tol=1e-12) and 0 < res.test_acc <= 1
     assert res.best_acc == max(r["test_acc"] for r in res.history)
 
 
@@ -183,11 +183,11 @@ def studied(tmp_path_factory):
 
 def test_study_from_python_equals_the_cli(studied):
     tmp, output, res = studied
-    cli_summary = json.loads((tmp / "cli" / "summary.json").read_text())
+    cli_summary = json.loads((tmp / "cli" / "summary.json").read_text())["data"]
     same = ("method", "seed", "model", "dataset", "test_acc", "best_acc", "epochs", "path", "fingerprint", "teacher")
     assert [{k: c[k] for k in same} for c in cli_summary["cells"]] == [{k: c[k] for k in same} for c in res.table()]
-    assert cli_summary["accuracy"] == res.to_dict()["accuracy"]
-    assert cli_summary["diversity"]["scores"] == res.to_dict()["diversity"]["scores"]
+    assert cli_summary["accuracy"] == res.to_dict()["data"]["accuracy"]
+    assert cli_summary["diversity"]["scores"] == res.to_dict()["data"]["diversity"]["scores"]
     for c in res.table():
         assert _same_weights(tmp / "cli" / c["path"], tmp / "api" / c["path"])
     assert f"study tiny (scale as written): 1 methods x 2 seeds -> {tmp / 'cli'}" in output

@@ -9,17 +9,17 @@ from kdprobe.probes.landscape import LineResult
 
 def _line(ts, loss, acc=None, bn="eval"):
     ts = np.asarray(ts, float)
-    acc = np.full(ts.size, 90.0) if acc is None else np.asarray(acc, float)
+    acc = np.full(ts.size, 0.9) if acc is None else np.asarray(acc, float)
     return LineResult(ts, np.asarray(loss, float), acc, np.ones(ts.size, bool), bn, "fp32", 100)
 
 
 def test_hand_computed_barrier():
     # L(A)=1, L(B)=2: the line is 1 + t; loss(0.5)=3 -> 3 - 1.5 = 1.5; loss(0.25)=2 -> 2 - 1.25 = 0.75
-    b = barrier(_line([0, 0.25, 0.5, 0.75, 1], [1.0, 2.0, 3.0, 2.0, 2.0], acc=[90, 80, 50, 85, 88], bn="recompute"))
+    b = barrier(_line([0, 0.25, 0.5, 0.75, 1], [1.0, 2.0, 3.0, 2.0, 2.0], acc=[0.90, 0.80, 0.50, 0.85, 0.88], bn="recompute"))
     assert b.loss_barrier == pytest.approx(1.5) and b.t_loss == 0.5
     assert (b.loss_a, b.loss_b, b.points, b.bn) == (1.0, 2.0, 5, "recompute")
-    # errors 10, 20, 50, 15, 12: line 10 + 2t -> at 0.5: 50 - 11 = 39
-    assert b.error_barrier == pytest.approx(39.0) and b.t_error == 0.5
+    # errors (fractions) 0.10, 0.20, 0.50, 0.15, 0.12: line 0.10 + 0.02t -> at 0.5: 0.50 - 0.11 = 0.39
+    assert b.error_barrier == pytest.approx(0.39) and b.t_error == 0.5
 
 
 def test_linear_path_has_no_barrier_and_extrapolation_is_ignored():

@@ -33,7 +33,7 @@ def test_train_eval_info_end_to_end(teacher, tmp_path):
     expect = evaluate(ck.model, d.test_x, d.test_y, d.mean, d.std)
     r = run("eval", teacher, "--csv", tmp_path / "e.csv", "--json", tmp_path / "e.json")
     assert r.exit_code == 0, r.output
-    rows = json.loads((tmp_path / "e.json").read_text())
+    rows = json.loads((tmp_path / "e.json").read_text())["data"]
     assert rows[0]["test_acc"] == pytest.approx(expect.acc) and rows[0]["test_acc"] == pytest.approx(ck.meta["test_acc"])
     assert "test_acc" in (tmp_path / "e.csv").read_text().splitlines()[0]
     r = run("info", teacher)

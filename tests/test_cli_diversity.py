@@ -48,7 +48,7 @@ def test_diversity_csv_holds_raw_scores(tmp_path):
         got = [float(r["score"]) for r in rows if r["checkpoint"] == str(p)]
         assert got == pytest.approx([jacobian_score(model, b) for b in batches], rel=1e-12)
     doc = json.loads((out / "d.json").read_text())
-    assert doc["settings"]["batch_size"] == 12 and len(doc["models"]) == 2
+    assert doc["settings"]["batch_size"] == 12 and len(doc["data"]["models"]) == 2 and doc["kind"] == "diversity"
     assert (out / "d.html").stat().st_size > 1_000_000
 
 

@@ -22,6 +22,13 @@ from kdprobe.probes.sharpness import sharpness  # noqa: E402
 SAMPLES = 200
 
 
+def _probe_doc(path):
+    """A probe's --json document (the envelope of docs/units.md) as {command, settings, <table>: records}."""
+    doc = json.loads(path.read_text())
+    assert {"kind", "kdprobe_version", "units", "settings", "data"} <= set(doc), sorted(doc)
+    return {"command": doc["kind"], "settings": doc["settings"], **doc["data"]}
+
+
 def _app():
     from cli.main import app
 
@@ -67,7 +74,7 @@ def test_agreement_json_csv_html_hold_the_library_values(zoo, tmp_path):
                "--json", out / "a.json", "--csv", out / "a.csv", "--html", out / "a.html")
     assert res.exit_code == 0, res.output
     assert "student-teacher kd-label->scratch" in res.output and "6 forward passes" in res.output
-    doc = json.loads((out / "a.json").read_text())
+    doc = _probe_doc(out / "a.json")
     assert doc["command"] == "agreement" and doc["settings"]["forward_passes"] == 6
     pairs = _flat_records(doc, "pairs")
     assert len(pairs) == 15
@@ -118,7 +125,7 @@ def test_calibration_cli_with_temperature(zoo, tmp_path):
     res = _run("calibration", zoo / "*.pt", "--samples", SAMPLES, "--device", "cpu", "--temperature", "--adaptive",
                "--classwise", "--json", tmp_path / "c.json", "--csv", tmp_path / "c.csv", "--html", tmp_path / "c.html")
     assert res.exit_code == 0, res.output
-    doc = json.loads((tmp_path / "c.json").read_text())
+    doc = _probe_doc(tmp_path / "c.json")
     rows = _flat_records(doc, "checkpoints")
     r = rows[0]
     _, y, z = _log_probs(r["checkpoint"])
@@ -142,7 +149,7 @@ def test_cka_matrix_and_group(zoo, tmp_path):
     res = _run("cka", a, b, "--samples", SAMPLES, "--device", "cpu", "--json", tmp_path / "m.json",
                "--csv", tmp_path / "m.csv", "--html", tmp_path / "m.html")
     assert res.exit_code == 0, res.output
-    doc = json.loads((tmp_path / "m.json").read_text())
+    doc = _probe_doc(tmp_path / "m.json")
     data = load_dataset("digits")
     x = normalize(data.test_x[:SAMPLES], data.mean, data.std)
     ref = cka_matrix(load_checkpoint(a).model, load_checkpoint(b).model, x)
@@ -155,7 +162,7 @@ def test_cka_matrix_and_group(zoo, tmp_path):
     assert pair["a"] == str(b)  # the student first
     grp = _run("cka", zoo / "*.pt", "--samples", SAMPLES, "--device", "cpu", "--json", tmp_path / "g.json")
     assert grp.exit_code == 0, grp.output
-    g = json.loads((tmp_path / "g.json").read_text())
+    g = _probe_doc(tmp_path / "g.json")
     assert len(g["pairs"]) == 15 and g["settings"]["estimator"] == "exact" and g["settings"]["forward_passes"] == 6
     same = next(p for p in g["pairs"] if {p["a"], p["b"]} == {str(a), str(b)})
     assert same["cka"] == pytest.approx(cell["cka"], rel=1e-9)
@@ -171,7 +178,7 @@ def test_sharpness_cli_matches_the_library(zoo, tmp_path):
                "--density", "--lanczos-steps", 5, "--json", tmp_path / "s.json", "--csv", tmp_path / "s.csv",
                "--html", tmp_path / "s.html")
     assert res.exit_code == 0, res.output
-    doc = json.loads((tmp_path / "s.json").read_text())
+    doc = _probe_doc(tmp_path / "s.json")
     rows = {r["checkpoint"]: r for r in _flat_records(doc, "checkpoints")}
     data = load_dataset("digits")
     x, y = normalize(data.train_x[:64], data.mean, data.std), data.train_y[:64]

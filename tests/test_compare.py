@@ -87,7 +87,8 @@ def test_cli_exit_codes_and_one_line_errors(tmp_path):
     assert same.exit_code == 0 and ": the same (" in same.output
     diff = runner.invoke(app, ["compare", str(a), str(b)])
     assert diff.exit_code == 1
-    assert "DIFF  accuracy[0].mean: 52.946666666666665 != 53.0" in diff.output
+    # BASE is a format-1 summary (flat, percent): both are read with their accuracies as fractions (docs/units.md)
+    assert f"DIFF  accuracy[0].mean: {52.946666666666665 / 100!r} != {53.0 / 100!r}" in diff.output
     assert "DIFFERENT in 1 places" in diff.output
     junk = tmp_path / "junk.json"
     junk.write_text('{"format": "other"}')
@@ -152,3 +153,15 @@ def test_cli_states_the_tolerance_and_why(tmp_path):
     assert r.exit_code == 1 and "numbers compared bit-equal: both ran on Intel(R) Xeon(R) (AVX512, 2 threads)" in r.output
     r = runner.invoke(app, ["compare", str(a), str(b), "--rtol", "0"])
     assert r.exit_code == 1 and "numbers compared bit-equal (as given)" in r.output
+
+
+def test_a_format_1_summary_is_read_in_fractions_like_today_s(tmp_path):
+    from kdprobe.studies.result import upgraded
+
+    (tmp_path / "summary.json").write_text(json.dumps(BASE))
+    flat = load_summary(tmp_path)
+    assert flat["cells"][0]["test_acc"] == 51.63 / 100 and flat["accuracy"][0]["mean"] == 52.946666666666665 / 100
+    assert flat["accuracy"][0]["p_value"] is None and flat["cells"][0]["seed"] == 0  # not accuracies: unchanged
+    doc = upgraded(BASE)
+    assert doc["kind"] == "study" and doc["format_version"] == 2 and doc["data"]["cells"][0]["test_acc"] == 0.5163
+    assert upgraded(doc) is doc  # today's form is left alone

@@ -39,4 +39,4 @@ def test_two_rank_torchrun_matches_single_process(tmp_path):
     # per-rank BatchNorm statistics make 2 ranks differ slightly from 1; a different seed differs a lot
     # measured: 0.017 with DDP, 0.039 when the ranks do not average gradients, 1.0 for another seed
     assert same_recipe < 0.025 * other_seed, (float(same_recipe), float(other_seed))
-    assert abs(meta["test_acc"] - load_checkpoint(one).meta["test_acc"]) < 15.0
+    assert abs(meta["test_acc"] - load_checkpoint(one).meta["test_acc"]) < 0.15

@@ -337,8 +337,8 @@ def test_writers(tmp_path):
     assert float(rows[1]["score"]) == -149.0 and rows[1]["bn"] == "eval" and rows[1]["probe_seed"] == "0"
     write_diversity_json(scores, groups, settings, tmp_path / "d.json")
     doc = json.loads((tmp_path / "d.json").read_text())
-    assert doc["settings"]["batch_size"] == 128 and doc["groups"][0]["p_value"] is None
-    assert doc["models"][0]["values"] == [-150.0, -149.0]
+    assert doc["settings"]["batch_size"] == 128 and doc["data"]["groups"][0]["p_value"] is None
+    assert doc["data"]["models"][0]["values"] == [-150.0, -149.0]
     write_diversity_html(DiversityTable(settings, tuple(scores), tuple(groups)), tmp_path / "d.html")
     html = (tmp_path / "d.html").read_text()
     assert "N=128" in html and "bn=eval" in html and "<script src=\"http" not in html

@@ -82,7 +82,7 @@ def test_surplus_equals_the_formula_by_hand(done):
     (row,) = res.surplus
     assert row.surplus == pytest.approx((sd - fs) - (uk - us), abs=1e-9)
     doc = json.loads((out / "surplus.json").read_text())
-    assert doc["rows"][0]["surplus"] == pytest.approx((sd - fs) - (uk - us), abs=1e-9)
+    assert doc["data"][0]["surplus"] == pytest.approx((sd - fs) - (uk - us), abs=1e-9)
     pj = json.loads((out / "pipeline.json").read_text())
     assert [c["path"] for c in pj["cells"]] == [f"seed0/{n}.pt" for n in CELLS]
     assert all(c["sha256"] == sha256_file(out / c["path"]) for c in pj["cells"])
@@ -178,7 +178,7 @@ def test_cli_runs_the_pipeline_and_prints_both_tables(tmp_path):
     assert "[7/9] seed 0 post_distill-label: training (from scratch_pruned, label KD from scratch)" in r.output
     assert "surplus ± se" in r.output and "self_distill" in r.output
     rows = list(csv.DictReader(open(tmp_path / "r" / "results.csv")))
-    assert rows[0]["setting"] == "50" and f"{float(rows[1]['self_distill']):.2f}" in r.output
+    assert rows[0]["setting"] == "50" and f"{float(rows[1]['self_distill']):.4f}" in r.output
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and again.output.count("skip (exists") == 9
     bad = CliRunner().invoke(app, args[:-3] + ["--finetune-epochs", "2", "--quiet"])

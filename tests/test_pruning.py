@@ -350,7 +350,7 @@ def _ckpt(tmp_path, name, **kw):
 
     torch.manual_seed(0)
     m = _randomize_bn(create_model(name, num_classes=10, in_channels=1, **kw))
-    meta = {"method": "scratch", "input_shape": [1, 8, 8], "test_acc": 90.0, "config": {"bn_sparsity": 0.0},
+    meta = {"method": "scratch", "input_shape": [1, 8, 8], "test_acc": 0.9, "config": {"bn_sparsity": 0.0},
             "versions": {"torch": str(torch.__version__)}}  # plain str: weights_only loading rejects TorchVersion
     return save_checkpoint(tmp_path / f"{name}.pt", m, meta)
 
@@ -366,7 +366,7 @@ def test_cli_prune_l1_weight_and_slimming(tmp_path, capsys):
     assert ck.model.arch["kwargs"]["block_cfg"] == [4, 2, 2, 4, 4, 4, 8, 8, 8]
     assert p["method"] == "l1" and p["skip"] == [[1, 1]] and p["params_after"] == count_params(ck.model)
     assert p["params_before"] > p["params_after"] and p["flops_before"] > p["flops_after"]
-    assert "test_acc" not in ck.meta and p["source_test_acc"] == 90.0
+    assert "test_acc" not in ck.meta and p["source_test_acc"] == 0.9
     assert "params" in capsys.readouterr().out
 
     prune(src, method="weight", remaining="0.4", out=tmp_path / "w.pt")

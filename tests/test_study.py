@@ -100,7 +100,7 @@ def test_rerun_trains_and_recomputes_nothing(done, tmp_path, monkeypatch):
     spec, _ = _spec(tmp_path)
     res = study.run_study(spec, out, device="cpu")
     assert all(c.action == "existing" for c in res.cells)
-    assert to_dict(res)["cells"][0]["test_acc"] == to_dict(done[2])["cells"][0]["test_acc"]
+    assert to_dict(res)["data"]["cells"][0]["test_acc"] == to_dict(done[2])["data"]["cells"][0]["test_acc"]
 
 
 def test_changed_spec_value_adds_cells_and_keeps_old_files(done, tmp_path):
@@ -216,14 +216,14 @@ def test_report_and_summary_numbers_come_from_the_checkpoints(done):
     assert page.count("* plotly.js v") == 1 and page.count("Plotly.newPlot") == 3
     flat, solid = _figure_traces(page)
     assert flat == [["scatter"] * 3, ["contour", "contour"]] and solid == [["surface", "surface"]]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())["data"]
     acc = {}
     for c in summary["cells"]:
         acc.setdefault(c["method"], []).append(load_checkpoint(out / c["path"]).meta["test_acc"])
     for g in summary["accuracy"]:
         vals = np.array(acc[g["group"]])
         assert g["mean"] == pytest.approx(vals.mean()) and g["std"] == pytest.approx(vals.std(ddof=1))
-        assert f"{vals.mean():.2f} ± {vals.std(ddof=1):.2f}" in page
+        assert f"{vals.mean():.4f} ± {vals.std(ddof=1):.4f}" in page and 0 < vals.mean() <= 1  # fractions
     data = load_dataset("digits")
     x_all = data.train_x
     batches = [normalize(x_all[i], data.mean, data.std) for i in probe_indices(len(x_all), 2, 16, 0)]
@@ -346,15 +346,15 @@ def test_report_never_shows_an_interval_outside_what_the_metric_can_take(done):
     from kdprobe.writers.report import report_html
 
     _, out, res = done
-    # an accuracy group at 98.5 +- 3.1 (a few seeds, wide t interval): raw interval [95.4, 101.6]
-    acc = GroupStats("scratch", 3, 98.5, 1.2, 0.7, 3.1, 95.4, 101.6, math.nan, math.nan, math.nan, False)
+    # an accuracy group at 0.985 +- 0.031 (a few seeds, wide t interval): raw interval [0.954, 1.016]
+    acc = GroupStats("scratch", 3, 0.985, 0.012, 0.007, 0.031, 0.954, 1.016, math.nan, math.nan, math.nan, False)
     # a v1 diversity group at N=16 whose interval would reach -2.0, above the largest possible score -16
     d = res.diversity
     div = replace(d.groups[0], mean=-30.0, half_width=28.0, low=-58.0, high=-2.0)
     page = report_html(replace(res, accuracy=(acc,), diversity=replace(d, groups=(div,) + d.groups[1:])))
-    assert "[95.40, 100.00*]" in page and "101.60" not in page and "clipped to what an accuracy can take" in page
+    assert "[0.9540, 1.0000*]" in page and "1.0160" not in page and "clipped to what an accuracy can take" in page
     assert "[-58.000, -16.000*]" in page and "-2.000" not in page
-    assert to_dict(replace(res, accuracy=(acc,)))["accuracy"][0]["high"] == 101.6  # the files keep the raw end
+    assert to_dict(replace(res, accuracy=(acc,)))["data"]["accuracy"][0]["high"] == 1.016  # files keep the raw end
 
 
 def test_spec_toml_with_a_bom_loads_and_other_encodings_are_one_line(tmp_path):
@@ -372,11 +372,11 @@ def test_spec_toml_with_a_bom_loads_and_other_encodings_are_one_line(tmp_path):
 def test_report_markdown_holds_the_reports_tables_and_the_landscape_page_its_figure(done):
     _, out, res = done
     md = (out / "report.md").read_text()
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())["data"]
     section = md.split("## Test accuracy", 1)[1].split("\n## ", 1)[0]
     rows = {ln.split("|")[1].strip(): ln for ln in section.splitlines() if ln.startswith("| ")}
     for g in summary["accuracy"]:  # each group's row carries the summary's mean and std, as the HTML shows them
-        assert f"| {g['mean']:.2f} ± {g['std']:.2f} |" in rows[g["group"]]
+        assert f"| {g['mean']:.4f} ± {g['std']:.4f} |" in rows[g["group"]]
     assert "## Test accuracy" in md and "## Loss landscapes" in md and "newPlot" not in md and "<" not in md
     assert "|---|---:|" in md  # text columns left, numbers right
     page = (out / "landscapes.html").read_text()

@@ -14,7 +14,7 @@ from kdprobe.checkpoints.format import load_checkpoint
 from kdprobe.data.datasets import load_dataset, normalize
 from kdprobe.studies.ensemble_reading import DOES_NOT, INCONCLUSIVE, SUPPORTS, decide, headline, verdicts
 from kdprobe.errors import KdprobeError
-from kdprobe.studies.result import from_dict, to_dict
+from kdprobe.studies.result import flat_summary, from_dict, to_dict
 from kdprobe.studies.spec import load_spec
 from trainers import study
 
@@ -62,7 +62,9 @@ def done(tmp_path_factory):
     spec, text = _load(tmp)
     out = tmp / "out"
     res = study.run_study(spec, out, device="cpu", spec_text=text)
-    return tmp, out, res, json.loads((out / "summary.json").read_text())
+    doc = json.loads((out / "summary.json").read_text())
+    assert doc["kind"] == "study" and doc["format_version"] == 2 and set(doc) >= {"kdprobe_version", "units"}
+    return tmp, out, res, flat_summary(doc)  # settings and data side by side
 
 
 def _cells(summary, out):
@@ -162,14 +164,15 @@ def test_report_files_and_round_trip(done):
     page = (out / "report.html").read_text()
     for name in ("agreement", "ensembles", "calibration", "cka", "sharpness"):
         assert f"id='{name}'" in page and (out / f"{name}.json").exists() and (out / f"{name}.html").exists()
-        assert json.loads((out / f"{name}.json").read_text())["command"] == name
+        assert json.loads((out / f"{name}.json").read_text())["kind"] == name
     assert "id='reading'" in page and page.count("* plotly.js v") == 1
     # every probe figure is SVG only: no WebGL trace type anywhere in the page (no landscape in this spec)
     assert not re.search(r'"type":\s*"(scattergl|surface|heatmapgl|scatter3d)"', page)
     for v in summary["verdicts"]:  # the verdict sentence of each probe is on the page
         assert f"{v['method']} " in page and v["verdict"] in ("supports", "does not support", "inconclusive")
         assert headline([from_dict(summary).verdicts[summary["verdicts"].index(v)]]).split(" (")[0] in page
-    assert to_dict(from_dict(summary)) == summary == to_dict(res)
+    doc = json.loads((out / "summary.json").read_text())
+    assert to_dict(from_dict(doc)) == doc == to_dict(res) and flat_summary(to_dict(res)) == summary
 
 
 def test_a_switched_off_probe_has_no_section(done, tmp_path, monkeypatch):
@@ -182,7 +185,7 @@ def test_a_switched_off_probe_has_no_section(done, tmp_path, monkeypatch):
     spec, _ = _load(tmp_path, SPEC.replace("[cka]\nsamples = 120\n", ""), ["sharpness.enabled=false"])
     assert set(spec.probes) == {"agreement", "ensembles", "calibration"}
     res = study.run_study(spec, out, device="cpu")
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())["data"]
     assert set(summary["probes"]) == {"agreement", "ensembles", "calibration"}
     assert {v["probe"] for v in summary["verdicts"]} == {"agreement", "ensembles", "calibration"}
     page = (out / "report.html").read_text()

@@ -20,14 +20,15 @@ def _write(tmp_path, body, name="results.csv"):
 
 
 def test_worked_example_from_the_paper(tmp_path):
-    # REFERENCE.md: ResNet-56 40/70/90, label KD: (73.30 - 70.06) - (73.76 - 71.23) = 0.71
+    # REFERENCE.md: ResNet-56 40/70/90, label KD: (73.30 - 70.06) - (73.76 - 71.23) = 0.71 points; the table is
+    # in percent, read as fractions (docs/units.md): 0.0071
     p = _write(tmp_path, "resnet56,40/70/90,scratch,71.23,70.06,,,\n"
                          "resnet56,40/70/90,label,73.76,72.10,72.5,73.0,73.30\n")
     (r,) = compute_surplus(read_results_csv(p))
     assert (r.model, r.setting, r.kd_type) == ("resnet56", "40/70/90", "label")
-    assert r.gain_unpruned == pytest.approx(2.53)
-    assert r.gain_pruned == pytest.approx(3.24)
-    assert r.surplus == pytest.approx(0.71, abs=1e-9)
+    assert r.gain_unpruned == pytest.approx(0.0253)
+    assert r.gain_pruned == pytest.approx(0.0324)
+    assert r.surplus == pytest.approx(0.0071, abs=1e-11)
     assert r.surplus_se is None and r.unpruned_scratch_std is None  # one run each: no spread
 
 
@@ -41,14 +42,15 @@ def test_seeds_are_averaged_and_spread_propagated(tmp_path):
     rows = compute_surplus(read_results_csv(p))
     assert [(r.model, r.kd_type) for r in rows] == [("r56", "label"), ("r56", "feature"), ("vgg", "label")]
     lab, feat, vgg = rows
-    # by hand: scratch unpruned mean 71, finetuned mean 70, KD unpruned 73.5, self-distill 73.5
-    assert lab.surplus == pytest.approx((73.5 - 70) - (73.5 - 71))
+    # by hand, in percent: scratch unpruned mean 71, finetuned mean 70, KD unpruned 73.5, self-distill 73.5;
+    # the results are fractions (/100)
+    assert lab.surplus == pytest.approx(((73.5 - 70) - (73.5 - 71)) / 100)
     assert (lab.unpruned_scratch_n, lab.finetuned_scratch_n, lab.unpruned_kd_n, lab.self_distill_n) == (3, 3, 2, 2)
-    assert lab.unpruned_scratch_std == pytest.approx(1.0)
-    se2 = [1.0 / 3, 1.0 / 3, 0.5 / 2, 0.5 / 2]  # sample variances / n
-    assert lab.surplus_se == pytest.approx(math.sqrt(sum(se2)))
-    assert feat.gain_unpruned == pytest.approx(4.0) and feat.surplus is None and feat.self_distill_n == 0
-    assert vgg.surplus == pytest.approx((90.5 - 89) - (91 - 90))
+    assert lab.unpruned_scratch_std == pytest.approx(0.01)
+    se2 = [1.0 / 3, 1.0 / 3, 0.5 / 2, 0.5 / 2]  # sample variances / n, in percent^2
+    assert lab.surplus_se == pytest.approx(math.sqrt(sum(se2)) / 100)
+    assert feat.gain_unpruned == pytest.approx(0.04) and feat.surplus is None and feat.self_distill_n == 0
+    assert vgg.surplus == pytest.approx(((90.5 - 89) - (91 - 90)) / 100)
 
     write_surplus_csv(rows, tmp_path / "s.csv")
     write_surplus_json(rows, tmp_path / "s.json")
@@ -56,7 +58,8 @@ def test_seeds_are_averaged_and_spread_propagated(tmp_path):
     assert lines[0].startswith("model,setting,kd_type,") and len(lines) == 4
     assert lines[2].split(",")[-2:] == ["", ""]  # undefined surplus -> blank cells
     doc = json.loads((tmp_path / "s.json").read_text())
-    assert doc["rows"][1]["surplus"] is None and doc["rows"][0]["surplus"] == pytest.approx(1.0)
+    assert doc["kind"] == "surplus" and doc["settings"]["formula"].startswith("surplus =")
+    assert doc["data"][1]["surplus"] is None and doc["data"][0]["surplus"] == pytest.approx(0.01)
 
 
 @pytest.mark.parametrize("body, line, words", [
@@ -66,13 +69,13 @@ def test_seeds_are_averaged_and_spread_propagated(tmp_path):
     ("r56,B,scratch,71,70,,,73\n", 2, "only unpruned and finetuned"),
     ("r56,B,scratch,71,70,,,\n\nr56,B,label,nan,,,,73\n", 4, "unpruned"),
     # issue 10 item 14: plain accuracies in one unit only
-    ("r56,B,scratch,71,70,,,\nr56,B,label,1e308,,,,73\n", 3, "between 0 and 100.*unpruned.*1e308"),
+    ("r56,B,scratch,71,70,,,\nr56,B,label,1e308,,,,73\n", 3, "between 0 and 1 .*unpruned.*1e308"),
     ("r56,B,scratch,71,70,,,\nr56,B,label,inf,,,,73\n", 3, "expected a number.*'inf'"),
     ("r56,B,scratch,71,70,,,\nr56,B,label,-nan,,,,73\n", 3, "expected a number.*'-nan'"),
     ("r56,B,scratch,71,70,,,\nr56,B,label,7_1,,,,73\n", 3, "expected a number.*'7_1'"),
     ("r56,B,scratch,71,70,,,\nr56,B,label,\u0667\u0661,,,,73\n", 3, "expected a number"),  # Arabic-Indic 71
-    ("r56,B,scratch,101,70,,,\n", 2, "between 0 and 100.*101"),
-    ("r56,B,scratch,-0.5,70,,,\n", 2, "between 0 and 100"),
+    ("r56,B,scratch,101,70,,,\n", 2, "between 0 and 1 .*101"),
+    ("r56,B,scratch,-0.5,70,,,\n", 2, "between 0 and 1 "),
     ("r56,B,scratch,71.2,70,,,\nr56,B,label,0.74,,,,0.73\n", 3, "one unit.*unpruned=0.74.*unpruned=71.2 on line 2"),
 ])
 def test_malformed_rows_name_file_and_line(tmp_path, body, line, words):
@@ -96,7 +99,7 @@ def test_cli_surplus_prints_table_and_writes_files(tmp_path, capsys):
     p = _write(tmp_path, "resnet56,40/70/90,scratch,71.23,70.06,,,\nresnet56,40/70/90,label,73.76,,,,73.30\n")
     surplus(p, csv=tmp_path / "o.csv", json=tmp_path / "o.json")
     out = capsys.readouterr().out
-    assert "+0.71" in out and "label" in out
+    assert "+0.0071" in out and "label" in out
     assert (tmp_path / "o.csv").exists() and (tmp_path / "o.json").exists()
     empty = _write(tmp_path, "resnet56,x,scratch,71,70,,,\n", name="empty.csv")
     with pytest.raises(KdprobeError, match="at least one KD row"):
@@ -113,19 +116,25 @@ def test_bom_and_comment_lines_are_accepted(tmp_path):
             "resnet56,40/70/90,label,73.76,,,,73.30\n")
     p.write_bytes(b"\xef\xbb\xbf" + body.encode())  # UTF-8 with a byte-order mark (Excel's "CSV UTF-8")
     (r,) = compute_surplus(read_results_csv(p))
-    assert r.surplus == pytest.approx(0.71, abs=1e-9) and r.model == "resnet56"
+    assert r.surplus == pytest.approx(0.0071, abs=1e-11) and r.model == "resnet56"
 
 
-def test_a_file_of_fractions_is_read_as_fractions(tmp_path, capsys):
+def test_fractions_are_read_as_they_are_and_percents_converted(tmp_path, capsys):
     from cli.surplus import surplus
 
     p = _write(tmp_path, "resnet56,40/70/90,scratch,0.7123,0.7006,,,\nresnet56,40/70/90,label,0.7376,,,,0.7330\n")
     rows = read_results_csv(p)
-    assert all(r.from_fractions for r in rows) and rows[0].unpruned == pytest.approx(71.23)
-    assert compute_surplus(rows)[0].surplus == pytest.approx(0.71, abs=1e-9)
+    assert not any(r.from_percent for r in rows) and rows[0].unpruned == 0.7123
+    assert compute_surplus(rows)[0].surplus == pytest.approx(0.0071, abs=1e-11)
     surplus(p, csv=None, json=None)
     out = capsys.readouterr()
-    assert "+0.71" in out.out and "read as fractions" in out.err
+    assert "+0.0071" in out.out and "note" not in out.err
+    p = _write(tmp_path, "resnet56,40/70/90,scratch,71.23,70.06,,,\nresnet56,40/70/90,label,73.76,,,,73.30\n")
+    rows = read_results_csv(p)
+    assert all(r.from_percent for r in rows) and rows[0].unpruned == pytest.approx(0.7123, abs=1e-15)
+    surplus(p, csv=None, json=None)
+    out = capsys.readouterr()
+    assert "+0.0071" in out.out and "divided by 100" in out.err
 
 
 def test_duplicate_columns_are_refused(tmp_path):
@@ -136,7 +145,7 @@ def test_duplicate_columns_are_refused(tmp_path):
         read_results_csv(p)
     p.write_text("model,setting,train_type,unpruned,finetuned,post_distill,pre_post,self_distill,,\n"
                  "r56,B,scratch,71,70,,,,,\n")  # empty trailing names are not columns
-    assert read_results_csv(p)[0].unpruned == 71
+    assert read_results_csv(p)[0].unpruned == 0.71
 
 
 def test_other_encodings_and_huge_fields_are_one_line(tmp_path):

@@ -35,7 +35,7 @@ def _payload_equal(a, b):
 def test_digits_scratch_reaches_90_percent(tmp_path):
     cfg = make_config("fast", model="resnet8b", model_kwargs={"width": 0.5}, epochs=6)
     res = train(cfg, tmp_path / "d.pt")
-    assert res.test_acc >= 90.0
+    assert 0.90 <= res.test_acc <= 1.0  # a fraction (docs/units.md)
     ck = load_checkpoint(tmp_path / "d.pt")
     assert ck.meta["test_acc"] == res.test_acc and ck.meta["reported"] == "last-epoch"
     assert ck.meta["best_acc"] >= ck.meta["test_acc"] and ck.meta["method"] == "scratch"

@@ -471,7 +471,7 @@ def test_format1_option_a_checkpoint_loads_as_the_subsample_network_it_was_train
     assert again.model.arch["name"] == "resnet20a-subsample"
     fresh = load_checkpoint(save_checkpoint(tmp_path / "new.pt", new, {}))
     assert fresh.model.arch["kwargs"]["shortcut_a"] == "avgpool"
-    assert torch.load(tmp_path / "new.pt", weights_only=True)["format_version"] == 2
+    assert torch.load(tmp_path / "new.pt", weights_only=True)["format_version"] == 3
     # format-1 names of other families are untouched
     b = create_model("resnet8b", num_classes=5, width=0.25)
     torch.save(_format1_payload("resnet8b", dict(b.arch["kwargs"]), b.state_dict()), tmp_path / "b.pt")

@@ -429,7 +429,7 @@ def _train(config: TrainConfig, out: Path, *, device: str, progress: Progress | 
             ev = evaluate(model, on.test_x, on.test_y, data.mean, data.std)
             s = ddp.sum_counts(sums.tolist())
             rec = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": s[0] / s[2],
-                   "train_acc": 100.0 * s[1] / s[2], "test_loss": ev.loss, "test_acc": ev.acc,
+                   "train_acc": s[1] / s[2], "test_loss": ev.loss, "test_acc": ev.acc,
                    "test_images": len(on.test_y)}
             state.update(epoch=epoch + 1, step=0, perm=None, sums=[0.0, 0, 0], history=state["history"] + [rec])
             progress.epoch(dict(rec, seconds=round(time.monotonic() - t0, 2)))

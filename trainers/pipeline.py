@@ -158,7 +158,7 @@ class CellRecord:
     cell: Cell
     path: Path
     sha256: str
-    test_acc: float | None    # last-epoch test accuracy (%); None for pruned checkpoints
+    test_acc: float | None    # last-epoch test accuracy (a fraction, 0-1); None for pruned checkpoints
     action: str               # trained | pruned | skipped
     seconds: float
     pruning: dict | None = None  # params/MACs before and after, for pruned cells
@@ -354,7 +354,7 @@ def _write_outputs(spec: PipelineSpec, out_dir: Path, records: list[CellRecord],
     # no times or run actions in pipeline.json: a resumed run writes the same file
     doc = {"format": "kdprobe-pipeline", "version": 1, "kind": "pruning", "spec": asdict(spec),
            "model": spec.model_label, "setting": spec.setting, "bn_sparsity": spec.resolved_bn_sparsity,
-           "teacher": TEACHER_NOTE, "accuracy": "last-epoch test accuracy (%), meta['test_acc'] of each checkpoint",
+           "teacher": TEACHER_NOTE, "accuracy": "last-epoch test accuracy (a fraction, 0-1), meta['test_acc'] of each checkpoint",
            "cells": [{"seed": r.cell.seed, "name": r.cell.name, "phase": r.cell.phase, "train_type": r.cell.train_type,
                       "column": r.cell.column, "path": r.cell.file, "sha256": r.sha256, "test_acc": r.test_acc,
                       "source": r.cell.source, "distill": r.cell.distill, "teacher": r.cell.teacher,

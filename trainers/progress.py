@@ -32,7 +32,7 @@ class TqdmProgress(Progress):
     def epoch(self, record):
         if self.enabled:
             self.bar.write(f"epoch {record['epoch']:>3}  lr {record['lr']:.4g}  train loss {record['train_loss']:.4f} "
-                           f"acc {record['train_acc']:.2f}  test loss {record['test_loss']:.4f} acc {record['test_acc']:.2f}  "
+                           f"acc {record['train_acc']:.2%}  test loss {record['test_loss']:.4f} acc {record['test_acc']:.2%}  "
                            f"({record['seconds']:.1f}s)", file=sys.stderr)
 
     def close(self):
@@ -46,7 +46,7 @@ class CellBar(TqdmProgress):
 
     def epoch(self, record):
         if self.bar is not None:
-            self.bar.set_postfix({"epoch": record["epoch"], "test acc": f"{record['test_acc']:.2f}"}, refresh=False)
+            self.bar.set_postfix({"epoch": record["epoch"], "test acc": f"{record['test_acc']:.2%}"}, refresh=False)
 
 
 class TqdmStudyProgress(StudyProgress):

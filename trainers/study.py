@@ -253,7 +253,7 @@ def train_cells(cells: list[Cell], out: Path, *, device: str = "auto", jobs: int
                     progress=_EpochForwarder(progress.training(cell.label), progress))
         record_hashes([cell], out)
         info[cell.rel] = {"action": action, "seconds": round(time.monotonic() - t0, 3)}
-        progress.note(f"      {cell.label}: test accuracy {res.test_acc:.2f}% (last epoch), "
+        progress.note(f"      {cell.label}: test accuracy {res.test_acc:.2%} (last epoch), "
                       f"{info[cell.rel]['seconds']:.1f}s")
     return info
 
@@ -344,7 +344,7 @@ def _cell_main(job_file: str) -> int:
     cfg = TrainConfig.from_dict(job["config"])
     res = train(cfg, job["out"], device=job["device"], snapshot_epochs=tuple(job["snapshots"]))
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank runs this; one reports
-        print(f"{cfg.method} seed {cfg.seed}: test accuracy {res.test_acc:.2f}% -> {res.path}", flush=True)
+        print(f"{cfg.method} seed {cfg.seed}: test accuracy {res.test_acc:.2%} -> {res.path}", flush=True)
         Path(job_file).unlink(missing_ok=True)
     return 0
 

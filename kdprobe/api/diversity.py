@@ -225,7 +225,7 @@ class SurplusResult:
 
     rows: one kdprobe.probes.surplus.SurplusRow per (model, setting, KD type): the mean, std and n of its four
     inputs, gain_unpruned, gain_pruned, surplus and surplus_se (None where undefined). results: the runs read
-    from the table (kdprobe.probes.surplus.ResultRow, accuracies in percent). source: the table's path."""
+    from the table (kdprobe.probes.surplus.ResultRow, accuracies as fractions 0-1). source: the table's path."""
 
     rows: tuple
     results: tuple = field(repr=False)
@@ -233,9 +233,9 @@ class SurplusResult:
     command: ClassVar[str] = "surplus"
 
     @property
-    def from_fractions(self) -> bool:
-        """True when the table held fractions (0-1), read as percent (x100)."""
-        return bool(self.results) and self.results[0].from_fractions
+    def from_percent(self) -> bool:
+        """True when the table held percents (0-100), converted to fractions (/100) like every kdprobe output."""
+        return bool(self.results) and self.results[0].from_percent
 
     def to_dict(self) -> dict:
         """The document --json writes: format, version, formula, spread and rows (undefined values None)."""
@@ -275,8 +275,9 @@ def surplus(results_csv: str | os.PathLike, *, note=None) -> SurplusResult:
     (SelfDistill - Finetuned_scratch) - (Unpruned_KD - Unpruned_scratch), with its standard error.
 
     results_csv: a UTF-8 CSV with header model,setting,train_type,unpruned,finetuned,post_distill,pre_post,
-    self_distill, one row per run (extra columns are ignored; # starts a comment line). Accuracies in percent
-    (0-100); a file of fractions (0-1) is converted (note(text) is told; default: stderr), a mix is refused.
+    self_distill, one row per run (extra columns are ignored; # starts a comment line). Accuracies as fractions
+    (0-1, docs/units.md); a file in percent (0-100) is converted (note(text) is told; default: stderr), a mix is
+    refused. Gains and the surplus come back as fractions too (0.0123 = 1.23 accuracy points).
     Returns a SurplusResult; a table without any KD row is a KdprobeError."""
     from kdprobe.probes.surplus import compute_surplus, read_results_csv
 
@@ -285,9 +286,9 @@ def surplus(results_csv: str | os.PathLike, *, note=None) -> SurplusResult:
     rows = compute_surplus(results)
     if not rows:
         raise KdprobeError(f"expected at least one KD row (train_type other than scratch) in {results_csv}, got none")
-    if results[0].from_fractions:
-        note(f"note: every accuracy in {results_csv} is between 0 and 1, so they were read as fractions and "
-             "are shown in percent (x100)")
+    if results[0].from_percent:
+        note(f"note: the accuracies in {results_csv} are percents (some exceed 1), so they were divided by 100: "
+             "kdprobe writes every accuracy as a fraction (0-1)")
     return SurplusResult(tuple(rows), tuple(results), Path(results_csv))
 
 
@@ -298,20 +299,27 @@ class EvaluationResult:
     """The result of kdprobe.evaluate: loss and accuracy of each checkpoint.
 
     rows: one dict per checkpoint in order: checkpoint (its path, or moduleN), method, seed, dataset, and per
-    split evaluated {split}_loss (mean cross-entropy) and {split}_acc (top-1, percent). split: test, train or
-    both."""
+    split evaluated {split}_loss (mean cross-entropy, nats), {split}_acc (top-1, a fraction 0-1) and
+    {split}_images (how many were evaluated). split: test, train or both."""
 
     rows: tuple
     split: str
     command: ClassVar[str] = "eval"
 
-    def to_dict(self) -> list[dict]:
-        """The document --json writes, which for eval is a list: one record per checkpoint (copies)."""
+    def records(self) -> list[dict]:
+        """One record per checkpoint (copies): the --csv table."""
         return [dict(r) for r in self.rows]
+
+    def to_dict(self) -> dict:
+        """The document --json writes (kdprobe.files.documents.envelope): kind "eval", kdprobe_version, units,
+        settings {split, augmentation, bn}, data (one record per checkpoint, as records())."""
+        from kdprobe.files.documents import envelope
+
+        return envelope("eval", {"split": self.split, "augmentation": "none", "bn": "eval"}, self.records())
 
     def to_frame(self):
         """The --csv table as a pandas DataFrame, one row per checkpoint."""
-        return data_frame(self.to_dict(), "evaluation result")
+        return data_frame(self.records(), "evaluation result")
 
     def figure(self):
         """A plotly bar chart of each checkpoint's accuracy per split evaluated (the command draws none;
@@ -322,9 +330,10 @@ class EvaluationResult:
         for s in (("test", "train") if self.split == "both" else (self.split,)):
             fig.add_trace(go.Bar(x=[r["checkpoint"] for r in self.rows], y=[r[f"{s}_acc"] for r in self.rows],
                                  name=f"{s} accuracy", customdata=[r[f"{s}_loss"] for r in self.rows],
-                                 hovertemplate="%{x}<br>acc %{y:.2f}%<br>loss %{customdata:.4f}<extra></extra>"))
+                                 hovertemplate="%{x}<br>acc %{y:.4f}<br>loss %{customdata:.4f}<extra></extra>"))
         fig.update_layout(title="Accuracy per checkpoint (no augmentation, BN in eval mode)", barmode="group",
-                          template="plotly_white", yaxis_title="top-1 accuracy (%)", xaxis_title="checkpoint")
+                          template="plotly_white", yaxis_title="top-1 accuracy (fraction correct)",
+                          xaxis_title="checkpoint")
         return fig
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -342,7 +351,7 @@ class EvaluationResult:
             if kind == "json":
                 atomic_write_text(out, json.dumps(self.to_dict(), indent=2, default=str) + "\n")
             elif kind == "csv":
-                write_records_csv(self.to_dict(), out)
+                write_records_csv(self.records(), out)
             else:
                 _write_html(self.figure(), out)
         return out
@@ -350,7 +359,7 @@ class EvaluationResult:
 
 def evaluate(checkpoints, *, split: str = "test", dataset: str | None = None, data_dir=None, arch=None,
              arch_kwargs=None, image_size=None, device: str = "auto", note=None) -> EvaluationResult:
-    """Mean cross-entropy loss and top-1 accuracy (%) of each checkpoint on its dataset (no augmentation,
+    """Mean cross-entropy loss and top-1 accuracy (a fraction 0-1) of each checkpoint on its dataset (no augmentation,
     BatchNorm in eval mode).
 
     checkpoints: paths or globs, kdprobe.Checkpoint objects or nn.Modules (with dataset=); they may come from
@@ -391,6 +400,6 @@ def evaluate(checkpoints, *, split: str = "test", dataset: str | None = None, da
             for s in (("test", "train") if split == "both" else (split,)):
                 x, y = data.split(s)
                 r = run_eval(ck.model, x, y, data.mean, data.std)
-                row[f"{s}_loss"], row[f"{s}_acc"] = r.loss, r.acc
+                row[f"{s}_loss"], row[f"{s}_acc"], row[f"{s}_images"] = r.loss, r.acc, r.n
         rows.append(row)
     return EvaluationResult(tuple(rows), split)

@@ -21,12 +21,17 @@ class CheckpointInfo:
     nonfinite: str | None
 
     def to_dict(self) -> dict:
-        """The document `kdprobe info --json` writes: path, sha256, arch, detection, size, nonfinite, meta, extra."""
+        """The document `kdprobe info --json` writes (kdprobe.files.documents.envelope): kind "info", settings
+        {path}, data {path, sha256, arch, detection, size, nonfinite, meta, extra}. meta's accuracies are fractions
+        (a file written before checkpoint format 3 recorded percent: they are converted on reading)."""
+        from kdprobe.files.documents import envelope
+
         ck, det = self.checkpoint, self.checkpoint.detection
         detection = None if det is None else {"name": det.name, "how": det.how, "source": det.source,
                                               "same_function": list(det.same_function)}
-        return {"path": str(ck.path), "sha256": ck.sha256, "arch": ck.model.arch, "detection": detection,
-                "size": self.size, "nonfinite": self.nonfinite, "meta": dict(ck.meta), "extra": sorted(ck.extra)}
+        return envelope("info", {"path": str(ck.path)}, {
+            "path": str(ck.path), "sha256": ck.sha256, "arch": ck.model.arch, "detection": detection,
+            "size": self.size, "nonfinite": self.nonfinite, "meta": dict(ck.meta), "extra": sorted(ck.extra)})
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write to_dict() as JSON (atomically; another kind of file is never replaced)."""

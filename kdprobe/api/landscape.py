@@ -69,7 +69,7 @@ class LandscapeResult(_Grid):
     """The loss surface of kdprobe.landscape.
 
     surface: the kdprobe.probes.landscape.SurfaceResult (xcoords (nx,), ycoords (ny,), loss / acc / done
-    (ny, nx) with [i, j] at (x_j, y_i); loss = mean cross-entropy, acc in percent, nan where not done;
+    (ny, nx) with [i, j] at (x_j, y_i); loss = mean cross-entropy, acc a fraction (0-1), nan where not done;
     directions, bn, precision, num_samples). settings: the run's settings as written to the .h5 file
     (checkpoint, checkpoint_sha256, dataset, split, samples, bn, precision, directions_sha256,
     directions_file, seed, include_bn, x, y, kdprobe_version, image_size, method, reference). log, zmax,
@@ -128,18 +128,21 @@ class LandscapeResult(_Grid):
         return surface_attrs(self.surface, split=self.split, settings=self.settings)
 
     def to_dict(self) -> dict:
-        """The .h5 file as plain data (kdprobe landscape has no --json): {"settings": its attributes,
-        "xcoordinates": [nx], "ycoordinates": [ny], "<split>_loss": [[nx] * ny], "<split>_acc": ...,
-        "done": [[bool]]}, every array as nested lists (nan where not done). The directions, large, are
-        left out: they are .directions."""
+        """The .h5 file as plain data (kdprobe landscape has no --json), in kdprobe's JSON envelope
+        (kdprobe.files.documents): kind "surface", settings (the file's attributes), data {"xcoordinates": [nx],
+        "ycoordinates": [ny], "<split>_loss": [[nx] * ny] (nats), "<split>_acc": ... (fractions), "done":
+        [[bool]]}, every array as nested lists (nan where not done). The directions, large, are left out: they
+        are .directions."""
+        from kdprobe.files.documents import envelope
+
         s = self.split
-        return {"settings": self.attrs(), "xcoordinates": _nan_list(self.xcoords),
-                "ycoordinates": _nan_list(self.ycoords), f"{s}_loss": _nan_list(self.loss),
-                f"{s}_acc": _nan_list(self.acc), "done": self.done.astype(bool).tolist()}
+        return envelope("surface", self.attrs(), {
+            "xcoordinates": _nan_list(self.xcoords), "ycoordinates": _nan_list(self.ycoords),
+            f"{s}_loss": _nan_list(self.loss), f"{s}_acc": _nan_list(self.acc), "done": self.done.astype(bool).tolist()})
 
     def records(self) -> list[dict]:
         """One record per grid point, row by row (y outer, x inner, as the arrays are stored):
-        x, y (the point's coordinates along directions 1 and 2), loss, acc (percent), done."""
+        x, y (the point's coordinates along directions 1 and 2), loss (nats), acc (a fraction), done."""
         out = []
         for i, yv in enumerate(self.ycoords.tolist()):
             for j, xv in enumerate(self.xcoords.tolist()):
@@ -192,7 +195,7 @@ class LandscapeResult(_Grid):
 class InterpolationResult(_Grid):
     """The loss along (1-t) A + t B of kdprobe.interpolate.
 
-    line: the kdprobe.probes.landscape.LineResult (coords = t (n,), loss, acc (percent), done; bn,
+    line: the kdprobe.probes.landscape.LineResult (coords = t (n,), loss, acc (a fraction), done; bn,
     precision, num_samples). settings: as written to the .h5 file (checkpoint_a, checkpoint_b, their
     sha256, dataset, split, samples, bn, range, steps, precision, kdprobe_version, image_size, and where
     t = 0 and 1 are on the path loss_barrier, loss_barrier_t, error_barrier, error_barrier_t). barrier: the
@@ -239,14 +242,18 @@ class InterpolationResult(_Grid):
         return line_attrs(self.line, split=self.split, settings=self.settings)
 
     def to_dict(self) -> dict:
-        """The .h5 file as plain data (kdprobe interpolate has no --json): {"settings": its attributes,
-        "coordinates": [n] (the t values), "<split>_loss": [n], "<split>_acc": [n], "done": [n]}."""
+        """The .h5 file as plain data (kdprobe interpolate has no --json), in kdprobe's JSON envelope
+        (kdprobe.files.documents): kind "path", settings (the file's attributes), data {"coordinates": [n] (the
+        t values), "<split>_loss": [n] (nats), "<split>_acc": [n] (fractions), "done": [n]}."""
+        from kdprobe.files.documents import envelope
+
         s = self.split
-        return {"settings": self.attrs(), "coordinates": _nan_list(self.coords), f"{s}_loss": _nan_list(self.loss),
-                f"{s}_acc": _nan_list(self.acc), "done": self.done.astype(bool).tolist()}
+        return envelope("path", self.attrs(), {
+            "coordinates": _nan_list(self.coords), f"{s}_loss": _nan_list(self.loss), f"{s}_acc": _nan_list(self.acc),
+            "done": self.done.astype(bool).tolist()})
 
     def records(self) -> list[dict]:
-        """One record per point on the path: t, loss, acc (percent), done."""
+        """One record per point on the path: t, loss (nats), acc (a fraction), done."""
         return [{"t": t, "loss": float(lo), "acc": float(ac), "done": bool(d)}
                 for t, lo, ac, d in zip(self.coords.tolist(), self.loss, self.acc, self.done)]
 

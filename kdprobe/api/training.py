@@ -141,7 +141,7 @@ class TrainResult:
     and what it records is returned as it is, not checked against these options); resumed_from_epoch: the
     epoch (with fraction) a resumed run continued from; config: the trainers.config.TrainConfig the options
     made (the file's own is meta["config"]). The metrics are read from the checkpoint on first use:
-    meta (its whole metadata), test_acc (last epoch, %), best_acc, history (one record per epoch).
+    meta (its whole metadata), test_acc (last epoch, a fraction 0-1), best_acc, history (one record per epoch).
     generations: with train(generations=K), the TrainResult of every generation of the chain, first to last
     (this result is the last one's); empty for a single run."""
 
@@ -168,12 +168,12 @@ class TrainResult:
 
     @property
     def test_acc(self) -> float:
-        """Last-epoch test accuracy (%), as the reference codes report."""
+        """Last-epoch test accuracy (a fraction 0-1), as the reference codes report."""
         return self.meta["test_acc"]
 
     @property
     def best_acc(self) -> float:
-        """Best per-epoch test accuracy (%)."""
+        """Best per-epoch test accuracy (a fraction 0-1)."""
         return self.meta["best_acc"]
 
     @property
@@ -213,7 +213,7 @@ class TrainResult:
     def figure(self):
         """Plotly figure of the per-epoch curves: train and test loss, train and test accuracy."""
         return _line_figure(self.history, "epoch", [("loss", ("train_loss", "test_loss")),
-                                                    ("accuracy (%)", ("train_acc", "test_acc"))],
+                                                    ("accuracy (fraction)", ("train_acc", "test_acc"))],
                             f"{self.meta.get('method')} {self.meta.get('config', {}).get('model', '')} "
                             f"seed {self.meta.get('seed')}")
 
@@ -471,7 +471,7 @@ class PruneResult:
         acc = self.info.get("source_test_acc")
         fig.update_layout(barmode="group", yaxis_type="log", template="plotly_white", height=420,
                           title=f"{self.arch}: {self.method} pruning, remaining {self.remaining}"
-                                + (f" (source test accuracy {acc:.2f}%)" if isinstance(acc, (int, float)) else ""))
+                                + (f" (source test accuracy {acc:.2%})" if isinstance(acc, (int, float)) else ""))
         return fig
 
     def save(self, path: str | os.PathLike) -> Path:

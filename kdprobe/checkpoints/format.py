@@ -26,7 +26,7 @@ import torch.nn as nn
 from kdprobe.errors import KdprobeError
 from kdprobe.checkpoints import foreign
 from kdprobe.files.io import atomic_write_bytes, sha256_file, torch_bytes
-from kdprobe.files.torchfile import read_payload  # noqa: F401 (part of this module's API)
+from kdprobe.files.torchfile import CHECKPOINT_FORMAT, read_payload  # noqa: F401 (part of this module's API)
 from kdprobe.models import create_model
 from kdprobe.models.legacy import upgrade_arch  # old formats' arch names -> today's
 from kdprobe.models.registry import canonical_name, names_code, weight_budget
@@ -34,8 +34,10 @@ from kdprobe.data.preprocess import MAX_SIDE
 
 MAX_CHANNELS = 1024  # input channels a file may declare (hyperspectral images have a few hundred)
 
-FORMAT = "kdprobe-checkpoint"
-FORMAT_VERSION = 2  # 2: resnetXXa is Li et al.'s avgpool shortcut (models.legacy)
+FORMAT = CHECKPOINT_FORMAT
+# 2: resnetXXa is Li et al.'s avgpool shortcut (models.legacy); 3: meta's accuracies (test_acc, train_acc,
+# best_acc, the history's, the teacher's) are fractions 0-1, not percent (read_payload converts older files)
+FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)

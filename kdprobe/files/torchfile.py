@@ -46,6 +46,34 @@ def _numpy_globals() -> list:
 
 BENIGN_GLOBALS = [argparse.Namespace, *_numpy_globals()]
 
+CHECKPOINT_FORMAT = "kdprobe-checkpoint"
+#: the kdprobe checkpoint format from which meta records accuracies as fractions (0-1, docs/units.md);
+#: formats 1 and 2 recorded them in percent, and read_payload converts those on reading
+FRACTIONS_FROM = 3
+ACCURACY_KEYS = frozenset({"test_acc", "train_acc", "best_acc", "source_test_acc"})
+
+
+def _percent_to_fraction(value):
+    """A format-1/2 meta value with every accuracy key (at any depth: history records, the teacher's and the
+    pruning source's records) divided by 100; anything that is not a number is left as it is."""
+    if isinstance(value, dict):
+        return {k: (v / 100.0 if k in ACCURACY_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)
+                    else _percent_to_fraction(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_percent_to_fraction(v) for v in value]
+    return value
+
+
+def meta_in_fractions(obj: dict) -> dict:
+    """A kdprobe checkpoint payload of format < 3 with its meta's accuracies converted from percent to fractions
+    (the file's format_version is kept: it also says what its architecture names mean). Other payloads (foreign
+    files, partial runs, today's checkpoints) come back unchanged."""
+    version = obj.get("format_version")
+    if (obj.get("format") == CHECKPOINT_FORMAT and isinstance(version, int) and not isinstance(version, bool)
+            and version < FRACTIONS_FROM and isinstance(obj.get("meta"), dict)):
+        return {**obj, "meta": _percent_to_fraction(obj["meta"])}
+    return obj
+
 
 def _verify_zip(path: Path) -> None:
     """Check every member's CRC (torch.load never does: flipped bytes in a tensor would load silently)."""
@@ -65,7 +93,8 @@ def read_payload(path) -> dict:
 
     Order: a regular file (a FIFO would block forever), a torch container (zip or legacy pickle:
     anything else is "not a torch checkpoint"), zip CRCs intact ("corrupted"), then the
-    restricted unpickler (a global it refuses means code could run on load)."""
+    restricted unpickler (a global it refuses means code could run on load). A kdprobe checkpoint written
+    before format 3 has its meta's accuracies converted from percent to fractions (meta_in_fractions)."""
     path = require_regular_file(path, "checkpoint")
     container = torch_container(path)
     if container is None:
@@ -94,4 +123,4 @@ def read_payload(path) -> dict:
         raise KdprobeError(f"{path} is not a readable torch checkpoint (corrupt, truncated or another format?): {why}") from None
     if not isinstance(obj, dict):
         raise KdprobeError(f"{path} holds a {type(obj).__name__}, expected a dict (a state_dict or a checkpoint dict)")
-    return obj
+    return meta_in_fractions(obj)

@@ -4,8 +4,8 @@ barrier = max over t in [0, 1] of loss(t) - ((1 - t) loss(A) + t loss(B)), from 
 kdprobe.probes.landscape.LineResult (what `kdprobe interpolate` computes). The end points
 are the path's points at t = 0 and t = 1 (both must be on the grid); points outside [0, 1]
 (extrapolation) are ignored. The value is >= 0 (t = 0 counts); near zero means A and B lie
-in one basin. The error barrier is the same on the error rate (100 - accuracy, in percent
-points), Frankle et al.'s own measure. How BN was handled on the path (`bn` of the line:
+in one basin. The error barrier is the same on the error rate (1 - accuracy, a fraction like
+every accuracy in kdprobe: 0.05 = 5 points), Frankle et al.'s own measure. How BN was handled on the path (`bn` of the line:
 "eval" = interpolated running statistics, "recompute" = re-estimated at every t, the fair
 choice for a barrier) is carried along, so a table can state it.
 """
@@ -26,7 +26,7 @@ class Barrier:
 
     loss_barrier: float  # max over t of loss(t) minus the straight line between the end losses
     t_loss: float  # where the maximum is
-    error_barrier: float  # the same for the error rate, percent points
+    error_barrier: float  # the same for the error rate (1 - accuracy), a fraction
     t_error: float
     loss_a: float
     loss_b: float
@@ -57,7 +57,7 @@ def barrier(line) -> Barrier:
     if not np.all(np.asarray(line.done, bool)):
         raise KdprobeError(f"expected a finished path, got {int(np.sum(~np.asarray(line.done, bool)))} points not "
                            "evaluated; run the interpolation to the end first")
-    loss, err = np.asarray(line.loss, np.float64), 100.0 - np.asarray(line.acc, np.float64)
+    loss, err = np.asarray(line.loss, np.float64), 1.0 - np.asarray(line.acc, np.float64)
     if not (np.all(np.isfinite(loss)) and np.all(np.isfinite(err))):
         raise KdprobeError("expected finite losses along the path, got nan/inf; check the checkpoints")
     ia, ib = _end(coords, 0.0), _end(coords, 1.0)

@@ -92,7 +92,7 @@ def _group_units(scores: list[ModelScore]) -> tuple[list[float], bool]:
     return [s.mean for s in scores], False
 
 
-ACCURACY_BOUNDS = (0.0, 100.0)  # a test accuracy in percent
+ACCURACY_BOUNDS = (0.0, 1.0)  # a test accuracy: a fraction (docs/units.md)
 
 
 def clip_end(v, bounds: tuple[float, float]) -> tuple[float, bool]:

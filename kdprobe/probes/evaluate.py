@@ -13,7 +13,7 @@ from kdprobe.runtime.precision import fp32_exact
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Mean cross-entropy loss and top-1 accuracy (percent) over n samples."""
+    """Mean cross-entropy loss and top-1 accuracy (a fraction, 0-1: docs/units.md) over n samples."""
 
     loss: float
     acc: float
@@ -39,4 +39,4 @@ def evaluate(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, mean, std
             correct += int((logits.argmax(1) == yb).sum())
     finally:
         model.train(was_training)
-    return EvalResult(total_loss / max(n, 1), 100.0 * correct / max(n, 1), n)
+    return EvalResult(total_loss / max(n, 1), correct / max(n, 1), n)

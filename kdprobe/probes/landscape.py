@@ -152,7 +152,7 @@ class SurfaceResult:
     xcoords: np.ndarray
     ycoords: np.ndarray
     loss: np.ndarray  # mean cross-entropy, nan where not done
-    acc: np.ndarray  # accuracy in percent, nan where not done
+    acc: np.ndarray  # accuracy (a fraction, 0-1), nan where not done
     done: np.ndarray  # bool
     directions: Directions
     bn: str

@@ -227,7 +227,8 @@ class PointEvaluator:
 
     @torch.no_grad()
     def __call__(self, stacked: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean cross-entropy (P,) and accuracy in percent (P,) at P stacked parameter sets."""
+        """Mean cross-entropy (P,) and accuracy (P,), a fraction 0-1 in float64 (correct / n exactly, the value
+        kdprobe eval gives), at P stacked parameter sets."""
         missing = set(self.names) - set(stacked)
         assert not missing, sorted(missing)
         with self._numerics():
@@ -285,4 +286,4 @@ class PointEvaluator:
             loss += ce.view(P, -1).sum(1)
             correct += (logits.argmax(-1) == yb).sum(1)
         n = self.x.shape[0]
-        return loss / n, correct.float() * (100.0 / n)
+        return loss / n, correct.to(torch.float64) / n

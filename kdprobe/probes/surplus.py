@@ -38,7 +38,8 @@ SCRATCH = "scratch"
 
 @dataclass(frozen=True)
 class ResultRow:
-    """One run of the results table; values are accuracies (%) or None where blank."""
+    """One run of the results table; values are accuracies as fractions (0-1, docs/units.md) or None where
+    blank."""
 
     model: str
     setting: str
@@ -50,7 +51,7 @@ class ResultRow:
     self_distill: float | None
     line: int  # 1-based line number in the source file (error messages)
     source: str = ""
-    from_fractions: bool = False  # the file held fractions (0-1); values here are x100
+    from_percent: bool = False  # the file held percents (0-100); values here are /100
 
 
 @dataclass(frozen=True)
@@ -88,11 +89,12 @@ def _cell(text: str, column: str, where: str) -> float | None:
     if not t:
         return None
     if not _NUMBER.fullmatch(t):
-        raise KdprobeError(f"{where}: expected a number (accuracy in %) in column {column!r}, got {t!r}; "
-                           "write plain digits like 71.23, or leave the cell blank if it was not measured")
+        raise KdprobeError(f"{where}: expected a number (an accuracy, 0-1 or %) in column {column!r}, got {t!r}; "
+                           "write plain digits like 0.7123 or 71.23, or leave the cell blank if it was not measured")
     v = float(t)
     if not 0.0 <= v <= 100.0:
-        raise KdprobeError(f"{where}: expected an accuracy between 0 and 100 (%) in column {column!r}, got {t}; "
+        raise KdprobeError(f"{where}: expected an accuracy between 0 and 1 (or 0 and 100 in percent) in column "
+                           f"{column!r}, got {t}; "
                            "fix the value")
     return v
 
@@ -137,24 +139,24 @@ def _header(path: Path, rows) -> tuple[int, dict[str, int]]:
 
 
 def _unit(path: Path, values: list[tuple[float, int, str]]) -> bool:
-    """True when every value is a fraction (0-1): they are then read as fractions. A file mixing
+    """True when the file holds percents (a value above 1): they are then divided by 100. A file mixing
     fractions and percents is refused, naming one value of each kind."""
     percent = next(((v, ln, c) for v, ln, c in values if v > 1.0), None)
     fraction = next(((v, ln, c) for v, ln, c in values if 0.0 < v < 1.0), None)
     if percent and fraction:
         (vf, lf, cf), (vp, lp, cp) = fraction, percent
         raise KdprobeError(f"{path}:{lf}: expected accuracies in one unit, got {cf}={vf:g} here (a fraction?) but "
-                           f"{cp}={vp:g} on line {lp} (a percent); write every accuracy as a percent (0-100)")
-    return bool(values) and percent is None
+                           f"{cp}={vp:g} on line {lp} (a percent); write every accuracy as a fraction (0-1)")
+    return percent is not None
 
 
 def read_results_csv(path: str | Path) -> list[ResultRow]:
     """Parse and check a results table; any problem is a KdprobeError naming file and line.
 
     UTF-8 (a byte-order mark is fine); lines starting with # are comments. Values are accuracies
-    in percent (0-100), plain decimal numbers; a file whose values are all fractions (0-1) is
-    read as fractions and converted to percent (ResultRow.from_fractions says so); a file that
-    mixes the two is refused.
+    as fractions (0-1, what kdprobe writes), plain decimal numbers; a file in percent (some value
+    above 1) is converted to fractions (ResultRow.from_percent says so); a file that mixes the
+    two is refused.
     """
     path = Path(path)
     if not path.is_file():
@@ -178,12 +180,12 @@ def read_results_csv(path: str | Path) -> list[ResultRow]:
                 raise KdprobeError(f"{where}: expected a scratch row to fill only unpruned and finetuned, "
                                    f"got values in {', '.join(extra)}; those belong to a KD row")
         parsed.append((line, key, vals))
-    fractions = _unit(path, [(v, ln, c) for ln, _, vals in parsed for c, v in vals.items() if v is not None])
+    percent = _unit(path, [(v, ln, c) for ln, _, vals in parsed for c, v in vals.items() if v is not None])
     out = []
     for line, key, vals in parsed:
-        if fractions:
-            vals = {c: None if v is None else v * 100.0 for c, v in vals.items()}
-        out.append(ResultRow(*key, **vals, line=line, source=str(path), from_fractions=fractions))
+        if percent:
+            vals = {c: None if v is None else v / 100.0 for c, v in vals.items()}
+        out.append(ResultRow(*key, **vals, line=line, source=str(path), from_percent=percent))
     scratch = {(r.model, r.setting) for r in out if r.train_type == SCRATCH}
     for r in out:
         if r.train_type != SCRATCH and (r.model, r.setting) not in scratch:

@@ -106,7 +106,8 @@ class SummaryDiff:
 
 
 def load_summary(path: str | Path) -> dict:
-    """summary.json from a path to it or to the study folder holding it."""
+    """summary.json from a path to it or to the study folder holding it, as one flat dict
+    (kdprobe.studies.result.flat_summary: a format-1 file's accuracies converted to fractions)."""
     p = Path(path)
     if p.is_dir():
         p = p / "summary.json"
@@ -122,7 +123,13 @@ def load_summary(path: str | Path) -> dict:
         raise KdprobeError(f"{p} is not valid JSON ({str(e)[len(str(p)) + 2:]}); pass a study's summary.json") from None
     if not isinstance(data, dict) or data.get("format") != "kdprobe-study":
         raise KdprobeError(f"{p} is not a kdprobe study summary (no \"format\": \"kdprobe-study\"); pass a study's summary.json")
-    return data
+    from kdprobe.studies.result import flat_summary
+
+    try:  # one form whatever the format: settings and data side by side, accuracies as fractions (docs/units.md)
+        return flat_summary(data)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise KdprobeError(f"{p} is not a complete kdprobe study summary ({type(e).__name__}: {str(e)[:80]}); pass a "
+                           "study's summary.json") from None
 
 
 def _is_number(x) -> bool:

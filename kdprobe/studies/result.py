@@ -2,21 +2,24 @@
 
 Paths inside are relative to the study folder, so the folder can be moved or archived whole.
 Every number is the raw value or comes from kdprobe.stats (via diversity_table.summarize_groups);
-nothing here computes. `to_dict` writes nan as None (strict JSON); `from_dict` reads it back,
-so `to_dict(from_dict(d)) == d`.
+nothing here computes. `to_dict` writes nan as None (strict JSON) in kdprobe's JSON envelope
+(kdprobe.files.documents: kind "study", settings = the resolved spec, data = everything else);
+`from_dict` reads it back, so `to_dict(from_dict(d)) == d`. Format 1 (summary.json before the unit
+rule of docs/units.md: flat, accuracies in percent) is read too, its accuracies converted to fractions.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+from kdprobe.files.documents import envelope, is_envelope
 from kdprobe.probes.diversity_table import DiversitySettings, DiversityTable, GroupStats, ModelScore
 from kdprobe.studies.ensemble_reading import Verdict
 from kdprobe.probes.tables import ProbeTables
 from kdprobe.probes.surplus import SurplusRow
 
 FORMAT = "kdprobe-study"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the JSON envelope, every accuracy a fraction (1: flat, accuracies in percent)
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class CellRecord:
     path: str  # relative to the study folder: cells/<method>/seed<s>-<fingerprint>.pt
     fingerprint: str  # TrainConfig.fingerprint() with the teacher written as its cell path
     teacher: str | None  # relative path of the teacher cell
-    test_acc: float  # last-epoch test accuracy (%), as the reference codes report
+    test_acc: float  # last-epoch test accuracy (a fraction 0-1), as the reference codes report
     best_acc: float
     epochs: int
     in_study: bool  # False: trained only as the teacher of another seed
@@ -42,7 +45,7 @@ class CellRecord:
 
 @dataclass(frozen=True)
 class LandscapeRecord:
-    """One loss surface (Li et al. 2018): arrays [i][j] at (x_j, y_i), loss in nats, accuracy in %."""
+    """One loss surface (Li et al. 2018): arrays [i][j] at (x_j, y_i), loss in nats, accuracy a fraction."""
 
     group: str  # figure it belongs to: "final" or "epoch E"
     method: str
@@ -119,8 +122,61 @@ def _plain(obj):
 
 
 def to_dict(result: StudyResult) -> dict:
-    """JSON-ready dict (nan -> None), with a format tag."""
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, **_plain(asdict(result))}
+    """JSON-ready dict (nan -> None) in the envelope: kind "study", kdprobe_version, format, format_version, units,
+    settings (the resolved spec) and data (every other field of the StudyResult)."""
+    data = _plain(asdict(result))
+    settings = data.pop("settings")
+    return envelope("study", settings, data, format=FORMAT, format_version=FORMAT_VERSION)
+
+
+# format 1 (flat, percent): what held an accuracy, or a difference of accuracies, in percent
+_V1_GROUP = ("mean", "std", "sem", "half_width", "low", "high")
+_V1_SURPLUS = ("unpruned_scratch_mean", "unpruned_scratch_std", "finetuned_scratch_mean", "finetuned_scratch_std",
+               "unpruned_kd_mean", "unpruned_kd_std", "self_distill_mean", "self_distill_std", "gain_unpruned",
+               "gain_pruned", "surplus", "surplus_se")
+_V1_RESULTS = ("unpruned", "finetuned", "post_distill", "pre_post", "self_distill")
+
+
+def _percent(rec: dict, keys) -> dict:
+    return {k: (v / 100.0 if k in keys and isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+            for k, v in rec.items()}
+
+
+def _grid_percent(rows):
+    return [[None if v is None else v / 100.0 for v in row] for row in rows]
+
+
+def upgraded(d: dict) -> dict:
+    """A summary.json document in today's form (format 2, the envelope); a format-1 document (flat, accuracies
+    in percent) is converted: cells' test_acc/best_acc, the accuracy groups' mean, std, sem, half_width, low
+    and high, the surfaces' acc and the pruning blocks' accuracies, gains and surplus divided by 100 (the probes
+    and verdicts held fractions already). kdprobe_version stays the one that made it. A flat document of
+    format 2 (flat_summary's output) is wrapped again without conversion."""
+    if is_envelope(d):
+        return d
+    flat = {k: v for k, v in d.items() if k not in ("format", "format_version", "kind", "kdprobe_version", "units")}
+    if (d.get("format_version") or 1) >= 2:
+        settings = flat.pop("settings", {})
+        return envelope("study", settings, flat, format=FORMAT, format_version=FORMAT_VERSION)
+    flat["cells"] = [_percent(c, ("test_acc", "best_acc")) for c in flat.get("cells", [])]
+    flat["accuracy"] = [_percent(g, _V1_GROUP) for g in flat.get("accuracy", [])]
+    flat["landscapes"] = [{**x, "acc": _grid_percent(x["acc"])} if isinstance(x, dict) and "acc" in x else x
+                          for x in flat.get("landscapes", [])]
+    flat["pruning"] = [{**b, "surplus": [_percent(r, _V1_SURPLUS) for r in b.get("surplus", [])],
+                        "results": [_percent(r, _V1_RESULTS) for r in b.get("results", [])]}
+                       for b in flat.get("pruning", [])]
+    settings = flat.pop("settings", {})
+    out = envelope("study", settings, flat, format=FORMAT, format_version=FORMAT_VERSION)
+    out["kdprobe_version"] = (flat.get("versions") or {}).get("kdprobe", "")
+    return out
+
+
+def flat_summary(d: dict) -> dict:
+    """A summary.json document (either format) as one flat dict: settings and every data field side by side
+    (what kdprobe compare walks)."""
+    doc = upgraded(d)
+    return {"format": doc.get("format"), "format_version": doc.get("format_version"), "settings": doc["settings"],
+            **doc["data"]}
 
 
 def _nan(v):
@@ -144,7 +200,8 @@ def _build(cls, d: dict, floats_nan: bool = False):
 
 
 def from_dict(d: dict) -> StudyResult:
-    """Rebuild a StudyResult from `to_dict` output (e.g. json.load of summary.json)."""
+    """Rebuild a StudyResult from `to_dict` output (e.g. json.load of summary.json; format 1 is converted)."""
+    d = flat_summary(d)
     div = d.get("diversity")
     table = None if div is None else DiversityTable(
         DiversitySettings(**div["settings"]), tuple(_build(ModelScore, s) for s in div["scores"]),

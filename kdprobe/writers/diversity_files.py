@@ -49,19 +49,16 @@ def _nan_to_none(obj):
 
 
 def diversity_document(scores, groups, settings) -> dict:
-    """The document --json writes: version, machine, settings, every checkpoint's raw scores and mean, and the
-    group statistics (nan as None)."""
-    from kdprobe.version import __version__
+    """The document --json writes (kdprobe.files.documents.envelope): kind "diversity", kdprobe_version, machine,
+    probe, units, settings, data {models: every checkpoint's raw scores and mean, groups: the group statistics}
+    (nan as None)."""
+    from kdprobe.files.documents import envelope
     from kdprobe.runtime.machine import machine
 
-    return _nan_to_none({
-        "kdprobe_version": __version__,
-        "machine": machine(),  # the scores are bit-reproducible on this machine type only (kdprobe.runtime.machine)
-        "probe": "jacobian-correlation (Mellor et al. 2020)",
-        "settings": settings.as_dict(),
-        "models": [asdict(s) for s in scores],
-        "groups": [asdict(g) for g in groups],
-    })
+    return _nan_to_none(envelope(
+        "diversity", settings.as_dict(), {"models": [asdict(s) for s in scores], "groups": [asdict(g) for g in groups]},
+        # the scores are bit-reproducible on this machine type only (kdprobe.runtime.machine)
+        machine=machine(), probe="jacobian-correlation (Mellor et al. 2020)"))
 
 
 def write_diversity_json(scores, groups, settings, path: str | os.PathLike) -> None:

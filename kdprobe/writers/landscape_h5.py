@@ -3,11 +3,13 @@
 Surface layout (close to Li et al.'s loss-landscape files, readable with plain h5py):
   xcoordinates (nx,), ycoordinates (ny,)        float64
   <split>_loss, <split>_acc  (ny, nx)           float64, [i, j] at (x_j, y_i);
-                                                 acc in percent; nan where not yet done
+                                                 loss in nats, acc a fraction (0-1; format 1
+                                                 wrote percent, read back as fractions);
+                                                 nan where not yet done
   done (ny, nx)                                  uint8, 1 where evaluated (resume state)
   xdirection/<param name>, ydirection/<name>     float32, one dataset per parameter,
                                                  keyed by its state_dict name; attrs seed, include_bn
-  file attrs: kind="surface", format_version, split, bn, precision, num_samples,
+  file attrs: kind="surface", format_version, units, split, bn, precision, num_samples,
               directions_sha256, complete, and every setting the caller passes.
 Path layout: coordinates (n,), <split>_loss, <split>_acc (n,), done, same attrs, kind="path".
 Every write replaces the whole file atomically, so the file is valid after every save. The
@@ -28,7 +30,9 @@ from kdprobe.errors import KdprobeError
 from kdprobe.files.io import atomic_write_bytes
 from kdprobe.probes.landscape import Directions, LineResult, SurfaceResult
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: <split>_acc is a fraction (0-1), as every accuracy kdprobe writes; 1 held percent
+#: the file attribute that says so, for readers other than kdprobe (docs/units.md)
+UNITS = "loss: mean cross-entropy (nats); acc: fraction of samples classified correctly (0-1)"
 
 
 def _attr(v):
@@ -42,7 +46,7 @@ def _attr(v):
 
 def _common_attrs(kind: str, split: str, result, settings: dict | None) -> dict:
     attrs = {k: _attr(v) for k, v in (settings or {}).items()}
-    attrs.update(kind=kind, format_version=FORMAT_VERSION, split=split, bn=result.bn,
+    attrs.update(kind=kind, format_version=FORMAT_VERSION, units=UNITS, split=split, bn=result.bn,
                  precision=result.precision, num_samples=int(result.num_samples),
                  complete=bool(result.done.all()))
     return attrs
@@ -50,7 +54,8 @@ def _common_attrs(kind: str, split: str, result, settings: dict | None) -> dict:
 
 def surface_attrs(result: SurfaceResult, *, split: str = "train", settings: dict | None = None) -> dict:
     """The file attributes write_surface_h5 gives a surface: every setting (None as '', paths as str), then
-    kind, format_version, split, bn, precision, num_samples, complete, directions_sha256, seed, include_bn."""
+    kind, format_version, units, split, bn, precision, num_samples, complete, directions_sha256, seed,
+    include_bn."""
     attrs = _common_attrs("surface", split, result, settings)
     attrs.update(directions_sha256=result.directions.fingerprint(),
                  seed=-1 if result.directions.seed is None else int(result.directions.seed),
@@ -200,6 +205,12 @@ def _attrs(f: h5py.File) -> dict:
     return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
 
 
+def _accuracy(f: h5py.File, values: np.ndarray) -> np.ndarray:
+    """<split>_acc as a fraction: a format-1 file held percent."""
+    version = f.attrs.get("format_version", 1)
+    return values / 100.0 if int(version) < 2 else values
+
+
 def _surface(f: h5py.File):
     a, split = _attrs(f), f.attrs["split"]
     xs, ys = np.asarray(f["xcoordinates"], np.float64), np.asarray(f["ycoordinates"], np.float64)
@@ -207,7 +218,8 @@ def _surface(f: h5py.File):
     if xs.ndim != 1 or ys.ndim != 1 or any(v.shape != (ys.size, xs.size) for v in arrays):
         raise KdprobeError(f"{f.filename} is not a complete kdprobe surface file (arrays of shapes "
                            f"{[v.shape for v in arrays]} for a {ys.size}x{xs.size} grid)")
-    res = SurfaceResult(xs, ys, arrays[0].astype(np.float64), arrays[1].astype(np.float64), arrays[2].astype(bool),
+    res = SurfaceResult(xs, ys, arrays[0].astype(np.float64), _accuracy(f, arrays[1].astype(np.float64)),
+                        arrays[2].astype(bool),
                         _directions(f), str(a["bn"]), str(a["precision"]), int(a["num_samples"]))
     return res, a
 
@@ -224,7 +236,7 @@ def _line(f: h5py.File):
     if ts.ndim != 1 or any(v.shape != ts.shape for v in arrays):
         raise KdprobeError(f"{f.filename} is not a complete kdprobe path file (arrays of shapes "
                            f"{[v.shape for v in arrays]} for {ts.size} points)")
-    res = LineResult(ts, arrays[0].astype(np.float64), arrays[1].astype(np.float64), arrays[2].astype(bool),
+    res = LineResult(ts, arrays[0].astype(np.float64), _accuracy(f, arrays[1].astype(np.float64)), arrays[2].astype(bool),
                      str(a["bn"]), str(a["precision"]), int(a["num_samples"]))
     return res, a
 

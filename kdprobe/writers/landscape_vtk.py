@@ -8,8 +8,8 @@ A surface is a height field: point (x_j, y_i, z). A path is a 1-D structured gri
 ="scaled"`) z = (h - min h) / (max h - min h) x the grid's larger extent, so the file opens in
 ParaView as a surface about as tall as it is wide: with the raw loss (0.01 to 30 nats over a
 [-1, 1] grid) the minimum is a needle 15 times taller than the plane. `vtk_height="raw"` keeps
-z = h. Point arrays, never clipped or scaled: loss, log_loss (natural log) and accuracy (percent),
-so "Warp By Scalar" on loss gives the true heights.
+z = h. Point arrays, never clipped or scaled: loss (nats), log_loss (natural log) and accuracy (a
+fraction 0-1, docs/units.md).
 """
 from __future__ import annotations
 

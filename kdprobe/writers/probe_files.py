@@ -10,12 +10,12 @@ from kdprobe.files.io import atomic_write_text
 
 
 def probe_document(tables) -> dict:
-    """{kdprobe_version, machine, command, settings, <table name>: [records]}: the --json document."""
-    from kdprobe.version import __version__
+    """The --json document (kdprobe.files.documents.envelope): kind (the command), kdprobe_version, machine,
+    units, settings, data ({table name: [records]})."""
+    from kdprobe.files.documents import envelope
     from kdprobe.runtime.machine import machine
 
-    return {"kdprobe_version": __version__, "machine": machine(), "command": tables.command,
-            "settings": tables.settings, **tables.tables}
+    return envelope(tables.command, tables.settings, dict(tables.tables), machine=machine())
 
 
 def write_probe_json(tables, path: str | os.PathLike) -> None:

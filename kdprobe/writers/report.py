@@ -80,12 +80,13 @@ def _accuracy(r: StudyResult) -> str:
     for c in r.cells:
         if c.in_study:
             values.setdefault(c.method, []).append(c.test_acc)
-    stats_rows, clipped = _stats_rows(r.accuracy, ".2f", ACCURACY_BOUNDS)
-    rows = [row + [", ".join(_f(v) for v in values.get(g.group, []))] for row, g in zip(stats_rows, r.accuracy)]
+    stats_rows, clipped = _stats_rows(r.accuracy, ".4f", ACCURACY_BOUNDS)
+    rows = [row + [", ".join(_f(v, ".4f") for v in values.get(g.group, []))] for row, g in zip(stats_rows, r.accuracy)]
     return ("<h2 id='accuracy'>Test accuracy</h2>"
             + _table(_stats_header(r.accuracy_confidence, r.accuracy_interval, r.accuracy_reference)
                      + ["per seed"], rows)
-            + "<p class='note'>Last-epoch test accuracy (%) of each checkpoint (as the reference codes report); "
+            + "<p class='note'>Last-epoch test accuracy of each checkpoint, a fraction (0-1; as the reference codes "
+              "report it, in percent, ×100); "
               "unit = one independently trained model (seed); std is the sample standard deviation, sem = std/√n; "
               + _stats_note(r.accuracy_confidence, r.accuracy_interval, r.accuracy_reference)
               + " n with * = one model: no spread." + _clip_note(clipped, ACCURACY_BOUNDS, "an accuracy") + "</p>")
@@ -199,17 +200,18 @@ def _pruning(r: StudyResult) -> str:
         rows = [[_e(s.kd_type), f"{_f(s.unpruned_scratch_mean)} ({s.unpruned_scratch_n})",
                  f"{_f(s.finetuned_scratch_mean)} ({s.finetuned_scratch_n})",
                  f"{_f(s.unpruned_kd_mean)} ({s.unpruned_kd_n})", f"{_f(s.self_distill_mean)} ({s.self_distill_n})",
-                 _f(s.gain_unpruned, "+.2f"), _f(s.gain_pruned, "+.2f"),
-                 f"{_f(s.surplus, '+.2f')} ± {_f(s.surplus_se)}"] for s in b.surplus]
+                 _f(s.gain_unpruned, "+.4f"), _f(s.gain_pruned, "+.4f"),
+                 f"{_f(s.surplus, '+.4f')} ± {_f(s.surplus_se, '.4f')}"] for s in b.surplus]
         links = " · ".join(_link(p) for p in b.files.values())
         cols = ("unpruned", "finetuned", "post_distill", "pre_post", "self_distill")
         res = _table(["train type", "seed"] + [c.replace("_", " ") for c in cols],
-                     [[_e(x.get("train_type")), _e(x.get("seed", "–"))] + [_f(x.get(c)) for c in cols]
+                     [[_e(x.get("train_type")), _e(x.get("seed", "–"))] + [_f(x.get(c), ".4f") for c in cols]
                       for x in b.results]) if b.results else ""
         parts.append(f"<h3>{_e(b.label)}</h3>" + _table(
             ["KD", "scratch unpruned (n)", "scratch fine-tuned (n)", "KD unpruned (n)", "Self-Distill (n)",
              "gain unpruned", "gain pruned", "surplus ± se"], rows)
-            + f"<p class='note'>Test accuracy (%, last epoch) of every run; finetuned of a KD row = Pre-Distill. "
+            + f"<p class='note'>Test accuracy (a fraction, last epoch) of every run; finetuned of a KD row = "
+              "Pre-Distill. "
               f"{b.cells_total} pipeline cells under {_link(b.folder)}. Files: {links}</p>" + res)
     return "".join(parts)
 
@@ -217,7 +219,7 @@ def _pruning(r: StudyResult) -> str:
 def _cells(r: StudyResult) -> str:
     if not r.cells:
         return ""
-    rows = [[_e(c.method), str(c.seed), _f(c.test_acc), _f(c.best_acc), str(c.epochs), str(c.world_size),
+    rows = [[_e(c.method), str(c.seed), _f(c.test_acc, ".4f"), _f(c.best_acc, ".4f"), str(c.epochs), str(c.world_size),
              _e(c.action), _f(c.seconds, ".1f"), _link(c.path), _link(c.teacher),
              " ".join(_link(s) for s in c.snapshots) or "–", "" if c.in_study else "teacher only"] for c in r.cells]
     return ("<h2 id='cells'>Cells</h2>" + _table(

@@ -40,14 +40,16 @@ def surplus_records(rows: Sequence) -> list[dict]:
 
 
 def surplus_document(rows: Sequence) -> dict:
-    """The document --json writes: {"format", "version", "formula", "spread", "rows": [...]}; undefined values
-    are None."""
-    return {"format": "kdprobe-surplus", "version": 1, "formula": FORMULA, "spread": SPREAD,
-            "rows": surplus_records(rows)}
+    """The document --json writes (kdprobe.files.documents.envelope): kind "surplus", kdprobe_version,
+    format_version 2 (1 was in percent and had no envelope), units, settings {formula, spread}, data (one record
+    per row, accuracies and gains as fractions); undefined values are None."""
+    from kdprobe.files.documents import envelope
+
+    return envelope("surplus", {"formula": FORMULA, "spread": SPREAD}, surplus_records(rows), format_version=2)
 
 
 def write_surplus_json(rows: Sequence, path: str | Path) -> None:
-    """{"formula", "spread", "rows": [...]}; undefined values are null."""
+    """surplus_document as JSON; undefined values are null."""
     atomic_write_text(path, json.dumps(surplus_document(rows), indent=2) + "\n")
 
 
@@ -63,10 +65,10 @@ def surplus_figure(rows: Sequence):
             x=[f"{r.model} {r.setting}" for r in mine], y=[_plain(r.surplus) for r in mine], name=kd,
             error_y=dict(type="data", array=[_plain(r.surplus_se) for r in mine], visible=True),
             customdata=[[_plain(r.gain_pruned), _plain(r.gain_unpruned)] for r in mine],
-            hovertemplate="surplus %{y:+.2f}<br>gain pruned %{customdata[0]:+.2f}, unpruned %{customdata[1]:+.2f}"
+            hovertemplate="surplus %{y:+.4f}<br>gain pruned %{customdata[0]:+.4f}, unpruned %{customdata[1]:+.4f}"
                           "<extra>%{fullData.name}</extra>"))
     fig.update_layout(title=f"KD surplus after pruning<br><sup>{FORMULA}; error bars: ± se</sup>",
-                      template="plotly_white", barmode="group", yaxis_title="surplus (accuracy points)",
+                      template="plotly_white", barmode="group", yaxis_title="surplus (fraction of test images)",
                       xaxis_title="model, setting", legend_title="KD type")
     return fig
 

@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from cli import slurm_flags as sf
 from cli.common import HELP_SETTINGS, KdprobeGroup, folder_interrupted, handle_errors, ranged, table
 from cli.surplus import surplus_table
 from kdprobe.models.registry import WIDTH
@@ -64,6 +65,18 @@ def pruning(
                                               callback=ranged("bn_sparsity"))] = None,
     device: Annotated[str, O(help="auto | cpu | cuda | cuda:N.")] = "auto",
     quiet: Annotated[bool, O(help="No progress bars or per-epoch lines (cell lines and tables still print).")] = False,
+    executor: sf.Executor = "local",
+    partition: sf.Partition = None,
+    account: sf.Account = None,
+    qos: sf.Qos = None,
+    time: sf.Time = None,
+    gpus_per_cell: sf.GpusPerCell = None,
+    cpus_per_cell: sf.CpusPerCell = None,
+    mem_per_cell: sf.MemPerCell = None,
+    array_parallelism: sf.ArrayParallelism = None,
+    constraint: sf.Constraint = None,
+    slurm: sf.Slurm = None,
+    detach: sf.Detach = False,
 ):
     """Train scratch and KD teachers, prune, fine-tune (Scratch, Pre-Distill, Post-Distill, Pre-Post, Self-Distill),
     write results.csv and the surplus table. Cells whose checkpoints exist are skipped, so re-running resumes."""
@@ -83,7 +96,19 @@ def pruning(
                         kd_settings=parse_json(kd_settings, "--kd-settings") if kd_settings is not None else {})
     typer.echo(f"pipeline: {spec.model_label}, {spec.method} pruning {spec.setting}, KD {','.join(spec.distill)}, "
                f"seeds {','.join(map(str, spec.seeds))}, bn_sparsity {spec.resolved_bn_sparsity:g} -> {out}")
+    from trainers import study_slurm
+
+    flags = sf.flags(partition, account, qos, time, gpus_per_cell, cpus_per_cell, mem_per_cell, array_parallelism,
+                     constraint)
+    study_slurm.check_executor(executor, flags, slurm or [], detach)
     try:
+        # --executor slurm: each training (with the pruning of its result) a Slurm job; the run below then finds
+        # every checkpoint made, checks it and writes the tables
+        if executor == "slurm" and not study_slurm.run_pipeline_slurm(
+                spec, out, study_slurm.slurm_options(None, flags, slurm or [], where="slurm options"), device=device,
+                detach=detach, progress=progress.TqdmStudyProgress(not quiet)):
+            typer.echo(study_slurm.status(out))
+            return
         res = run_pruning_pipeline(spec, out, device=device, progress_factory=lambda cell: progress.TqdmProgress(not quiet),
                                    on_event=_print_event)
     except KeyboardInterrupt as e:

@@ -79,8 +79,9 @@ def study(
                                 callback=ranged(JOBS))] = 1,
     nproc_per_cell: Annotated[int, O(help="Train each cell under `torchrun --standalone --nproc-per-node K` "
                                           "(DistributedDataParallel; global batch and lr as in the spec). With "
-                                          "--jobs J and at least J*K GPUs, every cell gets its own K GPUs. --executor slurm: K "
-                                          "Slurm tasks in each cell's job, ranks from Slurm's environment.",
+                                          "--jobs J and at least J*K GPUs, every cell gets its own K GPUs. "
+                                          "--executor slurm: K Slurm tasks in each cell's job, ranks from "
+                                          "Slurm's environment.",
                                      callback=ranged(NPROC_PER_CELL))] = 1,
     quiet: Annotated[bool, O(help="No progress bars or per-cell lines.")] = False,
     executor: sf.Executor = "local",

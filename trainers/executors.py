@@ -691,6 +691,19 @@ class SlurmExecutor:
         if ids:
             _run(["scancel", *ids])
 
+    def forget(self, keys: Iterable[str]) -> None:
+        """Drop done tasks from the record, so the next submit() runs them again (a done cell whose file was
+        deleted since). Others stay: a failed one is submitted again anyway (its history kept), and a pending
+        or running one still has its job, which forgetting would run twice."""
+        keys = set(keys)
+        with self._locked():
+            rec = self._load()
+            gone = [k for k, e in rec["tasks"].items() if k in keys and e.get("state") == "done"]
+            for k in gone:
+                del rec["tasks"][k]
+            if gone:
+                self._save(rec)
+
     def close(self) -> None:
         """Nothing to stop: the jobs go on without the submitter."""
 

@@ -350,8 +350,12 @@ def _cell_main(job_file: str) -> int:
 
 
 def run_study(spec: StudySpec, out, *, device: str = "auto", jobs: int = 1, nproc_per_cell: int = 1,
-              spec_text: str | None = None, progress: StudyProgress | None = None):
-    """Train (or resume) every cell, run the spec's probes, write summary.json and report.html."""
+              spec_text: str | None = None, progress: StudyProgress | None = None, executor: str = "local",
+              slurm=None, detach: bool = False):
+    """Train (or resume) every cell, run the spec's probes, write summary.json and report.html.
+
+    executor "slurm": the cells run as Slurm jobs (trainers.study_slurm; slurm: its SlurmOptions, default the
+    spec's [slurm]); detach: return None right after submitting while cells are left to run."""
     from kdprobe.writers.report import write_cells_csv, write_landscape_page, write_report, write_summary_json
     from kdprobe.writers.report_markdown import write_report_markdown
     from trainers.study_probes import assemble, check_probes
@@ -361,7 +365,7 @@ def run_study(spec: StudySpec, out, *, device: str = "auto", jobs: int = 1, npro
     out, progress, spec = Path(out).resolve(), progress or StudyProgress(), locate_data(spec)
     t0 = time.monotonic()
     dev = resolve_device(device)
-    if jobs > 1 or nproc_per_cell > 1:  # an impossible placement fails now, before anything is written
+    if (jobs > 1 or nproc_per_cell > 1) and executor == "local":  # an impossible placement fails now
         plan_placement(device, jobs, nproc_per_cell)
     threads = torch.get_num_threads()
     if dev.type == "cpu":
@@ -380,8 +384,16 @@ def run_study(spec: StudySpec, out, *, device: str = "auto", jobs: int = 1, npro
         if existing:  # before any training: every file already there must be its cell, and the file recorded
             verify_existing(existing, out, load_dataset(spec.train.dataset, spec.train.data_dir).fingerprint)
             verify_hashes(existing, out)
-        info = train_cells(cells, out, device=device, jobs=jobs, nproc_per_cell=nproc_per_cell,
-                           progress=progress) if cells else {}
+        if executor == "slurm":  # cells (and pruning blocks) as Slurm jobs; None: detached, cells still to run
+            from trainers.study_slurm import train_cells_slurm
+
+            info = train_cells_slurm(spec, cells, out, slurm, device=device, detach=detach, progress=progress,
+                                     nproc_per_cell=nproc_per_cell)
+            if info is None:
+                return None
+        else:
+            info = train_cells(cells, out, device=device, jobs=jobs, nproc_per_cell=nproc_per_cell,
+                               progress=progress) if cells else {}
         # a reused cell whose teacher was (re)trained just now: its recorded teacher sha256 must match
         verify_existing([c for c in existing if c.teacher], out, None)
         verify_hashes(cells, out)  # what the probes read is what the accuracy table's numbers came with

@@ -670,7 +670,11 @@ def list_studies() -> list[dict]:
 def study(name_or_spec: str | os.PathLike, *, out: str | os.PathLike, scale: str | None = None,
           set: str | Sequence[str] | None = None, dataset: str | None = None, data_dir: str | os.PathLike | None = None,
           device: str = "auto", jobs: int = 1, nproc_per_cell: int = 1, quiet: bool = False,
-          note: Callable[[str], None] | None = None, progress=None) -> StudyResult:
+          note: Callable[[str], None] | None = None, progress=None, executor: str = "local",
+          partition: str | None = None, account: str | None = None, qos: str | None = None,
+          time: str | int | None = None, gpus_per_cell: int | None = None, cpus_per_cell: int | None = None,
+          mem_per_cell: str | None = None, array_parallelism: int | None = None, constraint: str | None = None,
+          slurm: str | Sequence[str] | None = None, detach: bool = False) -> StudyResult | None:
     """Run a whole study: train every method x seed cell (content-named, resumable), then its probes
     (accuracy, diversity, agreement, ensembles, calibration, CKA, sharpness with the ensemble-reading
     verdicts, landscapes, surplus), and write DIR/report.html, report.md, summary.json and cells.csv.
@@ -685,6 +689,11 @@ def study(name_or_spec: str | os.PathLike, *, out: str | os.PathLike, scale: str
     trainers.study.StudyProgress instead. note(text) receives the plan line ('study NAME (scale S): ...')
     before any training (default: stderr, unless quiet). The spec and every cell's config are checked
     before the folder is made.
+    executor: local (this machine) or slurm: every cell a Slurm job through submitit (docs/cluster.md), with
+    partition, account, qos, time (per cell: minutes or 1:30:00), gpus_per_cell, cpus_per_cell, mem_per_cell,
+    array_parallelism, constraint and slurm ('KEY=VALUE' sbatch options, one or a list) over the spec's
+    [slurm] table; nproc_per_cell K: K Slurm tasks per cell. detach: return None once the cells are
+    submitted (`kdprobe study status OUT` shows them; calling again collects them and writes the report).
 
     Returns a StudyResult: the folder, the record its report shows, its tables (.to_frame()) and figures."""
     from kdprobe.files.io import run_scope
@@ -704,9 +713,23 @@ def study(name_or_spec: str | os.PathLike, *, out: str | os.PathLike, scale: str
         resolved, text = load_spec(str(name_or_spec), scale, sets, dataset=dataset,
                                    data_dir=str(data_dir) if data_dir is not None else None)
         plan_cells(resolved, out)  # every cell's config (ranges, model kwargs) checked before DIR is made
+        options = _slurm_options(resolved, executor, dict(partition=partition, account=account, qos=qos, time=time,
+                                 gpus_per_cell=gpus_per_cell, cpus_per_cell=cpus_per_cell, mem_per_cell=mem_per_cell,
+                                 array_parallelism=array_parallelism, constraint=constraint), slurm, detach, jobs,
+                                 nproc_per_cell)
         what = (f"{len(resolved.methods)} methods x {len(resolved.seeds)} seeds" if resolved.methods else
                 f"{len(resolved.pruning)} pruning blocks x {len(resolved.seeds)} seeds")
         note(f"study {resolved.name} (scale {resolved.scale or 'as written'}): {what} -> {out}")
         record = run_study(resolved, out, device=device, jobs=jobs, nproc_per_cell=nproc_per_cell, spec_text=text,
-                           progress=progress or TqdmStudyProgress(not quiet))
-    return StudyResult(out, record)
+                           progress=progress or TqdmStudyProgress(not quiet), executor=executor, slurm=options,
+                           detach=detach)
+    return None if record is None else StudyResult(out, record)
+
+
+def _slurm_options(spec, executor: str, flags: dict, pairs, detach: bool, jobs: int, nproc_per_cell: int):
+    """study(executor=...): the SlurmOptions of `--executor slurm` (the spec's [slurm], flags over it), else None."""
+    from trainers.study_slurm import check_executor, slurm_options
+
+    pairs = [pairs] if isinstance(pairs, str) else list(pairs or ())
+    check_executor(executor, flags, pairs, detach, jobs)
+    return slurm_options(spec.slurm, flags, pairs, nproc_per_cell) if executor == "slurm" else None

@@ -24,6 +24,9 @@
     [agreement] [ensembles] [calibration] [cka] [sharpness]   the ensemble-perspective probes
                  (kdprobe.studies.spec_probes: split, samples, methods, reference, ..., and their own options)
     [[pruning]]  one table per pruning block (trainers.pipeline.PipelineSpec fields)
+    [slurm]      how `--executor slurm` submits each cell: partition, account, qos, time, gpus_per_cell,
+                 cpus_per_cell, mem_per_cell, array_parallelism, constraint, setup, extra = { KEY = VALUE }
+                 (trainers.executors.SlurmOptions; flags win); not a study setting, so not in the summary
     [scales.NAME]                       # deep-merged over everything above by --scale NAME
 
 Parsing is pure (no training, no data): every mistake is a KdprobeError naming the TOML key.
@@ -46,7 +49,7 @@ from kdprobe.ranges import (CONFIDENCE, MAX_BATCH, MAX_NESTING, PROBE_RANGES as 
                             check_extent, check_text, check_tree, parse_toml)
 
 _TOP = ("name", "title", "default_scale", "seeds", "train", "methods", "diversity", "landscape", "agreement",
-        "ensembles", "calibration", "cka", "sharpness", "pruning", "scales")
+        "ensembles", "calibration", "cka", "sharpness", "pruning", "slurm", "scales")
 _TRAIN = ("dataset", "data_dir", "model", "model_kwargs", "preset", "overrides")
 _METHOD = ("name", "augment", "distill", "teacher", "teacher_seed", "ensemble", "generations", "kd_settings",
            "overrides")
@@ -140,6 +143,7 @@ class StudySpec:
     pruning: tuple[dict, ...]
     settings: dict  # the resolved TOML tree (JSON-ready), for the report and summary.json
     probes: dict = field(default_factory=dict)  # name -> kdprobe.studies.spec_probes.ProbeSpec, switched-on only
+    slurm: dict = field(default_factory=dict)  # [slurm]: how `--executor slurm` submits cells (trainers.study_slurm)
 
     def method(self, name: str) -> MethodSpec:
         """The method called `name`."""
@@ -349,7 +353,8 @@ def resolve_spec(tree: dict, scale: str | None = None, sets=(), source: str = "s
     for item in sets:
         _apply_set(tree, *parse_set(item))
     _override_data(tree, dataset, data_dir)
-    settings = {k: v for k, v in tree.items() if k != "scales"}
+    # where the cells ran ([slurm]) is no setting of the study: the same study gives the same summary either way
+    settings = {k: v for k, v in tree.items() if k not in ("scales", "slurm")}
     top = _Keys(source, "", tree, _TOP)
     seeds = _int_list(top, "seeds", [0])
     methods = _parse_methods(source, top.get("methods", list, []), len(seeds))
@@ -375,7 +380,8 @@ def resolve_spec(tree: dict, scale: str | None = None, sets=(), source: str = "s
         str(top.get("name", str, "study")), str(top.get("title", str, "")), scale, source, seeds, train, methods,
         None if div is None else _parse_diversity(source, div, names),
         None if land is None else _parse_landscape(source, land, names, seeds),
-        tuple(dict(b) for b in pruning), settings, parse_probes(source, tree, names))
+        tuple(dict(b) for b in pruning), settings, parse_probes(source, tree, names),
+        dict(top.get("slurm", dict, {}, want="a table of Slurm options ([slurm])")))
 
 
 def load_spec(spec: str, scale: str | None = None, sets=(), *, dataset: str | None = None,

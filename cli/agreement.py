@@ -6,7 +6,7 @@ from typing import Annotated
 import typer
 
 from cli.common import table
-from cli.probe_set import (Arch, ArchKwargs, ImageSize,
+from cli.probe_set import (Figures, figure_paths, Arch, ArchKwargs, ImageSize,
                            BatchSize, Confidence, Csv, DataDir, Dataset, Device, GroupBy, Html, Interval, Json,
                            Reference, Samples, Seed, Split, check_set_outputs, fmt_ci, fmt_p, in_range,
                            pair_type_table, write_outputs)
@@ -42,6 +42,7 @@ def agreement(
     csv: Csv = None,
     json: Json = None,
     html: Html = None,
+    figures: Figures = None,
     arch: Arch = None,
     arch_kwargs: ArchKwargs = None,
     image_size: ImageSize = None,
@@ -52,7 +53,8 @@ def agreement(
     """Pairwise agreement of checkpoints and the ensembles of each group (one forward pass per checkpoint)."""
     from kdprobe.api.probes import agreement as run
 
-    check_set_outputs("agreement", checkpoints, (csv, json, html))
+    figs = figure_paths("agreement", figures, (html, json, csv))
+    check_set_outputs("agreement", checkpoints, (csv, json, html), figs)
     result = run(checkpoints, split=split, samples=samples, group_by=group_by, reference=reference,
                  confidence=confidence, interval=interval, max_subsets=max_subsets, bins=bins, batch_size=batch_size,
                  seed=seed, arch=arch, arch_kwargs=arch_kwargs, image_size=image_size, dataset=dataset,
@@ -83,4 +85,4 @@ def agreement(
     typer.echo(f"mean member -> ensemble of all n (softmax average); gain = ensemble - mean member ± {confidence * 100:g}% "
                "CI (jackknife over checkpoints, n >= 3); p = gain vs the reference group's gain, jackknife (Welch-type) "
                "t, Holm-adjusted")
-    write_outputs(tables, "pairs", csv, json, html)
+    write_outputs(tables, "pairs", csv, json, html, figs)

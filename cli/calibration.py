@@ -6,7 +6,7 @@ from typing import Annotated
 import typer
 
 from cli.common import table
-from cli.probe_set import (Arch, ArchKwargs, ImageSize,
+from cli.probe_set import (Figures, figure_paths, Arch, ArchKwargs, ImageSize,
                            BatchSize, Confidence, Csv, DataDir, Dataset, Device, GroupBy, Html, Interval, Json,
                            Reference, Samples, Seed, Split, check_set_outputs, group_table, in_range,
                            write_outputs)
@@ -39,6 +39,7 @@ def calibration(
     csv: Csv = None,
     json: Json = None,
     html: Html = None,
+    figures: Figures = None,
     arch: Arch = None,
     arch_kwargs: ArchKwargs = None,
     image_size: ImageSize = None,
@@ -50,7 +51,8 @@ def calibration(
     from kdprobe.api.probes import calibration as run
     from kdprobe.probes.sets import CALIBRATION_MAIN
 
-    check_set_outputs("calibration", checkpoints, (csv, json, html))
+    figs = figure_paths("calibration", figures, (html, json, csv))
+    check_set_outputs("calibration", checkpoints, (csv, json, html), figs)
     result = run(checkpoints, split=split, samples=samples, bins=bins, adaptive=adaptive, classwise=classwise,
                  temperature=temperature, group_by=group_by, reference=reference, confidence=confidence,
                  interval=interval, batch_size=batch_size, seed=seed, arch=arch, arch_kwargs=arch_kwargs,
@@ -72,4 +74,4 @@ def calibration(
         typer.echo(f"temperature: fitted by NLL on a seeded half (seed {seed}); *_before / *_after on the other half; "
                    f"T at a bound "
                    f"(0.01 or 100) in {sum(bool(r['temperature_at_bound']) for r in rows)} checkpoint(s)")
-    write_outputs(tables, "checkpoints", csv, json, html)
+    write_outputs(tables, "checkpoints", csv, json, html, figs)

@@ -7,7 +7,7 @@ import typer
 
 from cli.common import ranged, table
 from kdprobe.ranges import MAX_BATCH, Range
-from cli.probe_set import (Arch, ArchKwargs, ImageSize,
+from cli.probe_set import (Figures, figure_paths, Arch, ArchKwargs, ImageSize,
                            Confidence, Csv, DataDir, Dataset, Device, GroupBy, Html, Interval, Json, Reference,
                            Samples, Split, check_set_outputs, pair_type_table, write_outputs)
 
@@ -50,6 +50,7 @@ def cka(
     csv: Csv = None,
     json: Json = None,
     html: Html = None,
+    figures: Figures = None,
     arch: Arch = None,
     arch_kwargs: ArchKwargs = None,
     image_size: ImageSize = None,
@@ -60,7 +61,8 @@ def cka(
     """Linear CKA: layer x layer for two checkpoints, or per pair type at one layer for a group."""
     from kdprobe.api.probes import cka as run
 
-    check_set_outputs("cka", checkpoints, (csv, json, html))
+    figs = figure_paths("cka", figures, (html, json, csv))
+    check_set_outputs("cka", checkpoints, (csv, json, html), figs)
     result = run(checkpoints, split=split, samples=samples, layers_a=layers_a, layers_b=layers_b, layer=layer,
                  summary=summary, estimator=estimator, batch_size=batch_size, group_by=group_by, reference=reference,
                  confidence=confidence, interval=interval, arch=arch, arch_kwargs=arch_kwargs, image_size=image_size,
@@ -77,7 +79,7 @@ def cka(
             shown.append({"layer of A": la, "same layer of B": "-" if same is None else f"{r.values[i][same]:.4f}",
                           "most similar layer of B": r.layers_b[j], "cka": r.values[i][j]})
         typer.echo(table(shown))
-        write_outputs(tables, "layers", csv, json, html)
+        write_outputs(tables, "layers", csv, json, html, figs)
         return
 
     ref = settings["reference"]
@@ -88,4 +90,4 @@ def cka(
     typer.echo(f"mean over pairs ± {confidence * 100:g}% CI ({interval}); unit = one checkpoint (pairs share "
                "checkpoints: delete-one-checkpoint jackknife); "
                + (f"p = vs 'within {ref}', jackknife t, Holm-adjusted" if ref else "no tests"))
-    write_outputs(tables, "pairs", csv, json, html)
+    write_outputs(tables, "pairs", csv, json, html, figs)

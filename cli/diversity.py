@@ -10,6 +10,8 @@ import typer
 from cli.common import Arch, ArchKwargs, DataDir, Dataset, ImageSize, in_range, ranged, table
 from kdprobe.ranges import MAX_BATCH, Range
 
+from cli.probe_set import Figures, figure_outputs, figure_paths, write_figures  # noqa: E402
+
 O = typer.Option
 
 
@@ -52,6 +54,7 @@ def diversity(
     csv: Annotated[Optional[Path], O(help="Write every raw score (one row per checkpoint per batch) as CSV.")] = None,
     json: Annotated[Optional[Path], O(help="Write settings, raw scores and group statistics as JSON.")] = None,
     html: Annotated[Optional[Path], O(help="Write an offline interactive plot (plotly inlined) as HTML.")] = None,
+    figures: Figures = None,
     device: Annotated[str, O(help="auto | cpu | cuda.")] = "auto",
     dataset: Dataset = None,
     data_dir: DataDir = None,
@@ -66,8 +69,9 @@ def diversity(
     from kdprobe.writers.diversity_files import write_diversity_csv, write_diversity_json
     from kdprobe.writers.diversity_plot import write_diversity_html
 
-    check_outputs("diversity", {"--csv": (csv, "csv"), "--json": (json, "json"), "--html": (html, "html")},
-                  {"CHECKPOINTS": checkpoint_paths(checkpoints)})
+    figs = figure_paths("diversity", figures, (html, json, csv))
+    check_outputs("diversity", {"--csv": (csv, "csv"), "--json": (json, "json"), "--html": (html, "html"),
+                                **figure_outputs(figs)}, {"CHECKPOINTS": checkpoint_paths(checkpoints)})
     result = run(checkpoints, runs=runs, batch_size=batch_size, split=split, seed=seed, bn=bn, output=output,
                  variant=variant, k=k, group_by=group_by, reference=reference, confidence=confidence,
                  interval=interval, device=device, dataset=dataset, data_dir=data_dir, arch=arch,
@@ -94,3 +98,5 @@ def diversity(
         write_diversity_json(scores, groups, st, json)
     if html:
         write_diversity_html(result.table, html)
+    if figs:
+        typer.echo("wrote " + ", ".join(map(str, write_figures([result.figure()], figs))))

@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import Arch, ArchKwargs, DataDir, Dataset, ImageSize, checked, in_range, table
+from cli.probe_set import Figures, figure_outputs, figure_paths, write_figures
 from kdprobe.probes.landscape_run import Saver as _Saver  # noqa: F401 (the library's saver, patched here by tests)
 from kdprobe.ranges import check_extent
 
@@ -51,6 +52,9 @@ def landscape(
                                                  "--include-bn are then taken from the file.")] = None,
     h5: Annotated[Optional[Path], O(help="Where to write the HDF5 file (default: --out with .h5).")] = None,
     html: Annotated[bool, O("--html", help="Also write an interactive contour + 3-D plot (offline HTML).")] = False,
+    figures: Annotated[Optional[str], O(help="Also write the contour map and the 3-D view as static files: a "
+                                             "comma-separated list of pdf, svg, png (e.g. pdf,png), drawn with "
+                                             "matplotlib: OUT.pdf and OUT-3d.pdf next to --out.")] = None,
     log: Annotated[bool, O("--log", help="Height z = log(loss) in the VTK/HTML output (arrays keep both).")] = False,
     vtk_height: Annotated[str, O(help="VTK z: scaled (default) = the height rescaled to [0, the grid's larger "
                                       "extent], so ParaView opens a surface as tall as it is wide (the raw loss "
@@ -89,6 +93,7 @@ def landscape(
     from kdprobe.api.landscape import landscape as run
 
     out = out or checkpoint.with_name(checkpoint.stem + "_landscape.vtk")
+    figs = _check_figures("landscape", figures, out, ("", "-3d"), {"CHECKPOINT": checkpoint})
     r = run(checkpoint, out=out, x=x, y=y, split=split, samples=samples, bn=bn, seed=seed, include_bn=include_bn,
             directions=directions, h5=h5, html=html, log=log, vtk_height=vtk_height, zmax=zmax,
             points_per_batch=points_per_batch, batch_size=batch_size, precision=precision, save_every=save_every,
@@ -108,7 +113,18 @@ def landscape(
     typer.echo(f"{ys.size}x{xs.size} grid, {r.settings['samples']} {split} samples, bn={bn}, "
                f"precision={r.surface.precision}, {r.processes} process(es): {new} points in {secs:.1f}s "
                f"({new / max(secs, 1e-9):.2f} points/s)")
-    typer.echo("wrote " + ", ".join(str(p) for p in r.files))
+    typer.echo("wrote " + ", ".join(str(p) for p in r.files + tuple(
+        write_figures([r.figure("contour"), r.figure("surface")], figs) if figs else ())))
+
+
+def _check_figures(command: str, figures, out, suffixes, inputs) -> list:
+    """The --figures paths next to --out, checked (and locked) before any work."""
+    from kdprobe.files.outputs import check_outputs
+
+    figs = figure_paths(command, figures, (out,), suffixes)
+    if figs:
+        check_outputs(command, figure_outputs(figs), inputs)
+    return figs
 
 
 def interpolate(
@@ -128,6 +144,9 @@ def interpolate(
                               "recompute = re-estimated at every t on the samples.")] = "eval",
     h5: Annotated[Optional[Path], O(help="Where to write the HDF5 file (default: --out with .h5).")] = None,
     html: Annotated[bool, O("--html", help="Also write an interactive line plot (offline HTML).")] = False,
+    figures: Annotated[Optional[str], O(help="Also write the line plot as static files: a comma-separated list of "
+                                             "pdf, svg, png (e.g. pdf,png), drawn with matplotlib, next to --out.")
+                       ] = None,
     log: Annotated[bool, O("--log", help="Height z = log(loss) in the VTK/HTML output.")] = False,
     vtk_height: Annotated[str, O(help="VTK z: scaled (default, to [0, the t extent]) | raw (see kdprobe "
                                       "landscape --help).")] = "scaled",
@@ -152,6 +171,7 @@ def interpolate(
     from kdprobe.api.landscape import interpolate as run
 
     out = out or checkpoint_a.with_name(f"{checkpoint_a.stem}_to_{checkpoint_b.stem}.h5")
+    figs = _check_figures("interpolate", figures, out, ("",), {"CHECKPOINT_A": checkpoint_a, "CHECKPOINT_B": checkpoint_b})
     r = run(checkpoint_a, checkpoint_b, out=out, steps=steps, range=range, split=split, samples=samples, bn=bn,
             h5=h5, html=html, log=log, vtk_height=vtk_height, zmax=zmax, points_per_batch=points_per_batch,
             batch_size=batch_size, precision=precision, dataset=dataset, data_dir=data_dir, arch=arch,
@@ -169,4 +189,4 @@ def interpolate(
                f"(fraction) at t={bar.t_error:g}" if bar else f"barrier: not computed ({r.barrier_note})")
     typer.echo(f"{ts.size} points, {r.settings['samples']} {split} samples, bn={bn}, precision={r.line.precision}, "
                f"{r.processes} process(es), {r.seconds:.1f}s")
-    typer.echo("wrote " + ", ".join(str(p) for p in r.files))
+    typer.echo("wrote " + ", ".join(str(p) for p in r.files + tuple(write_figures([r.figure()], figs) if figs else ())))

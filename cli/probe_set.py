@@ -24,20 +24,50 @@ Interval = Annotated[str, O(help="t = Student t quantile (the honest default for
 Csv = Annotated[Optional[Path], O(help="Write the main table as CSV (see the README for which).")]
 Json = Annotated[Optional[Path], O(help="Write every table as one JSON document (schema in the README).")]
 Html = Annotated[Optional[Path], O(help="Write an offline interactive figure (plotly inlined, no WebGL).")]
+Figures = Annotated[Optional[str], O(help="Also write the figure as static files: a comma-separated list of pdf, "
+                                         "svg, png (e.g. pdf,png), drawn with matplotlib (no browser needed), "
+                                         "caption under the plot. Named after --html, else --json, else --csv "
+                                         "(a.html -> a.pdf); else COMMAND.pdf in the current folder.")]
 Device = Annotated[str, O(help="auto | cpu | cuda.")]
 Seed = Annotated[int, O(help="Seed of every random draw of the probe (same seed, same device: same result).",
                          callback=in_range("seed"))]
 BatchSize = Annotated[int, O(help="Samples per forward pass.", callback=in_range("batch_size"))]
 
 
-def check_set_outputs(command: str, patterns, outputs: tuple = (None, None, None)) -> None:
-    """Refuse (and lock) the --csv/--json/--html outputs before any checkpoint is loaded."""
+def figure_paths(command: str, figures: str | None, named=(), suffixes=("",)) -> list[Path]:
+    """The static figure files --figures asks for: STEM{suffix}.{fmt} per suffix (a command with two figures, the
+    landscape's contour and 3-D, names the second '-3d') and format, STEM from the first of `named` given (its
+    suffix dropped), else the command's name in the current folder."""
+    from kdprobe.writers.static_figures import parse_formats
+
+    formats = parse_formats(figures)
+    base = next((Path(p) for p in named if p), None)
+    stem = base.with_suffix("") if base is not None else Path(command)
+    return [stem.with_name(f"{stem.name}{suf}.{fmt}") for suf in suffixes for fmt in formats]
+
+
+def figure_outputs(paths) -> dict:
+    """check_outputs roles for figure paths: {'--figures pdf': (path, 'pdf'), ...}."""
+    return {f"--figures {p.name}": (p, p.suffix[1:].lower()) for p in paths}
+
+
+def write_figures(figs, paths) -> list[Path]:
+    """Render each plotly figure to its static files (paths grouped per figure, formats in order)."""
+    from kdprobe.writers.static_figures import render
+
+    per = len(paths) // max(len(figs), 1)
+    out = [render(f, p) for k, f in enumerate(figs) for p in paths[k * per:(k + 1) * per]]
+    return out
+
+
+def check_set_outputs(command: str, patterns, outputs: tuple = (None, None, None), figures=()) -> None:
+    """Refuse (and lock) the --csv/--json/--html (and --figures) outputs before any checkpoint is loaded."""
     from kdprobe.files.outputs import check_outputs
     from kdprobe.probes.checkpoint_set import checkpoint_paths
 
     csv, json, html = outputs
-    check_outputs(command, {"--csv": (csv, "csv"), "--json": (json, "json"), "--html": (html, "html")},
-                  {"CHECKPOINTS": checkpoint_paths(patterns)})
+    check_outputs(command, {"--csv": (csv, "csv"), "--json": (json, "json"), "--html": (html, "html"),
+                            **figure_outputs(figures)}, {"CHECKPOINTS": checkpoint_paths(patterns)})
 
 
 def fmt_ci(mean, half_width, digits: int = 4) -> str:
@@ -53,8 +83,9 @@ def fmt_p(p) -> str:
     return "-" if p is None or not math.isfinite(p) else f"{p:.3g}"
 
 
-def write_outputs(tables, csv_table: str, csv: Path | None, json: Path | None, html: Path | None) -> list[Path]:
-    """Write the requested files; returns what was written."""
+def write_outputs(tables, csv_table: str, csv: Path | None, json: Path | None, html: Path | None,
+                  figures=()) -> list[Path]:
+    """Write the requested files (figures: the static figure paths of figure_paths); returns what was written."""
     from kdprobe.writers.probe_files import write_probe_csv, write_probe_json
     from kdprobe.writers.probe_plots import write_probe_html
 
@@ -68,6 +99,10 @@ def write_outputs(tables, csv_table: str, csv: Path | None, json: Path | None, h
     if html:
         write_probe_html(tables, html)
         written.append(html)
+    if figures:
+        from kdprobe.writers.probe_plots import probe_figure
+
+        written += write_figures([probe_figure(tables)], list(figures))
     if written:
         typer.echo("wrote " + ", ".join(str(p) for p in written))
     return written

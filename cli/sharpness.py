@@ -6,7 +6,7 @@ from typing import Annotated
 import typer
 
 from cli.common import table
-from cli.probe_set import (Arch, ArchKwargs, ImageSize,
+from cli.probe_set import (Figures, figure_paths, Arch, ArchKwargs, ImageSize,
                            Confidence, Csv, DataDir, Dataset, Device, GroupBy, Html, Interval, Json, Reference,
                            Samples, Seed, Split, check_set_outputs, group_table, in_range, write_outputs)
 
@@ -72,6 +72,7 @@ def sharpness(
     csv: Csv = None,
     json: Json = None,
     html: Html = None,
+    figures: Figures = None,
     arch: Arch = None,
     arch_kwargs: ArchKwargs = None,
     image_size: ImageSize = None,
@@ -82,7 +83,8 @@ def sharpness(
     """Sharpness of the training loss: top Hessian eigenvalues, Hessian trace, eigenvalue density."""
     from kdprobe.api.probes import sharpness as run
 
-    check_set_outputs("sharpness", checkpoints, (csv, json, html))
+    figs = figure_paths("sharpness", figures, (html, json, csv))
+    check_set_outputs("sharpness", checkpoints, (csv, json, html), figs)
     result = run(checkpoints, split=split, samples=samples, top_k=top_k, method=method, iterations=iterations,
                  tol=tol, trace_samples=trace_samples, trace_method=trace_method, trace_rtol=trace_rtol,
                  trace_sketch=trace_sketch, density=density, lanczos_steps=lanczos_steps, density_runs=density_runs,
@@ -108,4 +110,4 @@ def sharpness(
                        f"({r.trace_confidence:.0%}, {r.trace_vectors} vectors) not yet stable: {r.trace_note}")
     if bn == "train":
         typer.echo(f"note: bn=train uses each minibatch's statistics: the loss depends on --batch-size ({batch_size})")
-    write_outputs(tables, "checkpoints", csv, json, html)
+    write_outputs(tables, "checkpoints", csv, json, html, figs)

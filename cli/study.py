@@ -84,6 +84,8 @@ def study(
                                           "Slurm's environment.",
                                      callback=ranged(NPROC_PER_CELL))] = 1,
     quiet: Annotated[bool, O(help="No progress bars or per-cell lines.")] = False,
+    figures: Annotated[str, O(help="Static figures in DIR/figures/ (numbered, captions.md; report.md embeds the "
+                                   "PNGs): a comma-separated list of pdf, svg, png, or none.")] = "pdf,png",
     executor: sf.Executor = "local",
     partition: sf.Partition = None,
     account: sf.Account = None,
@@ -123,7 +125,8 @@ def study(
                            "`kdprobe study --list` shows the built-in studies")
     try:
         done = run(spec, out=out, scale=scale, set=set_, dataset=dataset, data_dir=data_dir, device=device, jobs=jobs,
-                   nproc_per_cell=nproc_per_cell, quiet=quiet, note=typer.echo, executor=executor, slurm=slurm,
+                   nproc_per_cell=nproc_per_cell, quiet=quiet, note=typer.echo, figures=figures, executor=executor,
+                   slurm=slurm,
                    detach=detach, **sf.flags(partition, account, qos, time, gpus_per_cell, cpus_per_cell,
                                              mem_per_cell, array_parallelism, constraint))
     except KeyboardInterrupt as e:

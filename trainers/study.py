@@ -351,14 +351,19 @@ def _cell_main(job_file: str) -> int:
 
 def run_study(spec: StudySpec, out, *, device: str = "auto", jobs: int = 1, nproc_per_cell: int = 1,
               spec_text: str | None = None, progress: StudyProgress | None = None, executor: str = "local",
-              slurm=None, detach: bool = False):
-    """Train (or resume) every cell, run the spec's probes, write summary.json and report.html.
+              slurm=None, detach: bool = False, figures: str = "pdf,png"):
+    """Train (or resume) every cell, run the spec's probes, write summary.json and report.html (and the static
+    figures, `figures`: 'pdf,png', ... or 'none', in figures/).
 
     executor "slurm": the cells run as Slurm jobs (trainers.study_slurm; slurm: its SlurmOptions, default the
     spec's [slurm]); detach: return None right after submitting while cells are left to run."""
     from kdprobe.writers.report import write_cells_csv, write_landscape_page, write_report, write_summary_json
+    from kdprobe.writers.report_figures import write_study_figures
+    from kdprobe.writers.static_figures import parse_formats
     from kdprobe.writers.report_markdown import write_report_markdown
     from trainers.study_probes import assemble, check_probes
+
+    formats = () if figures == "none" else parse_formats(figures, "figures")  # a typo fails before any training
 
     if jobs < 1 or nproc_per_cell < 1:
         raise KdprobeError(f"expected --jobs >= 1 and --nproc-per-cell >= 1, got {jobs} and {nproc_per_cell}")
@@ -401,6 +406,8 @@ def run_study(spec: StudySpec, out, *, device: str = "auto", jobs: int = 1, npro
         write_cells_csv(result, out / "cells.csv")
         write_summary_json(result, out / "summary.json")
         write_report(result, out / "report.html")
+        if formats:  # before report.md, which embeds the PNGs
+            write_study_figures(result, out / "figures", formats)
         write_report_markdown(result, out / "report.md")
         if result.landscapes:
             write_landscape_page(result, out / "landscapes.html")

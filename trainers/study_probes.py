@@ -201,7 +201,7 @@ def _surface(ck, x, y, xs, ys, ls, dirs, h5: Path, settings: dict, bar):
 def _landscapes(spec: StudySpec, cells, out: Path, dev: torch.device, progress) -> list[LandscapeRecord]:
     from kdprobe.probes.landscape import make_directions, parse_grid
     from kdprobe.probes.landscape_eval import resolve_precision
-    from kdprobe.writers.landscape_vtk import write_surface_vtk
+    from kdprobe.writers.landscape_vtk import height, write_surface_vtk
 
     ls = spec.landscape
     data = _data(spec)
@@ -222,7 +222,7 @@ def _landscapes(spec: StudySpec, cells, out: Path, dev: torch.device, progress) 
                     todo.append((group, c, epoch, path))
     bar = progress.training("landscapes")
     bar.start(len(todo) * xs.size * ys.size, 0, f"landscapes ({len(todo)} x {ys.size}x{xs.size} points)")
-    records = []
+    records, surfaces = [], []
     try:
         for group, c, epoch, path in todo:
             ck = load_checkpoint(path, map_location=dev, arch=spec_arch(spec))
@@ -235,8 +235,7 @@ def _landscapes(spec: StudySpec, cells, out: Path, dev: torch.device, progress) 
                             method=c.method, reference="Li et al. 2018, filter-normalized")
             t0 = time.monotonic()
             res, fresh = _surface(ck, x, y, xs, ys, ls, dirs, h5, settings, bar)
-            if fresh or not vtk.exists():
-                write_surface_vtk(res, vtk, log=ls.log, zmax=ls.zmax, title=f"kdprobe {ls.split} loss {path.name}")
+            surfaces.append((res, vtk, path))
             if not fresh:
                 bar.step(xs.size * ys.size, {})
             records.append(LandscapeRecord(
@@ -247,6 +246,12 @@ def _landscapes(spec: StudySpec, cells, out: Path, dev: torch.device, progress) 
                 round(time.monotonic() - t0, 3) if fresh else None))
     finally:
         bar.close()
+    # every .vtk of the study on one height scale (recorded in each file), so they compare in ParaView
+    heights = [height(r.loss, log=ls.log, zmax=ls.zmax) for r, _, _ in surfaces]
+    shared = (min(float(np.nanmin(h)) for h in heights), max(float(np.nanmax(h)) for h in heights)) if heights else None
+    for res, vtk, path in surfaces:
+        write_surface_vtk(res, vtk, log=ls.log, zmax=ls.zmax, title=f"kdprobe {ls.split} loss {path.name}",
+                          height_range=shared)
     return records
 
 

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from kdprobe.api.results import checked_output, data_frame, suffix_of
+from kdprobe.api.results import FIGURE_SUFFIXES, checked_output, data_frame, save_figure, suffix_of
 from kdprobe.errors import KdprobeError
 
 __all__ = ["DiversityResult", "EvaluationResult", "SurplusResult", "diversity", "evaluate", "surplus"]
 
 _HTML = {".html": "html", ".htm": "html"}
-_FILES = {".json": "json", ".csv": "csv", **_HTML}
+_FILES = {".json": "json", ".csv": "csv", **_HTML, **FIGURE_SUFFIXES}
 
 
 def _stderr(text: str) -> None:
@@ -100,13 +100,16 @@ class DiversityResult:
         return diversity_figure(self.table)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write by suffix: .json (as --json), .csv (the raw scores, as --csv) or .html (the figure, as --html).
-        Files are written atomically; another kind of file is never replaced."""
+        """Write by suffix: .json (as --json), .csv (the raw scores, as --csv), .html (the figure, as --html) or
+        .pdf/.svg/.png (the figure as a static file, as --figures). Files are written atomically; another kind of
+        file is never replaced."""
         from kdprobe.files.io import run_scope
         from kdprobe.writers.diversity_files import write_diversity_csv, write_diversity_json
         from kdprobe.writers.diversity_plot import write_diversity_html
 
         kind = suffix_of(path, _FILES, "DiversityResult")
+        if kind in FIGURE_SUFFIXES.values():
+            return save_figure(self.figure(), path, self.command)
         with run_scope():
             out = checked_output(self.command, path, kind)
             if kind == "json":
@@ -258,12 +261,15 @@ class SurplusResult:
         return surplus_figure(self.rows)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write by suffix: .json (as --json), .csv (as --csv) or .html (the figure). Files are written
-        atomically; another kind of file is never replaced, nor the input table."""
+        """Write by suffix: .json (as --json), .csv (as --csv), .html (the figure) or .pdf/.svg/.png (the figure
+        as a static file). Files are written atomically; another kind of file is never replaced, nor the input
+        table."""
         from kdprobe.files.io import run_scope
         from kdprobe.writers.surplus_files import write_surplus_csv, write_surplus_html, write_surplus_json
 
         kind = suffix_of(path, _FILES, "SurplusResult")
+        if kind in FIGURE_SUFFIXES.values():
+            return save_figure(self.figure(), path, self.command, {"RESULTS_CSV": self.source})
         with run_scope():
             out = checked_output(self.command, path, kind, {"RESULTS_CSV": self.source})
             {"json": write_surplus_json, "csv": write_surplus_csv, "html": write_surplus_html}[kind](self.rows, out)
@@ -337,8 +343,9 @@ class EvaluationResult:
         return fig
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write by suffix: .json (as --json), .csv (as --csv) or .html (the figure). Files are written
-        atomically; another kind of file is never replaced, nor an evaluated checkpoint."""
+        """Write by suffix: .json (as --json), .csv (as --csv), .html (the figure) or .pdf/.svg/.png (the figure
+        as a static file). Files are written atomically; another kind of file is never replaced, nor an evaluated
+        checkpoint."""
         import json
 
         from kdprobe.files.io import atomic_write_text, run_scope
@@ -346,6 +353,8 @@ class EvaluationResult:
 
         kind = suffix_of(path, _FILES, "EvaluationResult")
         inputs = {"CHECKPOINTS": [r["checkpoint"] for r in self.rows if Path(r["checkpoint"]).exists()]}
+        if kind in FIGURE_SUFFIXES.values():
+            return save_figure(self.figure(), path, self.command, inputs)
         with run_scope():
             out = checked_output(self.command, path, kind, inputs)
             if kind == "json":

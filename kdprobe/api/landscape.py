@@ -23,7 +23,7 @@ __all__ = ["landscape", "interpolate", "LandscapeResult", "InterpolationResult"]
 OUT_SUFFIXES = (".vtk", ".vts", ".h5", ".html")
 # what .save(path) writes, by suffix
 SAVE_KINDS = {".vtk": "vtk", ".vts": "vts", ".h5": "h5", ".html": "html", ".htm": "html", ".json": "json",
-              ".csv": "csv"}
+              ".csv": "csv", ".pdf": "pdf", ".svg": "svg", ".png": "png"}
 
 
 def _nan_list(a) -> list:
@@ -49,15 +49,21 @@ class _Grid:
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write by suffix, through the CLI's writers: .h5 (the command's HDF5 file; an existing surface
         is replaced only with overwrite=True), .vtk / .vts (a complete result only), .html (the figures),
-        .json (.to_dict(), nan as null), .csv (.records()). Files are written atomically; another kind of
-        file is never replaced. Returns the path."""
+        .json (.to_dict(), nan as null), .csv (.records()), .pdf / .svg / .png (the 2-D figure as a static file:
+        the contour map of a surface, the loss and accuracy of a path). Files are written atomically; another
+        kind of file is never replaced. Returns the path."""
         from kdprobe.files.io import run_scope
         from kdprobe.files.outputs import check_outputs
 
         kind = suffix_of(path, SAVE_KINDS, f"{type(self).__name__}")
         with run_scope():
             check_outputs(self.command, {"path": (path, self._file_kind(kind))}, overwrite=overwrite)
-            self._write(Path(path), kind)
+            if kind in ("pdf", "svg", "png"):
+                from kdprobe.writers.static_figures import render
+
+                render(self.figure(), path)
+            else:
+                self._write(Path(path), kind)
         return Path(path)
 
     def _file_kind(self, kind: str) -> str:
@@ -179,8 +185,9 @@ class LandscapeResult(_Grid):
         elif kind == "html":
             from kdprobe.writers.landscape_plot import write_surface_html
 
+            vtk = next((p.suffix.lower() for p in map(Path, self.files) if p.suffix.lower() in (".vtk", ".vts")), None)
             write_surface_html(self.surface, path, log=self.log, zmax=self.zmax, split=self.split,
-                               title=self._title())
+                               title=self._title(), vtk_suffix=vtk)
         elif kind == "json":
             from kdprobe.writers.landscape_tables import write_grid_json
 
@@ -521,6 +528,7 @@ def _landscape(checkpoint, *, out, x, y, split, samples, bn, seed, include_bn, d
             if path is not None:
                 result._write(path, kind)
                 written.append(path)
+                result = replace(result, files=tuple(written))  # the page's no-WebGL note names the VTK file
         return replace(result, files=tuple(written))
     finally:
         proc.close()

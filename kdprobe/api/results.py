@@ -1,5 +1,6 @@
 """What every API result offers: .to_dict() (the command's --json document), .to_frame() (pandas), .save(path)
-(the command's writers, chosen by suffix) and .figure() (the plotly figure its --html page shows)."""
+(the command's writers, chosen by suffix; .pdf/.svg/.png: the figure as a static file, kdprobe.writers.static_figures)
+and .figure() (the plotly figure its --html page shows)."""
 from __future__ import annotations
 
 import os
@@ -26,6 +27,21 @@ def suffix_of(path, allowed: dict[str, str], what: str) -> str:
         raise KdprobeError(f"{what}.save({str(path)!r}): expected a path ending in {', '.join(sorted(allowed))}; "
                            "pick the file type by its suffix")
     return allowed[suffix]
+
+
+#: static figure files, by suffix (every result's .save takes them: the figure drawn with matplotlib)
+FIGURE_SUFFIXES = {".pdf": "pdf", ".svg": "svg", ".png": "png"}
+
+
+def save_figure(figure, path, command: str, inputs: dict | None = None) -> Path:
+    """Write a result's plotly figure as a static .pdf/.svg/.png under the CLI's output rules (atomically; another
+    kind of file is never replaced); its title becomes the caption under it."""
+    from kdprobe.files.io import run_scope
+    from kdprobe.writers.static_figures import render
+
+    kind = suffix_of(path, FIGURE_SUFFIXES, "figure")
+    with run_scope():
+        return render(figure, checked_output(command, path, kind, inputs))
 
 
 def checked_output(command: str, path, kind: str, inputs: dict | None = None) -> Path:
@@ -82,12 +98,16 @@ class ProbeResult:
 
     def save(self, path: str | os.PathLike, *, table: str | None = None) -> Path:
         """Write by suffix: .json (every table, as --json), .csv (one table, the main one by default, as --csv),
-        .html (the figure, as --html). Files are written atomically; another kind of file is never replaced."""
+        .html (the figure, as --html), .pdf/.svg/.png (the figure as a static file, as --figures). Files are written
+        atomically; another kind of file is never replaced."""
         from kdprobe.files.io import run_scope
         from kdprobe.writers.probe_files import write_probe_csv, write_probe_json
         from kdprobe.writers.probe_plots import write_probe_html
 
-        kind = suffix_of(path, {".json": "json", ".csv": "csv", ".html": "html", ".htm": "html"}, "result")
+        kind = suffix_of(path, {".json": "json", ".csv": "csv", ".html": "html", ".htm": "html", **FIGURE_SUFFIXES},
+                         "result")
+        if kind in FIGURE_SUFFIXES.values():
+            return save_figure(self.figure(), path, self.command)
         if kind == "csv":
             self.table(table)  # an unknown table name is an error, not an empty file
         with run_scope():

@@ -674,7 +674,7 @@ def study(name_or_spec: str | os.PathLike, *, out: str | os.PathLike, scale: str
           partition: str | None = None, account: str | None = None, qos: str | None = None,
           time: str | int | None = None, gpus_per_cell: int | None = None, cpus_per_cell: int | None = None,
           mem_per_cell: str | None = None, array_parallelism: int | None = None, constraint: str | None = None,
-          slurm: str | Sequence[str] | None = None, detach: bool = False) -> StudyResult | None:
+          slurm: str | Sequence[str] | None = None, detach: bool = False, figures: str = "pdf,png") -> StudyResult | None:
     """Run a whole study: train every method x seed cell (content-named, resumable), then its probes
     (accuracy, diversity, agreement, ensembles, calibration, CKA, sharpness with the ensemble-reading
     verdicts, landscapes, surplus), and write DIR/report.html, report.md, summary.json and cells.csv.
@@ -694,6 +694,8 @@ def study(name_or_spec: str | os.PathLike, *, out: str | os.PathLike, scale: str
     array_parallelism, constraint and slurm ('KEY=VALUE' sbatch options, one or a list) over the spec's
     [slurm] table; nproc_per_cell K: K Slurm tasks per cell. detach: return None once the cells are
     submitted (`kdprobe study status OUT` shows them; calling again collects them and writes the report).
+    figures: the static figures written to DIR/figures/ (numbered, captions.md; report.md embeds the PNGs), a
+    comma-separated list of pdf, svg, png, or "none".
 
     Returns a StudyResult: the folder, the record its report shows, its tables (.to_frame()) and figures."""
     from kdprobe.files.io import run_scope
@@ -722,7 +724,7 @@ def study(name_or_spec: str | os.PathLike, *, out: str | os.PathLike, scale: str
         note(f"study {resolved.name} (scale {resolved.scale or 'as written'}): {what} -> {out}")
         record = run_study(resolved, out, device=device, jobs=jobs, nproc_per_cell=nproc_per_cell, spec_text=text,
                            progress=progress or TqdmStudyProgress(not quiet), executor=executor, slurm=options,
-                           detach=detach)
+                           detach=detach, figures=figures)
     return None if record is None else StudyResult(out, record)
 
 

@@ -45,6 +45,9 @@ KINDS = {
     "json": "a JSON file",
     "jsonl": "a JSON-lines log",
     "csv": "a CSV table",
+    "pdf": "a PDF file",
+    "png": "a PNG image",
+    "svg": "an SVG image",
     "text": "a text file",
     "zip": "a zip archive",
     "binary": "a binary file of unknown kind",
@@ -82,6 +85,12 @@ def sniff(path: str | os.PathLike) -> str:
         return "vtk"
     if head.startswith(b"<?xml") and b"<VTKFile" in head:  # before the NUL test: appended raw data follows
         return "vts"
+    if head.startswith(b"%PDF-"):
+        return "pdf"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if (head.startswith(b"<?xml") or head.startswith(b"<svg")) and b"<svg" in head:
+        return "svg"
     if b"\x00" in head:
         return "binary"
     try:

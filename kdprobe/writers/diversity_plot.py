@@ -17,10 +17,14 @@ def _finite_or_none(x: float):
     return None if x is None or not math.isfinite(x) else x
 
 
-def diversity_figure(table) -> go.Figure:
-    """Strip plot of per-checkpoint scores with group means +- the confidence half-width."""
+def diversity_figure(table, colors: dict | None = None) -> go.Figure:
+    """Strip plot of per-checkpoint scores with group means +- the confidence half-width; colors: {method:
+    colour} (a study's, kdprobe.writers.colors), default in order of the groups."""
+    from kdprobe.writers.colors import method_colors
+
     st = table.settings
     names = [g.group for g in table.groups]
+    palette = method_colors(names, colors)
     pos = {g: i for i, g in enumerate(names)}
     rng = np.random.default_rng(0)  # fixed: the same table always gives the same file
     fig = go.Figure()
@@ -29,7 +33,7 @@ def diversity_figure(table) -> go.Figure:
         x = pos[g.group] + rng.uniform(-_JITTER, _JITTER, len(models)) - 0.15
         fig.add_trace(go.Scatter(
             x=x, y=[s.mean for s in models], mode="markers", name=f"{g.group} checkpoints",
-            marker=dict(size=8, opacity=0.7), legendgroup=g.group,
+            marker=dict(size=8, opacity=0.75, color=palette[g.group]), legendgroup=g.group,
             text=[f"{s.path}<br>seed {s.seed}<br>batches: " + ", ".join(f"{v:.2f}" for v in s.values)
                   for s in models],
             hovertemplate="%{text}<br>mean %{y:.3f}<extra></extra>",
@@ -54,7 +58,7 @@ def diversity_figure(table) -> go.Figure:
              f"<br><sup>N={st.batch_size} inputs × {st.runs} batches, split={st.split}, bn={st.bn}, "
              f"output={st.output}, k={st.k:g}, probe seed {st.seed}; error bars: {level}</sup>")
     fig.update_layout(
-        title=title, template="plotly_white", yaxis_title="score (higher = more diverse)",
+        title=title, template="plotly_white", yaxis_title=f"Jacobian-correlation score {st.variant} (higher = more diverse)",
         xaxis=dict(tickmode="array", tickvals=list(range(len(names))), ticktext=ticks,
                    range=[-0.6, len(names) - 0.4]),
     )

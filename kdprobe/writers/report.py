@@ -20,7 +20,6 @@ from kdprobe.files.io import atomic_write_text
 from kdprobe.writers.html import _e, _f, _link, _table
 from kdprobe.probes.diversity_table import ACCURACY_BOUNDS, clip_end, score_bounds
 from kdprobe.studies.result import StudyResult, to_dict
-from kdprobe.writers.diversity_plot import diversity_figure
 from kdprobe.writers.landscape_plot import figure_div
 
 _CSS = """
@@ -33,6 +32,7 @@ td:first-child,th:first-child{text-align:left}td:last-child{white-space:normal;m
 .note{color:#555;font-size:.9em;max-width:1100px}
 pre{background:#f7f7f7;padding:8px;overflow:auto;font-size:.85em;max-height:420px}
 nav a{margin-right:14px}.scroll{overflow-x:auto}code{background:#f3f3f3;padding:0 3px}
+.caption{font-size:.9em;max-width:1100px;margin:2px 0 18px}.kd-static{display:none}
 """
 
 
@@ -92,7 +92,18 @@ def _accuracy(r: StudyResult) -> str:
               + " n with * = one model: no spread." + _clip_note(clipped, ACCURACY_BOUNDS, "an accuracy") + "</p>")
 
 
-def _diversity(r: StudyResult) -> str:
+def _figures(r: StudyResult, figs: dict | None) -> dict:
+    """{key: StudyFigure} of the report's numbered figures (kdprobe.writers.report_figures), built once."""
+    if figs is not None:
+        return figs
+    from kdprobe.writers.report_figures import study_figures
+
+    return {f.key: f for f in study_figures(r)}
+
+
+def _diversity(r: StudyResult, figs: dict | None = None) -> str:
+    from kdprobe.writers.report_figures import figure_block
+
     t = r.diversity
     if t is None:
         return ""
@@ -108,7 +119,7 @@ def _diversity(r: StudyResult) -> str:
               f"k = {s.k:g}. Unit = one checkpoint (its mean over the batches); "
               f"{_stats_note(s.confidence, s.interval, s.reference)}"
               f"{_clip_note(clipped, bounds, f'a v1 score at N = {s.batch_size}')} Files: {links}</p>"
-            + figure_div(diversity_figure(t)))
+            + figure_div(_figures(r, figs)["diversity"].figure) + figure_block(_figures(r, figs)["diversity"]))
 
 
 def _surface_traces(rec, display):
@@ -117,49 +128,60 @@ def _surface_traces(rec, display):
     return height(np.asarray(rec.loss, np.float64), log=bool(display.get("log")), zmax=display.get("zmax"))
 
 
-def _landscape_figure(recs, display, key: str):
-    """One group's surfaces side by side: contour maps (SVG) as one figure, the 3-D surfaces (WebGL) as a
-    second figure below it, so a browser without WebGL still draws the contours."""
-    import plotly.graph_objects as go
+def landscape_figures(recs, display):
+    """One group's surfaces side by side: (contour maps (SVG) as one figure, the 3-D surfaces (WebGL) as a
+    second, levels): both on one colour scale and one set of contour levels, the reference plot_2D's
+    (kdprobe.writers.landscape_plot.display_levels over the group's surfaces together); each panel titled
+    with its method, seed and epoch; the 3-D panels with titled axes and one colour bar."""
     from plotly.subplots import make_subplots
 
-    from kdprobe.writers.landscape_plot import webgl_figure_div
+    from kdprobe.writers.landscape_plot import contour_trace, display_levels, height_label, scene_layout, surface_trace
 
-    zs = [_surface_traces(r, display) for r in recs]
-    finite = np.concatenate([z[np.isfinite(z)] for z in zs])
-    zmin, zmax = float(finite.min()), float(finite.max())
-    if zmax <= zmin:
-        zmax = zmin + 1e-6
-    label = ("log " if display.get("log") else "") + f"{recs[0].split} loss"
+    log = bool(display.get("log"))
+    levels = display_levels(np.concatenate([np.asarray(r.loss, np.float64).ravel() for r in recs]), log=log,
+                            zmax=display.get("zmax"))
+    label = height_label(recs[0].split, log, levels)
     m = len(recs)
     titles = [f"{r.method} seed {r.seed} (epoch {r.epoch})" for r in recs]
-    flat = make_subplots(rows=1, cols=m, subplot_titles=titles, horizontal_spacing=0.04)
-    solid = make_subplots(rows=1, cols=m, specs=[[{"type": "scene"}] * m], horizontal_spacing=0.02)
-    hover = "x=%{x:.3f}<br>y=%{y:.3f}<br>" + label + "=%{z:.4f}<br>acc=%{customdata:.2f}%<extra></extra>"
-    for j, (r, z) in enumerate(zip(recs, zs), 1):
-        zl = np.where(np.isfinite(z), z, None).tolist()
-        acc = np.asarray(r.acc, np.float64).tolist()
-        # one scale by construction: identical zmin/zmax (contours) and cmin/cmax (surfaces), one colour bar
-        flat.add_trace(go.Contour(x=list(r.xcoords), y=list(r.ycoords), z=zl, customdata=acc, colorscale=_SCALE,
-                                  zauto=False, zmin=zmin, zmax=zmax, showscale=j == 1,
-                                  colorbar=dict(title=dict(text=label)),
-                                  contours=dict(start=zmin, end=zmax, size=(zmax - zmin) / 25),
-                                  hovertemplate=hover, name=r.method), 1, j)
-        solid.add_trace(go.Surface(x=list(r.xcoords), y=list(r.ycoords), z=zl, customdata=acc, colorscale=_SCALE,
-                                   cauto=False, cmin=zmin, cmax=zmax, showscale=False, hovertemplate=hover,
-                                   name=r.method), 1, j)
-        flat.update_xaxes(title_text="x", row=1, col=j)
-        flat.update_yaxes(title_text="y", scaleanchor=f"x{'' if j == 1 else j}", row=1, col=j)
-        scene = "scene" if j == 1 else f"scene{j}"
-        solid.update_layout({scene: dict(zaxis=dict(range=[zmin, zmax], title="", nticks=4),
-                                         xaxis=dict(title="x", nticks=5), yaxis=dict(title="y", nticks=5),
-                                         aspectmode="cube")})
-    flat.update_layout(height=380, margin=dict(l=40, r=20, t=50, b=20), template="plotly_white", showlegend=False)
-    solid.update_layout(height=420, margin=dict(l=10, r=10, t=10, b=10), template="plotly_white", showlegend=False)
-    return figure_div(flat) + webgl_figure_div(solid, f"kd-3d-{key}"), zmin, zmax
+    flat = make_subplots(rows=1, cols=m, subplot_titles=titles, horizontal_spacing=0.06)
+    solid = make_subplots(rows=1, cols=m, specs=[[{"type": "scene"}] * m], subplot_titles=titles,
+                          horizontal_spacing=0.02)
+    for j, r in enumerate(recs, 1):
+        h, acc = _surface_traces(r, display), np.asarray(r.acc, np.float64)
+        # one scale by construction: the same levels (contours) and cmin/cmax (surfaces), one colour bar each
+        flat.add_trace(contour_trace(r.xcoords, r.ycoords, h, acc, levels, label, showscale=j == m, name=r.method,
+                                     log=log), 1, j)
+        solid.add_trace(surface_trace(r.xcoords, r.ycoords, h, acc, levels, showscale=j == m, label=label,
+                                      name=r.method, scene="scene" if j == 1 else f"scene{j}"), 1, j)
+        flat.update_xaxes(title_text="x (direction 1)", row=1, col=j)
+        flat.update_yaxes(title_text="y (direction 2)" if j == 1 else "", scaleanchor=f"x{'' if j == 1 else j}",
+                          row=1, col=j)
+        solid.update_layout({"scene" if j == 1 else f"scene{j}": scene_layout(levels, label)})
+    flat.update_layout(height=400, margin=dict(l=50, r=20, t=50, b=40), template="plotly_white", showlegend=False)
+    solid.update_layout(height=460, margin=dict(l=0, r=0, t=40, b=0), template="plotly_white", showlegend=False)
+    return flat, solid, levels
 
 
-def _landscapes(r: StudyResult) -> str:
+def _landscape_figure(recs, display, key: str, numbered: tuple | None = None):
+    """The group's two figures as HTML: the contour maps, then the 3-D surfaces behind a WebGL test whose note
+    names the .vtk files; numbered: their (contour, 3-D) StudyFigures, whose captions go under them."""
+    from kdprobe.writers.landscape_plot import display_levels, no_webgl_note, webgl_figure_div
+    from kdprobe.writers.report_figures import figure_block
+
+    if numbered is None:
+        flat, solid, levels = landscape_figures(recs, display)
+        blocks = ("", "")
+    else:
+        flat, solid = numbered[0].figure, numbered[1].figure
+        levels = display_levels(np.concatenate([np.asarray(r.loss, np.float64).ravel() for r in recs]),
+                                log=bool(display.get("log")), zmax=display.get("zmax"))
+        blocks = tuple(figure_block(f) for f in numbered)
+    suffix = os.path.splitext(recs[0].vtk)[1] or ".vtk"
+    return (figure_div(flat) + blocks[0] + webgl_figure_div(solid, f"kd-3d-{key}", no_webgl_note(suffix)) + blocks[1],
+            levels["start"], levels["end"])
+
+
+def _landscapes(r: StudyResult, figs: dict | None = None) -> str:
     if not r.landscapes:
         return ""
     d = r.landscape_display
@@ -173,11 +195,14 @@ def _landscapes(r: StudyResult) -> str:
     for rec in r.landscapes:
         groups.setdefault(rec.group, []).append(rec)
     for k, (name, recs) in enumerate(groups.items()):
-        div, zmin, zmax = _landscape_figure(recs, d, str(k))
+        f = _figures(r, figs)
+        div, zmin, zmax = _landscape_figure(recs, d, str(k), (f[f"landscape-{name}"], f[f"landscape-3d-{name}"]))
         first = recs[0]
         parts.append(f"<h3>{_e(name)}</h3><p class='note'>{len(first.ycoords)}×{len(first.xcoords)} grid, "
                      f"{first.samples} {first.split} samples, bn = {_e(first.bn)}, precision {first.precision}; "
-                     f"colour scale {zmin:.4g} to {zmax:.4g}.</p>{div}")
+                     f"contour levels and colour scale {zmin:.4g} to {zmax:.4g}"
+                     f"{' (log loss)' if d.get('log') else ' (loss, nats)'}, as the reference plot_2D draws them "
+                     f"(levels from loss 0.1 to 10; higher loss in the top colour).</p>{div}")
     rows = []
     for rec in r.landscapes:
         loss = np.asarray(rec.loss, np.float64)
@@ -251,8 +276,9 @@ def report_html(result: StudyResult) -> str:
     from kdprobe.writers.report_probes import probes_html, verdicts_html
 
     r = result
-    body = [_accuracy(r), _diversity(r), verdicts_html(r), probes_html(r), _landscapes(r), _pruning(r), _cells(r),
-            _settings(r)]
+    figs = _figures(r, None)  # every figure once, numbered in the report's order
+    body = [_accuracy(r), _diversity(r, figs), verdicts_html(r), probes_html(r, figs), _landscapes(r, figs),
+            _pruning(r), _cells(r), _settings(r)]
     nav = " ".join(f"<a href='#{k}'>{v}</a>" for k, v, b in (
         ("accuracy", "accuracy", r.accuracy), ("diversity", "diversity", r.diversity),
         ("reading", "ensemble reading", r.verdicts), *((k, k, True) for k in r.probes),

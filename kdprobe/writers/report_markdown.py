@@ -1,5 +1,6 @@
 """A study report as Markdown: the headings, notes and tables of report.html, for a paper's draft,
-a README or a pull request (figures stay in the HTML).
+a README or a pull request, with the study's figures as the PNGs of figures/ (kdprobe.writers.report_figures)
+where they were written.
 
 A file conversion, not a recomputation: the Markdown is read off the report's HTML, so every
 number is the one the HTML shows (the same rounding, the same clipped intervals and footnotes).
@@ -15,8 +16,9 @@ _SKIP = {"script", "style", "nav", "svg"}  # figure code and navigation: nothing
 
 
 class _ToMarkdown(HTMLParser):
-    def __init__(self):
+    def __init__(self, base=None):
         super().__init__(convert_charrefs=True)
+        self.base = base  # the folder report.md is written to: figures are embedded where their PNG is there
         self.out: list[str] = []
         self.skip = 0  # depth inside a skipped element
         self.text: list[str] | None = None  # the block being collected (heading, paragraph, item)
@@ -28,6 +30,11 @@ class _ToMarkdown(HTMLParser):
     def handle_starttag(self, tag, attrs):
         if self.skip or tag in _SKIP:
             self.skip += tag in _SKIP
+            return
+        if tag == "div" and "kd-static" in (dict(attrs).get("class") or "").split():
+            png, label = dict(attrs).get("data-png"), dict(attrs).get("data-label") or "figure"
+            if png and self.base is not None and (self.base / png).is_file():
+                self.out.append(f"![{label}]({png})")
             return
         if tag == "table":
             self.rows = []
@@ -93,9 +100,12 @@ def _numberish(text: str) -> bool:
         return t[0] == "-"
 
 
-def html_to_markdown(page: str) -> str:
-    """Headings, paragraphs, list items, tables (numbers right-aligned) and <pre> blocks of an HTML page."""
-    p = _ToMarkdown()
+def html_to_markdown(page: str, base: str | os.PathLike | None = None) -> str:
+    """Headings, paragraphs, list items, tables (numbers right-aligned) and <pre> blocks of an HTML page; with
+    base (a folder), each figure whose PNG exists under it as an image."""
+    from pathlib import Path
+
+    p = _ToMarkdown(None if base is None else Path(base))
     p.feed(page)
     p.close()
     return "\n\n".join(p.out) + "\n"
@@ -105,4 +115,4 @@ def write_report_markdown(result, path: str | os.PathLike) -> None:
     """report.md: report.html's headings, notes and tables (kdprobe.studies.result.StudyResult -> Markdown)."""
     from kdprobe.writers.report import report_html
 
-    atomic_write_text(path, html_to_markdown(report_html(result)))
+    atomic_write_text(path, html_to_markdown(report_html(result), base=os.path.dirname(os.path.abspath(path))))

@@ -14,10 +14,7 @@ from kdprobe.studies.ensemble_reading import PREDICTIONS, headline
 from kdprobe.writers.landscape_plot import figure_div
 from kdprobe.writers.html import _e, _f, _link, _table
 
-UNBOUNDED = (-math.inf, math.inf)
-BOUNDS = {"disagreement": (0.0, 1.0), "normalized_disagreement": (0.0, math.inf), "js": (0.0, math.log(2.0)),
-          "sym_kl": (0.0, math.inf), "acc": (0.0, 1.0), "ece": (0.0, 1.0), "nll": (0.0, math.inf),
-          "brier": (0.0, 2.0)}
+from kdprobe.writers.probe_plots import BOUNDS, UNBOUNDED  # noqa: E402 - one table of bounds for tables and figures
 TITLES = {"agreement": "Function-space agreement", "ensembles": "Ensembles and the ensemble gain",
           "calibration": "Calibration", "cka": "Representation similarity (linear CKA)",
           "sharpness": "Sharpness of the training loss"}
@@ -164,8 +161,11 @@ def answers_html(r) -> str:
             + _table(["KD method", "behaves like an ensemble", "supported by", "against it", "inconclusive"], rows))
 
 
-def probes_html(r) -> str:
-    """One section per probe: the verdict sentence, the summary table, the figure and links to its files."""
+def probes_html(r, figs: dict | None = None) -> str:
+    """One section per probe: the verdict sentence, the summary table, the figure (numbered, with its caption:
+    figs {key: StudyFigure} from kdprobe.writers.report_figures) and links to its files."""
+    from kdprobe.writers.report_figures import figure_block
+    from kdprobe.writers.colors import study_colors
     from kdprobe.writers.probe_plots import probe_figure
 
     parts = []
@@ -184,5 +184,6 @@ def probes_html(r) -> str:
                      f"<p><b>Ensemble reading</b> ({_e(PREDICTIONS[name].test.format(kd='KD', ref='reference'))}): "
                      f"{_e(headline(vs))}</p>" + summary
                      + f"<p class='note'>{_setting_note(name, tables.settings)}{note} Files: {links}</p>"
-                     + figure_div(probe_figure(figure)))
+                     + (figure_div(figs[name].figure) + figure_block(figs[name]) if figs and name in figs
+                        else figure_div(probe_figure(figure, study_colors(r.settings)))))
     return "".join(parts)

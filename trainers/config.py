@@ -175,8 +175,8 @@ class TrainConfig:
         for flag_name, given in (("--feature-layer", self.feature_layer),
                                  ("--teacher-feature-layer", self.teacher_feature_layer)):
             if given and self.distill not in ("feature",) + ONE_LAYER_FAMILIES:
-                raise KdprobeError(f"{flag_name} {given} names the one layer that feature KD (and "
-                                   f"{', '.join(ONE_LAYER_FAMILIES)}) tap, but --distill is {self.distill}; pass "
+                raise KdprobeError(f"{flag_name} {given} is used only by feature KD and the KD families that tap one "
+                                   f"layer ({', '.join(ONE_LAYER_FAMILIES)}), but --distill is {self.distill}; pass "
                                    f"one of those, or drop {flag_name}")
         for name in ("teacher_arch_kwargs", "init_arch_kwargs"):
             if not isinstance(getattr(self, name), dict):

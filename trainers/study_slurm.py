@@ -31,14 +31,16 @@ LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so trainers.loop trains with DistributedD
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from kdprobe.errors import KdprobeError
+from kdprobe.errors import Interrupted, KdprobeError
 from trainers.executors import RECORD, SlurmExecutor, SlurmOptions, Task, TaskState, parse_slurm_pairs
 
 EXECUTORS = ("local", "slurm")
@@ -60,11 +62,17 @@ def check_executor(executor: str, flags: Mapping[str, Any], pairs: Sequence[str]
     given += ["--slurm"] if pairs else []
     given += ["--detach"] if detach else []
     if executor == "local" and given:
-        raise KdprobeError(f"{', '.join(given)} only apply with --executor slurm (cells as Slurm jobs); add "
-                           "--executor slurm or drop them")
+        raise KdprobeError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with --executor slurm "
+                           f"(cells as Slurm jobs); add --executor slurm or drop {'it' if len(given) == 1 else 'them'}")
     if executor == "slurm" and jobs != 1:
         raise KdprobeError(f"--jobs {jobs} is for --executor local; under Slurm every cell is its own job "
                            "(limit how many run at once with --array-parallelism N)")
+    if executor == "slurm":  # before the study folder is made
+        if importlib.util.find_spec("submitit") is None:
+            raise KdprobeError("--executor slurm needs submitit: pip install 'kdprobe[slurm]'")
+        if shutil.which("sbatch") is None:
+            raise KdprobeError("--executor slurm: no sbatch on PATH; run on a Slurm login node (with SLURM_CONF set "
+                               "if the cluster needs it), or use --executor local")
 
 
 def slurm_options(table: Mapping[str, Any] | None, flags: Mapping[str, Any] | None = None,
@@ -287,7 +295,6 @@ def run_tasks(planned: _Planned, out: Path, options: SlurmOptions, *, name: str,
         return {}
     ex = SlurmExecutor(Path(out) / FOLDER, options, name=job_name(name))
     keys = [t.key for t in tasks]
-    labels = {t.key: t.name for t in tasks}
     # a cell whose job finished but whose file is gone (deleted since): forget the job so it runs again
     ex.forget(keys)
     handles = ex.submit(tasks)
@@ -299,6 +306,23 @@ def run_tasks(planned: _Planned, out: Path, options: SlurmOptions, *, name: str,
     if detach:
         return None
     progress.plan(max(0, sum(planned.epochs.values()) - sum(_logged(v) for v in planned.logs.values())))
+    try:
+        _wait(ex, tasks, planned, Path(out), progress, POLL_S if poll_s is None else poll_s)
+    except KeyboardInterrupt:  # only the waiting stops
+        raise Interrupted(f"the cells go on as Slurm jobs (`kdprobe study status {out}`)") from None
+    results = {}
+    for k in keys:
+        try:
+            results[k] = ex.result(k)
+        except KdprobeError:
+            results[k] = {}
+    return results
+
+
+def _wait(ex: SlurmExecutor, tasks: Sequence[Task], planned: _Planned, out: Path, progress, poll_s: float) -> None:
+    """Poll until every task is done (progress: state changes and logged epochs); raise on the first failure."""
+    keys = [t.key for t in tasks]
+    labels = {t.key: t.name for t in tasks}
     seen_epochs = {k: _logged(planned.logs.get(k, ())) for k in keys}
     seen: dict[str, tuple] = {}
     said_error = ""
@@ -324,17 +348,10 @@ def run_tasks(planned: _Planned, out: Path, options: SlurmOptions, *, name: str,
             if waiting:
                 ex.cancel(waiting)
             going = sum(1 for k, s in mine.items() if not s.finished and k not in waiting)
-            raise KdprobeError(_failure(failed, waiting, going, Path(out), labels))
+            raise KdprobeError(_failure(failed, waiting, going, out, labels))
         if len(mine) == len(keys) and all(s.state == "done" for s in mine.values()):
-            break
-        time.sleep(POLL_S if poll_s is None else poll_s)
-    results = {}
-    for k in keys:
-        try:
-            results[k] = ex.result(k)
-        except KdprobeError:
-            results[k] = {}
-    return results
+            return
+        time.sleep(poll_s)
 
 
 def train_cells_slurm(spec, cells, out: Path, options: SlurmOptions | None, *, device: str = "auto",

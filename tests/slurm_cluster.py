@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,12 +39,33 @@ def skip_reason() -> str | None:
 
 
 class Cluster:
-    """A running test cluster: start() reuses one already up (CI starts it first) or starts one and stop()s it."""
+    """A running test cluster: start() reuses one already up (CI starts it first) or starts one; stop() stops it
+    only when the tests started it and no other test process (pytest-xdist workers: each test file that needs
+    the cluster may run in another process) still uses it. DIR.users lists the pids using it, DIR.ours says the
+    tests started it (a cluster CI or a person started is never stopped here)."""
 
     def __init__(self, folder: str | None = None):
         self.folder = Path(folder or os.environ.get("KDPROBE_SLURM_DIR") or "/tmp/kdprobe-slurm")
         self.conf = self.folder / "etc" / "slurm.conf"
         self.started = False
+        self._users = Path(f"{self.folder}.users")
+        self._ours = Path(f"{self.folder}.ours")
+
+    @contextmanager
+    def _shared(self):
+        """Under one lock with the other test processes: the pids that use the cluster (dead ones dropped)."""
+        import fcntl
+
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{self.folder}.users.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                pids = {int(x) for x in self._users.read_text().split()} if self._users.exists() else set()
+            except ValueError:
+                pids = set()
+            pids = {p for p in pids if _alive(p)}
+            yield pids
+            self._users.write_text("".join(f"{p}\n" for p in sorted(pids)))
 
     def _script(self, cmd: str, timeout: float) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", str(SCRIPT), cmd, str(self.folder)], capture_output=True, text=True,
@@ -53,18 +75,24 @@ class Cluster:
         return self._script("status", 30).returncode == 0
 
     def start(self) -> None:
-        if self.running():
-            return
-        t0 = time.monotonic()
-        r = self._script("start", 300)
-        if r.returncode != 0:
-            raise RuntimeError(f"slurm-test-cluster.sh start failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
-        self.started = True
-        self.start_seconds = time.monotonic() - t0
+        with self._shared() as users:
+            users.add(os.getpid())
+            if self.running():
+                return
+            t0 = time.monotonic()
+            r = self._script("start", 300)
+            if r.returncode != 0:
+                raise RuntimeError(f"slurm-test-cluster.sh start failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+            self._ours.touch()
+            self.started = True
+            self.start_seconds = time.monotonic() - t0
 
     def stop(self) -> None:
-        if self.started:
-            self._script("stop", 120)
+        with self._shared() as users:
+            users.discard(os.getpid())
+            if not users and self._ours.exists():
+                self._script("stop", 120)
+                self._ours.unlink()
 
     def env(self) -> dict[str, str]:
         return {"SLURM_CONF": str(self.conf)}
@@ -75,6 +103,16 @@ class Cluster:
             return "accounting_storage/slurmdbd" in self.conf.read_text()
         except OSError:
             return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def slurm(*args: str, check: bool = True) -> str:

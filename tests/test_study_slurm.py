@@ -74,6 +74,8 @@ def test_torchrun_variables_come_from_slurm():
                                              "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                                              "MASTER_PORT": "20041"}
     assert study_slurm.torchrun_env({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) == {}
+    # a job sees only its own GPUs: a --device naming one of the submitter's becomes the job's first
+    assert [study_slurm.node_device(d) for d in ("auto", "cpu", "cuda", "cuda:3")] == ["auto", "cpu", "cuda", "cuda"]
     with pytest.raises(KdprobeError, match="one node"):
         study_slurm.torchrun_env({**env, "SLURM_NNODES": "2"})
 

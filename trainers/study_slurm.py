@@ -96,6 +96,12 @@ def slurm_options(table: Mapping[str, Any] | None, flags: Mapping[str, Any] | No
     return opts
 
 
+def node_device(device: str) -> str:
+    """--device for the cells' jobs: cuda:N names a GPU of this machine; a job sees only the GPUs Slurm gave it
+    (its first is cuda), so cuda:N becomes cuda there. auto, cpu and cuda stay."""
+    return "cuda" if str(device).startswith("cuda:") else str(device)
+
+
 def job_name(name: str) -> str:
     """The Slurm job-name prefix of a study: kdprobe-<study name> in the characters Slurm keeps."""
     return "kdprobe-" + (re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.-")[:40] or "study")
@@ -364,11 +370,11 @@ def train_cells_slurm(spec, cells, out: Path, options: SlurmOptions | None, *, d
 
     out, progress = Path(out).resolve(), progress or StudyProgress()
     options = options if options is not None else slurm_options(spec.slurm, nproc_per_cell=nproc_per_cell)
-    planned = _study_cell_tasks(cells, out, device)
+    planned = _study_cell_tasks(cells, out, node_device(device))
     for i in range(len(spec.pruning)):  # the pruning blocks' cells too; the probes then find them made
         ps, folder, label = pruning_block(spec, i, out)
         _check_pipeline(ps, folder)
-        p = pipeline_tasks(ps, folder, device, prefix=f"pruning/{folder.name}/", label=f"pruning {label}:")
+        p = pipeline_tasks(ps, folder, node_device(device), prefix=f"pruning/{folder.name}/", label=f"pruning {label}:")
         planned.tasks.extend(p.tasks)
         planned.logs.update(p.logs)
         planned.epochs.update(p.epochs)
@@ -410,7 +416,7 @@ def run_pipeline_slurm(spec, out: Path, options: SlurmOptions, *, device: str = 
 
     out, progress = Path(out).resolve(), progress or StudyProgress()
     _check_pipeline(spec, out)
-    planned = pipeline_tasks(spec, out, device)
+    planned = pipeline_tasks(spec, out, node_device(device))
     try:
         return run_tasks(planned, out, options, name=f"pipeline-{spec.model_label}", detach=detach,
                          progress=progress) is not None

@@ -68,6 +68,20 @@ def test_flags_win_over_the_spec_table_and_slurm_flags_need_the_slurm_executor(t
         kdprobe.study("demo", out=tmp_path / "out", executor="ssh")
 
 
+def test_the_api_takes_the_slurm_flags_of_the_study_and_pipeline_commands():
+    import inspect
+
+    from cli.main import COMMANDS
+    from cli.pipeline import pruning
+
+    names = ("executor", "slurm", "detach") + study_slurm.FLAGS
+    api = inspect.signature(kdprobe.study).parameters
+    for command in (dict(COMMANDS)["study"], pruning):
+        cli = inspect.signature(command).parameters
+        assert {n: cli[n].default for n in names} == {n: api[n].default for n in names}
+    assert api["executor"].default == "local" and api["detach"].default is False
+
+
 def test_torchrun_variables_come_from_slurm():
     env = {"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "41", "SLURM_NNODES": "1"}
     assert study_slurm.torchrun_env(env) == {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",

@@ -277,7 +277,7 @@ def contour_levels(t) -> np.ndarray | None:
     """The levels plotly draws for a go.Contour: contours.start/end/size when given, else None (automatic)."""
     c = t.contours
     if c is not None and c.start is not None and c.end is not None and c.size:
-        n = int(round((float(c.end) - float(c.start)) / float(c.size)))
+        n = int(np.floor((float(c.end) - float(c.start)) / float(c.size) + 1e-9))  # levels up to end, as plotly
         return float(c.start) + float(c.size) * np.arange(n + 1)
     return None
 

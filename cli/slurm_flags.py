@@ -6,8 +6,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from cli.common import ranged
+from kdprobe.ranges import Range
+
 O = typer.Option
 PANEL = "Slurm (--executor slurm)"
+GPUS, CPUS, PARALLEL = Range(int, 0, 1024), Range(int, 1, 4096), Range(int, 1, 1_000_000)
 
 Executor = Annotated[str, O(help="local: cells run on this machine (--jobs, --nproc-per-cell). slurm: every cell "
                                  "is a Slurm job submitted through submitit (teachers before their students as job "
@@ -20,13 +24,13 @@ Time = Annotated[Optional[str], O(help="Time limit per cell: minutes or a Slurm 
                                        "1-00:00). A cell reaching it is requeued and resumes.",
                                   rich_help_panel=PANEL)]
 GpusPerCell = Annotated[Optional[int], O(help="GPUs per cell's job (default 0). With --nproc-per-cell K: K.",
-                                         rich_help_panel=PANEL)]
+                                         callback=ranged(GPUS), rich_help_panel=PANEL)]
 CpusPerCell = Annotated[Optional[int], O(help="CPU cores per task of a cell's job (default 1); a CPU cell uses "
-                                              "them as its threads.", rich_help_panel=PANEL)]
+                                              "them as its threads.", callback=ranged(CPUS), rich_help_panel=PANEL)]
 MemPerCell = Annotated[Optional[str], O(help="Memory per cell's job, e.g. 16G (default: the cluster's).",
                                         rich_help_panel=PANEL)]
 ArrayParallelism = Annotated[Optional[int], O(help="At most this many cells of one job array at once.",
-                                              rich_help_panel=PANEL)]
+                                              callback=ranged(PARALLEL), rich_help_panel=PANEL)]
 Constraint = Annotated[Optional[str], O(help="Node features the cells need, e.g. 'a100|h100'.",
                                         rich_help_panel=PANEL)]
 Slurm = Annotated[Optional[list[str]], O("--slurm", help="Any other sbatch option, KEY=VALUE (or KEY for a flag), "

@@ -208,5 +208,6 @@ def test_interpolation_frame_save_and_figure(ckpts, tmp_path):
     fig = r.figure()
     assert np.array_equal(np.asarray(fig.data[0].y, float), r.loss)
     assert json.loads(r.save(tmp_path / "p.json").read_text())["data"]["coordinates"] == [-0.5, 0.5, 1.5]
+    assert r.save(tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the figure as a static file
     with pytest.raises(KdprobeError, match="expected a path ending in"):
-        r.save(tmp_path / "p.png")
+        r.save(tmp_path / "p.jpg")

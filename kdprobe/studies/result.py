@@ -137,13 +137,24 @@ _V1_SURPLUS = ("unpruned_scratch_mean", "unpruned_scratch_std", "finetuned_scrat
 _V1_RESULTS = ("unpruned", "finetuned", "post_distill", "pre_post", "self_distill")
 
 
-def _percent(rec: dict, keys) -> dict:
+def _percent(rec, keys):
+    """A record with `keys` divided by 100 where they are numbers; anything that is not a record as it is
+    (kdprobe compare reads summaries that may be damaged or hand-made)."""
+    if not isinstance(rec, dict):
+        return rec
     return {k: (v / 100.0 if k in keys and isinstance(v, (int, float)) and not isinstance(v, bool) else v)
             for k, v in rec.items()}
 
 
 def _grid_percent(rows):
-    return [[None if v is None else v / 100.0 for v in row] for row in rows]
+    if not isinstance(rows, list):
+        return rows
+    return [[v / 100.0 if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in row]
+            if isinstance(row, list) else row for row in rows]
+
+
+def _listed(v) -> list:
+    return v if isinstance(v, list) else []
 
 
 def upgraded(d: dict) -> dict:
@@ -158,13 +169,16 @@ def upgraded(d: dict) -> dict:
     if (d.get("format_version") or 1) >= 2:
         settings = flat.pop("settings", {})
         return envelope("study", settings, flat, format=FORMAT, format_version=FORMAT_VERSION)
-    flat["cells"] = [_percent(c, ("test_acc", "best_acc")) for c in flat.get("cells", [])]
-    flat["accuracy"] = [_percent(g, _V1_GROUP) for g in flat.get("accuracy", [])]
-    flat["landscapes"] = [{**x, "acc": _grid_percent(x["acc"])} if isinstance(x, dict) and "acc" in x else x
-                          for x in flat.get("landscapes", [])]
-    flat["pruning"] = [{**b, "surplus": [_percent(r, _V1_SURPLUS) for r in b.get("surplus", [])],
-                        "results": [_percent(r, _V1_RESULTS) for r in b.get("results", [])]}
-                       for b in flat.get("pruning", [])]
+    for key, keys in (("cells", ("test_acc", "best_acc")), ("accuracy", _V1_GROUP)):
+        if isinstance(flat.get(key), list):
+            flat[key] = [_percent(c, keys) for c in flat[key]]
+    if isinstance(flat.get("landscapes"), list):
+        flat["landscapes"] = [{**x, "acc": _grid_percent(x["acc"])} if isinstance(x, dict) and "acc" in x else x
+                              for x in flat["landscapes"]]
+    if isinstance(flat.get("pruning"), list):
+        flat["pruning"] = [{**b, "surplus": [_percent(r, _V1_SURPLUS) for r in _listed(b.get("surplus"))],
+                            "results": [_percent(r, _V1_RESULTS) for r in _listed(b.get("results"))]}
+                           if isinstance(b, dict) else b for b in flat["pruning"]]
     settings = flat.pop("settings", {})
     out = envelope("study", settings, flat, format=FORMAT, format_version=FORMAT_VERSION)
     out["kdprobe_version"] = (flat.get("versions") or {}).get("kdprobe", "")

@@ -437,9 +437,10 @@ def status(out) -> str:
                        if (n := sum(s.state == w for s in states.values()))) or "no cells"
     note = f" (Slurm did not answer: {ex.last_error}; states as last seen)" if ex.last_error else ""
     lines = [f"{len(states)} cell(s) submitted to Slurm: {counts}{note}", *(s.line() for s in states.values())]
-    report = out / "report.html"
+    # a study writes report.html, a pruning pipeline results.csv
+    report = next((p for p in (out / "report.html", out / "results.csv") if p.exists()), None)
     if states and all(s.state == "done" for s in states.values()):
-        lines.append(f"report: {report}" if report.exists() else
+        lines.append(f"report: {report}" if report is not None else
                      "every cell is done: run the same command again (kdprobe study or pipeline) to collect them "
                      "and write the report")
     elif any(s.state == "failed" for s in states.values()):

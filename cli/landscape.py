@@ -105,10 +105,10 @@ def landscape(
     i0, j0 = np.unravel_index(np.argmin(loss), loss.shape)
     ci, cj = np.argmin(np.abs(ys)), np.argmin(np.abs(xs))
     typer.echo(table([
-        {"point": f"centre ({xs[cj]:g}, {ys[ci]:g})", "loss": float(loss[ci, cj]), "acc %": float(acc[ci, cj])},
-        {"point": f"min ({xs[j0]:g}, {ys[i0]:g})", "loss": float(loss[i0, j0]), "acc %": float(acc[i0, j0])},
+        {"point": f"centre ({xs[cj]:g}, {ys[ci]:g})", "loss": float(loss[ci, cj]), "acc": float(acc[ci, cj])},
+        {"point": f"min ({xs[j0]:g}, {ys[i0]:g})", "loss": float(loss[i0, j0]), "acc": float(acc[i0, j0])},
         {"point": "max", "loss": float(loss.max()),
-         "acc %": float(acc[np.unravel_index(np.argmax(loss), loss.shape)])}]))
+         "acc": float(acc[np.unravel_index(np.argmax(loss), loss.shape)])}]))
     new, secs = r.evaluated, r.seconds
     typer.echo(f"{ys.size}x{xs.size} grid, {r.settings['samples']} {split} samples, bn={bn}, "
                f"precision={r.surface.precision}, {r.processes} process(es): {new} points in {secs:.1f}s "

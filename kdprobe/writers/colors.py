@@ -9,11 +9,13 @@ PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#7
 
 
 def method_colors(names, base: dict | None = None) -> dict[str, str]:
-    """{name: colour}: `base` first (a study's whole method list), then the other names in order."""
+    """{name: colour}: `base` first (a study's whole method list), then the other names in order, each the
+    first palette colour not taken yet."""
     out = dict(base or {})
     for n in names:
         if n not in out:
-            out[n] = PALETTE[len(out) % len(PALETTE)]
+            free = [c for c in PALETTE if c not in out.values()]
+            out[n] = free[0] if free else PALETTE[len(out) % len(PALETTE)]
     return out
 
 

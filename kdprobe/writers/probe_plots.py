@@ -121,11 +121,12 @@ def agreement_figure(tables, colors: dict | None = None) -> go.Figure:
             fig.update_xaxes(title_text="ensemble size k (members)", dtick=1, row=1, col=j)
             fig.update_yaxes(title_text=AXIS_TITLES[m], row=1, col=j)
     if strips:
-        _pair_strips(fig, 1 + curves, tables, ["disagreement", "normalized_disagreement", "js"], colors)
+        _pair_strips(fig, 1 + curves, tables, ["disagreement", "normalized_disagreement", "js"], palette)
     st = tables.settings
     what = [s for s, on in (("top: mean over subsets of size k (solid) vs their members' mean (dashed)", curves),
-                            (f"{'bottom' if curves else 'strips'}: one point per pair, diamond = mean over pairs ± "
-                             f"{_level(st)} jackknife half-width (unit = one checkpoint)", strips)) if on]
+                            (f"{'bottom' if curves else 'strips'}: one point per pair, diamond = mean over pairs with its "
+                             f"{_level(st)} jackknife interval, clipped to what the metric can take as the table clips it "
+                             "(unit = one checkpoint)", strips)) if on]
     fig.update_layout(template="plotly_white", height=450 * n_rows - 50 * (n_rows - 1), title=(
         f"{'Agreement and ensembles' if curves and strips else 'Ensembles' if curves else 'Agreement'} on "
         f"{st.get('dataset')} ({st.get('split')}, {st.get('samples_used')} samples)<br><sup>{'; '.join(what)}</sup>"))
@@ -190,7 +191,7 @@ def cka_figure(tables, colors: dict | None = None) -> go.Figure:
     _pair_strips(fig, 1, tables, ["cka"], colors)
     fig.update_layout(template="plotly_white", height=550, title=(
         f"Linear CKA at {st.get('layer')} per pair type ({st.get('estimator')} unbiased HSIC)"
-        f"<br><sup>one point per pair; diamond = mean over pairs ± {_level(st)} jackknife half-width</sup>"))
+        f"<br><sup>one point per pair; diamond = mean over pairs with its {_level(st)} jackknife interval</sup>"))
     return fig
 
 
@@ -221,7 +222,7 @@ def sharpness_figure(tables, colors: dict | None = None) -> go.Figure:
     st = tables.settings
     fig.update_layout(template="plotly_white", height=520, title=(
         f"Sharpness of the training loss ({st.get('samples_used')} {st.get('split')} samples, bn={st.get('bn')})"
-        f"<br><sup>one point per checkpoint; diamond = group mean ± {_level(st)} half-width</sup>"))
+        f"<br><sup>one point per checkpoint; diamond = group mean with its {_level(st)} interval</sup>"))
     return fig
 
 

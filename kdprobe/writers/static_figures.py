@@ -173,7 +173,12 @@ def _apply_axis(ax, spec, which: str) -> None:
     if spec.tickmode == "array" and spec.tickvals is not None:
         vals = list(spec.tickvals)
         texts = [plain(t) for t in spec.ticktext] if spec.ticktext is not None else None
-        (ax.set_xticks if which == "x" else ax.set_yticks)(vals, texts)
+        long = which == "x" and texts and len(texts) > 2 and max(len(t) for t in texts) > 10
+        if long:  # long category names side by side overlap: slanted, one word per line
+            texts = [t.replace(" ", "\n", 1) for t in texts]
+            ax.set_xticks(vals, texts, rotation=30, ha="right", rotation_mode="anchor", fontsize=FONT_SIZE - 1.5)
+        else:
+            (ax.set_xticks if which == "x" else ax.set_yticks)(vals, texts)
     elif spec.dtick is not None and spec.type != "log":
         from matplotlib.ticker import MultipleLocator
 

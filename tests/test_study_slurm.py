@@ -82,6 +82,14 @@ def test_the_api_takes_the_slurm_flags_of_the_study_and_pipeline_commands():
     assert api["executor"].default == "local" and api["detach"].default is False
 
 
+def test_how_many_cells_a_run_made_is_no_difference_between_two_summaries():
+    # a pruning block collected from Slurm jobs made none of its cells in the submitting process, a local run all
+    a, b = {"pruning": [{"cells_run": 18, "surplus": 0.5}]}, {"pruning": [{"cells_run": 0, "surplus": 0.5}]}
+    d = compare(a, b, 0, 0)
+    assert d.equal and d.notes == [("pruning[0].cells_run", 18, 0)]
+    assert not compare(a, {"pruning": [{"cells_run": 0, "surplus": 0.25}]}, 0, 0).equal
+
+
 def test_torchrun_variables_come_from_slurm():
     env = {"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "41", "SLURM_NNODES": "1"}
     assert study_slurm.torchrun_env(env) == {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",

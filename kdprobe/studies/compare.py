@@ -2,7 +2,8 @@
 
 Every number and string in the two files is compared at the same place in the tree, except what
 is expected to change between runs of one study: wall-clock times (`seconds`, `wall_seconds`),
-when it was made (`created`), whether a cell was trained or reused (`action`), where things live
+when it was made (`created`), whether a cell was trained or reused (`action`; a pruning block's
+`cells_run`: how many of its cells this invocation made, none when Slurm jobs made them), where things live
 on this machine (`source`, `dataset` strings, `versions.platform`), and checkpoint files'
 `sha256` (a KD student records its teacher's absolute path as provenance, so the same weights
 trained into another folder hash differently; every number computed from the weights is still
@@ -26,7 +27,8 @@ from kdprobe.errors import KdprobeError
 from kdprobe.ranges import parse_json
 
 #: keys whose values change from run to run by design (time, the machine's paths, reuse of cells, file hashes)
-VARYING = frozenset({"created", "wall_seconds", "seconds", "action", "source", "dataset", "platform", "sha256"})
+VARYING = frozenset({"created", "wall_seconds", "seconds", "action", "cells_run", "source", "dataset", "platform",
+                     "sha256"})
 #: where a summary says which machine it was computed on: notes (all under them), as they choose the tolerance
 MACHINE_PATHS = frozenset({"device", "versions.machine", "versions.device_name"})
 

@@ -432,7 +432,8 @@ def run_console_block(block: Block, shell: Shell) -> None:
 
 
 #: KDPROBE_DOCS_UPDATE=1 (while writing docs only) writes what a command printed into the page where it
-#: differs, instead of failing: check the diff, and put `...` back where a path or hash varies
+#: differs, instead of failing (=exact: numbers of 'Printed on' blocks too): check the diff, and put `...`
+#: back where a path or hash varies
 UPDATES: list[tuple[Path, int, int, str]] = []
 
 
@@ -444,7 +445,8 @@ def run_one(block: Block, shell: Shell, line_no: int, cmd: str, shown: str | Non
         shell.cwd = (shell.cwd / target).resolve()
         return
     status, printed = shell.run(cmd)
-    if os.environ.get("KDPROBE_DOCS_UPDATE") and span and not output_matches(shown, printed, block.machine):
+    update = os.environ.get("KDPROBE_DOCS_UPDATE")  # "exact": also rewrite numbers of 'Printed on' blocks
+    if update and span and not output_matches(shown, printed, block.machine and update != "exact"):
         for d in sorted({str(shell.cwd), str(ROOT), os.environ.get("KDPROBE_DOCS_DEMO", "/-")}, key=len)[::-1]:
             printed = printed.replace(str(Path(d).parent) if d.endswith("demo-out") else d, "...")
         UPDATES.append((block.page, span[0], span[1], printed))

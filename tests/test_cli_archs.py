@@ -102,7 +102,7 @@ def test_eval_detects_each_file_or_takes_it_per_file(w):
     data = load_dataset(ds)
     r = _invoke("eval", d / "rd.pth", d / "l1.pth", d / "tv.pth", "--dataset", ds, "--json", d / "e.json")
     assert r.exit_code == 0, r.output
-    rows = {row["checkpoint"]: row for row in json.loads((d / "e.json").read_text())}
+    rows = {row["checkpoint"]: row for row in json.loads((d / "e.json").read_text())["data"]}
     for name, size in (("rd.pth", None), ("l1.pth", None), ("tv.pth", 224)):  # torchvision: 224 by default
         want = _expected(models[name], data, size)
         assert rows[str(d / name)]["test_loss"] == pytest.approx(want.loss, rel=1e-5), name
@@ -114,7 +114,7 @@ def test_eval_detects_each_file_or_takes_it_per_file(w):
                 "--arch", f"{d / 'user.pth'}=python:zoo_cli_user:Net", "--arch-kwargs", f'{d / "user.pth"}={{"width": 5}}',
                 "--image-size", "48")
     assert r.exit_code == 0, r.output
-    rows = {row["checkpoint"]: row for row in json.loads((d / "e2.json").read_text())}
+    rows = {row["checkpoint"]: row for row in json.loads((d / "e2.json").read_text())["data"]}
     for name in ("tv.pth", "user.pth"):
         assert rows[str(d / name)]["test_loss"] == pytest.approx(_expected(models[name], data, 48).loss, rel=1e-5)
 
@@ -169,9 +169,9 @@ def test_probes_and_prune_take_foreign_files_without_arch(w, tmp_path):
     assert "block_cfg': [3, 5, 7]" in r.output
     r = _invoke("calibration", d / "rd.pth", d / "l1.pth", "--dataset", ds, "--json", tmp_path / "c.json")
     assert r.exit_code == 0, r.output
-    accs = {c["checkpoint"]: c["acc"] for c in json.loads((tmp_path / "c.json").read_text())["checkpoints"]}
+    accs = {c["checkpoint"]: c["acc"] for c in json.loads((tmp_path / "c.json").read_text())["data"]["checkpoints"]}
     data = load_dataset(ds)
-    assert accs[str(d / "rd.pth")] == pytest.approx(_expected(models["rd.pth"], data).acc / 100)
+    assert accs[str(d / "rd.pth")] == pytest.approx(_expected(models["rd.pth"], data).acc)  # both fractions
     r = _invoke("prune", d / "rd.pth", "--method", "l1", "--remaining", "0.5", "--out", tmp_path / "p.pt")
     assert r.exit_code == 0, r.output
     pruned = load_checkpoint(tmp_path / "p.pt").model

@@ -59,9 +59,9 @@ def test_info_landscape_and_diversity_on_a_foreign_wrn_16_2(tmp_path, cifar):
                 "--device", "cpu", "--json", tmp_path / "d.json")
     assert r.exit_code == 0, r.output
     doc = json.loads((tmp_path / "d.json").read_text())
-    assert doc["models"][0]["group"] == "foreign"
+    assert doc["data"]["models"][0]["group"] == "foreign"
     want = [jacobian_score(model, b) for b in probe_batches(cifar, "train", 2, 16, 0)]  # the library, by hand
-    assert doc["models"][0]["values"] == pytest.approx(want, rel=1e-6)
+    assert doc["data"]["models"][0]["values"] == pytest.approx(want, rel=1e-6)
 
 
 @pytest.mark.parametrize("teacher, student", [("wrn_40_2", "wrn_16_2"), ("resnet32x4", "ShuffleV1")])

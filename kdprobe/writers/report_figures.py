@@ -51,13 +51,68 @@ def _landscape_caption(recs, display, levels, three_d: bool) -> str:
             f"samples, BN {first.bn}.{clip} One colour scale for all panels.")
 
 
+def _surface_traces(rec, display):
+    import numpy as np
+
+    from kdprobe.writers.landscape_vtk import height
+
+    return height(np.asarray(rec.loss, np.float64), log=bool(display.get("log")), zmax=display.get("zmax"))
+
+
+def landscape_figures(recs, display):
+    """One group's surfaces side by side: (contour maps (SVG) as one figure, the 3-D surfaces (WebGL) as a
+    second, levels): both on one colour scale and one set of contour levels, the reference plot_2D's
+    (kdprobe.writers.landscape_plot.display_levels over the group's surfaces together); each panel titled
+    with its method, seed and epoch; the 3-D panels with titled axes and one colour bar."""
+    import numpy as np
+    from plotly.subplots import make_subplots
+
+    from kdprobe.writers.landscape_plot import contour_trace, display_levels, height_label, scene_layout, surface_trace
+
+    log = bool(display.get("log"))
+    levels = display_levels(np.concatenate([np.asarray(r.loss, np.float64).ravel() for r in recs]), log=log,
+                            zmax=display.get("zmax"))
+    label = height_label(recs[0].split, log, levels)
+    m = len(recs)
+    titles = [f"{r.method} seed {r.seed} (epoch {r.epoch})" for r in recs]
+    flat = make_subplots(rows=1, cols=m, subplot_titles=titles, horizontal_spacing=0.06)
+    solid = make_subplots(rows=1, cols=m, specs=[[{"type": "scene"}] * m], subplot_titles=titles,
+                          horizontal_spacing=0.02)
+    for j, r in enumerate(recs, 1):
+        h, acc = _surface_traces(r, display), np.asarray(r.acc, np.float64)
+        # one scale by construction: the same levels (contours) and cmin/cmax (surfaces), one colour bar each
+        flat.add_trace(contour_trace(r.xcoords, r.ycoords, h, acc, levels, label, showscale=j == m, name=r.method,
+                                     log=log), 1, j)
+        solid.add_trace(surface_trace(r.xcoords, r.ycoords, h, acc, levels, showscale=j == m, label=label,
+                                      name=r.method, scene="scene" if j == 1 else f"scene{j}"), 1, j)
+        flat.update_xaxes(title_text="x (direction 1)", row=1, col=j)
+        flat.update_yaxes(title_text="y (direction 2)" if j == 1 else "", scaleanchor=f"x{'' if j == 1 else j}",
+                          row=1, col=j)
+        solid.update_layout({"scene" if j == 1 else f"scene{j}": scene_layout(levels, label)})
+    flat.update_layout(height=400, margin=dict(l=50, r=20, t=50, b=40), template="plotly_white", showlegend=False)
+    solid.update_layout(height=460, margin=dict(l=0, r=0, t=40, b=0), template="plotly_white", showlegend=False)
+    return flat, solid, levels
+
+
+def readable(tables, most: int = 8):
+    """(tables for the figure, how many pair types it leaves out): with more than `most` pair types the
+    between-method ones go (within and student-teacher pairs carry the ensemble reading)."""
+    from kdprobe.probes.tables import ProbeTables
+
+    keys = list(dict.fromkeys(r["key"] for r in tables.table("pair_types")))
+    between = [k for k in keys if k.startswith("between ")]
+    if len(keys) <= most or not between:
+        return tables, 0
+    kept = {**tables.tables, "pairs": [p for p in tables.table("pairs") if p["pair_type"] != "between"],
+            "pair_types": [t for t in tables.table("pair_types") if t["pair_type"] != "between"]}
+    return ProbeTables(tables.command, tables.settings, kept), len(between)
+
+
 def study_figures(result) -> list[StudyFigure]:
     """Every figure of the study's report, numbered in the report's order."""
     from kdprobe.writers.colors import study_colors
     from kdprobe.writers.diversity_plot import diversity_figure
     from kdprobe.writers.probe_plots import probe_figure
-    from kdprobe.writers.report import landscape_figures
-    from kdprobe.writers.report_probes import _readable
     from kdprobe.writers.static_figures import caption_of
 
     colors = study_colors(result.settings)
@@ -66,7 +121,7 @@ def study_figures(result) -> list[StudyFigure]:
         fig = diversity_figure(result.diversity, colors)
         out.append(("diversity", fig, caption_of(fig)))
     for name, tables in result.probes.items():
-        shown, _ = _readable(tables)
+        shown, _ = readable(tables)
         fig = probe_figure(shown, colors)
         out.append((name, fig, caption_of(fig)))
     groups: dict[str, list] = {}

@@ -15,6 +15,7 @@ from kdprobe.writers.landscape_plot import figure_div
 from kdprobe.writers.html import _e, _f, _link, _table
 
 from kdprobe.writers.probe_plots import BOUNDS, UNBOUNDED  # noqa: E402 - one table of bounds for tables and figures
+from kdprobe.writers.report_figures import readable as _readable  # noqa: E402 - the figure's pair types
 TITLES = {"agreement": "Function-space agreement", "ensembles": "Ensembles and the ensemble gain",
           "calibration": "Calibration", "cka": "Representation similarity (linear CKA)",
           "sharpness": "Sharpness of the training loss"}
@@ -109,20 +110,6 @@ def _setting_note(name: str, st: dict) -> str:
     extra = f"; {st.get('forward_passes')} forward passes (one logit cache)" if name in (
         "agreement", "ensembles", "calibration") else ""
     return f"{base}; {own[name]}{extra}."
-
-
-def _readable(tables, most: int = 8):
-    """(tables for the figure, how many pair types it leaves out): with more than `most` pair types the
-    between-method ones go (within and student-teacher pairs carry the ensemble reading)."""
-    from kdprobe.probes.tables import ProbeTables
-
-    keys = list(dict.fromkeys(r["key"] for r in tables.table("pair_types")))
-    between = [k for k in keys if k.startswith("between ")]
-    if len(keys) <= most or not between:
-        return tables, 0
-    kept = {**tables.tables, "pairs": [p for p in tables.table("pairs") if p["pair_type"] != "between"],
-            "pair_types": [t for t in tables.table("pair_types") if t["pair_type"] != "between"]}
-    return ProbeTables(tables.command, tables.settings, kept), len(between)
 
 
 def verdicts_html(r) -> str:

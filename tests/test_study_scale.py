@@ -43,7 +43,8 @@ def test_balanced_subset_by_hand():
 def test_new_config_fields_keep_old_fingerprints_and_are_checked():
     cfg = TrainConfig(train_subset=64)
     later = ("subset_rule", "subset_seed", "eval_subset",  # this change
-             "teacher_arch_kwargs", "init_arch", "init_arch_kwargs", "feature_layer", "teacher_feature_layer", "image_size")
+             "teacher_arch_kwargs", "init_arch", "init_arch_kwargs", "feature_layer", "teacher_feature_layer", "image_size",
+             "kd_settings", "extra_teachers")  # the KD families and ensemble teachers
     old = {k: v for k, v in asdict(cfg).items() if k not in later}
     old["milestones"] = list(old["milestones"])
     assert cfg.fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:12]

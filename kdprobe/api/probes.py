@@ -34,17 +34,6 @@ def _layer_names(spec) -> list[str] | None:
     return [s.strip() for s in parts if s.strip()] or None
 
 
-def _entries(checkpoints) -> list:
-    """The checkpoints as a list (one path, glob, Checkpoint or module becomes a list of one)."""
-    from pathlib import Path
-
-    if isinstance(checkpoints, (str, Path)) or not hasattr(checkpoints, "__iter__"):
-        return [checkpoints]
-    import torch.nn as nn
-
-    return [checkpoints] if isinstance(checkpoints, nn.Module) else list(checkpoints)
-
-
 def _count(entries: list) -> int:
     """How many checkpoints `entries` name: files matched by the paths and globs (repeats dropped), plus objects."""
     from pathlib import Path
@@ -140,7 +129,7 @@ def cka(checkpoints, *, split: str = "test", samples: int = 0, layers_a=None, la
     n samples); group mode None."""
     from tqdm import tqdm
 
-    from kdprobe.probes.checkpoint_set import check_choice, open_set
+    from kdprobe.probes.checkpoint_set import as_entries, check_choice, open_set
     from kdprobe.probes.cka import ESTIMATORS, MIN_BATCH, CkaCache, cka_matrix
     from kdprobe.probes.features import NormalizedImages, penultimate_layer
     from kdprobe.probes.pairs import PairRecord, classify
@@ -151,7 +140,7 @@ def cka(checkpoints, *, split: str = "test", samples: int = 0, layers_a=None, la
     check_choice("--estimator", estimator, ESTIMATORS)
     _check_ranges(samples=samples, confidence=confidence)
     Range(int, MIN_BATCH, MAX_BATCH).check(batch_size, "batch_size")  # the unbiased HSIC needs n >= 4
-    entries = _entries(checkpoints)
+    entries = as_entries(checkpoints)
     pair_mode = _count(entries) == 2 and not summary  # the reference matters for a group only
     ps, ref = open_set(entries, interval=interval, reference="none" if pair_mode else reference,
                        group_by=group_by, split=split, samples=samples, arch=arch, arch_kwargs=arch_kwargs,

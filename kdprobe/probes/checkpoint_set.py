@@ -61,11 +61,17 @@ def module_checkpoint(model: nn.Module, *, dataset: str | None, name: str, metho
     return LoadedCheckpoint(model.eval(), {"method": method, "dataset": dataset}, Path(name), h.hexdigest())
 
 
+def as_entries(items) -> list:
+    """`items` as a list of entries: one path, glob, Checkpoint or module (an nn.Sequential is iterable, but it
+    is one model) becomes a list of one."""
+    if isinstance(items, (str, Path, nn.Module)) or not hasattr(items, "__iter__"):
+        return [items]
+    return list(items)
+
+
 def checkpoint_paths(items) -> list[Path]:
     """The files among `items` (paths and globs expanded in order, repeats dropped), for checking outputs."""
-    if isinstance(items, (str, Path)):
-        items = [items]
-    texts = [str(i) for i in items if isinstance(i, (str, Path))]
+    texts = [str(i) for i in as_entries(items) if isinstance(i, (str, Path))]
     return expand_paths(texts) if texts else []
 
 
@@ -75,10 +81,8 @@ def collect_checkpoints(items, *, arch=None, arch_kwargs=None, dataset: str | No
     kdprobe.Checkpoint objects (kept as they are) and plain nn.Modules (named module0, module1, ...)."""
     from tqdm import tqdm
 
-    if isinstance(items, (str, Path, nn.Module, LoadedCheckpoint)):
-        items = [items]
     entries, seen = [], set()
-    for item in items:
+    for item in as_entries(items):
         if isinstance(item, (str, Path)):
             for p in expand_paths([str(item)]):
                 if p not in seen:

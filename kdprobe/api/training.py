@@ -16,7 +16,6 @@ only when it runs, so `import kdprobe` never loads them (nor typer, nor the CLI)
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from typing import Callable, Sequence
 
 from kdprobe.api.results import checked_output, data_frame, suffix_of
 from kdprobe.errors import KdprobeError
+from kdprobe.files.documents import json_ready
 from kdprobe.ranges import Range
 
 __all__ = ["train", "prune", "study", "list_studies", "TrainResult", "PruneResult", "StudyResult"]
@@ -36,23 +36,10 @@ NPROC_PER_CELL = Range(int, 1, 1024)  # `kdprobe study --nproc-per-cell`: torchr
 
 # ---- shared helpers ---------------------------------------------------------------------------------------
 
-def _plain(obj):
-    """JSON-ready: non-finite floats as None, tuples as lists, paths as text."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
 def _write_json(doc: dict, path: Path) -> None:
     from kdprobe.files.io import atomic_write_text
 
-    atomic_write_text(path, json.dumps(_plain(doc), indent=1, allow_nan=False, default=str) + "\n")
+    atomic_write_text(path, json.dumps(json_ready(doc), indent=1, allow_nan=False, default=str) + "\n")
 
 
 def _write_figure(fig, path: Path) -> None:
@@ -204,7 +191,7 @@ class TrainResult:
                                    "test_acc": g.meta.get("test_acc"),
                                    "teacher_sha256": (g.meta.get("teacher") or {}).get("sha256")}
                                   for g in self.generations]
-        return _plain(doc)
+        return json_ready(doc)
 
     def to_frame(self):
         """The per-epoch log as a pandas DataFrame, one row per epoch."""
@@ -449,7 +436,7 @@ class PruneResult:
         record of the checkpoint and the warnings."""
         from kdprobe.version import __version__
 
-        return _plain({"command": "prune", "kdprobe_version": __version__, "path": str(self.path),
+        return json_ready({"command": "prune", "kdprobe_version": __version__, "path": str(self.path),
                        "arch": self.arch, "method": self.method, "remaining": self.remaining, "skip": self.skip,
                        "before": self.before, "after": self.after, "pruning": self.info,
                        "warnings": list(self.warnings)})

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-from kdprobe.files.documents import envelope, is_envelope
+from kdprobe.files.documents import envelope, is_envelope, json_ready
 from kdprobe.probes.diversity_table import DiversitySettings, DiversityTable, GroupStats, ModelScore
 from kdprobe.studies.ensemble_reading import Verdict
 from kdprobe.probes.tables import ProbeTables
@@ -111,20 +111,10 @@ class StudyResult:
     verdicts: tuple[Verdict, ...] = field(default_factory=tuple)
 
 
-def _plain(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
-
-
 def to_dict(result: StudyResult) -> dict:
     """JSON-ready dict (nan -> None) in the envelope: kind "study", kdprobe_version, format, format_version, units,
     settings (the resolved spec) and data (every other field of the StudyResult)."""
-    data = _plain(asdict(result))
+    data = json_ready(asdict(result))
     settings = data.pop("settings")
     return envelope("study", settings, data, format=FORMAT, format_version=FORMAT_VERSION)
 

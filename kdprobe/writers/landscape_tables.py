@@ -7,29 +7,16 @@ yet evaluated) is written as null. CSV: the records as written by kdprobe.writer
 from __future__ import annotations
 
 import json
-import math
 import os
 
+from kdprobe.files.documents import json_ready
 from kdprobe.files.io import atomic_write_text
 from kdprobe.writers.probe_files import write_records_csv
 
 
-def _plain(v):
-    """nan and inf (not JSON) as None; numpy numbers and nested lists as plain Python."""
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if hasattr(v, "item") and not isinstance(v, (str, bytes)):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
 def grid_json_text(document: dict) -> str:
     """The document as JSON text; nan and inf become null."""
-    return json.dumps(_plain(document), indent=1, allow_nan=False) + "\n"
+    return json.dumps(json_ready(document), indent=1, allow_nan=False) + "\n"
 
 
 def write_grid_json(document: dict, path: str | os.PathLike) -> None:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from kdprobe.errors import KdprobeError
-from kdprobe.probes.distributed import init_from_env, local_rank
+from kdprobe.probes.distributed import init_from_env, rank_device
 from kdprobe.runtime.devices import resolve_device  # noqa: F401  (re-exported)
 
 
@@ -76,13 +76,7 @@ class DistContext:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls(0, 1, resolve_device(device))
-        dev = resolve_device(device)
-        if dev.type == "cuda":
-            if local_rank() >= torch.cuda.device_count():
-                raise KdprobeError(f"torchrun rank {local_rank()} needs GPU cuda:{local_rank()} but this process sees "
-                                   f"{torch.cuda.device_count()} GPU(s); run at most that many ranks per node")
-            dev = torch.device("cuda", local_rank())
-            torch.cuda.set_device(dev)
+        dev = rank_device(resolve_device(device))
         rank, world = init_from_env(dev)  # the same process-group setup the landscape probe uses
         return cls(rank, world, dev)
 

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from kdprobe.errors import KdprobeError
+
 
 def rank_world() -> tuple[int, int]:
     """(rank, world size) of the current process group, (0, 1) without one."""
@@ -26,6 +28,19 @@ def rank_world() -> tuple[int, int]:
 def local_rank() -> int:
     """torchrun's LOCAL_RANK (which GPU this process should use), 0 outside torchrun."""
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """The device of this torchrun rank: cuda:LOCAL_RANK (made current) when `device` is a GPU, else `device`;
+    refused when this process sees fewer GPUs than ranks on its node."""
+    if device.type != "cuda":
+        return device
+    if local_rank() >= torch.cuda.device_count():
+        raise KdprobeError(f"torchrun rank {local_rank()} needs GPU cuda:{local_rank()} but this process sees "
+                           f"{torch.cuda.device_count()} GPU(s); run at most that many ranks per node")
+    dev = torch.device("cuda", local_rank())
+    torch.cuda.set_device(dev)
+    return dev
 
 
 def init_from_env(device: str | torch.device) -> tuple[int, int]:

@@ -48,21 +48,15 @@ def run_process(device: str = "auto") -> RunProcess:
     process group: each rank on GPU cuda:LOCAL_RANK when the device is a GPU (the same rule as training)."""
     import os
 
-    import torch
     import torch.distributed as dist
 
-    from kdprobe.probes.distributed import init_from_env, local_rank, rank_world
+    from kdprobe.probes.distributed import init_from_env, rank_device, rank_world
     from kdprobe.runtime.devices import resolve_device
 
     dev = resolve_device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return RunProcess(dev, *rank_world())
-    if dev.type == "cuda":
-        if local_rank() >= torch.cuda.device_count():
-            raise KdprobeError(f"torchrun rank {local_rank()} needs GPU cuda:{local_rank()} but this process sees "
-                               f"{torch.cuda.device_count()} GPU(s); run at most that many ranks per node")
-        dev = torch.device("cuda", local_rank())
-        torch.cuda.set_device(dev)
+    dev = rank_device(dev)
     already = dist.is_available() and dist.is_initialized()
     rank, world = init_from_env(dev)
     return RunProcess(dev, rank, world, joined=not already)

@@ -60,7 +60,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdprobe.errors import KdprobeError
-from kdprobe.probes.features import feature_layer, modes_preserved, penultimate_layer
+from kdprobe.probes.features import feature_layer, hooked_forward, penultimate_layer
 from trainers.augment import mixed_cross_entropy
 from trainers.losses import match_spatial
 
@@ -609,13 +609,7 @@ def stage_layers(model: nn.Module, x: torch.Tensor) -> list[str]:
 
     handles = [h for m in names for h in (m.register_forward_pre_hook(pre),
                                          m.register_forward_hook(lambda m, a, o: post(m, o)))]
-    try:
-        with modes_preserved(model):
-            model.eval()
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    hooked_forward(model, x, handles)
     if not runs:
         raise KdprobeError("found no module that outputs a (N, C, H, W) map before the classifier; name the layers")
     # a classifier that is not last (a torchvision model's final Linear inside a Sequential): modules still
@@ -677,13 +671,7 @@ def parameters_up_to(model: nn.Module, layer: str, x: torch.Tensor) -> list[str]
     handles = [m.register_forward_hook(lambda m, a, o: order.append(inv[m])) for m in mods.values()]
     if where == "in":
         handles.append(mods[name].register_forward_pre_hook(lambda m, a: order.append("\0stop")))
-    try:
-        with modes_preserved(model):
-            model.eval()
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    hooked_forward(model, x, handles)
     stop = order.index("\0stop") if where == "in" else order.index(name) + 1
     before = set(order[:stop])
     return [f"{m}.{p}" if m else p for m in mods if m in before for p, _ in mods[m].named_parameters(recurse=False)]

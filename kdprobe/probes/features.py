@@ -108,6 +108,18 @@ def modes_preserved(*models: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
+def hooked_forward(model: nn.Module, x: torch.Tensor, handles) -> None:
+    """Run model(x) once in eval mode (every module's train/eval flag restored after) so the hooks behind
+    `handles` see it, then remove those hooks, also when the forward fails."""
+    try:
+        with modes_preserved(model):
+            model.eval()
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def layer_features(model: nn.Module, inputs: torch.Tensor, layers: Sequence[str], bounds) -> Iterator[dict]:
     """Per minibatch, {layer: (m, p) float64 features} of `model` (eval mode, no grad, restored after)."""
     hooks = _Hooks(model, layers)
@@ -182,13 +194,7 @@ def traced_feature_layer(model: nn.Module, x: torch.Tensor) -> str:
             seen.append((names[m], out))
 
     handles = [m.register_forward_hook(hook) for m in names]
-    try:
-        with modes_preserved(model):
-            model.eval()
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    hooked_forward(model, x, handles)
     last_linear = max((i for i, (_, v) in enumerate(seen) if isinstance(v, str)), default=len(seen))
     maps = [name for name, v in seen[:last_linear] if not isinstance(v, str)]
     if not maps:

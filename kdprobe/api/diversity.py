@@ -16,15 +16,12 @@ from typing import ClassVar
 
 from kdprobe.api.results import FIGURE_SUFFIXES, checked_output, data_frame, save_figure, suffix_of
 from kdprobe.errors import KdprobeError
+from kdprobe.probes.checkpoint_set import stderr_note
 
 __all__ = ["DiversityResult", "EvaluationResult", "SurplusResult", "diversity", "evaluate", "surplus"]
 
 _HTML = {".html": "html", ".htm": "html"}
 _FILES = {".json": "json", ".csv": "csv", **_HTML, **FIGURE_SUFFIXES}
-
-
-def _stderr(text: str) -> None:
-    print(text, file=sys.stderr)
 
 
 @contextmanager
@@ -154,7 +151,7 @@ def diversity(checkpoints, *, runs: int = 5, batch_size: int = 128, split: str =
     from kdprobe.runtime.devices import resolve_device
     from kdprobe.stats import INTERVALS
 
-    note = note or _stderr
+    note = note or stderr_note
     for name, value, allowed in (("--bn", bn, BN_MODES), ("--output", output, OUTPUTS), ("--variant", variant, VARIANTS),
                                  ("--interval", interval, INTERVALS), ("--split", split, ("train", "test"))):
         check_choice(name, value, allowed)
@@ -287,7 +284,7 @@ def surplus(results_csv: str | os.PathLike, *, note=None) -> SurplusResult:
     Returns a SurplusResult; a table without any KD row is a KdprobeError."""
     from kdprobe.probes.surplus import compute_surplus, read_results_csv
 
-    note = note or _stderr
+    note = note or stderr_note
     results = read_results_csv(results_csv)
     rows = compute_surplus(results)
     if not rows:
@@ -386,7 +383,7 @@ def evaluate(checkpoints, *, split: str = "test", dataset: str | None = None, da
     from kdprobe.probes.evaluate import evaluate as run_eval
     from kdprobe.runtime.devices import resolve_device
 
-    note = note or _stderr
+    note = note or stderr_note
     if split not in ("test", "train", "both"):
         raise KdprobeError(f"expected --split test, train or both; got {split!r}")
     dev = resolve_device(device)

@@ -464,7 +464,8 @@ def _landscape(checkpoint, *, out, x, y, split, samples, bn, seed, include_bn, d
     from kdprobe.files.io import WriteError
     from kdprobe.probes.landscape import check_grid_memory, compute_surface, parse_grid
     from kdprobe.probes.landscape_eval import BN_MODES, resolve_precision
-    from kdprobe.probes.landscape_run import Saver, checkpoint_of, grid_samples, run_process, stderr_note
+    from kdprobe.probes.checkpoint_set import stderr_note
+    from kdprobe.probes.landscape_run import Saver, checkpoint_of, grid_samples, run_process
     from kdprobe.version import __version__
     from kdprobe.writers.landscape_h5 import write_surface_h5
     from kdprobe.writers.landscape_vtk import VTK_HEIGHTS
@@ -570,7 +571,8 @@ def _interpolate(a, b, *, out, steps, t_range, split, samples, bn, h5, html, log
     from kdprobe.probes.barrier import barrier as path_barrier
     from kdprobe.probes.landscape import check_grid_memory, interpolate as run_interpolate, parse_grid
     from kdprobe.probes.landscape_eval import BN_MODES, resolve_precision
-    from kdprobe.probes.landscape_run import Saver, checkpoint_of, grid_samples, run_process, stderr_note
+    from kdprobe.probes.checkpoint_set import stderr_note
+    from kdprobe.probes.landscape_run import Saver, checkpoint_of, grid_samples, run_process
     from kdprobe.version import __version__
     from kdprobe.writers.landscape_vtk import VTK_HEIGHTS
 

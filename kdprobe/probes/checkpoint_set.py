@@ -35,6 +35,11 @@ class ProbeSet:
     device: object
 
 
+def stderr_note(text: str) -> None:
+    """The default receiver of a probe's remarks (note=): one line on stderr."""
+    print(text, file=sys.stderr)
+
+
 def check_choice(name: str, value: str, allowed) -> None:
     """One-line error unless value is one of allowed."""
     if value not in allowed:
@@ -115,7 +120,7 @@ def load_set(checkpoints, *, group_by: str = "method", split: str = "test", samp
              image_size=None, note=None) -> ProbeSet:
     """Load every checkpoint on the CPU (finite weights, no byte-identical copies), require one dataset that
     fits every model, pick the samples. `note(text)` receives remarks (default: printed to stderr)."""
-    note = note or (lambda text: print(text, file=sys.stderr))
+    note = note or stderr_note
     check_choice("--split", split, ("test", "train"))
     if samples < 0:
         raise KdprobeError(f"expected --samples >= 0 (0 = the whole split), got {samples}")

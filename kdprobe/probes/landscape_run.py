@@ -14,15 +14,11 @@ from pathlib import Path
 from typing import Callable
 
 from kdprobe.errors import KdprobeError
+from kdprobe.probes.checkpoint_set import stderr_note
 
 # settings that must be equal for a saved partial surface to be continued
 RESUME_KEYS = ("checkpoint_sha256", "dataset", "split", "samples", "bn", "precision", "directions_sha256",
                "seed", "include_bn", "x", "y", "image_size")
-
-
-def stderr_note(text: str) -> None:
-    """The default receiver of remarks: one line on stderr."""
-    print(text, file=sys.stderr)
 
 
 @dataclass(frozen=True)

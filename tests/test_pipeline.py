@@ -10,6 +10,7 @@ import torch
 
 from kdprobe.checkpoints.format import load_checkpoint, read_payload, save_checkpoint
 from kdprobe.errors import KdprobeError
+from kdprobe.files.documents import is_envelope
 from kdprobe.files.io import sha256_file
 from trainers import loop
 from trainers.pipeline import PipelineSpec, plan_cells, run_pruning_pipeline
@@ -84,9 +85,12 @@ def test_surplus_equals_the_formula_by_hand(done):
     doc = json.loads((out / "surplus.json").read_text())
     assert doc["data"][0]["surplus"] == pytest.approx((sd - fs) - (uk - us), abs=1e-9)
     pj = json.loads((out / "pipeline.json").read_text())
-    assert [c["path"] for c in pj["cells"]] == [f"seed0/{n}.pt" for n in CELLS]
-    assert all(c["sha256"] == sha256_file(out / c["path"]) for c in pj["cells"])
-    assert pj["bn_sparsity"] == 0.0 and "same architecture" in pj["teacher"]
+    assert is_envelope(pj) and pj["kind"] == "pipeline"  # the envelope every kdprobe JSON document has
+    cells = pj["data"]["cells"]
+    assert [c["path"] for c in cells] == [f"seed0/{n}.pt" for n in CELLS]
+    assert all(c["sha256"] == sha256_file(out / c["path"]) for c in cells)
+    assert all(c["test_acc"] == read_payload(out / c["path"])["meta"]["test_acc"] for c in cells if c["test_acc"])
+    assert pj["settings"]["bn_sparsity"] == 0.0 and "same architecture" in pj["settings"]["teacher"]
 
 
 def test_teachers_and_inits_are_the_right_files(done):

@@ -34,6 +34,7 @@ from typing import Callable
 from kdprobe.checkpoints.format import read_payload
 from kdprobe.data.datasets import load_dataset
 from kdprobe.errors import KdprobeError
+from kdprobe.files.documents import envelope, json_ready
 from kdprobe.files.io import atomic_write_text, sha256_file
 from kdprobe.models import create_model
 from kdprobe.models.registry import canonical_name, names_code
@@ -351,14 +352,16 @@ def _write_outputs(spec: PipelineSpec, out_dir: Path, records: list[CellRecord],
     surplus = compute_surplus(read_results_csv(files["results_csv"]))  # read back: what `kdprobe surplus` sees
     write_surplus_csv(surplus, files["surplus_csv"])
     write_surplus_json(surplus, files["surplus_json"])
-    # no times or run actions in pipeline.json: a resumed run writes the same file
-    doc = {"format": "kdprobe-pipeline", "version": 1, "kind": "pruning", "spec": asdict(spec),
-           "model": spec.model_label, "setting": spec.setting, "bn_sparsity": spec.resolved_bn_sparsity,
-           "teacher": TEACHER_NOTE, "accuracy": "last-epoch test accuracy (a fraction, 0-1), meta['test_acc'] of each checkpoint",
-           "cells": [{"seed": r.cell.seed, "name": r.cell.name, "phase": r.cell.phase, "train_type": r.cell.train_type,
-                      "column": r.cell.column, "path": r.cell.file, "sha256": r.sha256, "test_acc": r.test_acc,
-                      "source": r.cell.source, "distill": r.cell.distill, "teacher": r.cell.teacher,
-                      "pruning": r.pruning} for r in records],
-           "files": {k: p.name for k, p in files.items()}}
-    atomic_write_text(files["pipeline_json"], json.dumps(doc, indent=2) + "\n")
+    # no times or run actions in pipeline.json: a resumed run writes the same file. The JSON envelope of every
+    # kdprobe document (kdprobe.files.documents): what was asked under settings, the cells under data.
+    settings = {"spec": asdict(spec), "model": spec.model_label, "setting": spec.setting,
+                "bn_sparsity": spec.resolved_bn_sparsity, "teacher": TEACHER_NOTE,
+                "accuracy": "last-epoch test accuracy (a fraction, 0-1), meta['test_acc'] of each checkpoint"}
+    cells = [{"seed": r.cell.seed, "name": r.cell.name, "phase": r.cell.phase, "train_type": r.cell.train_type,
+              "column": r.cell.column, "path": r.cell.file, "sha256": r.sha256, "test_acc": r.test_acc,
+              "source": r.cell.source, "distill": r.cell.distill, "teacher": r.cell.teacher, "pruning": r.pruning}
+             for r in records]
+    doc = envelope("pipeline", settings, {"cells": cells, "files": {k: p.name for k, p in files.items()}},
+                   format="kdprobe-pipeline", format_version=2)
+    atomic_write_text(files["pipeline_json"], json.dumps(json_ready(doc), indent=2, allow_nan=False) + "\n")
     return PipelineResult(out_dir, tuple(records), tuple(rows), tuple(surplus), files, warnings)

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from cli import log_flags as lf
 from cli import slurm_flags as sf
 from cli.common import folder_interrupted, ranged, table
 from kdprobe.api.training import JOBS, NPROC_PER_CELL
@@ -86,6 +87,9 @@ def study(
     quiet: Annotated[bool, O(help="No progress bars or per-cell lines.")] = False,
     figures: Annotated[str, O(help="Static figures in DIR/figures/ (numbered, captions.md; report.md embeds the "
                                    "PNGs): a comma-separated list of pdf, svg, png, or none.")] = "pdf,png",
+    log: lf.Log = None,
+    log_dir: lf.LogDir = None,
+    log_project: lf.LogProject = None,
     executor: sf.Executor = "local",
     partition: sf.Partition = None,
     account: sf.Account = None,
@@ -126,7 +130,7 @@ def study(
     try:
         done = run(spec, out=out, scale=scale, set=set_, dataset=dataset, data_dir=data_dir, device=device, jobs=jobs,
                    nproc_per_cell=nproc_per_cell, quiet=quiet, note=typer.echo, figures=figures, executor=executor,
-                   slurm=slurm,
+                   slurm=slurm, log=log, log_dir=log_dir, log_project=log_project,
                    detach=detach, **sf.flags(partition, account, qos, time, gpus_per_cell, cpus_per_cell,
                                              mem_per_cell, array_parallelism, constraint))
     except KeyboardInterrupt as e:

@@ -30,7 +30,8 @@ _API = {
     "diversity": "kdprobe.api.diversity", "surplus": "kdprobe.api.diversity", "evaluate": "kdprobe.api.diversity",
     "DiversityResult": "kdprobe.api.diversity", "SurplusResult": "kdprobe.api.diversity",
     "EvaluationResult": "kdprobe.api.diversity",
-    "train": "kdprobe.api.training", "prune": "kdprobe.api.training", "study": "kdprobe.api.training",
+    "train": "kdprobe.api.training", "train_config": "kdprobe.api.training",
+    "train_config_toml": "kdprobe.api.training", "prune": "kdprobe.api.training", "study": "kdprobe.api.training",
     "TrainResult": "kdprobe.api.training", "PruneResult": "kdprobe.api.training",
     "StudyResult": "kdprobe.api.training",
 }

@@ -14,7 +14,8 @@ MIRRORS = {"agreement": "agreement", "cka": "cka", "calibration": "calibration",
            "landscape": "landscape", "interpolate": "interpolate", "diversity": "diversity", "surplus": "surplus",
            "evaluate": "eval", "train": "train", "prune": "prune"}
 # CLI options that name output files or terminal behaviour: results are saved with .save(path) instead
-OUTPUT_OPTIONS = {"csv", "json", "html", "vtk_height", "plot", "quiet", "overwrite", "figures"}
+OUTPUT_OPTIONS = {"csv", "json", "html", "vtk_height", "plot", "quiet", "overwrite", "figures",
+                  "print_config"}  # `train --print-config`: kdprobe.train_config_toml(...) returns the text
 
 
 def test_every_exported_name_resolves_and_has_a_docstring():

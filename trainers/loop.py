@@ -157,6 +157,28 @@ def _build_model(config: TrainConfig, data: TensorData):
     return model, {}, None
 
 
+def _open_trackers(spec, config: TrainConfig, out: Path, data: TensorData, dev, ddp, history: list, saved):
+    """The run's trainers.trackers.RunLog, started (None without trackers): its config, and the epochs of
+    `history` a tracker run continued from OUT.partial lacks."""
+    if spec is None or not spec.kinds:
+        return None
+    from kdprobe.version import __version__
+    from trainers.trackers import RunLog
+
+    doc = {"config": config.to_dict(), "method": config.method, "fingerprint": config.fingerprint(),
+           "checkpoint": str(out.resolve()), "dataset": data.name, "device": dev.type, "world_size": ddp.world_size,
+           "kdprobe_version": __version__}
+    runlog = RunLog(spec)
+    try:
+        runlog.start(doc, history, (saved or {}).get("trackers"))
+    except KdprobeError:
+        raise
+    except Exception as e:  # a tracker's own failure (a locked store, a bad WANDB_MODE): say which, in one line
+        raise KdprobeError(f"--log {','.join(spec.kinds)}: could not start the tracker run: "
+                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    return runlog
+
+
 def run_key(config: TrainConfig) -> str:
     """What a partial run must match to be continued: the config with teacher and init named by
     content (sha256), so a moved folder still resumes and a replaced teacher file does not. The
@@ -227,7 +249,8 @@ def _numerics(train_fn):
 @_numerics
 def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress | None = None,
           save_interval_s: float = 60.0, stop_after_steps: int | None = None,
-          snapshot_epochs: tuple[int, ...] = (), overwrite: bool = False, record: dict | None = None) -> TrainResult:
+          snapshot_epochs: tuple[int, ...] = (), overwrite: bool = False, record: dict | None = None,
+          trackers=None) -> TrainResult:
     """Train per `config`, resuming from OUT.partial if a killed run left one; returns the result.
 
     record: entries added to the checkpoint's metadata as they are (e.g. a born-again chain's
@@ -247,17 +270,20 @@ def train(config: TrainConfig, out, *, device: str = "auto", progress: Progress 
 
     deterministic (keyword, default True): on a GPU, deterministic kernels (see `_numerics`); False lets
     cuDNN autotune instead, faster and not reproducible run to run. No effect on a CPU.
+
+    trackers: a trainers.trackers.TrackerSpec: every epoch also goes to TensorBoard / W&B / MLflow (rank 0 only);
+    OUT.partial keeps where each tracker stands, so a resumed run continues its tracker runs.
     """
     out = Path(out)
     with output_lock((out, partial_path(out), log_path(out)), command="train"):
         return _train(config, out, device=device, progress=progress, save_interval_s=save_interval_s,
                       stop_after_steps=stop_after_steps, snapshot_epochs=snapshot_epochs, overwrite=overwrite,
-                      record=record or {})
+                      record=record or {}, trackers=trackers)
 
 
 def _train(config: TrainConfig, out: Path, *, device: str, progress: Progress | None, save_interval_s: float,
            stop_after_steps: int | None, snapshot_epochs: tuple[int, ...], overwrite: bool,
-           record: dict) -> TrainResult:
+           record: dict, trackers=None) -> TrainResult:
     out, progress = Path(out), progress or Progress()
     ddp = DistContext.from_env(device)
     dev = ddp.device
@@ -301,7 +327,8 @@ def _train(config: TrainConfig, out: Path, *, device: str, progress: Progress | 
     gen = torch.Generator(device=dev).manual_seed(config.seed)
     n, bs = len(data.train_y), config.batch_size
     steps_per_epoch = math.ceil(n / bs)
-    state = {"epoch": 0, "step": 0, "perm": None, "history": [], "sums": [0.0, 0, 0]}
+    # sums: loss * n, correct, n of the epoch so far; terms: each logged loss term (KD runs) * n
+    state = {"epoch": 0, "step": 0, "perm": None, "history": [], "sums": [0.0, 0, 0], "terms": {}}
     resumed = None
     key = run_key(config)
     ppath = partial_path(out)
@@ -313,7 +340,7 @@ def _train(config: TrainConfig, out: Path, *, device: str, progress: Progress | 
         gen.set_state(saved["gen"])
         restore_rng_states(saved.get("rng"), dev)  # dropout continues where the killed run was
         masks = {k: v.to(dev) for k, v in saved.get("masks", {}).items()} or masks
-        state = {k: saved[k] for k in state}
+        state = {k: saved.get(k, v) for k, v in state.items()}  # a partial from before "terms" has none
         if state["perm"] is not None:
             state["perm"] = state["perm"].to(dev)
         resumed = saved_at = state["epoch"] + state["step"] / steps_per_epoch
@@ -329,7 +356,9 @@ def _train(config: TrainConfig, out: Path, *, device: str, progress: Progress | 
             return
         payload = {"version": STATE_VERSION, "run_key": key, "student": student.state_dict(),
                    "optimizer": opt.state_dict(), "gen": gen.get_state(), "masks": masks, "rng": rng_states(dev),
-                   **dict(state, sums=torch.as_tensor(state["sums"]).tolist())}
+                   **dict(state, sums=torch.as_tensor(state["sums"]).tolist(),
+                          terms={k: float(v) for k, v in state["terms"].items()}),
+                   **({"trackers": runlog.state()} if runlog is not None else {})}
         save_torch(payload, ppath)
         saved_at = state["epoch"] + state["step"] / steps_per_epoch
 
@@ -375,6 +404,7 @@ def _train(config: TrainConfig, out: Path, *, device: str, progress: Progress | 
         if ddp.is_main:
             save_checkpoint(path, model, metadata(), extra)
 
+    runlog = _open_trackers(trackers, config, out, data, dev, ddp, state["history"], saved) if ddp.is_main else None
     progress.start(config.epochs * steps_per_epoch, state["epoch"] * steps_per_epoch + state["step"],
                    f"{config.method} {config.model} seed {config.seed}")
     last_save, steps_run = time.monotonic(), 0
@@ -388,6 +418,8 @@ def _train(config: TrainConfig, out: Path, *, device: str, progress: Progress | 
             student.train()
             t0 = time.monotonic()
             sums = state["sums"] = torch.tensor(state["sums"], dtype=torch.float64, device=dev)  # loss*n, correct, n
+            tsums = state["terms"] = {k: torch.tensor(float(v), dtype=torch.float64, device=dev)
+                                      for k, v in state["terms"].items()}
             while state["step"] < steps_per_epoch:
                 idx = state["perm"][state["step"] * bs:(state["step"] + 1) * bs]
                 # every rank augments the whole global batch with the shared generator, then
@@ -415,6 +447,9 @@ def _train(config: TrainConfig, out: Path, *, device: str, progress: Progress | 
                 sums[0] += loss.detach().double() * nb  # on the device: no sync per step
                 sums[1] += (terms["logits"].argmax(1) == mb.y_a).sum()
                 sums[2] += nb
+                for k, v in terms.items():
+                    if k not in ("loss", "logits"):
+                        tsums[k] = tsums.get(k, 0.0) + v.detach().double() * nb
                 state["step"] += 1
                 steps_run += 1
                 progress.step(1, {k: round(float(v.detach()), 4) for k, v in terms.items() if k != "logits"}
@@ -427,12 +462,19 @@ def _train(config: TrainConfig, out: Path, *, device: str, progress: Progress | 
                     last_save = time.monotonic()
             on = data if epoch + 1 == config.epochs else probe
             ev = evaluate(model, on.test_x, on.test_y, data.mean, data.std)
-            s = ddp.sum_counts(sums.tolist())
+            names = sorted(tsums)
+            s = ddp.sum_counts(sums.tolist() + [float(tsums[k]) for k in names])
             rec = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": s[0] / s[2],
                    "train_acc": s[1] / s[2], "test_loss": ev.loss, "test_acc": ev.acc,
-                   "test_images": len(on.test_y)}
-            state.update(epoch=epoch + 1, step=0, perm=None, sums=[0.0, 0, 0], history=state["history"] + [rec])
-            progress.epoch(dict(rec, seconds=round(time.monotonic() - t0, 2)))
+                   "test_images": len(on.test_y),
+                   # a KD run's loss terms (ce, kd, ...), each averaged over the epoch's images like train_loss
+                   **{f"train_{k}": t / s[2] for k, t in zip(names, s[3:])}}
+            state.update(epoch=epoch + 1, step=0, perm=None, sums=[0.0, 0, 0], terms={},
+                         history=state["history"] + [rec])
+            timed = dict(rec, seconds=round(time.monotonic() - t0, 2))
+            progress.epoch(timed)
+            if runlog is not None:  # before the resume state: a kill in between re-logs this epoch, never skips it
+                runlog.epoch(timed)
             if epoch + 1 in snapshot_epochs and epoch + 1 < config.epochs:
                 write_checkpoint(snapshot_path(out, epoch + 1))
             save_partial()
@@ -440,14 +482,22 @@ def _train(config: TrainConfig, out: Path, *, device: str, progress: Progress | 
             if ddp.is_main:
                 atomic_write_text(log_path(out), "".join(json.dumps(r) + "\n" for r in state["history"]))
     except KeyboardInterrupt:
+        if runlog is not None:
+            runlog.close(ok=False)
         # say what a rerun continues from: only a state this config saved counts
         raise Interrupted(None if saved_at is None or not ddp.is_main else
                           f"partial work is saved in {ppath} (epoch {saved_at:.2f} of {config.epochs})") from None
+    except BaseException:
+        if runlog is not None:
+            runlog.close(ok=False)
+        raise
     finally:
         progress.close()
         recipe.close()
     model.to(memory_format=torch.contiguous_format)
     write_checkpoint(out)
+    if runlog is not None:
+        runlog.close(ok=True)
     ddp.barrier()
     if ddp.is_main:
         ppath.unlink(missing_ok=True)

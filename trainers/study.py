@@ -34,6 +34,8 @@ from trainers.config import AUGMENTS, DISTILLS, TrainConfig, make_config
 from trainers.distributed import plan_placement
 from trainers.loop import Progress, log_path, partial_path, resolve_device, snapshot_path, train
 from trainers.study_hashes import record_hashes, verify_hashes
+from trainers.trackers import TrackerSpec
+from trainers.trackers import prepare as prepare_trackers
 
 # set by the study for every cell; a spec's overrides may set any other TrainConfig field
 _OWNED = ("model", "model_kwargs", "dataset", "data_dir", "preset", "augment", "distill", "teacher", "seed", "init",
@@ -226,12 +228,21 @@ def _status(k: int, n: int, cell: Cell, out: Path) -> str:
     return head + f" ({why}{', teacher ' + ' + '.join(cell.teachers) if cell.teacher else ''})"
 
 
+def cell_trackers(trackers: TrackerSpec | None, cell: Cell) -> TrackerSpec | None:
+    """The study's trackers (--log) for one cell: its run named METHOD/seedS, tagged with method, seed and file."""
+    if trackers is None:
+        return None
+    return replace(trackers, run=f"{cell.method}/seed{cell.seed}",
+                   tags=(("method", cell.method), ("seed", str(cell.seed)), ("cell", cell.rel)))
+
+
 def train_cells(cells: list[Cell], out: Path, *, device: str = "auto", jobs: int = 1, nproc_per_cell: int = 1,
-                progress: StudyProgress | None = None) -> dict[str, dict]:
+                progress: StudyProgress | None = None, trackers: TrackerSpec | None = None) -> dict[str, dict]:
     """Train the cells that do not exist yet; returns rel -> {"action", "seconds"} for every cell.
 
     jobs > 1: that many cells at once, each in its own process; nproc_per_cell > 1: each cell
-    under `torchrun --nproc-per-node K` (DistributedDataParallel inside trainers.loop).
+    under `torchrun --nproc-per-node K` (DistributedDataParallel inside trainers.loop). trackers: every
+    trained cell also logs there (cell_trackers); cells that exist already are not logged again.
     """
     out, progress = Path(out).resolve(), progress or StudyProgress()
     todo = [c for c in cells if not c.done(out)]
@@ -241,7 +252,7 @@ def train_cells(cells: list[Cell], out: Path, *, device: str = "auto", jobs: int
         for k, c in enumerate(cells, 1):
             if c.done(out):
                 progress.note(_status(k, len(cells), c, out))
-        info.update(_train_parallel(todo, out, device, jobs, progress, nproc_per_cell))
+        info.update(_train_parallel(todo, out, device, jobs, progress, nproc_per_cell, trackers))
         return info
     for k, cell in enumerate(cells, 1):
         progress.note(_status(k, len(cells), cell, out))
@@ -250,7 +261,8 @@ def train_cells(cells: list[Cell], out: Path, *, device: str = "auto", jobs: int
         action = "resumed" if partial_path(cell.path(out)).exists() else "trained"
         t0 = time.monotonic()
         res = train(cell.config, cell.path(out), device=device, snapshot_epochs=cell.snapshots,
-                    progress=_EpochForwarder(progress.training(cell.label), progress))
+                    progress=_EpochForwarder(progress.training(cell.label), progress),
+                    trackers=cell_trackers(trackers, cell))
         record_hashes([cell], out)
         info[cell.rel] = {"action": action, "seconds": round(time.monotonic() - t0, 3)}
         progress.note(f"      {cell.label}: test accuracy {res.test_acc:.2%} (last epoch), "
@@ -274,7 +286,7 @@ def _command(job: Path, nproc: int) -> list[str]:
 
 
 def _train_parallel(todo: list[Cell], out: Path, device: str, jobs: int, progress: StudyProgress,
-                    nproc: int = 1) -> dict:
+                    nproc: int = 1, trackers: TrackerSpec | None = None) -> dict:
     """Up to `jobs` cells at once, each `python -m trainers.study --cell JOB.json` (log next to the cell)."""
     dev = resolve_device(device)
     threads = max(1, (os.cpu_count() or 1) // (jobs * nproc)) if dev.type == "cpu" else 0
@@ -296,9 +308,11 @@ def _train_parallel(todo: list[Cell], out: Path, device: str, jobs: int, progres
                 pending.remove(c)
                 job = c.path(out).with_suffix(".job.json")
                 job.parent.mkdir(parents=True, exist_ok=True)
+                cell_log = cell_trackers(trackers, c)
                 job.write_text(json.dumps({"config": c.config.to_dict(), "out": str(c.path(out)),
                                            "device": placement.child_device,
-                                           "threads": threads, "snapshots": list(c.snapshots)}))
+                                           "threads": threads, "snapshots": list(c.snapshots),
+                                           "trackers": cell_log.to_dict() if cell_log else None}))
                 log = open(c.path(out).with_suffix(".log"), "a")
                 action = "resumed" if partial_path(c.path(out)).exists() else "trained"
                 slot = free.pop(0)
@@ -342,7 +356,8 @@ def _cell_main(job_file: str) -> int:
     if job["threads"]:
         torch.set_num_threads(job["threads"])
     cfg = TrainConfig.from_dict(job["config"])
-    res = train(cfg, job["out"], device=job["device"], snapshot_epochs=tuple(job["snapshots"]))
+    res = train(cfg, job["out"], device=job["device"], snapshot_epochs=tuple(job["snapshots"]),
+                trackers=TrackerSpec.from_dict(job.get("trackers")))
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank runs this; one reports
         print(f"{cfg.method} seed {cfg.seed}: test accuracy {res.test_acc:.2%} -> {res.path}", flush=True)
         Path(job_file).unlink(missing_ok=True)
@@ -351,12 +366,13 @@ def _cell_main(job_file: str) -> int:
 
 def run_study(spec: StudySpec, out, *, device: str = "auto", jobs: int = 1, nproc_per_cell: int = 1,
               spec_text: str | None = None, progress: StudyProgress | None = None, executor: str = "local",
-              slurm=None, detach: bool = False, figures: str = "pdf,png"):
+              slurm=None, detach: bool = False, figures: str = "pdf,png", trackers: TrackerSpec | None = None):
     """Train (or resume) every cell, run the spec's probes, write summary.json and report.html (and the static
     figures, `figures`: 'pdf,png', ... or 'none', in figures/).
 
     executor "slurm": the cells run as Slurm jobs (trainers.study_slurm; slurm: its SlurmOptions, default the
-    spec's [slurm]); detach: return None right after submitting while cells are left to run."""
+    spec's [slurm]); detach: return None right after submitting while cells are left to run. trackers: the
+    cells' trainings also log to TensorBoard / W&B / MLflow (trainers.trackers; one run per cell, cell_trackers)."""
     from kdprobe.writers.report import write_cells_csv, write_landscape_page, write_report, write_summary_json
     from kdprobe.writers.report_figures import write_study_figures
     from kdprobe.writers.static_figures import parse_formats
@@ -389,16 +405,18 @@ def run_study(spec: StudySpec, out, *, device: str = "auto", jobs: int = 1, npro
         if existing:  # before any training: every file already there must be its cell, and the file recorded
             verify_existing(existing, out, load_dataset(spec.train.dataset, spec.train.data_dir).fingerprint)
             verify_hashes(existing, out)
+        if trackers is not None:
+            prepare_trackers(trackers)  # a shared MLflow store is made once, before cells log to it at once
         if executor == "slurm":  # cells (and pruning blocks) as Slurm jobs; None: detached, cells still to run
             from trainers.study_slurm import train_cells_slurm
 
             info = train_cells_slurm(spec, cells, out, slurm, device=device, detach=detach, progress=progress,
-                                     nproc_per_cell=nproc_per_cell)
+                                     nproc_per_cell=nproc_per_cell, trackers=trackers)
             if info is None:
                 return None
         else:
             info = train_cells(cells, out, device=device, jobs=jobs, nproc_per_cell=nproc_per_cell,
-                               progress=progress) if cells else {}
+                               progress=progress, trackers=trackers) if cells else {}
         # a reused cell whose teacher was (re)trained just now: its recorded teacher sha256 must match
         verify_existing([c for c in existing if c.teacher], out, None)
         verify_hashes(cells, out)  # what the probes read is what the accuracy table's numbers came with

@@ -152,10 +152,12 @@ class CellJob:
     out: str
     device: str
     snapshots: tuple[int, ...] = ()
+    trackers: dict | None = None  # trainers.trackers.TrackerSpec.to_dict() of the cell (kdprobe study --log)
 
     def __call__(self) -> dict:
         from trainers.config import TrainConfig
         from trainers.loop import partial_path, snapshot_path, train
+        from trainers.trackers import TrackerSpec
 
         _job_setup(self.device)
         out = Path(self.out)
@@ -163,7 +165,8 @@ class CellJob:
             return {"action": "existing", "seconds": None, **_job_info()}
         action = "resumed" if partial_path(out).exists() else "trained"
         t0 = time.monotonic()
-        res = train(TrainConfig.from_dict(self.config), out, device=self.device, snapshot_epochs=self.snapshots)
+        res = train(TrainConfig.from_dict(self.config), out, device=self.device, snapshot_epochs=self.snapshots,
+                    trackers=TrackerSpec.from_dict(self.trackers))
         return {"action": action, "seconds": round(time.monotonic() - t0, 3), "test_acc": res.test_acc,
                 "resumed_from_epoch": res.resumed_from_epoch, **_job_info()}
 
@@ -215,15 +218,18 @@ class _Planned:
     epochs: dict[str, int]  # task key -> epochs its trainings run in all
 
 
-def _study_cell_tasks(cells, out: Path, device: str) -> _Planned:
+def _study_cell_tasks(cells, out: Path, device: str, trackers=None) -> _Planned:
     from trainers.loop import log_path
+    from trainers.study import cell_trackers
 
     tasks, logs, epochs = [], {}, {}
     todo = {c.rel for c in cells if not c.done(out)}
     for c in cells:
         if c.rel not in todo:
             continue
-        job = CellJob(c.config.to_dict(), str(c.path(out)), device, tuple(c.snapshots))
+        cell_log = cell_trackers(trackers, c)
+        job = CellJob(c.config.to_dict(), str(c.path(out)), device, tuple(c.snapshots),
+                      cell_log.to_dict() if cell_log else None)
         tasks.append(Task(c.rel, job, after=tuple(t for t in c.teachers if t in todo), label=f"cell {c.label}"))
         logs[c.rel], epochs[c.rel] = [log_path(c.path(out))], c.config.epochs
     return _Planned(tasks, logs, epochs)
@@ -361,16 +367,18 @@ def _wait(ex: SlurmExecutor, tasks: Sequence[Task], planned: _Planned, out: Path
 
 
 def train_cells_slurm(spec, cells, out: Path, options: SlurmOptions | None, *, device: str = "auto",
-                      detach: bool = False, progress=None, nproc_per_cell: int = 1) -> dict[str, dict] | None:
+                      detach: bool = False, progress=None, nproc_per_cell: int = 1,
+                      trackers=None) -> dict[str, dict] | None:
     """trainers.study's train step under Slurm: every cell not made yet and every pruning block's cells as jobs.
     Returns rel -> {"action", "seconds"} like train_cells, or None when --detach left cells running.
-    options None: the spec's [slurm] table (with nproc_per_cell tasks per cell)."""
+    options None: the spec's [slurm] table (with nproc_per_cell tasks per cell). trackers: the study's --log
+    (trainers.trackers.TrackerSpec): each cell's job logs its own run."""
     from trainers.study import StudyProgress
     from trainers.study_probes import pruning_block
 
     out, progress = Path(out).resolve(), progress or StudyProgress()
     options = options if options is not None else slurm_options(spec.slurm, nproc_per_cell=nproc_per_cell)
-    planned = _study_cell_tasks(cells, out, node_device(device))
+    planned = _study_cell_tasks(cells, out, node_device(device), trackers)
     for i in range(len(spec.pruning)):  # the pruning blocks' cells too; the probes then find them made
         ps, folder, label = pruning_block(spec, i, out)
         _check_pipeline(ps, folder)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,7 +28,8 @@ from kdprobe.errors import KdprobeError
 from kdprobe.files.documents import json_ready
 from kdprobe.ranges import Range
 
-__all__ = ["train", "prune", "study", "list_studies", "TrainResult", "PruneResult", "StudyResult"]
+__all__ = ["train", "train_config", "train_config_toml", "prune", "study", "list_studies", "TrainResult",
+           "PruneResult", "StudyResult"]
 
 JOBS = Range(int, 1, 256)  # `kdprobe study --jobs`: cells trained at once
 NPROC_PER_CELL = Range(int, 1, 1024)  # `kdprobe study --nproc-per-cell`: torchrun processes per cell
@@ -165,7 +166,8 @@ class TrainResult:
 
     @property
     def history(self) -> list[dict]:
-        """One record per epoch: epoch, lr, train_loss, train_acc, test_loss, test_acc, test_images."""
+        """One record per epoch: epoch, lr, train_loss, train_acc, test_loss, test_acc, test_images, and a KD
+        run's loss terms averaged like train_loss (train_ce and train_kd for label KD, ...)."""
         return [dict(r) for r in self.meta.get("history", [])]
 
     @property
@@ -216,24 +218,30 @@ class TrainResult:
                                {"the checkpoint": self.path})
 
 
-def train(*, out: str | os.PathLike, model: str | None = None, dataset: str = "digits",
-          data_dir: str | os.PathLike | None = None, download: bool = False, seed: int = 0,
-          preset: str | None = None, epochs: int | None = None, batch_size: int | None = None,
+def train(*, out: str | os.PathLike | None = None, config: str | os.PathLike | None = None, model: str | None = None,
+          dataset: str | None = None, data_dir: str | os.PathLike | None = None, download: bool = False,
+          seed: int | None = None, preset: str | None = None, epochs: int | None = None, batch_size: int | None = None,
           lr: float | None = None, schedule: str | None = None, milestones=None, weight_decay: float | None = None,
-          nesterov: bool | None = None, augment: str = "standard", cutmix_prob: float = 0.5,
-          cutmix_beta: float = 1.0, distill: str = "none", teacher: str | os.PathLike | None = None,
+          nesterov: bool | None = None, augment: str | None = None, cutmix_prob: float | None = None,
+          cutmix_beta: float | None = None, distill: str | None = None, teacher: str | os.PathLike | None = None,
           teacher_arch: str | None = None, teacher_arch_kwargs=None, feature_layer: str | None = None,
-          teacher_feature_layer: str | None = None, image_size=None, alpha: float = 0.9, temperature: float = 4.0,
-          beta: float | None = None, bn_sparsity: float = 0.0, init: str | os.PathLike | None = None,
-          init_arch: str | None = None, init_arch_kwargs=None, model_kwargs=None, width: float | None = None,
-          train_subset: int | None = None, kd_settings=None, generations: int = 0, device: str = "auto",
-          deterministic: bool = True, overwrite: bool = False, quiet: bool = False, progress=None) -> TrainResult:
+          teacher_feature_layer: str | None = None, image_size=None, alpha: float | None = None,
+          temperature: float | None = None, beta: float | None = None, bn_sparsity: float | None = None,
+          init: str | os.PathLike | None = None, init_arch: str | None = None, init_arch_kwargs=None,
+          model_kwargs=None, width: float | None = None, train_subset: int | None = None, kd_settings=None,
+          generations: int | None = None, device: str = "auto", deterministic: bool = True, overwrite: bool = False,
+          quiet: bool = False, log: str | Sequence[str] | None = None, log_dir: str | os.PathLike | None = None,
+          log_project: str | None = None, progress=None) -> TrainResult:
     """Train one model (scratch, CutMix, AutoAugment, label/feature KD, the KD families, fine-tuning) and save a
     checkpoint (or a born-again chain of them).
 
     out: the checkpoint to write (.pt); OUT.partial holds the resume state while it runs (a killed run
     continues from it when called again), OUT.jsonl the per-epoch log. An existing OUT is left alone
     (action 'existing') unless overwrite=True, which replaces it only once the new one is complete.
+    config: a TOML file of the run, in the form of a study cell (`kdprobe train --print-config` writes one;
+    docs/train.md#config-files). Every training option left at None ('not given') takes the file's value, else
+    the preset's, else its built-in default (`kdprobe train --help` says each); a value given here wins over the
+    file's. train_config(...) gives the resolved config, train_config_toml(...) the file, without training.
     model: registry name (`kdprobe models`), default resnet20; with init= the model comes from that
     checkpoint, so model/width/model_kwargs are refused. preset: fast, repdistiller, rnp, cutmix or finetune;
     explicit options (epochs, batch_size, lr, schedule, milestones, weight_decay, nesterov) override it.
@@ -247,40 +255,33 @@ def train(*, out: str | os.PathLike, model: str | None = None, dataset: str = "d
     (same options and seed), generation 1 by `teacher`, or without one by a generation 0 trained from scratch;
     each generation is its own checkpoint OUT stem + "-gen{g}" (runs/ba.pt -> runs/ba-gen1.pt, ...), a finished
     one is kept, an interrupted one resumes from its .partial.
-    Every other option is `kdprobe train`'s, with its default; `kdprobe train --help` says more.
+    Every other option is `kdprobe train`'s (None: not given, as above); `kdprobe train --help` says more.
     quiet: no progress bar (else a tqdm bar and a line per epoch on stderr); progress: your own
-    trainers.loop.Progress instead. Every option is checked before any file is touched.
+    trainers.loop.Progress instead. log: experiment trackers every epoch and the config also go to,
+    'tensorboard', 'wandb', 'mlflow' or a list of them (trainers.trackers, docs/trackers.md), in log_dir (default
+    logs/ next to OUT), the run named after OUT's stem, W&B project / MLflow experiment log_project (default
+    kdprobe). Every option is checked before any file is touched.
 
     Returns a TrainResult: the checkpoint path, the action, and (read from the file) its metadata,
     last-epoch and best test accuracy and per-epoch history."""
-    from kdprobe.checkpoints.format import load_checkpoint
+    options = dict(locals())  # every keyword argument, as given (first: nothing else is a local yet)
     from kdprobe.data.datasets import load_dataset
-    from kdprobe.data.preprocess import parse_image_size
     from kdprobe.files.io import run_scope
     from kdprobe.files.outputs import check_outputs
-    from trainers.config import GENERATIONS, make_config
     from trainers.loop import log_path, partial_path, train as run_train
     from trainers.progress import TqdmProgress
+    from trainers.trackers import tracker_spec
 
-    out = Path(out)
-    teachers = _teacher_paths(teacher)
-    init = Path(init) if init is not None else None
-    GENERATIONS.check(generations, "--generations")
+    out = Path(out) if out is not None else None
     with run_scope():
-        # Everything is checked before any file is touched: options (the whole config), output paths, the
-        # init checkpoint; the loop then loads data, model and teacher and checks them before its first
-        # write. An existing OUT is only ever replaced by a complete one.
-        if init is not None and (model is not None or width is not None or model_kwargs is not None):
-            given = " and ".join(f for f, v in (("--model", model), ("--width", width),
-                                                ("--model-kwargs", model_kwargs)) if v is not None)
-            raise KdprobeError(f"--init {init} gives the model and its widths, so {given} would be recorded but not "
-                               f"used; drop {given}")
-        if generations and init is not None:
-            raise KdprobeError(f"--generations {generations} trains every generation from scratch, but --init {init} "
-                               "gives starting weights; drop --init (or --generations)")
-        if generations and distill == "none":
-            raise KdprobeError(f"--generations {generations} chains students each taught by the one before: pass "
-                               "--distill label (or another KD method)")
+        # Everything is checked before any file is touched: options (the whole config, the --config file, the
+        # init checkpoint), output paths; the loop then loads data, model and teacher and checks them before
+        # its first write. An existing OUT is only ever replaced by a complete one.
+        run = _train_run(options, out)
+        if out is None:
+            raise KdprobeError("--out is missing: pass the checkpoint to write, --out RUN.pt (out= in Python), or "
+                               "--print-config to print the run's config without training (kdprobe.train_config_toml)")
+        config, teachers, generations = run.config, [Path(t) for t in run.teachers], run.generations
         outs = [out] if not generations else [generation_path(out, g) for g in range(0 if not teachers else 1,
                                                                                      generations + 1)]
         roles, keep = {}, []
@@ -289,32 +290,15 @@ def train(*, out: str | os.PathLike, model: str | None = None, dataset: str = "d
             roles.update({f"--out{tag}": (o, "checkpoint"), f"its resume state OUT.partial{tag}": (partial_path(o), "partial"),
                           f"its log OUT.jsonl{tag}": (log_path(o), "jsonl")})
             keep += [f"--out{tag}", f"its resume state OUT.partial{tag}"]
+        init = Path(config.init) if config.init else None
         check_outputs("train", roles, {"--teacher": teachers, "--init": init}, overwrite=overwrite, keep=keep)
-        kwargs = {name: _json_object(value, flag) for name, value, flag in (
-            ("model", model_kwargs, "--model-kwargs"), ("teacher", teacher_arch_kwargs, "--teacher-arch-kwargs"),
-            ("init", init_arch_kwargs, "--init-arch-kwargs"))}
-        if init is not None:
-            model = load_checkpoint(init, arch=init_arch, arch_kwargs=kwargs["init"], finite=True,
-                                    arch_flag="--init-arch").model.arch["name"]
-        config = make_config(
-            preset, model=model or "resnet20",
-            model_kwargs={**(kwargs["model"] or {}), **({"width": width} if width is not None else {})},
-            dataset=dataset, data_dir=str(data_dir) if data_dir else None, seed=seed, epochs=epochs,
-            batch_size=batch_size, lr=lr, schedule=schedule, milestones=_milestones(milestones),
-            weight_decay=weight_decay, nesterov=nesterov, augment=augment, cutmix_prob=cutmix_prob,
-            cutmix_beta=cutmix_beta, distill=distill,
-            # a chain without a teacher: generation 1's is generation 0 (trained from scratch first)
-            teacher=str(teachers[0]) if teachers else str(outs[0]) if generations else None,
-            extra_teachers=tuple(str(t) for t in teachers[1:]), kd_settings=_json_object(kd_settings, "--kd-settings"),
-            teacher_arch=teacher_arch, alpha=alpha, temperature=temperature, beta=beta, bn_sparsity=bn_sparsity,
-            init=str(init) if init else None, train_subset=train_subset, teacher_arch_kwargs=kwargs["teacher"],
-            init_arch=init_arch, init_arch_kwargs=kwargs["init"], feature_layer=feature_layer,
-            teacher_feature_layer=teacher_feature_layer, image_size=parse_image_size(image_size),
-        )
+        trackers = tracker_spec(log, log_dir, log_project, default_dir=out.parent / "logs", default_project="kdprobe",
+                                run=out.stem)
+        logged = (lambda path: None) if trackers is None else (lambda path: replace(trackers, run=path.stem))
         if generations:
             chain = born_again_configs(config, outs, given_teacher=bool(teachers))
             if download:
-                load_dataset(dataset, data_dir, download=True)
+                load_dataset(config.dataset, config.data_dir, download=True)
             done = []
             for g, (cfg, path, record) in chain.items():
                 if path.exists() and not overwrite:
@@ -322,7 +306,8 @@ def train(*, out: str | os.PathLike, model: str | None = None, dataset: str = "d
                     done.append(TrainResult(path, "existing", cfg))
                     continue
                 res = run_train(cfg, path, device=device, progress=progress or TqdmProgress(not quiet),
-                                overwrite=overwrite, deterministic=deterministic, record={"generation": record})
+                                overwrite=overwrite, deterministic=deterministic, record={"generation": record},
+                                trackers=logged(path))
                 r = res.resumed_from_epoch
                 done.append(TrainResult(res.path, "trained" if r is None else "resumed", cfg, r))
             last = done[-1]
@@ -330,11 +315,83 @@ def train(*, out: str | os.PathLike, model: str | None = None, dataset: str = "d
         if out.exists() and not overwrite:
             return TrainResult(out, "existing", config)
         if download:
-            load_dataset(dataset, data_dir, download=True)
+            load_dataset(config.dataset, config.data_dir, download=True)
         res = run_train(config, out, device=device, progress=progress or TqdmProgress(not quiet),
-                        overwrite=overwrite, deterministic=deterministic)
+                        overwrite=overwrite, deterministic=deterministic, trackers=logged(out))
     resumed = res.resumed_from_epoch
     return TrainResult(res.path, "trained" if resumed is None else "resumed", config, resumed)
+
+
+def train_config(config: str | os.PathLike | None = None, **options):
+    """The trainers.config.TrainConfig that train(config=config, **options) trains, resolved without training
+    and without touching a file (a --init checkpoint is read for its model).
+
+    Takes train's keyword arguments (those of the run alone, like device or quiet, change no config and are
+    ignored). Precedence, lowest first: the built-in defaults, the preset, the config file, the keywords given.
+    A born-again chain (generations=K) gives generation 1's config; without a teacher that is taught by
+    generation 0's checkpoint, named after out (so pass out= then)."""
+    opts = _train_options(config, options)
+    out = Path(opts["out"]) if opts["out"] is not None else None
+    run = _train_run(opts, out)
+    if run.generations and not run.teachers and out is None:
+        raise KdprobeError(f"generations={run.generations} without a teacher: generation 1 is taught by generation "
+                           "0's checkpoint, OUT-gen0.pt; pass out= to name it")
+    return run.config
+
+
+def train_config_toml(config: str | os.PathLike | None = None, **options) -> str:
+    """The TOML file of the run train(config=config, **options) would train: what `kdprobe train --print-config`
+    prints, fully resolved (every setting with a value, the schedule included, so it depends on no preset or
+    default), in the form of a study cell; `kdprobe train --config FILE` and train(config=FILE) train it, and
+    reading it gives the same TrainConfig (docs/train.md#config-files). Takes train's keyword arguments, as
+    train_config does; nothing is trained or written."""
+    from trainers.train_file import to_toml
+
+    return to_toml(_train_run(_train_options(config, options), None))
+
+
+def _train_options(config, options: dict) -> dict:
+    """train's keyword arguments for train_config / train_config_toml; a name train does not take is a TypeError."""
+    import inspect
+
+    known = set(inspect.signature(train).parameters)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}; expected train's: {', '.join(sorted(known))}")
+    return {**{k: None for k in known}, **options, "config": config}
+
+
+def _train_run(options: dict, out: Path | None):
+    """train's keyword arguments -> trainers.train_file.TrainRun: the --config file read, the options given
+    over it, the whole config checked (OUT names generation 0 of a chain without a teacher)."""
+    from kdprobe.data.preprocess import parse_image_size
+    from trainers.config import GENERATIONS
+    from trainers.train_file import read_train_file, resolve_run
+
+    o = options
+    if o["generations"] is not None:
+        GENERATIONS.check(o["generations"], "--generations")
+    file = read_train_file(o["config"]) if o["config"] is not None else None
+    json_options = {name: _json_object(o[name], flag) for name, flag in (
+        ("model_kwargs", "--model-kwargs"), ("teacher_arch_kwargs", "--teacher-arch-kwargs"),
+        ("init_arch_kwargs", "--init-arch-kwargs"), ("kd_settings", "--kd-settings"))}
+    typed = dict(
+        {k: o[k] for k in ("model", "dataset", "seed", "preset", "epochs", "batch_size", "lr", "schedule",
+                           "weight_decay", "nesterov", "augment", "cutmix_prob", "cutmix_beta", "distill",
+                           "teacher_arch", "feature_layer", "teacher_feature_layer", "alpha", "temperature", "beta",
+                           "bn_sparsity", "init_arch", "train_subset")},
+        **json_options, data_dir=_path_text(o["data_dir"]), init=_path_text(o["init"]),
+        milestones=_milestones(o["milestones"]), image_size=parse_image_size(o["image_size"]))
+    # a chain without a teacher: generation 1's is generation 0 (trained from scratch first); without OUT a
+    # stand-in name lets the config be checked (to_toml writes the teachers given, never this one)
+    gen0 = str(generation_path(out if out is not None else Path("OUT.pt"), 0))
+    return resolve_run(typed, teachers=_teacher_paths(o["teacher"]), generations=o["generations"], width=o["width"],
+                       file=file, chain_teacher=gen0)
+
+
+def _path_text(value) -> str | None:
+    """A path option as the config records it: the text of its Path (data/ -> data); None = not given."""
+    return None if value is None else str(Path(value))
 
 
 def _teacher_paths(value) -> list[Path]:
@@ -362,7 +419,6 @@ def born_again_configs(config, outs: list[Path], given_teacher: bool) -> dict:
     """generation -> (its TrainConfig, its checkpoint, what meta["generation"] records) for a chain whose files are
     `outs` (generation_path of each generation, generation 0 first when no teacher is given); `config` is
     generation 1's."""
-    from dataclasses import replace
 
     from kdprobe.models.registry import names_code
 
@@ -661,7 +717,9 @@ def study(name_or_spec: str | os.PathLike, *, out: str | os.PathLike, scale: str
           partition: str | None = None, account: str | None = None, qos: str | None = None,
           time: str | int | None = None, gpus_per_cell: int | None = None, cpus_per_cell: int | None = None,
           mem_per_cell: str | None = None, array_parallelism: int | None = None, constraint: str | None = None,
-          slurm: str | Sequence[str] | None = None, detach: bool = False, figures: str = "pdf,png") -> StudyResult | None:
+          slurm: str | Sequence[str] | None = None, detach: bool = False, figures: str = "pdf,png",
+          log: str | Sequence[str] | None = None, log_dir: str | os.PathLike | None = None,
+          log_project: str | None = None) -> StudyResult | None:
     """Run a whole study: train every method x seed cell (content-named, resumable), then its probes
     (accuracy, diversity, agreement, ensembles, calibration, CKA, sharpness with the ensemble-reading
     verdicts, landscapes, surplus), and write DIR/report.html, report.md, summary.json and cells.csv.
@@ -683,6 +741,9 @@ def study(name_or_spec: str | os.PathLike, *, out: str | os.PathLike, scale: str
     submitted (`kdprobe study status OUT` shows them; calling again collects them and writes the report).
     figures: the static figures written to DIR/figures/ (numbered, captions.md; report.md embeds the PNGs), a
     comma-separated list of pdf, svg, png, or "none".
+    log: experiment trackers the cells' trainings also log to, 'tensorboard', 'wandb', 'mlflow' or a list of
+    them (trainers.trackers, docs/trackers.md): one run per trained cell, named METHOD/seedS, in log_dir
+    (default OUT/logs), W&B project / MLflow experiment log_project (default the study's name).
 
     Returns a StudyResult: the folder, the record its report shows, its tables (.to_frame()) and figures."""
     from kdprobe.files.io import run_scope
@@ -690,6 +751,7 @@ def study(name_or_spec: str | os.PathLike, *, out: str | os.PathLike, scale: str
     from kdprobe.studies.spec import load_spec
     from trainers.progress import TqdmStudyProgress
     from trainers.study import plan_cells, run_study
+    from trainers.trackers import tracker_spec
 
     JOBS.check(jobs, "--jobs")
     NPROC_PER_CELL.check(nproc_per_cell, "--nproc-per-cell")
@@ -702,6 +764,8 @@ def study(name_or_spec: str | os.PathLike, *, out: str | os.PathLike, scale: str
         resolved, text = load_spec(str(name_or_spec), scale, sets, dataset=dataset,
                                    data_dir=str(data_dir) if data_dir is not None else None)
         plan_cells(resolved, out)  # every cell's config (ranges, model kwargs) checked before DIR is made
+        trackers = tracker_spec(log, log_dir, log_project, default_dir=out / "logs", default_project=resolved.name,
+                                run=resolved.name, group=resolved.name)
         options = _slurm_options(resolved, executor, dict(partition=partition, account=account, qos=qos, time=time,
                                  gpus_per_cell=gpus_per_cell, cpus_per_cell=cpus_per_cell, mem_per_cell=mem_per_cell,
                                  array_parallelism=array_parallelism, constraint=constraint), slurm, detach, jobs,
@@ -711,7 +775,7 @@ def study(name_or_spec: str | os.PathLike, *, out: str | os.PathLike, scale: str
         note(f"study {resolved.name} (scale {resolved.scale or 'as written'}): {what} -> {out}")
         record = run_study(resolved, out, device=device, jobs=jobs, nproc_per_cell=nproc_per_cell, spec_text=text,
                            progress=progress or TqdmStudyProgress(not quiet), executor=executor, slurm=options,
-                           detach=detach, figures=figures)
+                           detach=detach, figures=figures, trackers=trackers)
     return None if record is None else StudyResult(out, record)
 
 

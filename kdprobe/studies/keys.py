@@ -8,6 +8,8 @@ from kdprobe.ranges import Range
 class _Keys:
     """Reads one TOML table, remembering its dotted path for error messages."""
 
+    doc = "the spec"  # what the messages tell the user to fix (a subclass reading another kind of file renames it)
+
     def __init__(self, src: str, path: str, table, allowed):
         if not isinstance(table, dict):
             raise KdprobeError(f"{src}: {path}: expected a table, got {type(table).__name__}; write [{path}]")
@@ -21,7 +23,7 @@ class _Keys:
         return f"{self.path}.{k}" if self.path else k
 
     def fail(self, k: str, want: str, got) -> None:
-        raise KdprobeError(f"{self.src}: {self.key(k)}: expected {want}, got {got!r}; fix the spec")
+        raise KdprobeError(f"{self.src}: {self.key(k)}: expected {want}, got {got!r}; fix {self.doc}")
 
     def ranged(self, k: str, rng: Range, default):
         """A number of the spec checked against one declared Range (kdprobe.ranges), named by its key."""
@@ -30,7 +32,7 @@ class _Keys:
     def get(self, k: str, kind, default=None, *, required=False, choices=None, check=None, want=None):
         if k not in self.t:
             if required:
-                raise KdprobeError(f"{self.src}: {self.key(k)}: missing; add it to the spec")
+                raise KdprobeError(f"{self.src}: {self.key(k)}: missing; add it to {self.doc}")
             return default
         v = self.t[k]
         kinds = kind if isinstance(kind, tuple) else (kind,)

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 import kdprobe
 from cli.main import app
 from kdprobe.checkpoints.format import load_checkpoint
+from kdprobe.files.documents import is_envelope
 from kdprobe.errors import KdprobeError
 
 TRAIN_OPTS = dict(model="resnet8b", width=0.25, preset="fast", epochs=2, train_subset=64, batch_size=32, seed=3,
@@ -66,10 +67,14 @@ def test_train_result_frame_dict_save_figure(trained, tmp_path):
     frame = res.to_frame()
     assert list(frame["epoch"]) == [1, 2] and list(frame["test_acc"]) == [r["test_acc"] for r in res.history]
     doc = res.to_dict()
-    assert doc["command"] == "train" and doc["path"] == str(res.path) and doc["test_acc"] == res.test_acc
-    assert doc["meta"]["history"] == res.history and doc["log"].endswith("api.jsonl")
+    assert is_envelope(doc) and doc["kind"] == "train" and doc["settings"] == res.meta["config"]
+    data = doc["data"]
+    assert data["path"] == str(res.path) and data["test_acc"] == res.test_acc
+    assert data["meta"]["history"] == res.history and data["log"].endswith("api.jsonl")
     saved = json.loads(res.save(tmp_path / "run.json").read_text())
-    assert saved["test_acc"] == res.test_acc and saved["meta"]["config"]["model"] == "resnet8b"
+    assert saved["data"]["test_acc"] == res.test_acc and saved["data"]["meta"]["config"]["model"] == "resnet8b"
+    for kind, magic in (("pdf", b"%PDF-"), ("png", b"\x89PNG\r\n\x1a\n"), ("svg", b"<?xml")):
+        assert res.save(tmp_path / f"run.{kind}").read_bytes().startswith(magic), kind
     rows = list(csv.DictReader(res.save(tmp_path / "run.csv").open()))
     assert [float(r["train_loss"]) for r in rows] == [r["train_loss"] for r in res.history]
     assert res.save(tmp_path / "run.html").read_text().lower().startswith("<!doctype html>")
@@ -77,7 +82,7 @@ def test_train_result_frame_dict_save_figure(trained, tmp_path):
     assert [t.name for t in fig.data] == ["train_loss", "test_loss", "train_acc", "test_acc"]
     assert list(fig.data[3].y) == [r["test_acc"] for r in res.history]
     with pytest.raises(KdprobeError, match=r"expected a path ending in \.csv, \.htm, \.html, \.json") as e:
-        res.save(tmp_path / "run.pt")
+        res.save(tmp_path / "run.pt")  # not a figure suffix either
     assert "\n" not in str(e.value)
     (tmp_path / "notes.json").write_text("a text file, not JSON\n")
     with pytest.raises(KdprobeError):  # another kind of file is never replaced
@@ -139,8 +144,11 @@ def test_prune_result_frame_dict_save_figure_and_warnings(trained, tmp_path):
     assert list(frame["step"]) == ["before", "after"]
     assert list(frame["params"]) == [p.before["params"], p.after["params"]] and p.after["params"] < p.before["params"]
     assert frame["test_acc"][0] == res.test_acc  # the source's recorded accuracy; nothing measured after
-    assert p.to_dict()["pruning"]["source_sha256"] == load_checkpoint(tmp_path / "s.pt").meta["pruning"]["source_sha256"]
-    assert json.loads(p.save(tmp_path / "s.json").read_text())["after"] == p.after
+    doc = p.to_dict()
+    assert is_envelope(doc) and doc["kind"] == "prune" and doc["settings"]["method"] == "slimming"
+    assert doc["data"]["pruning"]["source_sha256"] == load_checkpoint(tmp_path / "s.pt").meta["pruning"]["source_sha256"]
+    assert json.loads(p.save(tmp_path / "s.json").read_text())["data"]["after"] == p.after
+    assert p.save(tmp_path / "s.pdf").read_bytes().startswith(b"%PDF-")
     assert [r["step"] for r in csv.DictReader(p.save(tmp_path / "s.csv").open())] == ["before", "after"]
     fig = p.figure()
     assert [t.name for t in fig.data] == ["before", "after"] and list(fig.data[1].y) == list(p.after.values())

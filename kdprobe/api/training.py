@@ -50,13 +50,20 @@ def _write_figure(fig, path: Path) -> None:
     atomic_write_text(path, fig.to_html(include_plotlyjs=True, full_html=True))
 
 
-def _save_by_suffix(command: str, path, writers: dict, inputs: dict | None = None) -> Path:
+def _save_by_suffix(command: str, path, writers: dict, inputs: dict | None = None, figure=None) -> Path:
     """Write `path` with writers[kind] (kinds by suffix: .json, .csv, .html/.htm, .md), under the CLI's output
-    rules: never over another kind of file, never over an input (the checkpoint itself)."""
+    rules: never over another kind of file, never over an input (the checkpoint itself). figure: a callable
+    giving the result's plotly figure, so .pdf/.svg/.png write it as a static file (kdprobe.writers.static_figures)."""
+    from kdprobe.api.results import FIGURE_SUFFIXES, save_figure
     from kdprobe.files.io import run_scope
 
     suffixes = {".json": "json", ".csv": "csv", ".html": "html", ".htm": "html", ".md": "text"}
-    kind = suffix_of(path, {s: k for s, k in suffixes.items() if k in writers}, f"{command} result")
+    allowed = {s: k for s, k in suffixes.items() if k in writers}
+    if figure is not None:
+        allowed.update(FIGURE_SUFFIXES)
+    kind = suffix_of(path, allowed, f"{command} result")
+    if kind in FIGURE_SUFFIXES.values():
+        return save_figure(figure(), path, command, inputs)
     with run_scope():
         out = checked_output(command, path, kind, inputs)
         writers[kind](out)
@@ -178,12 +185,13 @@ class TrainResult:
         return load(self.path)
 
     def to_dict(self) -> dict:
-        """What the run records: the path and log, the action, the final metrics and the checkpoint's metadata
-        (history included); non-finite numbers as None."""
-        from kdprobe.version import __version__
+        """What the run records, in kdprobe's JSON envelope (kind 'train', kdprobe_version, units; settings: the
+        run's config; data: the path and log, the action, the final metrics and the checkpoint's metadata,
+        history included); non-finite numbers as None."""
+        from kdprobe.files.documents import envelope
 
         m = self.meta
-        doc = {"command": "train", "kdprobe_version": __version__, "path": str(self.path),
+        doc = {"path": str(self.path),
                "log": str(self.log), "action": self.action, "resumed_from_epoch": self.resumed_from_epoch,
                "method": m.get("method"), "test_acc": m.get("test_acc"), "best_acc": m.get("best_acc"),
                "best_epoch": m.get("best_epoch"), "train_acc": m.get("train_acc"), "meta": m}
@@ -193,7 +201,7 @@ class TrainResult:
                                    "test_acc": g.meta.get("test_acc"),
                                    "teacher_sha256": (g.meta.get("teacher") or {}).get("sha256")}
                                   for g in self.generations]
-        return json_ready(doc)
+        return json_ready(envelope("train", m.get("config"), doc))
 
     def to_frame(self):
         """The per-epoch log as a pandas DataFrame, one row per epoch."""
@@ -207,15 +215,16 @@ class TrainResult:
                             f"seed {self.meta.get('seed')}")
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the run's record by suffix: .json (to_dict), .csv (the per-epoch log) or .html (the figure).
-        The checkpoint itself is already at .path (this never copies or rewrites it). Files are written
-        atomically; another kind of file, or the checkpoint, is never replaced. Returns the path."""
+        """Write the run's record by suffix: .json (to_dict), .csv (the per-epoch log), .html (the figure) or
+        .pdf/.svg/.png (the figure as a static file, as --figures writes them). The checkpoint itself is already
+        at .path (this never copies or rewrites it). Files are written atomically; another kind of file, or the
+        checkpoint, is never replaced. Returns the path."""
         from kdprobe.writers.probe_files import write_records_csv
 
         return _save_by_suffix("train", path, {"json": lambda p: _write_json(self.to_dict(), p),
                                                "csv": lambda p: write_records_csv(self.history, p),
                                                "html": lambda p: _write_figure(self.figure(), p)},
-                               {"the checkpoint": self.path})
+                               {"the checkpoint": self.path}, figure=self.figure)
 
 
 def train(*, out: str | os.PathLike | None = None, config: str | os.PathLike | None = None, model: str | None = None,
@@ -488,14 +497,16 @@ class PruneResult:
                 {"step": "after", **self.after, "test_acc": None}]
 
     def to_dict(self) -> dict:
-        """What the command records: the path, arch, method, remaining, skip, sizes before/after, the pruning
-        record of the checkpoint and the warnings."""
-        from kdprobe.version import __version__
+        """What the command records, in kdprobe's JSON envelope (kind 'prune'; settings: the source, arch,
+        method, remaining, skip; data: the path, sizes before/after, the pruning record of the checkpoint and
+        the warnings)."""
+        from kdprobe.files.documents import envelope
 
-        return json_ready({"command": "prune", "kdprobe_version": __version__, "path": str(self.path),
-                       "arch": self.arch, "method": self.method, "remaining": self.remaining, "skip": self.skip,
-                       "before": self.before, "after": self.after, "pruning": self.info,
-                       "warnings": list(self.warnings)})
+        settings = {"source": self.info.get("source"), "arch": self.arch, "method": self.method,
+                    "remaining": self.remaining, "skip": self.skip}
+        return json_ready(envelope("prune", settings, {"path": str(self.path), "before": self.before,
+                                                       "after": self.after, "pruning": self.info,
+                                                       "warnings": list(self.warnings)}))
 
     def to_frame(self):
         """rows() as a pandas DataFrame: step (before, after), params, nonzero, flops, nonzero_flops, test_acc."""
@@ -518,14 +529,15 @@ class PruneResult:
         return fig
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the pruning's record by suffix: .json (to_dict), .csv (rows()) or .html (the figure). The pruned
-        checkpoint itself is already at .path (never copied or rewritten here). Returns the path."""
+        """Write the pruning's record by suffix: .json (to_dict), .csv (rows()), .html (the figure) or
+        .pdf/.svg/.png (the figure as a static file). The pruned checkpoint itself is already at .path (never
+        copied or rewritten here). Returns the path."""
         from kdprobe.writers.probe_files import write_records_csv
 
         return _save_by_suffix("prune", path, {"json": lambda p: _write_json(self.to_dict(), p),
                                                "csv": lambda p: write_records_csv(self.rows(), p),
                                                "html": lambda p: _write_figure(self.figure(), p)},
-                               {"the checkpoint": self.path})
+                               {"the checkpoint": self.path}, figure=self.figure)
 
 
 def _remaining_text(value) -> str:

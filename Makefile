@@ -23,8 +23,10 @@ demo: $(STAMP)
 # keeps both cores of a 2-core machine busy; JOBS=1 runs them in this one process (easier to debug).
 JOBS ?= 2
 XDIST = $(if $(filter 1,$(JOBS)),,-n $(JOBS) --dist loadfile)
+# scripts/test-services.sh: as root with apt-get it installs Slurm and Chromium when missing and runs the
+# suite beside a private Slurm cluster (KDPROBE_TEST_SERVICES=0: neither; those tests then skip).
 test: $(STAMP)
-	$(PY) -m pytest $(XDIST)
+	bash scripts/test-services.sh $(PY) -m pytest $(XDIST)
 
 # The numeric tests (pytest -m numeric) once more on another CPU kernel set than this machine's own:
 # ATen's capability and MKL's and oneDNN's instruction sets one step down (AVX-512 -> AVX2, else

@@ -158,6 +158,37 @@ def _jobs(prefix: str) -> dict[str, str]:
     return out
 
 
+def _job_processes(folder: Path) -> list[int]:
+    """Pids of the submitit job processes running out of `folder` (their command line names it)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if proc.name.isdigit() and b"submitit.core._submit" in cmd and str(folder).encode() in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+def _finish_the_kill(folder: Path, grace: float = 3.0) -> None:
+    """What a requeue does to the running job on a node: SIGTERM (which submitit ignores), then SIGKILL after
+    KillWait (2 s). On some hosts (seen on an AMD EPYC VM, Debian's Slurm 22.05, proctrack/linuxproc or pgid)
+    slurmstepd cancels the step but its SIGKILL never reaches the task, which then trains on to the end and the
+    requeue tests nothing. After the grace the node should have needed, the test delivers that SIGKILL itself."""
+    import signal
+    import time
+
+    end = time.monotonic() + grace
+    while time.monotonic() < end and _job_processes(folder):
+        time.sleep(0.1)
+    for pid in _job_processes(folder):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _weights(path: Path) -> dict:
     return load_checkpoint(path).model.state_dict()
 
@@ -195,6 +226,7 @@ def flow(env, tmp_path_factory):
     jid = ids[scratch.rel]
     sc.wait_until(lambda: log_path(scratch.path(out)).exists(), 120, what="the teacher's first epoch")
     sc.slurm("scontrol", "requeue", jid)
+    _finish_the_kill(out / "slurm")
     sc.wait_until(lambda: sc.slurm("squeue", "-h", "-j", jid, "-o", "%T %r").strip() == "PENDING BeginTime", 60,
                   what="the requeued teacher")
     during = study_slurm.status(out)

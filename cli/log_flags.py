@@ -18,7 +18,9 @@ Log = Annotated[Optional[list[str]], O(
     rich_help_panel=PANEL, show_default=False)]
 LogDir = Annotated[Optional[Path], O(
     help="Folder of the tracker files: DIR/tensorboard/RUN/, DIR/wandb/, DIR/mlflow.db (default: logs/ next to "
-         "the checkpoint; a study's DIR/logs).", rich_help_panel=PANEL, show_default=False)]
+         "the checkpoint; a study's or pipeline's OUT/logs). Runs are named after the checkpoint's stem; a study's "
+         "OUT-NAME/METHOD/seedS, so several studies can share one folder.", rich_help_panel=PANEL,
+    show_default=False)]
 LogProject = Annotated[Optional[str], O(
     help="W&B project and MLflow experiment name (default: kdprobe; a study's own name).", rich_help_panel=PANEL,
     show_default=False)]

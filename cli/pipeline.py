@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from cli import log_flags as lf
 from cli import slurm_flags as sf
 from cli.common import HELP_SETTINGS, KdprobeGroup, folder_interrupted, handle_errors, ranged, table
 from cli.surplus import surplus_table
@@ -77,6 +78,9 @@ def pruning(
     constraint: sf.Constraint = None,
     slurm: sf.Slurm = None,
     detach: sf.Detach = False,
+    log: lf.Log = None,
+    log_dir: lf.LogDir = None,
+    log_project: lf.LogProject = None,
 ):
     """Train scratch and KD teachers, prune, fine-tune (Scratch, Pre-Distill, Post-Distill, Pre-Post, Self-Distill),
     write results.csv and the surplus table. Cells whose checkpoints exist are skipped, so re-running resumes."""
@@ -84,6 +88,7 @@ def pruning(
     from kdprobe.ranges import parse_json
     from trainers import progress
     from trainers.pipeline import PipelineSpec, run_pruning_pipeline
+    from trainers.trackers import tracker_spec
 
     check_outputs("pipeline", {"--out": (out, "folder")})
     overrides = {k: v for k, v in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size)) if v is not None}
@@ -94,6 +99,8 @@ def pruning(
                         finetune_overrides={"epochs": finetune_epochs} if finetune_epochs is not None else {},
                         bn_sparsity=bn_sparsity,
                         kd_settings=parse_json(kd_settings, "--kd-settings") if kd_settings is not None else {})
+    trackers = tracker_spec(log, log_dir, log_project, default_dir=out / "logs", default_project="kdprobe",
+                            run=out.name)
     typer.echo(f"pipeline: {spec.model_label}, {spec.method} pruning {spec.setting}, KD {','.join(spec.distill)}, "
                f"seeds {','.join(map(str, spec.seeds))}, bn_sparsity {spec.resolved_bn_sparsity:g} -> {out}")
     from trainers import study_slurm
@@ -106,11 +113,11 @@ def pruning(
         # every checkpoint made, checks it and writes the tables
         if executor == "slurm" and not study_slurm.run_pipeline_slurm(
                 spec, out, study_slurm.slurm_options(None, flags, slurm or [], where="slurm options"), device=device,
-                detach=detach, progress=progress.TqdmStudyProgress(not quiet)):
+                detach=detach, progress=progress.TqdmStudyProgress(not quiet), trackers=trackers):
             typer.echo(study_slurm.status(out))
             return
         res = run_pruning_pipeline(spec, out, device=device, progress_factory=lambda cell: progress.TqdmProgress(not quiet),
-                                   on_event=_print_event)
+                                   on_event=_print_event, trackers=trackers, run_prefix=f"{out.name}/")
     except KeyboardInterrupt as e:
         raise folder_interrupted(e, out) from None
     typer.echo(f"\nresults: {spec.model_label} {spec.setting}, test accuracy as a fraction (last epoch)")

@@ -26,8 +26,15 @@ OUTPUTS = ("results.csv", "surplus.csv", "surplus.json", "pipeline.json")
 @pytest.fixture(scope="module")
 def done(tmp_path_factory):
     """One finished tiny pipeline; tests that change files work on copies."""
+    import importlib.util
+
+    from trainers.trackers import TrackerSpec
+
     out = tmp_path_factory.mktemp("pipe") / "run"
-    res = run_pruning_pipeline(PipelineSpec(**SPEC), out, device="cpu")
+    # TensorBoard (an optional extra) gets every training cell's run, when installed (test_trainings_log_...)
+    trackers = TrackerSpec(("tensorboard",), str(out.parent / "logs"), "p", "run") \
+        if importlib.util.find_spec("tensorboard") else None
+    res = run_pruning_pipeline(PipelineSpec(**SPEC), out, device="cpu", trackers=trackers, run_prefix="run/")
     return out, res
 
 
@@ -91,6 +98,19 @@ def test_surplus_equals_the_formula_by_hand(done):
     assert all(c["sha256"] == sha256_file(out / c["path"]) for c in cells)
     assert all(c["test_acc"] == read_payload(out / c["path"])["meta"]["test_acc"] for c in cells if c["test_acc"])
     assert pj["settings"]["bn_sparsity"] == 0.0 and "same architecture" in pj["settings"]["teacher"]
+
+
+def test_trainings_log_one_tracker_run_per_training_cell(done):
+    pytest.importorskip("tensorboard")
+    from tracker_readers import tensorboard_scalars
+
+    out, res = done
+    trained = [c.cell for c in res.cells if c.cell.kind == "train"]
+    assert trained and len(trained) < len(CELLS)  # the pruned cells are not trainings
+    for cell in trained:
+        records = [json.loads(x) for x in loop.log_path(out / cell.file).read_text().splitlines()]
+        scalars = tensorboard_scalars(out.parent / "logs" / "tensorboard" / "run" / f"seed{cell.seed}" / cell.name)
+        assert [s for s, _ in scalars["loss/train"]] == [r["epoch"] for r in records], cell.name
 
 
 def test_teachers_and_inits_are_the_right_files(done):

@@ -158,6 +158,21 @@ def test_retrained_checkpoint_replaces_its_tensorboard_run_and_makes_a_new_one_e
                                                           for x in (first, second)]
 
 
+def test_two_checkpoints_of_one_name_never_share_a_tensorboard_run(tmp_path):
+    logs = ["--log", "tensorboard", "--log-dir", tmp_path / "shared"]
+    assert _cli("train", "--out", tmp_path / "a" / "run.pt", *TINY, "--epochs", 1, *logs)[0] == 0
+    code, text = _cli("train", "--out", tmp_path / "b" / "run.pt", *TINY, "--epochs", 1, *logs)
+    assert code != 0 and "holds the run of" in text and "pass another --log-dir" in text and "Traceback" not in text
+    assert not (tmp_path / "b" / "run.pt").exists()
+    scalars = tensorboard_scalars(tmp_path / "shared" / "tensorboard" / "run")  # the first run, untouched
+    assert scalars["loss/train"] == _f32([(1, _epochs(tmp_path / "a" / "run.pt")[0]["train_loss"])])
+
+
+def test_pipeline_takes_the_log_options(tmp_path):
+    code, text = _cli("pipeline", "pruning", "--out", tmp_path / "p", "--log-dir", tmp_path / "x")
+    assert code != 0 and "no --log names one" in text
+
+
 def test_api_train_logs_like_the_cli(tmp_path):
     import kdprobe
 
@@ -175,13 +190,13 @@ def test_study_logs_one_run_per_trained_cell(tmp_path):
     assert code == 0, text
     cells = json.loads((out / "summary.json").read_text())["data"]["cells"]
     runs = {r["name"]: r for r in mlflow_runs(out / "logs", "demo")}  # default project: the study's name
-    assert sorted(runs) == sorted(f"{c['method']}/seed{c['seed']}" for c in cells)
+    assert sorted(runs) == sorted(f"study/{c['method']}/seed{c['seed']}" for c in cells)  # the folder's name first
     for c in cells:
         records = _epochs(out / c["path"])
-        name = f"{c['method']}/seed{c['seed']}"
+        name = f"study/{c['method']}/seed{c['seed']}"
         assert runs[name]["tags"]["kdprobe.method"] == c["method"] and runs[name]["tags"]["kdprobe.group"] == "demo"
         assert runs[name]["metrics"]["accuracy/test"] == [(r["epoch"], r["test_acc"]) for r in records]
-        scalars = tensorboard_scalars(out / "logs" / "tensorboard" / c["method"] / f"seed{c['seed']}")
+        scalars = tensorboard_scalars(out / "logs" / "tensorboard" / "study" / c["method"] / f"seed{c['seed']}")
         assert scalars["accuracy/test"] == _f32([(r["epoch"], r["test_acc"]) for r in records])
 
 

@@ -284,8 +284,10 @@ def _precheck(spec: PipelineSpec, cells: list[Cell], out_dir: Path, prune_want: 
 
 def run_pruning_pipeline(spec: PipelineSpec, out_dir, *, device: str = "auto",
                          progress_factory: Callable[[Cell], loop.Progress] | None = None,
-                         on_event: Callable[[CellEvent], None] | None = None) -> PipelineResult:
-    """Run (or resume) every cell of `spec` under out_dir; write results.csv, surplus.csv/.json, pipeline.json."""
+                         on_event: Callable[[CellEvent], None] | None = None, trackers=None,
+                         run_prefix: str = "") -> PipelineResult:
+    """Run (or resume) every cell of `spec` under out_dir; write results.csv, surplus.csv/.json, pipeline.json.
+    trackers: a trainers.trackers.TrackerSpec: each training cell logs its run, named run_prefix + seedS/CELL."""
     out_dir = Path(out_dir).resolve()
     loop.resolve_device(device)  # a missing GPU fails now, not after the first cell
     prune_want = prune_expectation(spec)
@@ -309,7 +311,8 @@ def run_pruning_pipeline(spec: PipelineSpec, out_dir, *, device: str = "auto",
         else:
             emit(CellEvent(i, len(cells), cell, "train", "start"))
             progress = progress_factory(cell) if progress_factory else None
-            loop.train(cell_config(spec, cell, out_dir), path, device=device, progress=progress)
+            loop.train(cell_config(spec, cell, out_dir), path, device=device, progress=progress,
+                       trackers=cell_trackers(trackers, cell, run_prefix))
             meta, action = read_payload(path)["meta"], "trained"
         if cell.kind == "prune":
             p = meta.get("pruning") or {}
@@ -320,6 +323,14 @@ def run_pruning_pipeline(spec: PipelineSpec, out_dir, *, device: str = "auto",
         warnings += [f"{cell.file}: {w}" for w in warn]
         emit(CellEvent(i, len(cells), cell, "skip" if action == "skipped" else cell.kind, "done", rec, tuple(warn)))
     return _write_outputs(spec, out_dir, records, tuple(warnings))
+
+
+def cell_trackers(trackers, cell: Cell, run_prefix: str = ""):
+    """The pipeline's trackers for one training cell: its run named run_prefix + seedS/NAME (None without)."""
+    if trackers is None:
+        return None
+    return trackers.named(f"{run_prefix}seed{cell.seed}/{cell.name}", cell=cell.name, seed=cell.seed,
+                          phase=cell.phase)
 
 
 def _results_rows(spec: PipelineSpec, records: list[CellRecord]) -> list[dict]:

@@ -229,11 +229,12 @@ def _status(k: int, n: int, cell: Cell, out: Path) -> str:
 
 
 def cell_trackers(trackers: TrackerSpec | None, cell: Cell) -> TrackerSpec | None:
-    """The study's trackers (--log) for one cell: its run named METHOD/seedS, tagged with method, seed and file."""
+    """The study's trackers (--log) for one cell: its run named STUDY/METHOD/seedS (STUDY: trackers.run, the study
+    folder's name), tagged with method, seed and file."""
     if trackers is None:
         return None
-    return replace(trackers, run=f"{cell.method}/seed{cell.seed}",
-                   tags=(("method", cell.method), ("seed", str(cell.seed)), ("cell", cell.rel)))
+    return trackers.named(f"{trackers.run}/{cell.method}/seed{cell.seed}", method=cell.method, seed=cell.seed,
+                          cell=cell.rel)
 
 
 def train_cells(cells: list[Cell], out: Path, *, device: str = "auto", jobs: int = 1, nproc_per_cell: int = 1,
@@ -420,7 +421,7 @@ def run_study(spec: StudySpec, out, *, device: str = "auto", jobs: int = 1, npro
         # a reused cell whose teacher was (re)trained just now: its recorded teacher sha256 must match
         verify_existing([c for c in existing if c.teacher], out, None)
         verify_hashes(cells, out)  # what the probes read is what the accuracy table's numbers came with
-        result = assemble(spec, out, cells, info, dev, progress, t0, device)
+        result = assemble(spec, out, cells, info, dev, progress, t0, device, trackers=trackers)
         write_cells_csv(result, out / "cells.csv")
         write_summary_json(result, out / "summary.json")
         write_report(result, out / "report.html")

@@ -267,7 +267,7 @@ def pruning_block(spec: StudySpec, i: int, out: Path):
     return ps, folder, spec.pruning[i].get("label") or f"{ps.model_label} {ps.setting}"
 
 
-def _pruning(spec: StudySpec, out: Path, device: str, progress) -> list[PruningBlock]:
+def _pruning(spec: StudySpec, out: Path, device: str, progress, trackers=None) -> list[PruningBlock]:
     from trainers.pipeline import run_pruning_pipeline
 
     blocks = []
@@ -280,7 +280,8 @@ def _pruning(spec: StudySpec, out: Path, device: str, progress) -> list[PruningB
                 progress.note(f"[{e.index}/{e.total}] pruning {label}: {e.cell.file} ({what})")
 
         res = run_pruning_pipeline(ps, folder, device=device, on_event=event,
-                                   progress_factory=lambda c, label=label: progress.training(f"{label} {c.file}"))
+                                   progress_factory=lambda c, label=label: progress.training(f"{label} {c.file}"),
+                                   trackers=trackers, run_prefix=f"{out.name}/pruning/{folder.name}/")
         files = {k: str(Path(p).resolve().relative_to(out)) for k, p in res.files.items()}
         results = tuple({k: v for k, v in (r if isinstance(r, dict) else asdict(r)).items()
                          if k not in ("line", "source")} for r in res.rows)
@@ -303,8 +304,9 @@ def _versions(dev: torch.device) -> dict:
 
 
 def assemble(spec: StudySpec, out: Path, cells, info: dict, dev: torch.device, progress, t0: float,
-             device: str = "auto") -> StudyResult:
-    """Run the spec's probes on the trained cells and collect every number into a StudyResult."""
+             device: str = "auto", trackers=None) -> StudyResult:
+    """Run the spec's probes on the trained cells and collect every number into a StudyResult (trackers: the
+    study's --log, for the trainings of its pruning blocks, which run here)."""
     records = _cell_records(cells, out, info)
     conf, interval = (spec.diversity.confidence, spec.diversity.interval) if spec.diversity else (0.99, "t")
     accuracy, acc_ref = _accuracy(spec, records, conf, interval)
@@ -319,7 +321,7 @@ def assemble(spec: StudySpec, out: Path, cells, info: dict, dev: torch.device, p
     landscapes = _landscapes(spec, cells, out, dev, progress) if spec.landscape is not None else []
     if landscapes:
         files["landscapes.html"] = "landscapes.html"
-    pruning = _pruning(spec, out, device, progress) if spec.pruning else []
+    pruning = _pruning(spec, out, device, progress, trackers) if spec.pruning else []
     ls = spec.landscape
     display = {} if ls is None else {"log": ls.log, "zmax": ls.zmax, "directions": DIRECTIONS_NOTE.format(seed=ls.seed)}
     notes = []

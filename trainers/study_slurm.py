@@ -180,12 +180,15 @@ class PipelineJob:
     seed: int
     names: tuple[str, ...]
     device: str
+    trackers: dict | None = None  # trainers.trackers.TrackerSpec.to_dict() (--log); each training logs its run
+    run_prefix: str = ""
 
     def __call__(self) -> dict:
         from kdprobe.models.registry import names_code
         from kdprobe.pruning import ops as prune_ops
         from trainers import loop
-        from trainers.pipeline import cell_config, plan_cells
+        from trainers.pipeline import cell_config, cell_trackers, plan_cells
+        from trainers.trackers import TrackerSpec
 
         _job_setup(self.device)
         out = Path(self.out)
@@ -204,7 +207,8 @@ class PipelineJob:
                 done[name] = "pruned"
             else:
                 resumed = loop.partial_path(path).exists()
-                loop.train(cell_config(self.spec, cell, out), path, device=self.device)
+                loop.train(cell_config(self.spec, cell, out), path, device=self.device,
+                           trackers=cell_trackers(TrackerSpec.from_dict(self.trackers), cell, self.run_prefix))
                 done[name] = "resumed" if resumed else "trained"
         return {"cells": done, "seconds": round(time.monotonic() - t0, 3), **_job_info()}
 
@@ -235,9 +239,11 @@ def _study_cell_tasks(cells, out: Path, device: str, trackers=None) -> _Planned:
     return _Planned(tasks, logs, epochs)
 
 
-def pipeline_tasks(spec, folder: Path, device: str, prefix: str = "", label: str = "") -> _Planned:
+def pipeline_tasks(spec, folder: Path, device: str, prefix: str = "", label: str = "", trackers=None,
+                   run_prefix: str = "") -> _Planned:
     """One task per training cell of a pruning pipeline not made yet, with the pruning of its result; a task
-    waits (after=) for the tasks that make its start (init) and its teacher."""
+    waits (after=) for the tasks that make its start (init) and its teacher. trackers: the --log TrackerSpec,
+    each training's run named run_prefix + seedS/CELL (trainers.pipeline.cell_trackers)."""
     from trainers import loop
     from trainers.pipeline import cell_config, plan_cells
 
@@ -255,7 +261,8 @@ def pipeline_tasks(spec, folder: Path, device: str, prefix: str = "", label: str
             continue
         head = cs[0]
         after = sorted({maker[(head.seed, n)] for n in (head.source, head.teacher) if n} & todo)
-        job = PipelineJob(spec, str(folder), head.seed, tuple(c.name for c in cs), device)
+        job = PipelineJob(spec, str(folder), head.seed, tuple(c.name for c in cs), device,
+                          trackers.to_dict() if trackers is not None else None, run_prefix)
         tasks.append(Task(key, job, after=tuple(after), label=f"{label + ' ' if label else ''}{head.file}"))
         logs[key] = [loop.log_path(folder / head.file)]
         epochs[key] = cell_config(spec, head, folder).epochs
@@ -382,7 +389,8 @@ def train_cells_slurm(spec, cells, out: Path, options: SlurmOptions | None, *, d
     for i in range(len(spec.pruning)):  # the pruning blocks' cells too; the probes then find them made
         ps, folder, label = pruning_block(spec, i, out)
         _check_pipeline(ps, folder)
-        p = pipeline_tasks(ps, folder, node_device(device), prefix=f"pruning/{folder.name}/", label=f"pruning {label}:")
+        p = pipeline_tasks(ps, folder, node_device(device), prefix=f"pruning/{folder.name}/", label=f"pruning {label}:",
+                           trackers=trackers, run_prefix=f"{out.name}/pruning/{folder.name}/")
         planned.tasks.extend(p.tasks)
         planned.logs.update(p.logs)
         planned.epochs.update(p.epochs)
@@ -417,14 +425,14 @@ def _check_pipeline(spec, out: Path) -> None:
 
 
 def run_pipeline_slurm(spec, out: Path, options: SlurmOptions, *, device: str = "auto", detach: bool = False,
-                       progress=None) -> bool:
+                       progress=None, trackers=None) -> bool:
     """`kdprobe pipeline pruning --executor slurm`: every cell not made yet as jobs; True once all are made (the
     caller then runs the pipeline, which finds them and writes the tables), False when detached with work left."""
     from trainers.study import StudyProgress
 
     out, progress = Path(out).resolve(), progress or StudyProgress()
     _check_pipeline(spec, out)
-    planned = pipeline_tasks(spec, out, node_device(device))
+    planned = pipeline_tasks(spec, out, node_device(device), trackers=trackers, run_prefix=f"{out.name}/")
     try:
         return run_tasks(planned, out, options, name=f"pipeline-{spec.model_label}", detach=detach,
                          progress=progress) is not None

@@ -132,6 +132,11 @@ class TrackerSpec:
     group: str | None = None
     tags: tuple[tuple[str, str], ...] = ()
 
+    def named(self, run: str, **tags) -> "TrackerSpec":
+        """This spec for one of several runs (a study's cells): its name and its tags (method, seed, file)."""
+        return TrackerSpec(self.kinds, self.dir, self.project, run, self.group,
+                           tuple((k, str(v)) for k, v in tags.items()))
+
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
 
@@ -213,6 +218,7 @@ class _TensorBoard(_Sink):
 
         folder = Path(self.spec.dir) / "tensorboard" / self.spec.run
         self.where = str(folder)
+        _claim(folder, config.get("checkpoint"))
         first = int(saved["logged"]) if self.continues(saved) else 0
         # purge_step: TensorBoard hides this folder's earlier events from that step on (a killed process's last
         # epoch, or a whole earlier run of the same OUT)
@@ -234,6 +240,24 @@ class _TensorBoard(_Sink):
 
     def close(self, ok):
         self.writer.close()
+
+
+def _claim(folder: Path, checkpoint: str | None) -> None:
+    """TensorBoard shows a folder's events as one run: one checkpoint's run per folder (FOLDER/kdprobe-run.json
+    says whose). Another checkpoint's run there is refused, never mixed into it or hidden by a purge."""
+    from kdprobe.files.io import atomic_write_text
+
+    marker = folder / "kdprobe-run.json"
+    try:
+        theirs = json.loads(marker.read_text()).get("checkpoint")
+    except (OSError, ValueError, AttributeError):
+        theirs = None
+    if theirs and checkpoint and theirs != checkpoint:
+        raise KdprobeError(f"--log tensorboard: {folder} holds the run of {theirs}; this run ({checkpoint}) would mix "
+                           "with it there: pass another --log-dir, or give the checkpoint another name")
+    if theirs is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(marker, json.dumps({"checkpoint": checkpoint}) + "\n")
 
 
 class _Wandb(_Sink):

@@ -777,7 +777,7 @@ def study(name_or_spec: str | os.PathLike, *, out: str | os.PathLike, scale: str
                                    data_dir=str(data_dir) if data_dir is not None else None)
         plan_cells(resolved, out)  # every cell's config (ranges, model kwargs) checked before DIR is made
         trackers = tracker_spec(log, log_dir, log_project, default_dir=out / "logs", default_project=resolved.name,
-                                run=resolved.name, group=resolved.name)
+                                run=out.resolve().name, group=resolved.name)
         options = _slurm_options(resolved, executor, dict(partition=partition, account=account, qos=qos, time=time,
                                  gpus_per_cell=gpus_per_cell, cpus_per_cell=cpus_per_cell, mem_per_cell=mem_per_cell,
                                  array_parallelism=array_parallelism, constraint=constraint), slurm, detach, jobs,

@@ -158,6 +158,27 @@ def test_retrained_checkpoint_replaces_its_tensorboard_run_and_makes_a_new_one_e
                                                           for x in (first, second)]
 
 
+def test_a_tracker_failing_mid_run_is_said_and_dropped_not_fatal(tmp_path, monkeypatch, capsys):
+    from trainers import trackers
+
+    real = trackers._TensorBoard.epoch
+
+    def flaky(self, record):
+        if record["epoch"] == 2:
+            raise OSError("No space left on device")
+        real(self, record)
+
+    monkeypatch.setattr(trackers._TensorBoard, "epoch", flaky)
+    spec = TrackerSpec(("tensorboard", "mlflow"), str(tmp_path / "logs"), "proj", "run")
+    res = train(make_config("fast", **CFG), tmp_path / "run.pt", trackers=spec)
+    assert res.path.exists()  # the training finished
+    err = capsys.readouterr().err
+    assert "--log tensorboard: logging epoch 2 failed (OSError: No space left on device)" in err
+    assert [s for s, _ in tensorboard_scalars(tmp_path / "logs" / "tensorboard" / "run")["loss/train"]] == [1]
+    (ml,) = mlflow_runs(tmp_path / "logs", "proj")  # the other tracker logged on
+    assert [s for s, _ in ml["metrics"]["loss/train"]] == [1, 2, 3] and ml["status"] == "FINISHED"
+
+
 def test_two_checkpoints_of_one_name_never_share_a_tensorboard_run(tmp_path):
     logs = ["--log", "tensorboard", "--log-dir", tmp_path / "shared"]
     assert _cli("train", "--out", tmp_path / "a" / "run.pt", *TINY, "--epochs", 1, *logs)[0] == 0

@@ -174,8 +174,9 @@ def _open_trackers(spec, config: TrainConfig, out: Path, data: TensorData, dev, 
     except KdprobeError:
         raise
     except Exception as e:  # a tracker's own failure (a locked store, a bad WANDB_MODE): say which, in one line
-        raise KdprobeError(f"--log {','.join(spec.kinds)}: could not start the tracker run: "
-                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        from trainers.trackers import error_line
+
+        raise KdprobeError(f"--log {','.join(spec.kinds)}: could not start the tracker run: {error_line(e)}") from None
     return runlog
 
 

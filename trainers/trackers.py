@@ -159,6 +159,7 @@ class RunLog:
     def __init__(self, spec: TrackerSpec):
         self.spec = spec
         self.sinks = [_SINKS[k](spec) for k in spec.kinds]
+        self.failed: dict[str, dict] = {}  # kind -> its state when it failed (kept in the resume state)
 
     def start(self, config: dict, history: list[dict], saved: dict | None) -> None:
         """Open every tracker; log the config (a fresh tracker run) and the epochs of `history` it lacks.
@@ -175,15 +176,41 @@ class RunLog:
             raise
 
     def epoch(self, record: dict) -> None:
-        for sink in self.sinks:
-            sink.epoch(record)
+        """Log one finished epoch. A tracker that fails (a locked store, a full disk) is said once and dropped for
+        the rest of the run instead of stopping the training: OUT.jsonl keeps every epoch, and its resume state
+        still says how far it got, so a resumed run fills the gap."""
+        for sink in list(self.sinks):
+            try:
+                sink.epoch(record)
+            except Exception as e:
+                self.sinks.remove(sink)
+                self.failed[sink.kind] = sink.state()
+                _say(f"--log {sink.kind}: logging epoch {record.get('epoch')} failed ({error_line(e)}); this run logs "
+                     f"no more epochs there (OUT.jsonl has them all; a resumed run fills the gap)")
 
     def state(self) -> dict:
-        return {sink.kind: sink.state() for sink in self.sinks}
+        return {**self.failed, **{sink.kind: sink.state() for sink in self.sinks}}
 
     def close(self, ok: bool) -> None:
+        """End every tracker run (ok: the training finished); a tracker that fails to close is said, not raised, as
+        the checkpoint is already written (or another error is on its way)."""
         for sink in self.sinks:
-            sink.close(ok)
+            try:
+                sink.close(ok)
+            except Exception as e:
+                _say(f"--log {sink.kind}: closing its run failed ({error_line(e)})")
+
+
+def error_line(e: Exception) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _say(text: str) -> None:
+    import sys
+
+    print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
 class _Sink:

@@ -174,3 +174,7 @@ def study(
     trained += sum(b.cells_run for b in res.pruning)
     typer.echo(f"\n{total} cells ({trained} made now, {total - trained} existing) in {res.wall_seconds:.1f}s")
     typer.echo(f"report: {Path(out) / 'report.html'}   summary: {Path(out) / 'summary.json'}")
+    if log:
+        from trainers.trackers import default_dir, where_logged
+
+        typer.echo(where_logged(log, log_dir, default_dir(Path(out), folder=True)))

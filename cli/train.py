@@ -89,3 +89,7 @@ def train(
         resumed = f" (resumed from epoch {r.resumed_from_epoch:.2f})" if r.resumed_from_epoch is not None else ""
         typer.echo(f"{g}{cfg.method} {cfg.model} seed {cfg.seed}: test accuracy {r.test_acc:.2%} (last epoch; best {r.best_acc:.2%}){resumed}")
         typer.echo(f"checkpoint: {r.path}   log: {r.log}")
+    if log:
+        from trainers.trackers import default_dir, where_logged
+
+        typer.echo(where_logged(log, log_dir, default_dir(res.path)))

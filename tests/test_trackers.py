@@ -65,6 +65,7 @@ def test_train_log_tensorboard_every_epoch_readable_by_tensorboard(tmp_path):
     code, text = _cli("train", "--out", out, *TINY, "--epochs", 3, "--log", "tensorboard")
     assert code == 0, text
     folder = tmp_path / "runs" / "logs" / "tensorboard" / "scratch"  # default: logs/ next to the checkpoint
+    assert f"trackers: tensorboard --logdir {folder.parent}" in text  # where it went, and how to open it
     scalars = tensorboard_scalars(folder)
     records = _epochs(out)
     want = _expected(records)

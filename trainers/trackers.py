@@ -84,6 +84,24 @@ def tracker_spec(log, log_dir, log_project, *, default_dir: Path, default_projec
     return TrackerSpec(kinds, str(folder), project, run, group)
 
 
+def default_dir(out: Path, folder: bool = False) -> Path:
+    """Where the trackers write without --log-dir: logs/ next to checkpoint OUT, or inside folder OUT (a study's or a
+    pipeline's)."""
+    out = Path(out)
+    return out / "logs" if folder else out.parent / "logs"
+
+
+def where_logged(log, log_dir, default: Path) -> str:
+    """The line a command prints after logging with --log: each tracker, and how to open what it wrote."""
+    folder = Path(log_dir if log_dir is not None else default)
+    how = {"tensorboard": f"tensorboard --logdir {folder / 'tensorboard'}",
+           "wandb": (f"wandb sync {folder / 'wandb'}/offline-run-*" if (os.environ.get("WANDB_MODE") or "offline")
+                     == "offline" else f"wandb: {os.environ['WANDB_MODE']} (WANDB_MODE)"),
+           "mlflow": (f"mlflow ui --backend-store-uri sqlite:///{folder / 'mlflow.db'}"
+                      if not os.environ.get("MLFLOW_TRACKING_URI") else f"mlflow: {os.environ['MLFLOW_TRACKING_URI']}")}
+    return "trackers: " + "; ".join(how[k] for k in parse_log(log))
+
+
 def _require(kind: str) -> None:
     import importlib.util
 

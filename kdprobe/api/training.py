@@ -279,7 +279,7 @@ def train(*, out: str | os.PathLike | None = None, config: str | os.PathLike | N
     from kdprobe.files.outputs import check_outputs
     from trainers.loop import log_path, partial_path, train as run_train
     from trainers.progress import TqdmProgress
-    from trainers.trackers import tracker_spec
+    from trainers.trackers import default_dir, tracker_spec
 
     out = Path(out) if out is not None else None
     with run_scope():
@@ -301,7 +301,7 @@ def train(*, out: str | os.PathLike | None = None, config: str | os.PathLike | N
             keep += [f"--out{tag}", f"its resume state OUT.partial{tag}"]
         init = Path(config.init) if config.init else None
         check_outputs("train", roles, {"--teacher": teachers, "--init": init}, overwrite=overwrite, keep=keep)
-        trackers = tracker_spec(log, log_dir, log_project, default_dir=out.parent / "logs", default_project="kdprobe",
+        trackers = tracker_spec(log, log_dir, log_project, default_dir=default_dir(out), default_project="kdprobe",
                                 run=out.stem)
         logged = (lambda path: None) if trackers is None else (lambda path: replace(trackers, run=path.stem))
         if generations:
@@ -763,7 +763,7 @@ def study(name_or_spec: str | os.PathLike, *, out: str | os.PathLike, scale: str
     from kdprobe.studies.spec import load_spec
     from trainers.progress import TqdmStudyProgress
     from trainers.study import plan_cells, run_study
-    from trainers.trackers import tracker_spec
+    from trainers.trackers import default_dir, tracker_spec
 
     JOBS.check(jobs, "--jobs")
     NPROC_PER_CELL.check(nproc_per_cell, "--nproc-per-cell")
@@ -776,7 +776,8 @@ def study(name_or_spec: str | os.PathLike, *, out: str | os.PathLike, scale: str
         resolved, text = load_spec(str(name_or_spec), scale, sets, dataset=dataset,
                                    data_dir=str(data_dir) if data_dir is not None else None)
         plan_cells(resolved, out)  # every cell's config (ranges, model kwargs) checked before DIR is made
-        trackers = tracker_spec(log, log_dir, log_project, default_dir=out / "logs", default_project=resolved.name,
+        trackers = tracker_spec(log, log_dir, log_project, default_dir=default_dir(out, folder=True),
+                                default_project=resolved.name,
                                 run=out.resolve().name, group=resolved.name)
         options = _slurm_options(resolved, executor, dict(partition=partition, account=account, qos=qos, time=time,
                                  gpus_per_cell=gpus_per_cell, cpus_per_cell=cpus_per_cell, mem_per_cell=mem_per_cell,

@@ -1,4 +1,6 @@
-"""`kdprobe pipeline pruning`: every cell of one pruning-table row block, then its surplus."""
+"""`kdprobe pipeline pruning`: every cell of one pruning-table row block, then its surplus.
+
+Thin: parses the options, calls kdprobe.api.pipeline.pipeline (kdprobe.pipeline) and prints what it returns."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +12,9 @@ from cli import log_flags as lf
 from cli import slurm_flags as sf
 from cli.common import HELP_SETTINGS, KdprobeGroup, folder_interrupted, handle_errors, ranged, table
 from cli.surplus import surplus_table
+from kdprobe.api.pipeline import cell_line
 from kdprobe.models.registry import WIDTH
+from kdprobe.probes.surplus import VALUE_COLUMNS
 from kdprobe.ranges import SEED, abbreviate
 
 O = typer.Option
@@ -20,8 +24,6 @@ pipeline_app = typer.Typer(
     help="Multi-step experiments that train their own teachers, skip finished cells (re-run to resume) and "
          "write one results table.",
 )
-
-VALUE_COLUMNS = ("unpruned", "finetuned", "post_distill", "pre_post", "self_distill")
 
 
 def _check_seeds(text: str) -> str:
@@ -84,70 +86,42 @@ def pruning(
 ):
     """Train scratch and KD teachers, prune, fine-tune (Scratch, Pre-Distill, Post-Distill, Pre-Post, Self-Distill),
     write results.csv and the surplus table. Cells whose checkpoints exist are skipped, so re-running resumes."""
-    from kdprobe.files.outputs import check_outputs
-    from kdprobe.ranges import parse_json
-    from trainers import progress
-    from trainers.pipeline import PipelineSpec, run_pruning_pipeline
-    from trainers.trackers import tracker_spec
+    from kdprobe.api.pipeline import pipeline as run
 
-    check_outputs("pipeline", {"--out": (out, "folder")})
-    overrides = {k: v for k, v in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size)) if v is not None}
-    spec = PipelineSpec(model=model, model_kwargs={"width": width} if width is not None else {}, dataset=dataset,
-                        data_dir=str(data_dir) if data_dir else None, train_subset=train_subset, method=method,
-                        remaining=remaining, skip=skip, distill=distill, seeds=seeds, preset=preset,
-                        train_overrides=overrides,
-                        finetune_overrides={"epochs": finetune_epochs} if finetune_epochs is not None else {},
-                        bn_sparsity=bn_sparsity,
-                        kd_settings=parse_json(kd_settings, "--kd-settings") if kd_settings is not None else {})
-    trackers = tracker_spec(log, log_dir, log_project, default_dir=out / "logs", default_project="kdprobe",
-                            run=out.name)
-    typer.echo(f"pipeline: {spec.model_label}, {spec.method} pruning {spec.setting}, KD {','.join(spec.distill)}, "
-               f"seeds {','.join(map(str, spec.seeds))}, bn_sparsity {spec.resolved_bn_sparsity:g} -> {out}")
-    from trainers import study_slurm
-
-    flags = sf.flags(partition, account, qos, time, gpus_per_cell, cpus_per_cell, mem_per_cell, array_parallelism,
-                     constraint)
-    study_slurm.check_executor(executor, flags, slurm or [], detach)
     try:
-        # --executor slurm: each training (with the pruning of its result) a Slurm job; the run below then finds
-        # every checkpoint made, checks it and writes the tables
-        if executor == "slurm" and not study_slurm.run_pipeline_slurm(
-                spec, out, study_slurm.slurm_options(None, flags, slurm or [], where="slurm options"), device=device,
-                detach=detach, progress=progress.TqdmStudyProgress(not quiet), trackers=trackers):
-            typer.echo(study_slurm.status(out))
-            return
-        res = run_pruning_pipeline(spec, out, device=device, progress_factory=lambda cell: progress.TqdmProgress(not quiet),
-                                   on_event=_print_event, trackers=trackers, run_prefix=f"{out.name}/")
+        res = run(out=out, model=model, width=width, dataset=dataset, data_dir=data_dir, train_subset=train_subset,
+                  method=method, remaining=remaining, skip=skip, distill=distill, kd_settings=kd_settings, seeds=seeds,
+                  preset=preset, epochs=epochs, lr=lr, batch_size=batch_size, finetune_epochs=finetune_epochs,
+                  bn_sparsity=bn_sparsity, device=device, quiet=quiet, executor=executor, slurm=slurm, detach=detach,
+                  log=log, log_dir=log_dir, log_project=log_project, note=typer.echo, on_event=_print_event,
+                  **sf.flags(partition, account, qos, time, gpus_per_cell, cpus_per_cell, mem_per_cell,
+                             array_parallelism, constraint))
     except KeyboardInterrupt as e:
         raise folder_interrupted(e, out) from None
-    typer.echo(f"\nresults: {spec.model_label} {spec.setting}, test accuracy as a fraction (last epoch)")
+    if res is None:  # --executor slurm --detach: the cells run as Slurm jobs
+        from trainers.study_slurm import status
+
+        typer.echo(status(out))
+        return
+    typer.echo(f"\nresults: {res.model} {res.setting}, test accuracy as a fraction (last epoch)")
     typer.echo(results_table(res.rows))
     typer.echo("\nsurplus:")
     typer.echo(surplus_table(res.surplus))
-    typer.echo(f"\nwrote {', '.join(p.name for p in res.files.values())} in {res.out_dir}")
+    typer.echo(f"\nwrote {', '.join(p.name for p in res.files.values())} in {res.out}")
+    if log:
+        from trainers.trackers import default_dir, where_logged
+
+        typer.echo(where_logged(log, log_dir, default_dir(res.out, folder=True)))
 
 
 pipeline_app.command("pruning")(handle_errors(pruning))
 
 
 def _print_event(e) -> None:
-    c, head = e.cell, f"[{e.index}/{e.total}] seed {e.cell.seed} {e.cell.name}"
-    if e.stage == "start":
-        how = (f"from {c.source}" if c.source else "from random init") + (
-            f", {c.distill} KD from {c.teacher}" if c.teacher else "")
-        typer.echo(f"{head}: training ({how}) ..." if e.action == "train" else f"{head}: pruning {c.source} ...")
-        return
+    """A cell's warnings (stderr, yellow) and its line (kdprobe.api.pipeline.cell_line)."""
     for w in e.warnings:
         typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
-    r = e.record
-    if r.pruning:
-        what = f"params {r.pruning['params_before']:,} -> {r.pruning['params_after']:,}"
-    else:
-        what = f"test acc {r.test_acc:.2%}"
-    if e.action == "skip":
-        typer.echo(f"{head}: skip (exists, {what})")
-    else:
-        typer.echo(f"{' ' * len(head)}  {what} ({r.seconds:.1f} s)")
+    typer.echo(cell_line(e))
 
 
 def results_table(rows) -> str:

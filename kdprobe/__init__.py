@@ -34,6 +34,7 @@ _API = {
     "train_config_toml": "kdprobe.api.training", "prune": "kdprobe.api.training", "study": "kdprobe.api.training",
     "TrainResult": "kdprobe.api.training", "PruneResult": "kdprobe.api.training",
     "StudyResult": "kdprobe.api.training",
+    "pipeline": "kdprobe.api.pipeline", "PipelineResult": "kdprobe.api.pipeline",
 }
 
 __all__ = ["KdprobeError", "create_model", "list_models", "__version__", *_API]

@@ -12,7 +12,7 @@ import kdprobe
 # API function -> the CLI command it mirrors
 MIRRORS = {"agreement": "agreement", "cka": "cka", "calibration": "calibration", "sharpness": "sharpness",
            "landscape": "landscape", "interpolate": "interpolate", "diversity": "diversity", "surplus": "surplus",
-           "evaluate": "eval", "train": "train", "prune": "prune"}
+           "evaluate": "eval", "train": "train", "prune": "prune", "pipeline": "pipeline pruning"}
 # CLI options that name output files or terminal behaviour: results are saved with .save(path) instead
 OUTPUT_OPTIONS = {"csv", "json", "html", "vtk_height", "plot", "quiet", "overwrite", "figures",
                   "print_config"}  # `train --print-config`: kdprobe.train_config_toml(...) returns the text
@@ -50,8 +50,9 @@ def test_unknown_attribute_is_an_attribute_error():
 
 def _cli_options(command: str) -> dict:
     from cli.main import COMMANDS
+    from cli.pipeline import pruning
 
-    fn = dict(COMMANDS)[command]
+    fn = {**dict(COMMANDS), "pipeline pruning": pruning}[command]
     out = {}
     for name, p in inspect.signature(fn).parameters.items():
         if p.default is inspect.Parameter.empty:  # an argument (the checkpoints), not an option

@@ -184,7 +184,7 @@ def test_a_requeued_job_resumes_and_ends_as_if_uninterrupted(slurm_env, tmp_path
         sc.wait_until(lambda: sc.slurm("squeue", "-h", "-j", h.job_id, "-o", "%T %r").strip() == "PENDING BeginTime",
                       60, what="the requeued job")
         assert ex.poll()["count"].state == "pending"  # a requeue is not a failure
-        sc.slurm("scontrol", "update", f"jobid={h.job_id}", "StartTime=now")
+        sc.release_requeued(h.job_id)
         states = ex.wait(poll_s=0.3, timeout_s=180)
         assert states["count"].state == "done", states
         assert ex.result("count") == expected

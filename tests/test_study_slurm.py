@@ -230,7 +230,7 @@ def flow(env, tmp_path_factory):
     sc.wait_until(lambda: sc.slurm("squeue", "-h", "-j", jid, "-o", "%T %r").strip() == "PENDING BeginTime", 60,
                   what="the requeued teacher")
     during = study_slurm.status(out)
-    sc.slurm("scontrol", "update", f"jobid={jid}", "StartTime=now")  # Slurm holds a requeued job ~2 minutes
+    sc.release_requeued(jid)  # Slurm holds a requeued job ~2 minutes
     local = kdprobe.study(str(spec_file), out=tmp / "local", device="cpu", quiet=True)  # while the jobs run
     res = kdprobe.study(str(spec_file), out=out, executor="slurm", time="15", device="cpu", quiet=True)
     assert local is not None

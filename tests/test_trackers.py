@@ -129,6 +129,34 @@ def test_killed_and_resumed_run_continues_each_tracker_run_without_gaps_or_doubl
     assert ml["artifact_uri"].startswith((tmp_path / "logs" / "mlartifacts").resolve().as_uri())
 
 
+def test_an_epoch_logged_but_not_saved_before_the_kill_is_not_doubled(tmp_path):
+    """The kill between an epoch's tracker log and its resume state: the killed process logged epoch 2, the
+    partial says 1. Simulated by logging epoch 2 (a stand-in value) into the continued tracker runs by hand."""
+    from trainers.loop import partial_path as ppath
+    from kdprobe.checkpoints.format import read_payload
+    from trainers.trackers import RunLog
+
+    cfg = make_config("fast", **CFG)
+    out = tmp_path / "run.pt"
+    spec = TrackerSpec(("tensorboard", "mlflow"), str(tmp_path / "logs"), "proj", "run")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out, trackers=spec, stop_after_steps=STEPS_PER_EPOCH + 1)
+    saved = read_payload(ppath(out))
+    assert {k: v["logged"] for k, v in saved["trackers"].items()} == {"tensorboard": 1, "mlflow": 1}
+    late = RunLog(spec)
+    late.start({"checkpoint": str(out.resolve())}, saved["history"], saved["trackers"])
+    late.epoch(dict(saved["history"][0], epoch=2, train_loss=123.0))  # what the killed process got out
+    late.close(ok=False)
+    train(cfg, out, trackers=spec)
+    records = _epochs(out)
+    scalars = tensorboard_scalars(tmp_path / "logs" / "tensorboard" / "run")
+    assert scalars["loss/train"] == _f32([(r["epoch"], r["train_loss"]) for r in records])  # the stand-in hidden
+    (ml,) = mlflow_runs(tmp_path / "logs", "proj")
+    # step 2 once: the value the killed process logged (a resumed run recomputes the same numbers on the same
+    # machine type; here the stand-in shows which one was kept), epochs 1 and 3 as the run's log
+    assert ml["metrics"]["loss/train"] == [(1, records[0]["train_loss"]), (2, 123.0), (3, records[2]["train_loss"])]
+
+
 def test_tracker_added_on_resume_gets_the_epochs_before_it(tmp_path):
     cfg = make_config("fast", **CFG)
     out = tmp_path / "run.pt"

@@ -163,7 +163,7 @@ def _open_trackers(spec, config: TrainConfig, out: Path, data: TensorData, dev, 
     if spec is None or not spec.kinds:
         return None
     from kdprobe.version import __version__
-    from trainers.trackers import RunLog
+    from trainers.trackers import RunLog, error_line
 
     doc = {"config": config.to_dict(), "method": config.method, "fingerprint": config.fingerprint(),
            "checkpoint": str(out.resolve()), "dataset": data.name, "device": dev.type, "world_size": ddp.world_size,
@@ -174,8 +174,6 @@ def _open_trackers(spec, config: TrainConfig, out: Path, data: TensorData, dev, 
     except KdprobeError:
         raise
     except Exception as e:  # a tracker's own failure (a locked store, a bad WANDB_MODE): say which, in one line
-        from trainers.trackers import error_line
-
         raise KdprobeError(f"--log {','.join(spec.kinds)}: could not start the tracker run: {error_line(e)}") from None
     return runlog
 
@@ -408,7 +406,7 @@ def _train(config: TrainConfig, out: Path, *, device: str, progress: Progress | 
     runlog = _open_trackers(trackers, config, out, data, dev, ddp, state["history"], saved) if ddp.is_main else None
     progress.start(config.epochs * steps_per_epoch, state["epoch"] * steps_per_epoch + state["step"],
                    f"{config.method} {config.model} seed {config.seed}")
-    last_save, steps_run = time.monotonic(), 0
+    last_save, steps_run, trained = time.monotonic(), 0, False
     try:
         while state["epoch"] < config.epochs:
             epoch = state["epoch"]
@@ -482,19 +480,16 @@ def _train(config: TrainConfig, out: Path, *, device: str, progress: Progress | 
             last_save = time.monotonic()
             if ddp.is_main:
                 atomic_write_text(log_path(out), "".join(json.dumps(r) + "\n" for r in state["history"]))
+        trained = True
     except KeyboardInterrupt:
-        if runlog is not None:
-            runlog.close(ok=False)
         # say what a rerun continues from: only a state this config saved counts
         raise Interrupted(None if saved_at is None or not ddp.is_main else
                           f"partial work is saved in {ppath} (epoch {saved_at:.2f} of {config.epochs})") from None
-    except BaseException:
-        if runlog is not None:
-            runlog.close(ok=False)
-        raise
     finally:
         progress.close()
         recipe.close()
+        if runlog is not None and not trained:  # stopped: the tracker runs end as killed
+            runlog.close(ok=False)
     model.to(memory_format=torch.contiguous_format)
     write_checkpoint(out)
     if runlog is not None:

@@ -94,12 +94,22 @@ def default_dir(out: Path, folder: bool = False) -> Path:
 def where_logged(log, log_dir, default: Path) -> str:
     """The line a command prints after logging with --log: each tracker, and how to open what it wrote."""
     folder = Path(log_dir if log_dir is not None else default)
+    uri = _mlflow_uri(folder)
     how = {"tensorboard": f"tensorboard --logdir {folder / 'tensorboard'}",
-           "wandb": (f"wandb sync {folder / 'wandb'}/offline-run-*" if (os.environ.get("WANDB_MODE") or "offline")
-                     == "offline" else f"wandb: {os.environ['WANDB_MODE']} (WANDB_MODE)"),
-           "mlflow": (f"mlflow ui --backend-store-uri sqlite:///{folder / 'mlflow.db'}"
-                      if not os.environ.get("MLFLOW_TRACKING_URI") else f"mlflow: {os.environ['MLFLOW_TRACKING_URI']}")}
+           "wandb": (f"wandb sync {folder / 'wandb'}/offline-run-*" if _wandb_mode() == "offline"
+                     else f"wandb: {_wandb_mode()} (WANDB_MODE)"),
+           "mlflow": f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"mlflow: {uri}"}
     return "trackers: " + "; ".join(how[k] for k in parse_log(log))
+
+
+def _wandb_mode() -> str:
+    """W&B's mode: offline unless the user's environment asks for another (WANDB_MODE=online)."""
+    return os.environ.get("WANDB_MODE") or "offline"
+
+
+def _mlflow_uri(folder: Path) -> str:
+    """MLflow's tracking store: the user's MLFLOW_TRACKING_URI, else the SQLite file FOLDER/mlflow.db."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(folder) / 'mlflow.db'}"
 
 
 def _require(kind: str) -> None:
@@ -242,6 +252,14 @@ class _Sink:
         return bool(saved) and saved.get("where") == self.where
 
     def start(self, config: dict, history: list[dict], saved: dict | None) -> None:
+        """Open the tracker run (a new one, or the one `saved` says it continues), then log the epochs of
+        `history` it does not hold yet."""
+        self.logged = self.open(config, saved)
+        for record in history[self.logged:]:
+            self.epoch(record)
+
+    def open(self, config: dict, saved: dict | None) -> int:
+        """Open the run and return how many epochs of the history it holds already (0 for a new run)."""
         raise NotImplementedError
 
     def epoch(self, record: dict) -> None:
@@ -257,7 +275,7 @@ class _Sink:
 class _TensorBoard(_Sink):
     kind = "tensorboard"
 
-    def start(self, config, history, saved):
+    def open(self, config, saved):
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
@@ -270,12 +288,9 @@ class _TensorBoard(_Sink):
         self.writer = SummaryWriter(str(folder), purge_step=first + 1 if first else 0, flush_secs=10 ** 6)
         if not first:
             self.writer.add_text("config", "```json\n" + json.dumps(config, indent=1, default=str) + "\n```", 0)
-            flat = {k: v for k, v in flatten(config).items()}
-            for summary in hparams(flat, {"accuracy/test": 0.0, "loss/test": 0.0}):
+            for summary in hparams(flatten(config), {"accuracy/test": 0.0, "loss/test": 0.0}):
                 self.writer.file_writer.add_summary(summary)
-        self.logged = first
-        for record in history[first:]:
-            self.epoch(record)
+        return first
 
     def epoch(self, record):
         for name, value in metrics_of(record).items():
@@ -308,7 +323,7 @@ def _claim(folder: Path, checkpoint: str | None) -> None:
 class _Wandb(_Sink):
     kind = "wandb"
 
-    def start(self, config, history, saved):
+    def open(self, config, saved):
         import wandb
 
         folder = Path(self.spec.dir)
@@ -316,15 +331,11 @@ class _Wandb(_Sink):
         self.where = str(folder)
         cont = self.continues(saved)
         self.id = saved["id"] if cont else uuid.uuid4().hex[:12]
-        first = int(saved["logged"]) if cont else 0
-        mode = os.environ.get("WANDB_MODE") or "offline"  # the user's environment may ask for the server
-        self.run = wandb.init(mode=mode, dir=str(folder), project=self.spec.project, group=self.spec.group,
+        self.run = wandb.init(mode=_wandb_mode(), dir=str(folder), project=self.spec.project, group=self.spec.group,
                               name=self.spec.run, id=self.id, resume="allow", reinit="create_new",
                               config={**config, **dict(self.spec.tags)},
                               settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
-        self.logged = first
-        for record in history[first:]:
-            self.epoch(record)
+        return int(saved["logged"]) if cont else 0
 
     def epoch(self, record):
         self.run.log(metrics_of(record), step=int(record["epoch"]))
@@ -340,7 +351,7 @@ class _Wandb(_Sink):
 class _Mlflow(_Sink):
     kind = "mlflow"
 
-    def start(self, config, history, saved):
+    def open(self, config, saved):
         from mlflow.entities import Param
 
         self.client, self.where, exp_id = _mlflow_experiment(self.spec)
@@ -359,9 +370,7 @@ class _Mlflow(_Sink):
             client.update_run(self.run_id, status="RUNNING")
         # what the store already holds: a killed process may have logged one epoch past its resume state
         self.stored = max((m.step for m in client.get_metric_history(self.run_id, "accuracy/test")), default=0)
-        self.logged = first
-        for record in history[first:]:
-            self.epoch(record)
+        return first
 
     def epoch(self, record):
         import time
@@ -391,7 +400,7 @@ def _mlflow_experiment(spec: TrackerSpec):
     from mlflow.tracking import MlflowClient
 
     folder = Path(spec.dir)
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{folder / 'mlflow.db'}"
+    uri = _mlflow_uri(folder)
     if uri.startswith("sqlite:"):
         folder.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(tracking_uri=uri)

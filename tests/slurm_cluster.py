@@ -105,6 +105,20 @@ class Cluster:
             return False
 
 
+def running_cluster():
+    """A fixture's body: a started Cluster, stopped after the tests that use it; skips (with the reason) where this
+    machine cannot run one. `yield from running_cluster()` in a fixture of any scope."""
+    import pytest
+
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    c = Cluster()
+    c.start()
+    yield c
+    c.stop()
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

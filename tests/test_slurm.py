@@ -107,13 +107,7 @@ def test_local_executor_inline():
 
 @pytest.fixture(scope="session")
 def cluster():
-    reason = sc.skip_reason()
-    if reason:
-        pytest.skip(reason)
-    c = sc.Cluster()
-    c.start()
-    yield c
-    c.stop()
+    yield from sc.running_cluster()
 
 
 @pytest.fixture

@@ -130,13 +130,7 @@ def test_a_pruning_pipeline_is_three_waves_of_jobs_per_seed(tmp_path):
 
 @pytest.fixture(scope="module")
 def cluster():
-    reason = sc.skip_reason()
-    if reason:
-        pytest.skip(reason)
-    c = sc.Cluster()
-    c.start()
-    yield c
-    c.stop()
+    yield from sc.running_cluster()
 
 
 @pytest.fixture(scope="module")

@@ -12,3 +12,4 @@ run diversity bench/bench_diversity.py --repeats 3
 run landscape bench/bench_landscape.py --rounds 3
 run augment   bench/bench_augment.py --batches 5
 run sharpness bench/bench_sharpness.py --both --json bench/out/sharpness.json
+run trackers  bench/bench_trackers.py --epochs 10 --rounds 3
